@@ -1,0 +1,127 @@
+// The objects behind the ABI's opaque handles, and the argument checks every entry point shares.
+// Only the core (csrc/core) sees these; backends see validated arguments and their own handles.
+#pragma once
+
+#include <cstdint>
+#include <initializer_list>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <new>
+#include <set>
+#include <stdexcept>
+
+#include "core/backend.h"
+#include "core/status.h"
+#include "fmoe.h"
+
+struct fmoe_stream_s {
+  fmoe::BackendStream* impl;
+};
+struct fmoe_graph_s {
+  fmoe::BackendGraph* impl;
+};
+struct fmoe_event_s {
+  fmoe::BackendEvent* impl;
+};
+
+struct fmoe_plan_s {
+  fmoe_context_s* ctx;
+  fmoe::PlanShape shape;
+  int64_t workspace_bytes;
+  // The i32 invalid-id counter, allocated through the backend. It is deliberately NOT entered in
+  // the context's allocation table: fmoe_context_live_allocations counts what the caller
+  // allocated with fmoe_alloc, so a leak check stays at zero while plans are alive.
+  int32_t* invalid_counter;
+};
+
+struct fmoe_context_s {
+  std::unique_ptr<fmoe::Backend> backend;
+  // Held for the whole of every ABI call on this context: the tables below and the backend are
+  // used by one thread at a time.
+  std::mutex mu;
+  std::map<uintptr_t, int64_t> allocations;  // base address -> bytes requested
+  int64_t live_bytes = 0;
+  std::set<fmoe_stream_s*> streams;
+  std::set<fmoe_graph_s*> graphs;
+  std::set<fmoe_event_s*> events;
+  std::set<fmoe_plan_s*> plans;
+};
+
+namespace fmoe {
+
+// Runs `body` (returning a Status) as the body of ABI function `fn`: clears the thread's message,
+// turns every C++ exception into a status (nothing unwinds across the C ABI), and clears the
+// message again when the call succeeds.
+template <class F>
+int abi_call(const char* fn, F&& body) {
+  clear_error();
+  Status s;
+  try {
+    s = body();
+  } catch (const std::bad_alloc&) {
+    return set_error(FMOE_ERR_OUT_OF_MEMORY, "%s: out of host memory", fn);
+  } catch (const std::exception& e) {
+    return set_error(FMOE_ERR_INTERNAL, "%s: internal error: %s", fn, e.what());
+  } catch (...) {
+    return set_error(FMOE_ERR_INTERNAL, "%s: internal error: unknown exception", fn);
+  }
+  if (s == FMOE_OK) clear_error();
+  return s;
+}
+
+// Product of non-negative factors; false when it does not fit in int64.
+bool checked_product(std::initializer_list<int64_t> factors, int64_t* out);
+
+// round_up(T*topk + E_local*(alignment-1), alignment), overflow-checked (arguments already in
+// range). false on overflow.
+bool compute_max_rows(int64_t tokens, int64_t topk, int64_t local_experts, int64_t alignment,
+                      int64_t* out);
+
+// Chained argument checks of one ABI call. Each check does nothing once one has failed, so a
+// function lists its checks in order and returns status() once; the first failure's message
+// (prefixed with the function name) is the one reported. Messages:
+//   "<fn>: <name> is NULL"
+//   "<fn>: <name> (<v>) must be >= <lo>"
+//   "<fn>: <name> (<v>) must be a multiple of 32"
+//   "<fn>: <struct>.size is <got>, expected <want> (sizeof)"
+//   "<fn>: <name> needs <n> bytes but its buffer holds <m>"
+class Check {
+ public:
+  Check(fmoe_context_s* ctx, const char* fn) : ctx_(ctx), fn_(fn) {}
+
+  Status status() const { return status_; }
+  bool ok() const { return status_ == FMOE_OK; }
+  const char* fn() const { return fn_; }
+
+  // Free-form condition: `fmt` is the message after "<fn>: ".
+  Check& that(bool cond, const char* fmt, ...) __attribute__((format(printf, 3, 4)));
+  Check& not_null(const void* p, const char* name);
+  Check& struct_size(uint64_t got, size_t want, const char* struct_name);
+  Check& at_least(int64_t v, int64_t lo, const char* name);
+  Check& in_range(int64_t v, int64_t lo, int64_t hi, const char* name);  // lo <= v <= hi
+  Check& multiple_of_32(int64_t v, const char* name, const char* why);
+  // The bytes an op touches from `p` (the product of `dims` times `elem_bytes`) must fit in the
+  // live allocation of this context that holds `p`, if any. NULL and pointers outside every
+  // allocation (caller-owned memory) pass.
+  Check& buffer(const void* p, const char* name, std::initializer_list<int64_t> dims,
+                int64_t elem_bytes);
+  Check& buffer_bytes(const void* p, const char* name, int64_t bytes);
+  // Resolves a stream handle of this context (NULL = default stream).
+  Check& stream(void* handle, BackendStream** out);
+
+ private:
+  fmoe_context_s* ctx_;
+  const char* fn_;
+  Status status_ = FMOE_OK;
+};
+
+// Validates a plan handle against the registry of live plans (plans are used without their
+// context by some entry points).
+bool plan_is_live(fmoe_plan_s* plan);
+void plan_registry_remove(fmoe_plan_s* plan);
+
+// Frees the plan's device state (the context's lock is held by the caller).
+void plan_release(fmoe_context_s* ctx, fmoe_plan_s* plan);
+
+}  // namespace fmoe

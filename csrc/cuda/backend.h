@@ -1,0 +1,113 @@
+// The CUDA backend: one object per context, bound to one device. Each op's launcher is a method
+// defined in that op's .cu file (permute.cu, activation.cu, quantize.cu, grouped_mm_bf16.cu,
+// grouped_mm_mxfp8.cu, unpermute.cu); backend.cu holds the context, memory, stream, graph and
+// event methods.
+//
+// Every method starts with activate() (cudaSetDevice): contexts of different devices may be used
+// from one thread, and one context from several threads (the core serialises calls per context).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <set>
+#include <string>
+
+#include "core/backend.h"
+#include "cuda/cuda_check.h"
+
+namespace fmoe {
+namespace cuda {
+
+// The CUDA objects behind the core's opaque BackendStream / BackendGraph / BackendEvent
+// pointers. They are distinct types (and the handles are converted with reinterpret_cast)
+// because the host backend, linked into the same library, defines its own objects: one
+// definition of fmoe::BackendStream per program would otherwise be two.
+struct Stream {
+  cudaStream_t stream;
+};
+struct Graph {
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+};
+struct Event {
+  cudaEvent_t event;
+};
+
+// Called once per context by make_cuda_backend (device already current): raises the dynamic
+// shared-memory limit of the kernels that need more than 48 KiB. Done here, not at launch,
+// because a launch may be inside a stream capture.
+Status permute_prepare_device(int max_smem_optin);
+Status grouped_mm_bf16_prepare_device();
+Status grouped_mm_mxfp8_prepare_device();
+
+}  // namespace cuda
+
+class CudaBackend final : public Backend {
+ public:
+  CudaBackend(int device, cudaStream_t default_stream, const cudaDeviceProp& props,
+              int max_smem_optin);
+  ~CudaBackend() override;
+
+  fmoe_backend kind() const override { return FMOE_BACKEND_CUDA; }
+  Status device_name(std::string* out) override;
+  Status device_props(fmoe_device_props* out) override;
+  Status synchronize() override;
+
+  Status alloc(size_t bytes, void** out) override;
+  Status free(void* ptr) override;
+  Status memcpy(void* dst, const void* src, size_t bytes, fmoe_memcpy_kind kind,
+                BackendStream* stream) override;
+  Status memset(void* ptr, int value, size_t bytes, BackendStream* stream) override;
+
+  Status stream_create(BackendStream** out) override;
+  Status stream_destroy(BackendStream* stream) override;
+  Status stream_synchronize(BackendStream* stream) override;
+
+  Status capture_begin(BackendStream* stream) override;
+  Status capture_end(BackendStream* stream, BackendGraph** out) override;
+  Status graph_launch(BackendGraph* graph, BackendStream* stream) override;
+  Status graph_destroy(BackendGraph* graph) override;
+  bool is_capturing(BackendStream* stream) override;
+
+  Status event_create(BackendEvent** out) override;
+  Status event_destroy(BackendEvent* event) override;
+  Status event_record(BackendEvent* event, BackendStream* stream) override;
+  Status event_elapsed_ms(BackendEvent* start, BackendEvent* end, double* out_ms) override;
+
+  // Ops: each defined in its own .cu file.
+  Status permute(BackendStream* s, const fmoe_permute_args& a) override;
+  Status activation_quant(BackendStream* s, const fmoe_activation_args& a) override;
+  Status quantize_mxfp8(BackendStream* s, const uint16_t* in, int64_t rows, int64_t cols,
+                        uint8_t* data, uint8_t* scale) override;
+  Status dequantize_mxfp8(BackendStream* s, const uint8_t* data, const uint8_t* scale,
+                          int64_t rows, int64_t cols, float* out) override;
+  Status swizzle_scales(BackendStream* s, const uint8_t* in, int64_t batch, int64_t rows,
+                        int64_t scale_cols, bool to_swizzled, uint8_t* out) override;
+  Status grouped_mm_bf16(BackendStream* s, const fmoe_grouped_mm_args& a) override;
+  Status grouped_mm_mxfp8(BackendStream* s, const fmoe_grouped_mm_args& a) override;
+  Status unpermute(BackendStream* s, const fmoe_unpermute_args& a) override;
+  Status expand_group_ids(BackendStream* s, const int32_t* tokens_per_expert,
+                          int64_t num_local_experts, int64_t local_expert_start, int64_t rows,
+                          int32_t* routing_rows) override;
+
+ private:
+  Status activate() {
+    FMOE_CHECK_CUDA(cudaSetDevice(device_));
+    return FMOE_OK;
+  }
+  // nullptr = the context's default stream (a real non-blocking stream, never the legacy NULL
+  // stream: capture needs a real stream and the legacy one would serialise with everything).
+  cudaStream_t stream_of(BackendStream* s) const {
+    return s ? reinterpret_cast<cuda::Stream*>(s)->stream : default_stream_;
+  }
+
+  int device_;
+  cudaStream_t default_stream_;
+  cudaDeviceProp props_;
+  int max_smem_optin_;
+  // Streams created on this context, so that synchronize() waits for all of them without
+  // cudaDeviceSynchronize (which would also wait for other contexts' work on the device).
+  std::set<cuda::Stream*> streams_;
+};
+
+}  // namespace fmoe

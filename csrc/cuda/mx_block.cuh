@@ -1,0 +1,71 @@
+// The MXFP8 block rule of core/numerics.h, spread over the lanes of a warp that hold one
+// 32-element block together. Only the reduction (amax) is distributed; every element goes through
+// numerics.h's scalar functions, so the bytes equal the host's mx_quantize_block bit for bit.
+#pragma once
+
+#include <cstdint>
+
+#include "core/numerics.h"
+
+namespace fmoe::cuda {
+
+constexpr unsigned kFullWarp = 0xFFFFFFFFu;
+
+// Each lane holds kPerLane consecutive bf16 values of a block; 32 / kPerLane consecutive lanes
+// (aligned to that count) hold one block. Writes the lane's e4m3 bytes and returns the block's
+// e8m0 scale (the same value on every lane of the block).
+// Every lane of the warp must call this (full-mask shuffles); lanes without data pass zeros and
+// ignore the result.
+template <int kPerLane>
+__device__ __forceinline__ uint8_t mx_quantize_lanes(const uint16_t (&v)[kPerLane],
+                                                     uint8_t (&q)[kPerLane]) {
+  static_assert(kPerLane >= 1 && kMxBlock % kPerLane == 0 && kMxBlock / kPerLane <= 32, "");
+  constexpr int kLanes = kMxBlock / kPerLane;
+  // Largest magnitude as bf16 bits: for finite values the integer order is the numeric order,
+  // and Inf / NaN (>= 0x7F80) sort above every finite value, so one max finds both the amax and
+  // whether the block is bad.
+  uint32_t amax = 0;
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) amax = max(amax, uint32_t(v[i] & 0x7FFFu));
+#pragma unroll
+  for (int d = 1; d < kLanes; d <<= 1) amax = max(amax, __shfl_xor_sync(kFullWarp, amax, d));
+  if (amax >= 0x7F80u) {
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) q[i] = kE4m3Nan;
+    return kE8m0Nan;
+  }
+  uint8_t scale = e8m0_scale_for_amax(bf16_to_f32(uint16_t(amax)));
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i)
+    q[i] = f32_to_e4m3(mx_divide_by_scale(bf16_to_f32(v[i]), scale));
+  return scale;
+}
+
+// 8 bf16 <-> one 16-byte vector.
+__device__ __forceinline__ void unpack8(const uint4& u, uint16_t (&v)[8]) {
+  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    v[2 * i] = uint16_t(w[i] & 0xFFFFu);
+    v[2 * i + 1] = uint16_t(w[i] >> 16);
+  }
+}
+__device__ __forceinline__ uint4 pack8(const uint16_t (&v)[8]) {
+  return make_uint4(uint32_t(v[0]) | (uint32_t(v[1]) << 16),
+                    uint32_t(v[2]) | (uint32_t(v[3]) << 16),
+                    uint32_t(v[4]) | (uint32_t(v[5]) << 16),
+                    uint32_t(v[6]) | (uint32_t(v[7]) << 16));
+}
+// 8 bytes <-> one 8-byte vector (e4m3 data).
+__device__ __forceinline__ uint2 pack8_bytes(const uint8_t (&q)[8]) {
+  return make_uint2(uint32_t(q[0]) | (uint32_t(q[1]) << 8) | (uint32_t(q[2]) << 16) |
+                        (uint32_t(q[3]) << 24),
+                    uint32_t(q[4]) | (uint32_t(q[5]) << 8) | (uint32_t(q[6]) << 16) |
+                        (uint32_t(q[7]) << 24));
+}
+
+__host__ __device__ __forceinline__ bool aligned_to(const void* p, uintptr_t bytes) {
+  return (reinterpret_cast<uintptr_t>(p) & (bytes - 1)) == 0;
+}
+
+}  // namespace fmoe::cuda

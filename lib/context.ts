@@ -1,0 +1,362 @@
+/**
+ * Context: one backend (host or CUDA device) with its memory, streams, graphs and plans.
+ */
+import type { DType, ElementArray } from "./dtype.ts";
+import { FmoeError, Status } from "./errors.ts";
+import * as ffi from "./ffi.ts";
+import { Graph } from "./graph.ts";
+import { ContextState, registerFinalizer, unregisterFinalizer } from "./lifetime.ts";
+import { hostArrayFor, shapeNumel, Tensor } from "./tensor.ts";
+
+/** Which backend to run on; "auto" = cuda when a CUDA device is present, host otherwise. */
+export type BackendChoice = "auto" | "host" | "cuda";
+/** The backend a context actually uses. */
+export type BackendKind = "host" | "cuda";
+
+const BACKEND_CODE: Record<BackendChoice, number> = { auto: 0, host: 1, cuda: 2 };
+
+export interface ContextOptions {
+  /** Default "auto". */
+  backend?: BackendChoice;
+  /** CUDA device ordinal (ignored by host). Default 0. */
+  device?: number;
+}
+
+/** Device properties (fmoe_device_props). */
+export interface DeviceProps {
+  backend: BackendKind;
+  /** CUDA ordinal, -1 for host. */
+  device: number;
+  /** major*10 + minor (90 for Hopper), 0 for host. */
+  computeCapability: number;
+  /** SM count, or host worker threads. */
+  multiprocessors: number;
+  globalMemoryBytes: number;
+  /** 0 for host. */
+  l2CacheBytes: number;
+  /** Opt-in maximum, 0 for host. */
+  sharedMemoryPerBlockBytes: number;
+}
+
+function backendName(code: number): BackendKind {
+  return code === BACKEND_CODE.cuda ? "cuda" : "host";
+}
+
+function inferDType(data: ElementArray): DType {
+  if (data instanceof Uint16Array) return "bf16";
+  if (data instanceof Float32Array) return "f32";
+  if (data instanceof Int32Array) return "i32";
+  throw new FmoeError(Status.INVALID_ARGUMENT, "upload: a Uint8Array may hold e4m3 or e8m0: pass the dtype");
+}
+
+/**
+ * A backend instance. Create with `Context.create()`, free with `dispose()` or `using`, which also
+ * frees every tensor, stream, graph and plan still allocated on it (they become disposed).
+ *
+ * @example
+ *   using ctx = Context.create({ backend: "host" });
+ *   using x = ctx.upload(new Float32Array([1, 2, 3, 4]), [2, 2], "bf16");
+ */
+export class Context {
+  /** The backend in use. */
+  readonly backend: BackendKind;
+  /** "host (N threads)" or the CUDA device name. */
+  readonly deviceName: string;
+  /** Device properties. */
+  readonly props: DeviceProps;
+
+  /** @internal Shared with every child (see lifetime.ts). */
+  readonly _state: ContextState;
+  // Tensors touched by ops on a capturing stream (keyed by stream handle): the graph keeps them
+  // alive, since replaying over a freed buffer would corrupt memory.
+  readonly #captures = new Map<number, Set<Tensor>>();
+
+  private constructor(handle: number) {
+    this._state = new ContextState(handle);
+    const state = this._state;
+    registerFinalizer(this, () => {
+      if (!state.alive) return;
+      state.alive = false;
+      ffi.contextDestroy(state.handle);
+    });
+    this.backend = backendName(ffi.contextBackend(handle));
+    this.deviceName = ffi.contextDeviceName(handle);
+    const raw = ffi.contextDeviceProps(handle);
+    this.props = {
+      backend: backendName(raw.backend),
+      device: raw.device,
+      computeCapability: raw.compute_capability,
+      multiprocessors: raw.multiprocessors,
+      globalMemoryBytes: raw.global_memory_bytes,
+      l2CacheBytes: raw.l2_cache_bytes,
+      sharedMemoryPerBlockBytes: raw.shared_memory_per_block_bytes,
+    };
+  }
+
+  /**
+   * Creates a context. `backend: "cuda"` without a CUDA build or device throws
+   * FmoeError(UNSUPPORTED); "auto" falls back to host.
+   */
+  static create(options: ContextOptions = {}): Context {
+    const backend = options.backend ?? "auto";
+    if (!(backend in BACKEND_CODE)) {
+      throw new FmoeError(Status.INVALID_ARGUMENT, `Context.create: backend must be auto, host or cuda, got ${String(backend)}`);
+    }
+    const handle = ffi.contextCreate(BACKEND_CODE[backend], options.device ?? 0);
+    return new Context(handle);
+  }
+
+  /** Number of usable CUDA devices (0 on a host-only build or without a GPU). */
+  static cudaDeviceCount(): number {
+    return ffi.cudaDeviceCount();
+  }
+
+  /** One line describing the library build (version, backends, CUDA version). */
+  static buildInfo(): string {
+    return ffi.buildInfo();
+  }
+
+  /** True when the native library can be loaded. */
+  static libraryAvailable(): boolean {
+    return ffi.libraryAvailable();
+  }
+
+  /** @internal The fmoe_context_t; throws once disposed. */
+  get _handle(): number {
+    this.assertAlive();
+    return this._state.handle;
+  }
+
+  get disposed(): boolean {
+    return !this._state.alive;
+  }
+
+  /** Throws FmoeError(INVALID_STATE) once disposed. */
+  assertAlive(): void {
+    if (!this._state.alive) throw new FmoeError(Status.INVALID_STATE, `context (${this.deviceName}) is disposed`);
+  }
+
+  /** Waits for all work of the context (every stream). */
+  synchronize(): void {
+    ffi.contextSynchronize(this._handle);
+  }
+
+  /** Count and bytes of live buffers allocated on this context (leak checks). */
+  liveAllocations(): { count: number; bytes: number } {
+    return ffi.contextLiveAllocations(this._handle);
+  }
+
+  /** A new stream. Ops take `stream?: Stream`; omitted = the context's default stream. */
+  createStream(): Stream {
+    return new Stream(this, ffi.streamCreate(this._handle));
+  }
+
+  /** A new event (timing). */
+  createEvent(): Event {
+    return new Event(this, ffi.eventCreate(this._handle));
+  }
+
+  /** An uninitialised tensor of `shape` and `dtype` (contents unspecified). */
+  empty<D extends DType>(shape: readonly number[], dtype: D): Tensor<D> {
+    this.assertAlive();
+    return Tensor._allocate(this, shape, dtype);
+  }
+
+  /** A tensor of `shape` and `dtype` with every element zero. */
+  zeros<D extends DType>(shape: readonly number[], dtype: D, stream?: Stream): Tensor<D> {
+    return this.empty(shape, dtype).zero(stream);
+  }
+
+  /**
+   * Copies host data to a new tensor. `data` is the dtype's TypedArray (Uint16Array bits for
+   * bf16, Uint8Array for e4m3/e8m0) or, for bf16, a Float32Array that is rounded to nearest
+   * even. `shape` defaults to [data.length]; `dtype` defaults from the array type (Uint16Array
+   * -> bf16, Float32Array -> f32, Int32Array -> i32; a Uint8Array needs an explicit dtype).
+   */
+  upload(data: Uint16Array | Float32Array, shape: readonly number[] | undefined, dtype: "bf16"): Tensor<"bf16">;
+  upload(data: Uint8Array, shape: readonly number[] | undefined, dtype: "e4m3"): Tensor<"e4m3">;
+  upload(data: Uint8Array, shape: readonly number[] | undefined, dtype: "e8m0"): Tensor<"e8m0">;
+  upload(data: Float32Array, shape?: readonly number[], dtype?: "f32"): Tensor<"f32">;
+  upload(data: Int32Array, shape?: readonly number[], dtype?: "i32"): Tensor<"i32">;
+  upload(data: Uint16Array, shape?: readonly number[], dtype?: "bf16"): Tensor<"bf16">;
+  upload(data: ElementArray, shape?: readonly number[], dtype?: DType): Tensor;
+  upload(data: ElementArray, shape?: readonly number[], dtype?: DType): Tensor {
+    const dt = dtype ?? inferDType(data);
+    const host = hostArrayFor(data, dt, "upload");
+    const dims = shape ?? [host.length];
+    const n = shapeNumel(dims, "upload");
+    if (n !== host.length) {
+      throw new FmoeError(Status.INVALID_ARGUMENT, `upload: ${host.length} elements given for shape [${dims.join(", ")}] (${n} elements)`);
+    }
+    const t = this.empty(dims, dt);
+    try {
+      t.copyFrom(host);
+    } catch (err) {
+      t.dispose();
+      throw err;
+    }
+    return t;
+  }
+
+  /** Alias of upload(). */
+  tensor(data: ElementArray, shape?: readonly number[], dtype?: DType): Tensor {
+    return this.upload(data, shape, dtype as DType);
+  }
+
+  /**
+   * Records every op that `body` enqueues on `stream` into a Graph, without running them (on
+   * the host backend too). Outputs must be preallocated before capture (pass `out` to ops):
+   * allocation and host copies cannot be captured. The capture is always ended, also when
+   * `body` throws (then the partial graph is destroyed and the error rethrown).
+   */
+  capture(stream: Stream | undefined, body: () => void): Graph {
+    const s = stream?.handle ?? 0;
+    if (this.#captures.has(s)) throw new FmoeError(Status.INVALID_STATE, "capture: the stream is already capturing");
+    ffi.graphCaptureBegin(this._handle, s);
+    const used = new Set<Tensor>();
+    this.#captures.set(s, used);
+    let failure: unknown;
+    let failed = false;
+    try {
+      body();
+    } catch (err) {
+      failure = err;
+      failed = true;
+    }
+    this.#captures.delete(s);
+    let handle = 0;
+    try {
+      handle = ffi.graphCaptureEnd(this._handle, s);
+    } catch (err) {
+      if (!failed) throw err;
+    }
+    if (failed) {
+      if (handle !== 0) ffi.graphDestroy(this._handle, handle);
+      throw failure;
+    }
+    return new Graph(this, handle, [...used]);
+  }
+
+  /**
+   * @internal Checks that every tensor is alive and belongs to this context, and, when `stream`
+   * is capturing, records them for the graph.
+   */
+  _use(stream: Stream | undefined, tensors: readonly (Tensor | undefined)[]): void {
+    this.assertAlive();
+    const used = this.#captures.get(stream?.handle ?? 0);
+    for (const t of tensors) {
+      if (t === undefined) continue;
+      t.assertAlive();
+      if (t.ctx !== this) throw new FmoeError(Status.INVALID_ARGUMENT, `${t.toString()} belongs to another context`);
+      used?.add(t);
+    }
+  }
+
+  /**
+   * Milliseconds that the work `body` enqueues on `stream` takes, measured with events (CUDA
+   * events; the host backend's clock). Waits for the end event.
+   */
+  time(stream: Stream | undefined, body: () => void): number {
+    using start = this.createEvent();
+    using end = this.createEvent();
+    start.record(stream);
+    body();
+    end.record(stream);
+    return start.elapsedMs(end);
+  }
+
+  /** Destroys the context and everything still allocated on it. Idempotent. */
+  dispose(): void {
+    if (!this._state.alive) return;
+    this._state.alive = false;
+    unregisterFinalizer(this);
+    ffi.contextDestroy(this._state.handle);
+  }
+
+  [Symbol.dispose](): void {
+    this.dispose();
+  }
+}
+
+/** Releases a child handle of `ctx` on dispose or collection, unless the context died first. */
+abstract class ContextChild {
+  readonly ctx: Context;
+  #handle: number;
+  #disposed = false;
+
+  protected constructor(ctx: Context, handle: number, destroy: (ctx: number, handle: number) => void) {
+    this.ctx = ctx;
+    this.#handle = handle;
+    const state = ctx._state;
+    this.#destroy = destroy;
+    registerFinalizer(this, () => {
+      if (state.alive) destroy(state.handle, handle);
+    });
+  }
+
+  readonly #destroy: (ctx: number, handle: number) => void;
+
+  protected abstract get kind(): string;
+
+  get disposed(): boolean {
+    return this.#disposed || this.ctx.disposed;
+  }
+
+  /** The native handle; throws FmoeError(INVALID_STATE) once disposed. */
+  get handle(): number {
+    if (this.disposed) throw new FmoeError(Status.INVALID_STATE, `${this.kind} is disposed`);
+    return this.#handle;
+  }
+
+  dispose(): void {
+    if (this.#disposed) return;
+    this.#disposed = true;
+    unregisterFinalizer(this);
+    if (!this.ctx.disposed) this.#destroy(this.ctx._handle, this.#handle);
+  }
+
+  [Symbol.dispose](): void {
+    this.dispose();
+  }
+}
+
+/** An ordered queue of work (a CUDA stream; synchronous on the host backend). */
+export class Stream extends ContextChild {
+  /** @internal Use ctx.createStream(). */
+  constructor(ctx: Context, handle: number) {
+    super(ctx, handle, ffi.streamDestroy);
+  }
+
+  protected get kind(): string {
+    return "stream";
+  }
+
+  /** Waits for all work on this stream. */
+  synchronize(): void {
+    ffi.streamSynchronize(this.ctx._handle, this.handle);
+  }
+}
+
+/** A timestamp on a stream. */
+export class Event extends ContextChild {
+  /** @internal Use ctx.createEvent(). */
+  constructor(ctx: Context, handle: number) {
+    super(ctx, handle, ffi.eventDestroy);
+  }
+
+  protected get kind(): string {
+    return "event";
+  }
+
+  /** Records the event on `stream` (default stream when omitted). */
+  record(stream?: Stream): this {
+    ffi.eventRecord(this.ctx._handle, this.handle, stream?.handle ?? 0);
+    return this;
+  }
+
+  /** Milliseconds from this event to `end`; waits for `end`. Both must have been recorded. */
+  elapsedMs(end: Event): number {
+    return ffi.eventElapsedMs(this.ctx._handle, this.handle, end.handle);
+  }
+}
+

@@ -1,0 +1,52 @@
+/**
+ * Errors are values in the C ABI (an int status plus a thread-local message); here they become
+ * one exception class, FmoeError, carrying the same status code.
+ */
+
+/** Status codes of fmoe.h (`fmoe_status`), same numbers. */
+export enum Status {
+  OK = 0,
+  /** A null, out-of-range or inconsistent argument. */
+  INVALID_ARGUMENT = 1,
+  /** Backend not built in, no device, or feature not available. */
+  UNSUPPORTED = 2,
+  /** An allocation failed. */
+  OUT_OF_MEMORY = 3,
+  /** A CUDA runtime call failed; the message names it. */
+  CUDA = 4,
+  /** E.g. ending a capture that was never begun, or using a disposed object. */
+  INVALID_STATE = 5,
+  /** A bug in the library. */
+  INTERNAL = 6,
+}
+
+/** The name of a status code ("INVALID_ARGUMENT"), or "UNKNOWN(<n>)" for codes fmoe.h lacks. */
+export function statusName(code: number): string {
+  const name = (Status as unknown as Record<number, string | undefined>)[code];
+  return name ?? `UNKNOWN(${code})`;
+}
+
+/**
+ * The one error type of fused-moe. `code` is the fmoe.h status; `message` is the library's
+ * message (naming the function and the argument at fault) or, for checks done in TypeScript
+ * before calling the library, a message in the same style.
+ */
+export class FmoeError extends Error {
+  readonly code: Status;
+
+  constructor(code: Status, message: string) {
+    super(message);
+    this.name = "FmoeError";
+    this.code = code;
+  }
+
+  /** The status code's name, e.g. "INVALID_ARGUMENT". */
+  get statusName(): string {
+    return statusName(this.code);
+  }
+}
+
+/** Throws FmoeError(INVALID_ARGUMENT, `${fn}: ${message}`) unless `cond`. */
+export function ensureArg(cond: boolean, fn: string, message: string): asserts cond {
+  if (!cond) throw new FmoeError(Status.INVALID_ARGUMENT, `${fn}: ${message}`);
+}

@@ -1,0 +1,400 @@
+/**
+ * FusedMoE: one Mixture-of-Experts layer = a plan (the static shape) + its weights + the
+ * workspace of the fused op. forward() runs permute -> FC1 -> activation -> FC2 -> unpermute in
+ * one native call; capture() records it into a Graph for replay with new routing.
+ */
+import {
+  type Activation,
+  ACTIVATION_CODE,
+  DEFAULT_ALIGNMENT,
+  fc1Outputs,
+  type GatedLayout,
+  isActivation,
+  isGatedLayout,
+  LAYOUT_CODE,
+  maxRowsFor,
+  SWIGLU_OAI_DEFAULT_ALPHA,
+  SWIGLU_OAI_DEFAULT_LIMIT,
+  WEIGHT_FORMAT_CODE,
+  type WeightFormat,
+} from "./config.ts";
+import type { Context, Stream } from "./context.ts";
+import { MX_BLOCK } from "./dtype.ts";
+import { FmoeError, Status } from "./errors.ts";
+import * as ffi from "./ffi.ts";
+import type { Graph } from "./graph.ts";
+import { registerFinalizer, unregisterFinalizer } from "./lifetime.ts";
+import { quantizeMxfp8, unswizzleScales } from "./ops.ts";
+import { describe, type Tensor } from "./tensor.ts";
+
+/** The static description of a layer (fmoe_plan_desc). */
+export interface FusedMoEConfig {
+  /** Model width H (multiple of 32 for mxfp8). */
+  hidden: number;
+  /** Per-expert intermediate size I (multiple of 32 for mxfp8). */
+  ffn: number;
+  /** Global routed expert count. */
+  numExperts: number;
+  /** Experts held by this layer (expert parallelism). Default numExperts - localExpertStart. */
+  numLocalExperts?: number;
+  /** Global id of the first local expert. Default 0. */
+  localExpertStart?: number;
+  /** Experts per token. */
+  topk: number;
+  activation: Activation;
+  /** Gated activations: layout of gate and up in FC1's output. Default "halves". */
+  layout?: GatedLayout;
+  /** swiglu_oai alpha. Default 1.702. */
+  alpha?: number;
+  /** swiglu_oai limit. Default 7.0. */
+  limit?: number;
+  /** Default "bf16". "mxfp8" quantizes activations too (MXFP8 GEMMs). */
+  weightFormat?: WeightFormat;
+  /** Rows per expert group padded to a multiple of this. Default 16. */
+  alignment?: number;
+  /** Largest T forward() accepts (forwardGrouped: rows <= maxTokens * topk). */
+  maxTokens: number;
+  /** Scale the input rows by probs instead of the output (topk must be 1). Default false. */
+  applyRouterWeightOnInput?: boolean;
+}
+
+/** The config with every default filled in. */
+export type ResolvedFusedMoEConfig = Required<FusedMoEConfig>;
+
+/**
+ * Expert weights, stacked over the local experts, nn.Linear layout ([out, in]).
+ * - bf16: fc1 bf16 [E_local, N1, H], fc2 bf16 [E_local, H, I] (N1 = I or 2I for gated).
+ * - mxfp8: the same bf16 tensors (quantized on the device; FusedMoE owns the copies), or e4m3
+ *   fc1/fc2 with e8m0 fc1Scale [E_local, N1, H/32] and fc2Scale [E_local, H, I/32] in the linear
+ *   layout, or in the swizzled layout with `scaleLayout: "swizzled"` (unswizzled on the device
+ *   into copies FusedMoE owns).
+ * Tensors used as given are borrowed: keep them alive (undisposed) as long as the FusedMoE.
+ */
+export interface FusedMoEWeights {
+  fc1: Tensor;
+  fc2: Tensor;
+  fc1Scale?: Tensor;
+  fc2Scale?: Tensor;
+  /** Layout of fc1Scale/fc2Scale. Default "linear". */
+  scaleLayout?: "linear" | "swizzled";
+  /** f32 [E_local, N1]. */
+  fc1Bias?: Tensor;
+  /** f32 [E_local, H]. */
+  fc2Bias?: Tensor;
+}
+
+export interface ForwardArgs {
+  /** bf16 [T, H], T <= maxTokens. */
+  hidden: Tensor;
+  /** i32 [T, topk] global expert ids. */
+  routingMap: Tensor;
+  /** f32 [T, topk] router weights. */
+  probs: Tensor;
+  /** bf16 [T, H]; allocated when omitted. */
+  out?: Tensor;
+  stream?: Stream;
+}
+
+export interface ForwardGroupedArgs {
+  /** bf16 [rows, H]: rows already grouped by local expert, rows <= maxTokens * topk. */
+  hidden: Tensor;
+  /** i32 [E_local] on the device: rows of each local expert, in order (sum <= rows). */
+  tokensPerExpert: Tensor;
+  /** f32 [rows]: the router weight of each row. */
+  probs: Tensor;
+  /** bf16 [rows, H], same grouped order; rows beyond the sum are zeros. */
+  out?: Tensor;
+  stream?: Stream;
+}
+
+function fail(message: string): never {
+  throw new FmoeError(Status.INVALID_ARGUMENT, `FusedMoE: ${message}`);
+}
+
+function checkInt(name: string, value: number, min: number): number {
+  if (!Number.isSafeInteger(value) || value < min) fail(`config.${name} must be an integer >= ${min}, got ${value}`);
+  return value;
+}
+
+function checkTensor(name: string, t: Tensor | undefined, dtype: string, dims: readonly (number | null)[], spec: string): Tensor {
+  if (t === undefined) fail(`${name} is required (${spec} ${dtype})`);
+  t.assertAlive(`FusedMoE: ${name}`);
+  const ok = t.dtype === dtype && t.shape.length === dims.length && dims.every((d, i) => d === null || d === t.shape[i]);
+  if (!ok) {
+    fail(`${name} must be ${spec} = [${dims.map((d) => (d === null ? "*" : String(d))).join(", ")}] ${dtype}, got ${describe(t.shape, t.dtype)}`);
+  }
+  return t;
+}
+
+/** Fills defaults and checks the ranges TypeScript can check (the library checks the rest). */
+export function resolveConfig(config: FusedMoEConfig): ResolvedFusedMoEConfig {
+  const start = config.localExpertStart ?? 0;
+  const resolved: ResolvedFusedMoEConfig = {
+    hidden: checkInt("hidden", config.hidden, 1),
+    ffn: checkInt("ffn", config.ffn, 1),
+    numExperts: checkInt("numExperts", config.numExperts, 1),
+    numLocalExperts: checkInt("numLocalExperts", config.numLocalExperts ?? config.numExperts - start, 1),
+    localExpertStart: checkInt("localExpertStart", start, 0),
+    topk: checkInt("topk", config.topk, 1),
+    activation: config.activation,
+    layout: config.layout ?? "halves",
+    alpha: config.alpha ?? SWIGLU_OAI_DEFAULT_ALPHA,
+    limit: config.limit ?? SWIGLU_OAI_DEFAULT_LIMIT,
+    weightFormat: config.weightFormat ?? "bf16",
+    alignment: checkInt("alignment", config.alignment ?? DEFAULT_ALIGNMENT, 1),
+    maxTokens: checkInt("maxTokens", config.maxTokens, 1),
+    applyRouterWeightOnInput: config.applyRouterWeightOnInput ?? false,
+  };
+  if (!isActivation(resolved.activation)) fail(`config.activation must be squared_relu, silu, gelu or swiglu_oai, got ${String(resolved.activation)}`);
+  if (!isGatedLayout(resolved.layout)) fail(`config.layout must be halves or interleaved, got ${String(resolved.layout)}`);
+  if (resolved.weightFormat !== "bf16" && resolved.weightFormat !== "mxfp8") fail(`config.weightFormat must be bf16 or mxfp8, got ${String(resolved.weightFormat)}`);
+  if (resolved.localExpertStart + resolved.numLocalExperts > resolved.numExperts) {
+    fail(`localExpertStart + numLocalExperts (${resolved.localExpertStart} + ${resolved.numLocalExperts}) exceeds numExperts (${resolved.numExperts})`);
+  }
+  if (resolved.topk > resolved.numExperts) fail(`config.topk (${resolved.topk}) exceeds numExperts (${resolved.numExperts})`);
+  if (resolved.applyRouterWeightOnInput && resolved.topk !== 1) fail("applyRouterWeightOnInput requires topk == 1");
+  if (resolved.weightFormat === "mxfp8" && (resolved.hidden % MX_BLOCK !== 0 || resolved.ffn % MX_BLOCK !== 0)) {
+    fail(`mxfp8 needs hidden (${resolved.hidden}) and ffn (${resolved.ffn}) to be multiples of 32`);
+  }
+  return resolved;
+}
+
+/**
+ * A fused MoE layer on a context.
+ *
+ * @example
+ *   using moe = new FusedMoE(ctx, { hidden: 2048, ffn: 768, numExperts: 128, topk: 8,
+ *                                   activation: "silu", maxTokens: 32 }, { fc1, fc2 });
+ *   using out = moe.forward({ hidden, routingMap, probs });   // bf16 [T, 2048]
+ */
+export class FusedMoE {
+  readonly ctx: Context;
+  readonly config: ResolvedFusedMoEConfig;
+  /** FC1 outputs N1: ffn or 2*ffn (gated). */
+  readonly fc1Outputs: number;
+  /** Static row capacity of the permuted buffers for maxTokens. */
+  readonly maxRows: number;
+  /** Bytes of the workspace this layer allocated (fmoe_plan_workspace_bytes). */
+  readonly workspaceBytes: number;
+  /** The weights the native op reads (owned copies for quantized/unswizzled ones). */
+  readonly weights: Readonly<Required<Pick<FusedMoEWeights, "fc1" | "fc2">> & Omit<FusedMoEWeights, "fc1" | "fc2" | "scaleLayout">>;
+
+  #plan: number;
+  #disposed = false;
+  readonly #workspace: Tensor;
+  readonly #owned: Tensor[] = [];
+
+  /** Creates the plan, prepares the weights (quantize / unswizzle as needed) and the workspace. */
+  constructor(ctx: Context, config: FusedMoEConfig, weights: FusedMoEWeights) {
+    this.ctx = ctx;
+    const c = resolveConfig(config);
+    this.config = c;
+    const E = c.numLocalExperts;
+    const H = c.hidden;
+    const I = c.ffn;
+    const N1 = fc1Outputs(c.activation, I);
+    this.fc1Outputs = N1;
+    this.maxRows = maxRowsFor(c.maxTokens, c.topk, E, c.alignment);
+
+    try {
+      this.weights = this.#prepareWeights(weights, E, N1, H, I);
+      if (weights.fc1Bias !== undefined) checkTensor("fc1Bias", weights.fc1Bias, "f32", [E, N1], "[E_local, N1]");
+      if (weights.fc2Bias !== undefined) checkTensor("fc2Bias", weights.fc2Bias, "f32", [E, H], "[E_local, H]");
+      this.#plan = ffi.planCreate(ctx._handle, {
+        hidden_size: H,
+        ffn: I,
+        num_experts: c.numExperts,
+        num_local_experts: E,
+        local_expert_start: c.localExpertStart,
+        topk: c.topk,
+        activation: ACTIVATION_CODE[c.activation],
+        layout: LAYOUT_CODE[c.layout],
+        alpha: c.alpha,
+        limit: c.limit,
+        weight_format: WEIGHT_FORMAT_CODE[c.weightFormat],
+        alignment: c.alignment,
+        max_tokens: c.maxTokens,
+        apply_router_weight_on_input: c.applyRouterWeightOnInput ? 1 : 0,
+      });
+    } catch (err) {
+      for (const t of this.#owned) t.dispose();
+      throw err;
+    }
+    const plan = this.#plan;
+    const state = ctx._state;
+    registerFinalizer(this, () => {
+      if (state.alive) ffi.planDestroy(state.handle, plan);
+    });
+    this.workspaceBytes = ffi.planWorkspaceBytes(plan);
+    // A byte buffer: the dtype only sets the element size (1).
+    this.#workspace = ctx.empty([this.workspaceBytes], "e4m3");
+    this.#workspace.name = "workspace";
+    this.#owned.push(this.#workspace);
+  }
+
+  /** Same as `new FusedMoE(ctx, config, weights)`. */
+  static create(ctx: Context, config: FusedMoEConfig, weights: FusedMoEWeights): FusedMoE {
+    return new FusedMoE(ctx, config, weights);
+  }
+
+  #prepareWeights(w: FusedMoEWeights, E: number, N1: number, H: number, I: number): FusedMoE["weights"] {
+    const base = { fc1Bias: w.fc1Bias, fc2Bias: w.fc2Bias };
+    if (this.config.weightFormat === "bf16") {
+      if (w.fc1Scale !== undefined || w.fc2Scale !== undefined) fail("fc1Scale/fc2Scale are only for weightFormat mxfp8");
+      const fc1 = checkTensor("fc1", w.fc1, "bf16", [E, N1, H], "[E_local, N1, H]");
+      const fc2 = checkTensor("fc2", w.fc2, "bf16", [E, H, I], "[E_local, H, I]");
+      return { ...base, fc1, fc2 };
+    }
+    if (w.fc1?.dtype === "bf16") {
+      // BF16 weights for an MXFP8 layer: quantize once on the device, with the same rule as
+      // the activations.
+      const fc1 = checkTensor("fc1", w.fc1, "bf16", [E, N1, H], "[E_local, N1, H]");
+      const fc2 = checkTensor("fc2", w.fc2, "bf16", [E, H, I], "[E_local, H, I]");
+      if (w.fc1Scale !== undefined || w.fc2Scale !== undefined) fail("bf16 weights take no scales (they are quantized here)");
+      const q1 = quantizeMxfp8(this.ctx, fc1);
+      this.#owned.push(q1.data, q1.scale);
+      const q2 = quantizeMxfp8(this.ctx, fc2);
+      this.#owned.push(q2.data, q2.scale);
+      return { ...base, fc1: q1.data, fc1Scale: q1.scale, fc2: q2.data, fc2Scale: q2.scale };
+    }
+    const fc1 = checkTensor("fc1", w.fc1, "e4m3", [E, N1, H], "[E_local, N1, H]");
+    const fc2 = checkTensor("fc2", w.fc2, "e4m3", [E, H, I], "[E_local, H, I]");
+    if (w.fc1Scale === undefined || w.fc2Scale === undefined) fail("e4m3 weights need fc1Scale and fc2Scale");
+    if ((w.scaleLayout ?? "linear") === "swizzled") {
+      const s1 = unswizzleScales(this.ctx, w.fc1Scale, { batch: E, rows: N1, scaleCols: H / MX_BLOCK });
+      this.#owned.push(s1);
+      const s2 = unswizzleScales(this.ctx, w.fc2Scale, { batch: E, rows: H, scaleCols: I / MX_BLOCK });
+      this.#owned.push(s2);
+      return { ...base, fc1, fc2, fc1Scale: s1, fc2Scale: s2 };
+    }
+    const fc1Scale = checkTensor("fc1Scale", w.fc1Scale, "e8m0", [E, N1, H / MX_BLOCK], "[E_local, N1, H/32]");
+    const fc2Scale = checkTensor("fc2Scale", w.fc2Scale, "e8m0", [E, H, I / MX_BLOCK], "[E_local, H, I/32]");
+    return { ...base, fc1, fc2, fc1Scale, fc2Scale };
+  }
+
+  get disposed(): boolean {
+    return this.#disposed || this.ctx.disposed;
+  }
+
+  #handle(): number {
+    if (this.disposed) throw new FmoeError(Status.INVALID_STATE, "FusedMoE is disposed");
+    return this.#plan;
+  }
+
+  #weightTensors(): (Tensor | undefined)[] {
+    const w = this.weights;
+    return [w.fc1, w.fc2, w.fc1Scale, w.fc2Scale, w.fc1Bias, w.fc2Bias, this.#workspace];
+  }
+
+  #run(fields: ffi.MoeFields, tensors: (Tensor | undefined)[], stream: Stream | undefined): void {
+    const plan = this.#handle();
+    this.ctx._use(stream, [...tensors, ...this.#weightTensors()]);
+    const w = this.weights;
+    ffi.fusedMoe(plan, stream?.handle ?? 0, {
+      ...fields,
+      fc1: w.fc1.ptr,
+      fc1_scale: w.fc1Scale?.ptr ?? 0,
+      fc2: w.fc2.ptr,
+      fc2_scale: w.fc2Scale?.ptr ?? 0,
+      fc1_bias: w.fc1Bias?.ptr ?? 0,
+      fc2_bias: w.fc2Bias?.ptr ?? 0,
+      workspace: this.#workspace.ptr,
+      workspace_bytes: this.workspaceBytes,
+    });
+  }
+
+  #output(given: Tensor | undefined, rows: number): { out: Tensor<"bf16">; allocated: boolean } {
+    const H = this.config.hidden;
+    if (given !== undefined) return { out: checkTensor("out", given, "bf16", [rows, H], "[T, H]") as Tensor<"bf16">, allocated: false };
+    const out = this.ctx.empty([rows, H], "bf16");
+    out.name = "out";
+    return { out, allocated: true };
+  }
+
+  /**
+   * The layer: out[t] = sum over local slots k of probs[t,k] * FC2(act(FC1(hidden[t]))), bf16
+   * [T, H] (tokens with no local slot get zeros). Asynchronous on `stream`.
+   */
+  forward(args: ForwardArgs): Tensor<"bf16"> {
+    const c = this.config;
+    const hidden = checkTensor("hidden", args.hidden, "bf16", [null, c.hidden], "[T, H]");
+    const T = hidden.shape[0]!;
+    if (T > c.maxTokens) fail(`hidden has ${T} tokens, more than maxTokens (${c.maxTokens})`);
+    const routing = checkTensor("routingMap", args.routingMap, "i32", [T, c.topk], "[T, topk]");
+    const probs = checkTensor("probs", args.probs, "f32", [T, c.topk], "[T, topk]");
+    const { out, allocated } = this.#output(args.out, T);
+    try {
+      this.#run({ hidden: hidden.ptr, routing_map: routing.ptr, probs: probs.ptr, output: out.ptr, num_tokens: T }, [hidden, routing, probs, out], args.stream);
+    } catch (err) {
+      if (allocated) out.dispose();
+      throw err;
+    }
+    return out;
+  }
+
+  /**
+   * Skip-permute mode: rows arrive grouped by local expert (`tokensPerExpert` rows each, in
+   * order); returns bf16 [rows, H] in the same order, each row scaled by its prob. Rows beyond
+   * the sum of tokensPerExpert are zeros.
+   */
+  forwardGrouped(args: ForwardGroupedArgs): Tensor<"bf16"> {
+    const c = this.config;
+    const hidden = checkTensor("hidden", args.hidden, "bf16", [null, c.hidden], "[rows, H]");
+    const rows = hidden.shape[0]!;
+    if (rows > c.maxTokens * c.topk) fail(`hidden has ${rows} rows, more than maxTokens * topk (${c.maxTokens * c.topk})`);
+    const tpe = checkTensor("tokensPerExpert", args.tokensPerExpert, "i32", [c.numLocalExperts], "[E_local]");
+    const probs = checkTensor("probs", args.probs, "f32", [rows], "[rows]");
+    const { out, allocated } = this.#output(args.out, rows);
+    try {
+      this.#run({ hidden: hidden.ptr, tokens_per_expert: tpe.ptr, probs: probs.ptr, output: out.ptr, num_tokens: rows }, [hidden, tpe, probs, out], args.stream);
+    } catch (err) {
+      if (allocated) out.dispose();
+      throw err;
+    }
+    return out;
+  }
+
+  /**
+   * Records forward (or forwardGrouped, when `tokensPerExpert` is given) on `stream` into a
+   * Graph. `out` is required (no allocation under capture). Replays read the tensors' current
+   * contents: write new tokens / routing / probs into the same tensors and launch again.
+   */
+  capture(args: (ForwardArgs | ForwardGroupedArgs) & { out: Tensor; stream?: Stream }): Graph {
+    if (args.out === undefined) fail("capture needs a preallocated `out`");
+    return this.ctx.capture(args.stream, () => {
+      if ("tokensPerExpert" in args) this.forwardGrouped(args);
+      else this.forward(args);
+    });
+  }
+
+  /**
+   * Routing ids outside [0, numExperts) seen by every forward since creation or the last reset.
+   * Waits for all work of the context.
+   */
+  invalidCount(): number {
+    const counter = ffi.planInvalidCount(this.#handle());
+    const host = new Int32Array(1);
+    this.ctx.synchronize();
+    ffi.memcpy(this.ctx._handle, host, counter, 4, ffi.MemcpyKind.DeviceToHost, 0);
+    return host[0]!;
+  }
+
+  /** Sets the invalid-id counter to 0 (on `stream`). */
+  resetInvalidCount(stream?: Stream): void {
+    const counter = ffi.planInvalidCount(this.#handle());
+    ffi.memset(this.ctx._handle, counter, 0, 4, stream?.handle ?? 0);
+  }
+
+  /** Destroys the plan and the buffers this layer owns (not borrowed weights). Idempotent. */
+  dispose(): void {
+    if (this.#disposed) return;
+    this.#disposed = true;
+    unregisterFinalizer(this);
+    for (const t of this.#owned) t.dispose();
+    if (!this.ctx.disposed) ffi.planDestroy(this.ctx._handle, this.#plan);
+  }
+
+  [Symbol.dispose](): void {
+    this.dispose();
+  }
+}

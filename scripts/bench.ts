@@ -1,0 +1,194 @@
+#!/usr/bin/env bun
+/**
+ * bun run bench: times the fused MoE layer on the CUDA backend against the floor of each cell.
+ *
+ *   bun run bench [--cases a,b] [--tokens 1,8,...] [--dtype bf16|mxfp8] [--json FILE]
+ *                 [--iters N] [--backend cuda|host]
+ *
+ * For every (case, T) cell: the layer is built once per case (weights filled on the device from a
+ * random pool), R input sets are drawn (per token, softmax over normal(0,1) logits, top-k,
+ * renormalised), fused_moe is captured in one CUDA graph per input set, and the graphs are replayed
+ * in rotation, each replay timed with events; the cell's time is the median replay. Rotating
+ * routings means each replay reads a different set of experts, so decode cells are not served
+ * from L2.
+ *
+ * Floor (shared definition, see lib/cases.ts): max(bytes / copy_bandwidth, flops / matmul_peak),
+ * bytes = distinct_experts_routed * (fc1_out*H + H*ffn) * weight_bytes + T*H*2*2,
+ * flops = 2*T*topk*(fc1_out*H + H*ffn). copy_bandwidth is measured in this run (a 1 GiB
+ * device-to-device copy, bytes read + written); the matmul peak is 763 TFLOP/s on an H100 and 788
+ * on an H200 (measured bf16 8192^3 products of those parts), printed with its source.
+ */
+import { parseArgs } from "node:util";
+import { writeFileSync } from "node:fs";
+import { BENCH_CASES, BENCH_TOKENS, type BenchCase } from "../lib/cases.ts";
+import { Context, FusedMoE, type Graph, type Tensor } from "../lib/index.ts";
+import { f32ToBf16 } from "../lib/dtype.ts";
+import { randomRouting, Rng } from "../lib/random.ts";
+
+const { values } = parseArgs({
+  options: {
+    cases: { type: "string" },
+    tokens: { type: "string" },
+    dtype: { type: "string", default: "bf16" },
+    json: { type: "string" },
+    iters: { type: "string", default: "60" },
+    sets: { type: "string", default: "4" },
+    backend: { type: "string", default: "cuda" },
+  },
+});
+
+const dtype = values.dtype === "mxfp8" ? "mxfp8" : "bf16";
+if (values.dtype !== "bf16" && values.dtype !== "mxfp8") fail(`--dtype must be bf16 or mxfp8`);
+const iters = Math.max(50, Number(values.iters));
+const numSets = Math.max(1, Number(values.sets));
+const cases = values.cases
+  ? values.cases.split(",").map((name) => BENCH_CASES.find((c) => c.name === name) ?? fail(`unknown case ${name}`))
+  : BENCH_CASES;
+const tokens = values.tokens ? values.tokens.split(",").map(Number) : BENCH_TOKENS;
+
+function fail(msg: string): never {
+  console.error(`bench: ${msg}`);
+  process.exit(2);
+}
+
+const backend = values.backend === "host" ? "host" : "cuda";
+if (backend === "cuda" && Context.cudaDeviceCount() === 0) fail("no CUDA device: the benchmark times the cuda backend");
+using ctx = Context.create({ backend });
+const device = ctx.deviceName;
+const stream = ctx.createStream();
+
+function median(xs: number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  const m = s.length >> 1;
+  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
+}
+
+/** Device-to-device copy bandwidth (bytes read + written per second) of a 1 GiB copy. */
+function measureCopyBandwidth(): number {
+  const bytes = backend === "cuda" ? 1 << 30 : 1 << 26;
+  using src = ctx.empty([bytes], "e4m3");
+  using dst = ctx.empty([bytes], "e4m3");
+  src.fill(1);
+  const times: number[] = [];
+  for (let i = 0; i < 12; i++) times.push(ctx.time(stream, () => dst.copyFrom(src, stream)));
+  return (2 * bytes) / (median(times.slice(2)) * 1e-3);
+}
+
+function matmulPeak(): { tflops: number; source: string } {
+  if (/H200/i.test(device)) return { tflops: 788, source: "H200 bf16 8192^3 product (measured reference)" };
+  if (/H100/i.test(device)) return { tflops: 763, source: "H100 bf16 8192^3 product (measured reference)" };
+  return { tflops: 763, source: `unknown device ${device}: H100 figure assumed` };
+}
+
+/** Fills a bf16 tensor from a pool of random normal values scaled by `std`, by device copies. */
+function fillRandomBf16(t: Tensor, rng: Rng, std: number, pool: Map<number, Tensor>): void {
+  let src = pool.get(std);
+  if (!src) {
+    const n = 1 << 22; // 4M values: distinct enough, cheap to draw
+    const vals = new Float32Array(n);
+    for (let i = 0; i < n; i++) vals[i] = rng.normal() * std;
+    src = ctx.upload(f32ToBf16(vals), [n], "bf16");
+    pool.set(std, src);
+  }
+  const poolElems = src.numel;
+  let done = 0;
+  let shift = 0;
+  while (done < t.numel) {
+    // Shift the start in the pool on every copy so that neighbouring experts differ.
+    shift = (shift + 104729) % (poolElems >> 1);
+    const n = Math.min(t.numel - done, poolElems - shift);
+    t.view(done, [n]).copyFrom(src.view(shift, [n]), stream);
+    done += n;
+  }
+}
+
+interface Row {
+  case: string; T: number; dtype: string; us: number; floor_us: number; ratio: number;
+  tflops: number; gbps: number; bf16_floor_us: number;
+}
+
+const copyBw = measureCopyBandwidth();
+const peak = matmulPeak();
+console.log(`bench: device ${device}, backend ${backend}, dtype ${dtype}`);
+console.log(`bench: copy bandwidth ${(copyBw / 1e12).toFixed(2)} TB/s (measured, 1 GiB D2D copy, read + write)`);
+console.log(`bench: matmul peak ${peak.tflops} TFLOP/s (${peak.source})`);
+
+const rows: Row[] = [];
+for (const c of cases) {
+  const fc1Out = c.activation === "squared_relu" ? c.ffn : 2 * c.ffn;
+  const perExpert = fc1Out * c.hidden + c.hidden * c.ffn;
+  const maxT = Math.max(...tokens);
+  const rng = new Rng(0x5eed + c.hidden);
+  process.stdout.write(`bench: ${c.name}: filling ${((c.experts * perExpert * 2) / 2 ** 30).toFixed(1)} GiB of weights...\n`);
+  const pool = new Map<number, Tensor>();
+  using fc1 = ctx.empty([c.experts, fc1Out, c.hidden], "bf16");
+  using fc2 = ctx.empty([c.experts, c.hidden, c.ffn], "bf16");
+  fillRandomBf16(fc1, rng, 1 / Math.sqrt(c.hidden), pool);
+  fillRandomBf16(fc2, rng, 1 / Math.sqrt(c.ffn), pool);
+  using moe = new FusedMoE(ctx, {
+    hidden: c.hidden, ffn: c.ffn, numExperts: c.experts, topk: c.topk,
+    activation: c.activation, weightFormat: dtype, maxTokens: maxT,
+  }, { fc1, fc2 });
+  ctx.synchronize();
+  for (const p of pool.values()) p.dispose();
+
+  for (const T of tokens) {
+    const sets: { hidden: Tensor; routing: Tensor; probs: Tensor; out: Tensor; graph: Graph; distinct: number }[] = [];
+    for (let s = 0; s < numSets; s++) {
+      const r = randomRouting(rng, T, c.experts, c.topk);
+      const h = new Float32Array(T * c.hidden);
+      for (let i = 0; i < h.length; i++) h[i] = rng.normal();
+      const hidden = ctx.upload(f32ToBf16(h), [T, c.hidden], "bf16");
+      const routing = ctx.upload(r.routingMap, [T, c.topk], "i32");
+      const probs = ctx.upload(r.probs, [T, c.topk], "f32");
+      const out = ctx.empty([T, c.hidden], "bf16");
+      const graph = moe.capture({ hidden, routingMap: routing, probs, out, stream });
+      sets.push({ hidden, routing, probs, out, graph, distinct: new Set(r.routingMap).size });
+    }
+    for (let i = 0; i < 5 * numSets; i++) sets[i % numSets]!.graph.launch(stream);
+    const times: number[] = [];
+    for (let i = 0; i < iters; i++) {
+      const set = sets[i % numSets]!;
+      times.push(ctx.time(stream, () => set.graph.launch(stream)));
+    }
+    const us = median(times) * 1e3;
+    const distinct = sets.reduce((a, s) => a + s.distinct, 0) / sets.length;
+    const flops = 2 * T * c.topk * perExpert;
+    const wBytes = dtype === "mxfp8" ? 1 + 1 / 32 : 2;
+    const bytesOf = (wb: number): number => distinct * perExpert * wb + T * c.hidden * 2 * 2;
+    const floorOf = (wb: number): number => Math.max(bytesOf(wb) / copyBw, flops / (peak.tflops * 1e12)) * 1e6;
+    const row: Row = {
+      case: c.name, T, dtype, us, floor_us: floorOf(wBytes), ratio: us / floorOf(wBytes),
+      tflops: flops / (us * 1e6), gbps: bytesOf(wBytes) / (us * 1e3), bf16_floor_us: floorOf(2),
+    };
+    rows.push(row);
+    console.log(`bench: ${c.name.padEnd(15)} T=${String(T).padStart(5)}  ${us.toFixed(1).padStart(9)} us  floor ${row.floor_us.toFixed(1).padStart(8)} us  ratio ${row.ratio.toFixed(2)}`);
+    for (const s of sets) {
+      s.graph.dispose(); s.hidden.dispose(); s.routing.dispose(); s.probs.dispose(); s.out.dispose();
+    }
+  }
+}
+
+function table(rs: Row[]): string {
+  const head = ["case", "T", "us", "TFLOP/s", "GB/s", "floor_us", "ratio", ...(dtype === "mxfp8" ? ["vs_bf16_floor"] : [])];
+  const lines = rs.map((r) => [
+    r.case, String(r.T), r.us.toFixed(1), r.tflops.toFixed(1), r.gbps.toFixed(0), r.floor_us.toFixed(1),
+    r.ratio.toFixed(2), ...(dtype === "mxfp8" ? [(r.us / r.bf16_floor_us).toFixed(2)] : []),
+  ]);
+  const widths = head.map((h, i) => Math.max(h.length, ...lines.map((l) => l[i]!.length)));
+  const fmt = (cells: string[]): string => "| " + cells.map((x, i) => x.padStart(widths[i]!)).join(" | ") + " |";
+  return [fmt(head), "|" + widths.map((w) => "-".repeat(w + 2)).join("|") + "|", ...lines.map(fmt)].join("\n");
+}
+
+const geomean = Math.exp(rows.reduce((a, r) => a + Math.log(r.ratio), 0) / Math.max(1, rows.length));
+console.log(`\n${device}, ${dtype}, copy ${(copyBw / 1e12).toFixed(2)} TB/s, peak ${peak.tflops} TFLOP/s\n`);
+console.log(table(rows));
+console.log(`\ngeometric mean of time/floor over ${rows.length} cells: ${geomean.toFixed(3)} (worst ${Math.max(...rows.map((r) => r.ratio)).toFixed(2)})`);
+if (values.json) {
+  writeFileSync(values.json, JSON.stringify({
+    device, backend, dtype, copy_bandwidth_bytes_per_s: copyBw, matmul_peak_tflops: peak.tflops,
+    matmul_peak_source: peak.source, geomean_ratio: geomean, rows,
+  }, null, 2));
+  console.log(`bench: wrote ${values.json}`);
+}
+stream.dispose();
