@@ -3,7 +3,10 @@
  * bun run bench: times the fused MoE layer on the CUDA backend against the floor of each cell.
  *
  *   bun run bench [--cases a,b] [--tokens 1,8,...] [--dtype bf16|mxfp8] [--json FILE]
- *                 [--iters N] [--backend cuda|host]
+ *                 [--iters N] [--backend cuda|host] [--breakdown]
+ *
+ * --breakdown also times each step of the layer as its own op (permute, FC1, activation, FC2,
+ * unpermute) on the first input set, to show where a cell's time goes.
  *
  * For every (case, T) cell: the layer is built once per case (weights filled on the device from a
  * random pool), R input sets are drawn (per token, softmax over normal(0,1) logits, top-k,
@@ -21,7 +24,9 @@
 import { parseArgs } from "node:util";
 import { writeFileSync } from "node:fs";
 import { BENCH_CASES, BENCH_TOKENS, type BenchCase } from "../lib/cases.ts";
-import { Context, FusedMoE, type Graph, type Tensor } from "../lib/index.ts";
+import {
+  activation, Context, FusedMoE, type Graph, groupedMmBf16, permute, type Tensor, unpermute,
+} from "../lib/index.ts";
 import { f32ToBf16 } from "../lib/dtype.ts";
 import { randomRouting, Rng } from "../lib/random.ts";
 
@@ -34,6 +39,7 @@ const { values } = parseArgs({
     iters: { type: "string", default: "60" },
     sets: { type: "string", default: "4" },
     backend: { type: "string", default: "cuda" },
+    breakdown: { type: "boolean", default: false },
   },
 });
 
@@ -102,6 +108,32 @@ function fillRandomBf16(t: Tensor, rng: Rng, std: number, pool: Map<number, Tens
   }
 }
 
+/** Times each step of a bf16 layer as its own op; returns microseconds per step. */
+function breakdown(c: BenchCase, fc1: Tensor, fc2: Tensor, hidden: Tensor, routing: Tensor, probs: Tensor): Record<string, number> {
+  const timeUs = (body: () => void): number => {
+    body();
+    const ts: number[] = [];
+    for (let i = 0; i < 20; i++) ts.push(ctx.time(stream, body));
+    return median(ts) * 1e3;
+  };
+  const p = permute(ctx, { hidden, routingMap: routing, numExperts: c.experts, stream });
+  const rows = p.maxRows;
+  const fc1Out = c.activation === "squared_relu" ? c.ffn : 2 * c.ffn;
+  using h1 = ctx.empty([rows, fc1Out], "bf16");
+  using a1 = ctx.empty([rows, c.ffn], "bf16");
+  using h2 = ctx.empty([rows, c.hidden], "bf16");
+  using out = ctx.empty([hidden.shape[0]!, c.hidden], "bf16");
+  const steps: Record<string, number> = {
+    permute: timeUs(() => permute(ctx, { hidden, routingMap: routing, numExperts: c.experts, out: p, stream })),
+    fc1: timeUs(() => groupedMmBf16(ctx, { a: p.permuted!, b: fc1, groupOffsets: p.expertOffsets, rowMap: p.permutationMap, out: h1, stream })),
+    activation: timeUs(() => activation(ctx, { input: h1, activation: c.activation, rowMap: p.permutationMap, nUsed: p.nUsed, out: a1, stream })),
+    fc2: timeUs(() => groupedMmBf16(ctx, { a: a1, b: fc2, groupOffsets: p.expertOffsets, rowMap: p.permutationMap, out: h2, stream })),
+    unpermute: timeUs(() => unpermute(ctx, { input: h2, inverseMap: p.inverseMap, probs, out, stream })),
+  };
+  for (const t of [p.permuted, p.expertOffsets, p.permutationMap, p.inverseMap]) t?.dispose();
+  return steps;
+}
+
 interface Row {
   case: string; T: number; dtype: string; us: number; floor_us: number; ratio: number;
   tflops: number; gbps: number; bf16_floor_us: number;
@@ -163,6 +195,12 @@ for (const c of cases) {
     };
     rows.push(row);
     console.log(`bench: ${c.name.padEnd(15)} T=${String(T).padStart(5)}  ${us.toFixed(1).padStart(9)} us  floor ${row.floor_us.toFixed(1).padStart(8)} us  ratio ${row.ratio.toFixed(2)}`);
+    if (values.breakdown && dtype === "bf16") {
+      const s0 = sets[0]!;
+      const steps = breakdown(c, fc1, fc2, s0.hidden, s0.routing, s0.probs);
+      const sum = Object.values(steps).reduce((a, b) => a + b, 0);
+      console.log(`bench:   steps (us): ${Object.entries(steps).map(([k, v]) => `${k} ${v.toFixed(1)}`).join(", ")}; sum ${sum.toFixed(1)}`);
+    }
     for (const s of sets) {
       s.graph.dispose(); s.hidden.dispose(); s.routing.dispose(); s.probs.dispose(); s.out.dispose();
     }

@@ -1,8 +1,12 @@
 // grouped_mm_bf16: c = a @ b[g]^T (+ bias) per group on the tensor cores (grouped_mm.cuh), with
 // the loaders that bring bf16 k-slices into shared memory.
+#include <cstdlib>
+#include <cstring>
+
 #include "cuda/backend.h"
 #include "cuda/configs.h"
 #include "cuda/grouped_mm.cuh"
+#include "cuda/grouped_mm_sm90.h"
 #include "cuda/mx_block.cuh"
 
 namespace fmoe {
@@ -129,6 +133,16 @@ struct Bf16GenericLoader {
 
 }  // namespace
 
+// FMOE_CUDA_GEMM=mma forces the portable mma.sync kernel everywhere (comparisons, bisecting a
+// wrong result); the default uses the Hopper wgmma kernel wherever its shape rules allow.
+bool sm90_gemm_enabled() {
+  static const bool enabled = [] {
+    const char* v = std::getenv("FMOE_CUDA_GEMM");
+    return !(v && std::strcmp(v, "mma") == 0);
+  }();
+  return enabled;
+}
+
 Status grouped_mm_bf16_prepare_device() {
   FMOE_TRY((grouped_mm_prepare<GemmLarge, Bf16AsyncLoader<GemmLarge>>()));
   FMOE_TRY((grouped_mm_prepare<GemmLarge, Bf16GenericLoader<GemmLarge>>()));
@@ -151,6 +165,10 @@ Status CudaBackend::grouped_mm_bf16(BackendStream* s, const fmoe_grouped_mm_args
   p.row_map = a.row_map;
   p.n = a.n;
   p.k = a.k;
+  if (sm90_gemm_enabled() && grouped_mm_sm90_supported(a)) {
+    FMOE_CHECK_CUDA(grouped_mm_sm90_bf16(a, props_.multiProcessorCount, stream_of(s)));
+    return FMOE_OK;
+  }
   const bool fast = a.k % 8 == 0 && aligned_to(a.a, 16) && aligned_to(a.b, 16);
   using Cfg = GemmLarge;
   if (fast)

@@ -42,11 +42,16 @@
 //   + barriers 2 x stages x 8 B + group tables (3 x 1024 + 1) x 4 B = 12 KB + 1 KB alignment slack
 //   = ~205 KB. A fifth wide stage (240 KB) does not fit.
 //
-// Expected performance (H100 SXM, 989 TFLOP/s dense bf16 peak): 128x256 tiles with two consumer
-// warpgroups and a 4-deep TMA ring are the shape that reaches 600-750 TFLOP/s on large GEMMs;
-// this kernel has no cluster multicast and no epilogue/mainloop overlap within a consumer, so
-// expect ~550-700 TFLOP/s on 16384x4096x7168 and ~500-650 on MoE prefill shapes with >= 512 rows
-// per group (k = 2048); small k (768) loses more to the epilogue (~400-550).
+// Performance (H100 SXM 80GB, 132 SMs, 989 TFLOP/s dense bf16 peak). Expected: 128x256 tiles
+// with two consumer warpgroups and a 4-deep TMA ring reach 600-750 TFLOP/s on large GEMMs; no
+// cluster multicast and no epilogue/mainloop overlap inside a consumer cost some of that.
+// Measured with bench/dev/grouped_mm_sm90_check.cu (median of 20), BN = 256 / BN = 128:
+//                                               v1 (4-byte stores)   v2 (16-byte stores, kept)
+//   qwen3 fc1, 128 groups x 512 rows, n1536 k2048   624 / 552             683 / 659
+//   qwen3 fc2, 128 groups x 512 rows, n2048 k768    419 / 374             578 / 542
+//   dense 16384 x 4096 x 7168, 1 group              718 / 547             790 / 655
+// Next steps if more is needed: 2-CTA clusters with TMA multicast of B (halves L2 -> SM traffic),
+// and consumers on alternating tiles so one's epilogue hides under the other's mainloop.
 #include "cuda/grouped_mm_sm90.h"
 
 #include <cuda_bf16.h>

@@ -1,0 +1,130 @@
+// Grouped GEMM (fmoe_grouped_mm_bf16 / fmoe_grouped_mm_mxfp8) on the host backend against
+// lib/reference.ts. Tolerance TOLERANCE.bf16 (relative Frobenius) for both: the operands are
+// identical (the MXFP8 ones are quantized once and given to both), only the order of the f32 (vs
+// f64) accumulation differs before the one bf16 rounding. Rows outside every group, rows of a
+// group with bad offsets and rows whose row map is -1 must keep their 0xFF poison.
+import { describe, expect } from "bun:test";
+import { groupedMmBf16, groupedMmMxfp8, reference as R, type Rng, TOLERANCE } from "../lib/index.ts";
+import {
+  expectClose,
+  expectNoNaNBf16,
+  expectNonZero,
+  expectPoisoned,
+  pickRows,
+  randBf16,
+  randWeights,
+  seededTest,
+  suiteContext,
+} from "./helpers.ts";
+
+interface Case {
+  name: string;
+  rows: number;
+  n: number;
+  k: number;
+  /** Rows of each group (sum <= rows); the rest of the rows lie beyond offsets[groups]. */
+  sizes: number[];
+  bias?: boolean;
+  /** Fraction of rows with row map -1 (0 = no row map). */
+  skip?: number;
+  /** Overrides the offsets built from sizes (bad offsets). */
+  offsets?: number[];
+}
+
+const CASES: Case[] = [
+  { name: "rows = 0", rows: 0, n: 32, k: 64, sizes: [0, 0] },
+  { name: "one row, one group", rows: 1, n: 32, k: 64, sizes: [1] },
+  { name: "odd n = 17, k = 33 (bf16 only), an empty group", rows: 20, n: 17, k: 33, sizes: [7, 0, 9], bias: true },
+  { name: "empty groups first and last, row map skips rows", rows: 48, n: 64, k: 96, sizes: [0, 16, 0, 20, 0], skip: 0.25 },
+  { name: "rows beyond offsets[groups] are not written", rows: 40, n: 32, k: 64, sizes: [5, 10], bias: true },
+  { name: "all rows in one group of four", rows: 33, n: 48, k: 64, sizes: [0, 33, 0, 0] },
+  { name: "k = 2880, 5 rows, 2 groups", rows: 5, n: 16, k: 2880, sizes: [2, 3], bias: true },
+  { name: "medium: 256 rows, n 128, k 256, 8 groups, row map", rows: 256, n: 128, k: 256, sizes: [32, 16, 0, 48, 64, 16, 32, 40], skip: 0.1, bias: true },
+  {
+    name: "bad offsets (decreasing, past rows) skip their group instead of faulting",
+    rows: 30, n: 32, k: 64, sizes: [], offsets: [0, 10, 6, 6, 45],
+  },
+];
+
+function offsetsOf(c: Case): Int32Array {
+  if (c.offsets !== undefined) return Int32Array.from(c.offsets);
+  const o = new Int32Array(c.sizes.length + 1);
+  c.sizes.forEach((s, g) => (o[g + 1] = o[g]! + s));
+  return o;
+}
+
+/** Rows the op writes: inside a valid group, row map not -1 (the reference's rule). */
+function writtenRows(offsets: Int32Array, rowMap: Int32Array | undefined, rows: number): { written: number[]; skipped: number[] } {
+  const isWritten = new Array<boolean>(rows).fill(false);
+  for (let g = 0; g + 1 < offsets.length; ++g) {
+    const lo = offsets[g]!, hi = offsets[g + 1]!;
+    if (lo < 0 || hi < lo || hi > rows) continue;
+    for (let r = lo; r < hi; ++r) if (rowMap === undefined || rowMap[r] !== -1) isWritten[r] = true;
+  }
+  const written: number[] = [];
+  const skipped: number[] = [];
+  isWritten.forEach((w, r) => (w ? written : skipped).push(r));
+  return { written, skipped };
+}
+
+describe("grouped GEMM (host backend vs reference)", () => {
+  const ctx = suiteContext("host");
+
+  for (const c of CASES) {
+    for (const format of ["bf16", "mxfp8"] as const) {
+      if (format === "mxfp8" && c.k % 32 !== 0) continue;
+      seededTest(`${format}: ${c.name}${c.bias ? ", bias" : ""}`, (rng) => runCase(c, format, rng));
+    }
+  }
+
+  function runCase(c: Case, format: "bf16" | "mxfp8", rng: Rng): void {
+    const x = ctx();
+    const groups = offsetsOf(c).length - 1;
+    const { rows, n, k } = c;
+    const offsets = offsetsOf(c);
+    const rowMap = c.skip !== undefined ? Int32Array.from({ length: rows }, (_, r) => (rng.uniform() < c.skip! ? -1 : r)) : undefined;
+    const a = randBf16(rng, rows * k);
+    const b = randWeights(rng, groups, n, k);
+    const bias = c.bias ? Float32Array.from({ length: groups * n }, () => rng.normal() * 0.5) : undefined;
+    using aT = x.upload(a, [rows, k], "bf16");
+    using bT = x.upload(b, [groups, n, k], "bf16");
+    using biasT = bias !== undefined ? x.upload(bias, [groups, n]) : undefined;
+    using offT = x.upload(offsets);
+    using mapT = rowMap !== undefined ? x.upload(rowMap) : undefined;
+    using out = x.empty([rows, n], "bf16").fill(0xff);
+
+    let ref: Uint16Array;
+    if (format === "bf16") {
+      groupedMmBf16(x, { a: aT, b: bT, bias: biasT, groupOffsets: offT, rowMap: mapT, out });
+      ref = R.groupedMm({ a: { bf16: a }, b: { bf16: b }, bias, groupOffsets: offsets, rowMap, rows, n, k, groups });
+    } else {
+      const aq = R.quantizeMxfp8(a, rows, k);
+      const bq = R.quantizeMxfp8(b, groups * n, k);
+      using aD = x.upload(aq.data, [rows, k], "e4m3");
+      using aS = x.upload(aq.scale, [rows, k / 32], "e8m0");
+      using bD = x.upload(bq.data, [groups, n, k], "e4m3");
+      using bS = x.upload(bq.scale, [groups, n, k / 32], "e8m0");
+      groupedMmMxfp8(x, { a: aD, aScale: aS, b: bD, bScale: bS, bias: biasT, groupOffsets: offT, rowMap: mapT, out });
+      ref = R.groupedMm({ a: aq, b: bq, bias, groupOffsets: offsets, rowMap, rows, n, k, groups });
+    }
+    const got = out.download();
+    const { written, skipped } = writtenRows(offsets, rowMap, rows);
+    expectPoisoned(got, n, skipped, "rows outside the groups");
+    const gotRows = pickRows(got, n, written);
+    const refRows = pickRows(ref, n, written);
+    expectNoNaNBf16(gotRows, "written rows");
+    expectNonZero(refRows, "reference");
+    expectClose(gotRows, refRows, TOLERANCE.bf16, `${format} GEMM`);
+    if (rows > 0 && c.offsets === undefined) expect(written.length).toBeGreaterThan(0);
+  }
+
+  seededTest("allocated output is [rows, n] bf16", (rng) => {
+    const x = ctx();
+    using aT = x.upload(randBf16(rng, 6 * 32), [6, 32], "bf16");
+    using bT = x.upload(randBf16(rng, 2 * 8 * 32), [2, 8, 32], "bf16");
+    using offT = x.upload(new Int32Array([0, 2, 6]));
+    using out = groupedMmBf16(x, { a: aT, b: bT, groupOffsets: offT });
+    expect(out.shape).toEqual([6, 8]);
+    expect(out.dtype).toBe("bf16");
+  });
+});
