@@ -255,7 +255,7 @@ export function activation(a: ActivationArgs): Uint16Array {
   const out = new Uint16Array(a.rows * a.ffn);
   for (let r = 0; r < a.rows; ++r) {
     if (a.nUsed !== undefined && r >= a.nUsed) continue;
-    if (a.rowMap !== undefined && a.rowMap[r] === -1) continue;
+    if (a.rowMap !== undefined && a.rowMap[r]! < 0) continue;
     activationRow(a, a.input, r * n1, a.ffn, out, r * a.ffn);
   }
   return out;
@@ -377,7 +377,7 @@ export function groupedMm(a: GroupedMmArgs): Uint16Array {
     const hi = a.groupOffsets[g + 1]!;
     if (lo < 0 || hi < lo || hi > a.rows) continue;
     for (let r = lo; r < hi; ++r) {
-      if (a.rowMap !== undefined && a.rowMap[r] === -1) continue;
+      if (a.rowMap !== undefined && a.rowMap[r]! < 0) continue;
       loadRow(a.a, r, a.k, x);
       linear(a.b, g, a.n, a.k, x, a.bias, out, r * a.n, scratch);
     }

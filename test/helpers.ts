@@ -7,7 +7,7 @@
  * each test derives its own seed from the base and its title, so a failing test reports a seed
  * that reproduces it alone (`FMOE_TEST_SEED=<base> bun test -t '<title>'`).
  */
-import { afterAll, beforeAll, test } from "bun:test";
+import { afterAll, beforeAll, expect, test } from "bun:test";
 import {
   Context,
   type BackendChoice,
@@ -16,6 +16,7 @@ import {
   relFrobenius,
   Rng,
   Status,
+  type Stream,
   type Tensor,
 } from "../lib/index.ts";
 import { bf16ToF32 } from "../lib/dtype.ts";
@@ -265,4 +266,137 @@ export function expectFmoe(fn: () => unknown, code: Status, ...names: (string | 
 /** Downloads a tensor after filling it with the 0xFF poison first: convenience for outputs. */
 export function poisoned<T extends Tensor>(t: T): T {
   return t.fill(0xff);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Graph replay
+
+export type Fill = () => Uint16Array | Float32Array | Int32Array | Uint8Array;
+
+/**
+ * Captures `run(stream)`, then twice: writes fresh data into each input, replays, and checks the
+ * outputs against an eager `run()` (default stream) on the same inputs, bit for bit. Output
+ * buffers are compared whole: both runs start from the same 0xFF poison. Every copy and fill of
+ * a replay is on `stream`, so the check holds on CUDA too (the default stream of a context need
+ * not be ordered with other streams).
+ */
+export function checkReplay(x: Context, stream: Stream, inputs: [Tensor, Fill][], outputs: Tensor[], run: (s: Stream | undefined) => void): void {
+  for (const o of outputs) o.fill(0xff);
+  using graph = x.capture(stream, () => run(stream));
+  for (const o of outputs) {
+    const bytes = new Uint8Array(o.download().buffer);
+    expect(bytes.every((b) => b === 0xff)).toBe(true); // recorded, not run
+  }
+  for (let round = 0; round < 2; ++round) {
+    for (const [t, fill] of inputs) t.copyFrom(fill() as never, stream);
+    for (const o of outputs) o.fill(0xff, stream);
+    graph.launch(round === 0 ? stream : undefined);
+    stream.synchronize();
+    const replayed = outputs.map((o) => new Uint8Array(o.download().buffer));
+    for (const o of outputs) o.fill(0xff);
+    run(undefined);
+    const eager = outputs.map((o) => new Uint8Array(o.download().buffer));
+    replayed.forEach((r, i) => expectBitExact(r, eager[i]!, `round ${round}: output ${i} (${outputs[i]!.toString()}) replay vs eager`));
+    expect(eager.some((e) => e.some((b) => b !== 0xff))).toBe(true);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// MXFP8 hand-computed vectors (one block of 32 each). The expected bytes are worked out by hand
+// from the rule in fmoe.h ("Precision"): amax = m * 2^E (1 <= m < 2); s = E - 8 if m <= 1.75
+// else E - 7; s clamped to [-127, 127]; all-zero block s = 0 (byte 127); NaN/Inf in a block ->
+// scale 0xFF, data 0x7F; elements x / 2^s rounded to nearest even e4m3 (bias 7, subnormals
+// m * 2^-9, max 448 = 0x7E).
+
+export interface Mxfp8Vector {
+  name: string;
+  /** bf16 bits at the given positions; the rest of the 32 are `fill` (default +0). */
+  input: Record<number, number>;
+  fill?: number;
+  scale: number;
+  /** Expected e4m3 bytes at positions; the rest `dataFill` (default 0x00). */
+  data: Record<number, number>;
+  dataFill?: number;
+}
+
+export const MXFP8_VECTORS: Mxfp8Vector[] = [
+  { name: "all-zero block: scale byte 127, data 0", input: {}, scale: 127, data: {} },
+  { name: "all negative zeros: scale 127, data 0x80 (-0)", input: {}, fill: 0x8000, scale: 127, data: {}, dataFill: 0x80 },
+  {
+    // 256 = 1.0 * 2^8: m <= 1.75 -> s = 8 - 8 = 0.
+    name: "amax exactly a power of two (256): s = 0",
+    input: { 0: 0x4380 /* 256 */, 1: 0x3f80 /* 1 */, 2: 0xc000 /* -2 */, 3: 0x3f00 /* 0.5 */, 4: 0x4040 /* 3 */ },
+    scale: 127,
+    data: { 0: 0x78, 1: 0x38, 2: 0xc0, 3: 0x30, 4: 0x44 },
+  },
+  {
+    // 448 = 1.75 * 2^8: still s = 0. 432 lies halfway between 416 (0x7D) and 448 (0x7E): even
+    // mantissa 6 wins; 400 halfway between 384 (0x7C) and 416 (0x7D): 0x7C. e4m3 subnormals:
+    // 2^-9 -> 1, 2^-10 (halfway 0..1) -> 0, 1.5 * 2^-9 (halfway 1..2) -> 2, 2^-7 -> 4, 2^-6 -> 0x08.
+    name: "amax 448 (m = 1.75): s = 0, ties to even, e4m3 subnormals",
+    input: {
+      0: 0x43e0, 1: 0xc3e0, 2: 0x43d8 /* 432 */, 3: 0x43c8 /* 400 */, 4: 0x3b00 /* 2^-9 */, 5: 0x3a80 /* 2^-10 */,
+      6: 0x3b40 /* 1.5*2^-9 */, 7: 0x3c00 /* 2^-7 */, 8: 0x3c80 /* 2^-6 */, 9: 0xbb80 /* -2^-8 */,
+    },
+    scale: 127,
+    data: { 0: 0x7e, 1: 0xfe, 2: 0x7e, 3: 0x7c, 4: 0x01, 5: 0x00, 6: 0x02, 7: 0x04, 8: 0x08, 9: 0x82 },
+  },
+  {
+    // 464 = 1.8125 * 2^8 would overflow 448 at s = 0: m > 1.75 -> s = 1 (byte 128). 464 / 2 = 232
+    // lies halfway between 224 (0x76) and 240 (0x77): 0x76. 2 -> 1 (0x38), -3 -> -1.5 (0xBC),
+    // 2^-8 -> 2^-9 (0x01).
+    name: "amax 464 would pass 448: s = 1, tie to even",
+    input: { 0: 0x43e8, 1: 0x4000, 2: 0xc040, 3: 0x3b80 },
+    scale: 128,
+    data: { 0: 0x76, 1: 0x38, 2: 0xbc, 3: 0x01 },
+  },
+  { name: "amax 480 (m = 1.875): s = 1, 240 -> 0x77", input: { 7: 0x43f0 }, scale: 128, data: { 7: 0x77 } },
+  {
+    // 1.0 = 1.0 * 2^0 -> s = -8 (byte 119): x * 256. 0.10009765625 (bf16 0x3DCD) * 256 = 25.625
+    // = 1.6015625 * 2^4: mantissa 4.8125/8 rounds to 5 -> (11 << 3) | 5 = 0x5D.
+    name: "amax 1: negative scale s = -8",
+    input: { 0: 0x3f80, 1: 0xbf00 /* -0.5 */, 2: 0x3dcd },
+    scale: 119,
+    data: { 0: 0x78, 1: 0xf0, 2: 0x5d },
+  },
+  {
+    // amax = 2^-127 (bf16 subnormal 0x0040): s = -135 clamped to -127 (byte 0). x / 2^-127:
+    // 2^-133 -> 2^-6 (0x08), 2^-132 -> 2^-5 (0x10), -2^-133 -> 0x88, 2^-127 -> 1 (0x38).
+    name: "subnormal bf16 inputs: scale clamped to 2^-127 (byte 0)",
+    input: { 0: 0x0001, 1: 0x0002, 2: 0x8001, 3: 0x0040 },
+    scale: 0,
+    data: { 0: 0x08, 1: 0x10, 2: 0x88, 3: 0x38 },
+  },
+  {
+    // amax = 2^-120: s = -128 clamped to -127: 2^-120 / 2^-127 = 128 (0x70), not 256.
+    // 2^-126 -> 2 (0x40).
+    name: "tiny normal amax 2^-120: s clamped at -127",
+    input: { 0: 0x0380, 1: 0x0080 },
+    scale: 0,
+    data: { 0: 0x70, 1: 0x40 },
+  },
+  {
+    // amax = the largest bf16 (1.9921875 * 2^127): s = 120 (byte 247); / 2^120 = 255 rounds up
+    // to 256 (mantissa carry into the exponent): 0x78. 1.5 * 2^127 -> 192 (0x74).
+    name: "largest bf16: s = 120, rounding carries into the exponent",
+    input: { 0: 0x7f7f, 1: 0x7f40 },
+    scale: 247,
+    data: { 0: 0x78, 1: 0x74 },
+  },
+  { name: "NaN in a block: scale 0xFF, every element 0x7F", input: { 0: 0x3f80, 3: 0x7fc0, 9: 0x4380 }, scale: 0xff, data: {}, dataFill: 0x7f },
+  { name: "negative NaN payload: scale 0xFF, data 0x7F", input: { 31: 0xffc1 }, fill: 0x3f80, scale: 0xff, data: {}, dataFill: 0x7f },
+  { name: "+Inf in a block: scale 0xFF, data 0x7F", input: { 31: 0x7f80, 0: 0x3f80 }, scale: 0xff, data: {}, dataFill: 0x7f },
+  { name: "-Inf in a block: scale 0xFF, data 0x7F", input: { 0: 0xff80 }, fill: 0xbf80, scale: 0xff, data: {}, dataFill: 0x7f },
+];
+
+export function mxfp8VectorInput(v: Mxfp8Vector): Uint16Array {
+  const a = new Uint16Array(32).fill(v.fill ?? 0);
+  for (const [i, bits] of Object.entries(v.input)) a[Number(i)] = bits;
+  return a;
+}
+
+export function mxfp8VectorData(v: Mxfp8Vector): Uint8Array {
+  const a = new Uint8Array(32).fill(v.dataFill ?? 0);
+  for (const [i, b] of Object.entries(v.data)) a[Number(i)] = b;
+  return a;
 }

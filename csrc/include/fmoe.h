@@ -278,7 +278,8 @@ typedef struct fmoe_activation_args {
   void* output;                /* bf16 [rows, I]; required unless output_q is set */
   uint8_t* output_q;           /* optional e4m3 [rows, I]: fused MXFP8 output */
   uint8_t* output_scale;       /* e8m0 [rows, I/32]; required with output_q */
-  const int32_t* row_map;      /* optional i32 [rows]: rows with -1 are skipped (not written) */
+  const int32_t* row_map;      /* optional i32 [rows]: rows with a negative entry (permute writes -1)
+                                  are skipped (not written) */
   const int32_t* n_used;       /* optional device i32 scalar: rows >= *n_used are skipped */
   int64_t rows;                /* static row count >= 0 */
   int64_t ffn;                 /* I >= 1 (multiple of 32 with output_q) */
@@ -333,7 +334,8 @@ typedef struct fmoe_grouped_mm_args {
   const int32_t* group_offsets;/* required: device i32 [groups + 1], non-decreasing, offsets[0]
                                   = 0, offsets[groups] <= rows (checked on the device: a bad
                                   offset skips its group instead of faulting) */
-  const int32_t* row_map;      /* optional i32 [rows]: rows with -1 are skipped (not written) */
+  const int32_t* row_map;      /* optional i32 [rows]: rows with a negative entry (permute writes -1)
+                                  are skipped (not written) */
   int64_t rows;                /* static capacity >= 0 */
   int64_t n;                   /* >= 1 */
   int64_t k;                   /* >= 1 (multiple of 32 for MXFP8) */
