@@ -89,8 +89,16 @@ class CudaBackend final : public Backend {
   Status expand_group_ids(BackendStream* s, const int32_t* tokens_per_expert,
                           int64_t num_local_experts, int64_t local_expert_start, int64_t rows,
                           int32_t* routing_rows) override;
+  // The layer with FC1 and the activation fused (fused_moe.cu); the default composition where
+  // the fused kernel does not apply.
+  Status fused_moe(BackendStream* s, const PlanShape& shape, const fmoe_moe_args& a,
+                   int32_t* invalid_count) override;
 
  private:
+  // The decode path of fused_moe (fused_moe.cu): sets *handled when it ran the layer; leaves it
+  // false, having enqueued nothing, when the call is not a decode call or its shapes do not fit.
+  Status fused_moe_decode(BackendStream* s, const PlanShape& shape, const fmoe_moe_args& a,
+                          int32_t* invalid_count, bool* handled);
   Status activate() {
     FMOE_CHECK_CUDA(cudaSetDevice(device_));
     return FMOE_OK;

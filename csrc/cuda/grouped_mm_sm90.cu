@@ -32,7 +32,7 @@
 //   k-block's columns past k read as zero in both operands, adding nothing.
 // - Epilogue: accumulators + bias[g, n] (f32) -> bf16 round-to-nearest-even, transposed within
 //   each quad of lanes by two shuffles so that every lane holds 8 consecutive columns of one row
-//   -> masked 16-byte global stores (row < group end, row_map[row] != -1, col < n). No TMA
+//   -> masked 16-byte global stores (row < group end, row_map[row] >= 0, col < n). No TMA
 //   store: a tile's rows may belong to another group. (v1 stored the fragment's bf16 pairs
 //   directly with 4-byte stores: 4x the store instructions and half-filled sectors.)
 //
@@ -40,7 +40,8 @@
 //   wide   (BN = 256): 4 stages x (A 128x64x2 = 16 KB + B 256x64x2 = 32 KB) = 192 KB
 //   narrow (BN = 128): 6 stages x (A 16 KB + B 16 KB)                     = 192 KB
 //   + barriers 2 x stages x 8 B + group tables (3 x 1024 + 1) x 4 B = 12 KB + 1 KB alignment slack
-//   = ~205 KB. A fifth wide stage (240 KB) does not fit.
+//   = ~205 KB. A fifth wide stage (240 KB) does not fit. The fused-activation kernels add the
+//   tile-bias buffers: 2 warpgroups x 2 x BN x 4 B (4 KB wide).
 //
 // Performance (H100 SXM 80GB, 132 SMs, 989 TFLOP/s dense bf16 peak). Expected: 128x256 tiles
 // with two consumer warpgroups and a 4-deep TMA ring reach 600-750 TFLOP/s on large GEMMs; no
@@ -52,6 +53,35 @@
 //   dense 16384 x 4096 x 7168, 1 group              718 / 547             790 / 655
 // Next steps if more is needed: 2-CTA clusters with TMA multicast of B (halves L2 -> SM traffic),
 // and consumers on alternating tiles so one's epilogue hides under the other's mainloop.
+//
+// Fused activation epilogue (FC1 of the fused layer: grouped_mm_sm90_bf16_act)
+// - The unfused pipeline writes h [rows, N1] bf16 and the activation op reads it back and writes
+//   [rows, I]: for qwen3 at 8192 tokens that pass alone costs ~220 us of pure memory traffic.
+//   Here the epilogue applies the activation to the accumulators and writes [rows, I] directly,
+//   with the numerics of the op-by-op path: bf16(acc + bias) widened back to f32, activation in
+//   f32 (cuda/activation.cuh), one rounding to bf16.
+// - A gated activation needs gate and up of the same column in the same thread. The wgmma m64nN
+//   fragment gives thread (warp, lane) columns 8*i + 2*(lane%4) + {0, 1}, i = 0..N/8-1, so:
+//     halves: the stage's BN-row B tile is filled by two TMA copies, gate rows [j0, j0 + BN/2)
+//       and up rows [I + j0, I + j0 + BN/2) of the group; accumulator column c (gate) and
+//       c + BN/2 (up) then sit in the same thread, registers 4i.. and 4(i + BN/16)... A gate box
+//       reaching past I reads up rows, an up box past 2I the next group's rows or zeros past the
+//       tensor: those columns (>= I) are never stored.
+//     interleaved: B rows [2 j0, 2 j0 + BN) in one copy; gate and up are the thread's adjacent
+//       column pair, and one quad shuffle round regroups the results into the usual fragment.
+//   Either way a tile of 128 x BN accumulators yields 128 x BN/2 outputs, stored with the same
+//   quad transpose and 16-byte stores as the plain epilogue. squared_relu is elementwise on a
+//   128 x BN tile.
+// - The bias of the tile's BN accumulator columns is loaded by the consumer threads when the tile
+//   starts (latency hidden by the mainloop) and staged in shared memory for the epilogue (two
+//   BN-float buffers per consumer warpgroup, alternating by tile, one named barrier per tile):
+//   read from global memory in the epilogue, a lane's 128 bias values of a wide gated tile do not
+//   fit in registers next to its 128 accumulators.
+// - One kernel per (layout, activation): the activation is a template parameter (a run-time
+//   switch over three gated epilogues in one kernel spilled on the wide tile).
+// - Same work in the mainloop (N1 columns of tiles over I outputs), half the bytes stored:
+//   expected FC1 time about that of the plain kernel (~0.70 ms for qwen3 at T = 8192), and the
+//   activation pass (~0.22 ms) gone.
 #include "cuda/grouped_mm_sm90.h"
 
 #include <cuda_bf16.h>
@@ -60,6 +90,7 @@
 #include <climits>
 #include <cstdint>
 
+#include "cuda/activation.cuh"
 #include "cuda/ptx/mbarrier.cuh"
 #include "cuda/ptx/tma.cuh"
 #include "cuda/ptx/wgmma.cuh"
@@ -98,11 +129,32 @@ struct Sm90TileConfig {
   static constexpr int kTableBytes = (3 * kMaxGroups + 1) * 4;
   static constexpr int kSmemBytes = 1024 + kStages * kStageBytes + kBarrierBytes + kTableBytes;
   static_assert(kSmemBytes <= 227 * 1024, "exceeds the 227 KB of shared memory per block");
+  // Fused-activation epilogues only: per consumer warpgroup two tile-bias buffers of BN floats
+  // (double-buffered by tile parity), after the group tables.
+  static constexpr int kBiasOffset =
+      (kStages * kStageBytes + kBarrierBytes + kTableBytes + 15) / 16 * 16;
+  static constexpr int kBiasBytes = 2 * 2 * kBlockN * 4;
+  static constexpr int kSmemBytesAct = 1024 + kBiasOffset + kBiasBytes;
+  static_assert(kSmemBytesAct <= 227 * 1024, "exceeds the 227 KB of shared memory per block");
   static_assert(kBlockK * 2 == 128, "one k-block row must be one 128-byte swizzle span");
   static_assert(kProducerRegs * 128 + kConsumerRegs * 256 <= 65536, "register file");
+  // Halves-layout B tiles are two boxes of BN/2 rows; the second must start on a swizzle atom
+  // (1024 bytes = 8 rows of 128 bytes) so that both land as one BN-row box would.
+  static_assert((kBlockN / 2 * kBlockK * 2) % 1024 == 0, "half B tile off the swizzle atom");
 };
 using Sm90Wide = Sm90TileConfig<256, 4>;
 using Sm90Narrow = Sm90TileConfig<128, 6>;
+
+// What the epilogue writes (the kernel's template parameter).
+enum Epilogue : int {
+  kEpiStore = 0,       // c = bf16(acc + bias): the plain GEMM, n columns
+  kEpiActElementwise,  // c = bf16(act(bf16(acc + bias))), non-gated (squared_relu): I = N1
+  kEpiActHalves,       // gated, gate = B rows [0, I), up = [I, 2I) of each group
+  kEpiActInterleaved,  // gated, gate = B row 2j, up = 2j + 1
+};
+__host__ __device__ constexpr bool epilogue_gated(int epi) {
+  return epi == kEpiActHalves || epi == kEpiActInterleaved;
+}
 
 struct Sm90Params {
   __nv_bfloat16* c;
@@ -110,21 +162,25 @@ struct Sm90Params {
   const int32_t* offsets;
   const int32_t* row_map;
   int rows;
-  int n;
+  int n;         // columns of c (and of the tile raster)
+  int n1;        // rows of b (and bias entries) per group: n for the plain GEMM, N1 fused
+  int ffn;       // I: offset of the up half in halves layout
   int k_blocks;
   int groups;
   int n_tiles;
+  float alpha, limit;  // swiglu_oai (fused epilogues)
 };
 
 struct TileCoord {
   int group;
   int m0;       // first row of the tile
   int row_end;  // end of the group's rows (exclusive): stores stop here
-  int n0;       // first column
+  int n0;       // first column of c
 };
 
 // Group tables in shared memory: prefix[g] = m-tiles of groups < g; start/end = valid row range.
-template <class Cfg>
+// kTileCols: columns of c per tile (BN, or BN/2 for the gated epilogues).
+template <class Cfg, int kTileCols>
 __device__ __forceinline__ TileCoord decode_tile(int t, const int* prefix, const int* start,
                                                  const int* end, int groups, int n_tiles) {
   int lo = 0, hi = groups - 1;  // largest g with prefix[g] * n_tiles <= t (non-empty by construction)
@@ -143,14 +199,192 @@ __device__ __forceinline__ TileCoord decode_tile(int t, const int* prefix, const
   const int band_rows = min(Cfg::kRasterBand, m_tiles - band * Cfg::kRasterBand);
   const int m_tile = band * Cfg::kRasterBand + in_band % band_rows;
   const int n_tile = in_band / band_rows;
-  return TileCoord{g, start[g] + m_tile * Cfg::kBlockM, end[g], n_tile * Cfg::kBlockN};
+  return TileCoord{g, start[g] + m_tile * Cfg::kBlockM, end[g], n_tile * kTileCols};
 }
 
-template <class Cfg>
+// ---- Epilogue -----------------------------------------------------------------------------------
+// The wgmma fragment: thread (warp, lane) holds rows r0 = 16*warp + lane/4 and r1 = r0 + 8,
+// columns 8*j + 2*(lane%4) + {0, 1} of every 8-column block j (acc[4j..4j+1] on r0,
+// acc[4j+2..4j+3] on r1). The 4 lanes of a quad together hold, for blocks j and j+1, four
+// 8-column segments (r0 j, r0 j+1, r1 j, r1 j+1) of which each lane owns a quarter; a 4x4
+// transpose across the quad (two xor-shuffle steps) gives each lane one whole segment, so each
+// lane stores 16 bytes and a warp store covers 16 full 32-byte sectors.
+
+// Where a lane stores: its quad position q = lane % 4, whether its row is written, the row.
+struct EpilogueRow {
+  int q;
+  bool row_ok;
+  __nv_bfloat16* c_row;
+};
+
+// Stores output blocks j and j + 1 (8 columns each, block j starting at column col_j of c) from
+// x = this lane's bf16 pairs of (r0 j, r0 j+1, r1 j, r1 j+1), columns 2q, 2q + 1 of each.
+__device__ __forceinline__ void store_block_pair(const uint32_t (&x)[4], const EpilogueRow& er,
+                                                 int col_j, int n) {
+  const int hi = er.q >> 1, lo = er.q & 1;
+  // Step 1 (lanes q, q^2): keep the segments whose row half (bit 1) is ours, trade the
+  // others. After it, for segments 2*hi + {0, 1}: pieces of lanes (q & 1) and (q & 1) | 2.
+  const uint32_t keep_a = hi ? x[2] : x[0], keep_b = hi ? x[3] : x[1];
+  const uint32_t recv_a = __shfl_xor_sync(0xffffffffu, hi ? x[0] : x[2], 2);
+  const uint32_t recv_b = __shfl_xor_sync(0xffffffffu, hi ? x[1] : x[3], 2);
+  const uint32_t a_p0 = hi ? recv_a : keep_a, a_p2 = hi ? keep_a : recv_a;  // segment 2hi
+  const uint32_t b_p0 = hi ? recv_b : keep_b, b_p2 = hi ? keep_b : recv_b;  // 2hi + 1
+  // Step 2 (lanes q, q^1): keep segment 2*hi + lo, trade the other.
+  const uint32_t keep0 = lo ? b_p0 : a_p0, keep2 = lo ? b_p2 : a_p2;
+  const uint32_t recv0 = __shfl_xor_sync(0xffffffffu, lo ? a_p0 : b_p0, 1);
+  const uint32_t recv2 = __shfl_xor_sync(0xffffffffu, lo ? a_p2 : b_p2, 1);
+  uint4 seg;  // columns 0-1, 2-3, 4-5, 6-7 come from lanes 0, 1, 2, 3 of the quad
+  seg.x = lo ? recv0 : keep0;
+  seg.y = lo ? keep0 : recv0;
+  seg.z = lo ? recv2 : keep2;
+  seg.w = lo ? keep2 : recv2;
+  const int col = col_j + lo * 8;
+  if (er.row_ok && col < n) *reinterpret_cast<uint4*>(er.c_row + col) = seg;
+}
+
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // lo in the low half: the lower column
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// The FC1 output as the op-by-op pipeline stores it, widened back: the activation's input.
+__device__ __forceinline__ float bf16_rounded(float x) {
+  return __bfloat162float(__float2bfloat16_rn(x));
+}
+
+// The plain GEMM: c = bf16(acc + bias).
+template <int BN>
+__device__ __forceinline__ void epilogue_store(const float (&acc)[BN / 2], const Sm90Params& p,
+                                               const TileCoord& tc, const EpilogueRow& er) {
+  const float* bias = p.bias ? p.bias + int64_t(tc.group) * p.n1 : nullptr;
+#pragma unroll
+  for (int j = 0; j < BN / 8; j += 2) {
+    uint32_t x[4];  // this lane's quarter of segments (r0 j, r0 j+1, r1 j, r1 j+1)
+#pragma unroll
+    for (int jj = 0; jj < 2; ++jj) {
+      const int col = tc.n0 + (j + jj) * 8 + er.q * 2;
+      float b0 = 0.f, b1 = 0.f;
+      if (bias != nullptr && col < p.n) {  // n % 8 == 0: col + 1 < n too
+        b0 = __ldg(bias + col);
+        b1 = __ldg(bias + col + 1);
+      }
+      const int a = 4 * (j + jj);
+      x[jj] = pack_bf16x2(acc[a + 0] + b0, acc[a + 1] + b1);
+      x[2 + jj] = pack_bf16x2(acc[a + 2] + b0, acc[a + 3] + b1);
+    }
+    store_block_pair(x, er, tc.n0 + j * 8, p.n);
+  }
+}
+
+// The bias of the tile's accumulator column c (0 <= c < BN) in the fused epilogues, 0 where there
+// is none or the column is never stored (then no load: it may lie past the bias array).
+template <int BN, int kEpi>
+__device__ __forceinline__ float act_tile_bias(const Sm90Params& p, const TileCoord& tc, int c) {
+  if (p.bias == nullptr) return 0.f;
+  const float* bias = p.bias + int64_t(tc.group) * p.n1;
+  if constexpr (kEpi == kEpiActHalves) {
+    const bool up = c >= BN / 2;
+    const int col = tc.n0 + (up ? c - BN / 2 : c);
+    return col < p.n ? __ldg(bias + (up ? p.ffn + col : col)) : 0.f;
+  } else if constexpr (kEpi == kEpiActInterleaved) {
+    const int row = 2 * tc.n0 + c;
+    return row < p.n1 ? __ldg(bias + row) : 0.f;
+  } else {
+    const int col = tc.n0 + c;
+    return col < p.n ? __ldg(bias + col) : 0.f;
+  }
+}
+
+// Named barrier over the `count` threads of one consumer warpgroup (PTX ISA: "bar.sync").
+__device__ __forceinline__ void warpgroup_bar_sync(int id, int count) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+
+// The fused activation: c[:, j] = bf16(act(bf16(gate_j + bias), bf16(up_j + bias))) over the
+// tile's kTileCols output columns (I % 8 == 0: an 8-column block is wholly inside I or past it).
+// s_bias[c] = bias of accumulator column c (act_tile_bias), staged in shared memory: per lane the
+// bias of a wide tile is 128 values, which next to 128 accumulators do not fit in registers.
+template <int BN, int kEpi, int kAct>
+__device__ __forceinline__ void epilogue_act(const float (&acc)[BN / 2], const Sm90Params& p,
+                                             const TileCoord& tc, const EpilogueRow& er,
+                                             const float* s_bias, int lane) {
+  constexpr int kTileCols = epilogue_gated(kEpi) ? BN / 2 : BN;
+  const float alpha = p.alpha, limit = p.limit;
+  const int q = er.q;
+  // Bias pair of columns 8i + 2q + {0, 1}, the lane's columns of accumulator block i.
+  auto bias2 = [&](int i) { return *reinterpret_cast<const float2*>(s_bias + 8 * i + 2 * q); };
+  uint32_t x[4];  // as in epilogue_store: (r0 j, r0 j+1, r1 j, r1 j+1), columns 2q, 2q + 1
+#pragma unroll
+  for (int j = 0; j < kTileCols / 8; j += 2) {
+#pragma unroll
+    for (int jj = 0; jj < 2; ++jj) {
+      const int blk = j + jj;  // output block
+      if constexpr (kEpi == kEpiActElementwise) {
+        const float2 b = bias2(blk);
+        const int a = 4 * blk;
+        float y[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e)  // e: (r0, c), (r0, c+1), (r1, c), (r1, c+1)
+          y[e] = activation_value<kAct>(bf16_rounded(acc[a + e] + ((e & 1) ? b.y : b.x)), 0.f,
+                                        alpha, limit);
+        x[jj] = pack_bf16x2(y[0], y[1]);
+        x[2 + jj] = pack_bf16x2(y[2], y[3]);
+      } else if constexpr (kEpi == kEpiActHalves) {
+        // Gate column c of the tile is accumulator block blk, up column c + BN/2 is block
+        // blk + BN/16: registers kUp further.
+        constexpr int kUp = 4 * (BN / 16);
+        const float2 bg = bias2(blk), bu = bias2(blk + BN / 16);
+        const int a = 4 * blk;
+        float y[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float g = bf16_rounded(acc[a + e] + ((e & 1) ? bg.y : bg.x));
+          const float u = bf16_rounded(acc[a + kUp + e] + ((e & 1) ? bu.y : bu.x));
+          y[e] = activation_value<kAct>(g, u, alpha, limit);
+        }
+        x[jj] = pack_bf16x2(y[0], y[1]);
+        x[2 + jj] = pack_bf16x2(y[2], y[3]);
+      } else {
+        static_assert(kEpi == kEpiActInterleaved, "unknown epilogue");
+        // Output block blk = accumulator blocks 2blk (output columns 0-3 of the block) and
+        // 2blk + 1 (columns 4-7); in each, the lane holds the (gate, up) pair of output column
+        // q, resp. 4 + q.
+        const float2 b_lo = bias2(2 * blk), b_hi = bias2(2 * blk + 1);
+        float y[4];  // (r0, q), (r0, 4+q), (r1, q), (r1, 4+q)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int a = 4 * (2 * blk + (e & 1)) + (e & 2);  // the pair's gate register
+          const float2 b = (e & 1) ? b_hi : b_lo;
+          const float g = bf16_rounded(acc[a] + b.x);
+          const float u = bf16_rounded(acc[a + 1] + b.y);
+          y[e] = activation_value<kAct>(g, u, alpha, limit);
+        }
+        // Regroup into the usual fragment: lane q needs output columns 2q and 2q + 1, held by
+        // lanes (2q) % 4 and (2q + 1) % 4 of the quad, as their low (q < 2) or high (q >= 2) half.
+        const uint32_t p0 = pack_bf16x2(y[0], y[1]), p1 = pack_bf16x2(y[2], y[3]);
+        const int base = lane & ~3;
+        const int src0 = base | ((2 * q) & 3), src1 = base | ((2 * q + 1) & 3);
+        const uint32_t r0a = __shfl_sync(0xffffffffu, p0, src0);
+        const uint32_t r0b = __shfl_sync(0xffffffffu, p0, src1);
+        const uint32_t r1a = __shfl_sync(0xffffffffu, p1, src0);
+        const uint32_t r1b = __shfl_sync(0xffffffffu, p1, src1);
+        const uint32_t sel = q < 2 ? 0x5410u : 0x7632u;  // low halves / high halves of (a, b)
+        x[jj] = __byte_perm(r0a, r0b, sel);
+        x[2 + jj] = __byte_perm(r1a, r1b, sel);
+      }
+    }
+    store_block_pair(x, er, tc.n0 + j * 8, p.n);
+  }
+}
+
+// kAct: the fmoe_activation of the fused epilogues (a template parameter, not a run-time switch:
+// one kernel holding all three gated epilogues spilled a register on the wide tile).
+template <class Cfg, int kEpi, int kAct>
 __global__ void __launch_bounds__(Cfg::kThreads, 1)
     grouped_mm_sm90_kernel(const __grid_constant__ CUtensorMap tm_a,
                            const __grid_constant__ CUtensorMap tm_b, const Sm90Params p) {
   constexpr int BM = Cfg::kBlockM, BN = Cfg::kBlockN, BK = Cfg::kBlockK, S = Cfg::kStages;
+  constexpr int kTileCols = epilogue_gated(kEpi) ? BN / 2 : BN;
   extern __shared__ uint8_t smem_raw[];
   // TMA with 128-byte swizzle and the wgmma descriptors (base offset 0) need 1024-byte aligned
   // stage buffers; dynamic shared memory only promises 16.
@@ -212,13 +446,21 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       int stage = 0;
       uint32_t phase = 0;
       for (int t = blockIdx.x; t < total_tiles; t += gridDim.x) {
-        const TileCoord tc = decode_tile<Cfg>(t, s_prefix, s_start, s_end, groups, p.n_tiles);
-        const int b_row = tc.group * p.n + tc.n0;
+        const TileCoord tc =
+            decode_tile<Cfg, kTileCols>(t, s_prefix, s_start, s_end, groups, p.n_tiles);
+        // B rows of the tile: [b_row, b_row + BN), or for halves the two boxes of BN/2 rows at
+        // b_row (gate) and b_row + I (up).
+        const int b_row =
+            tc.group * p.n1 + (kEpi == kEpiActInterleaved ? 2 * tc.n0 : tc.n0);
         for (int kb = 0; kb < p.k_blocks; ++kb) {
           ptx::mbar_wait(&empty[stage], phase ^ 1);
           ptx::mbar_arrive_expect_tx(&full[stage], Cfg::kStageBytes);
           ptx::tma_load_2d(smem_a + stage * Cfg::kABytes, &tm_a, &full[stage], kb * BK, tc.m0);
-          ptx::tma_load_2d(smem_b + stage * Cfg::kBBytes, &tm_b, &full[stage], kb * BK, b_row);
+          uint8_t* b_dst = smem_b + stage * Cfg::kBBytes;
+          ptx::tma_load_2d(b_dst, &tm_b, &full[stage], kb * BK, b_row);
+          if constexpr (kEpi == kEpiActHalves)
+            ptx::tma_load_2d(b_dst + Cfg::kBBytes / 2, &tm_b, &full[stage], kb * BK,
+                             b_row + p.ffn);
           if (++stage == S) {
             stage = 0;
             phase ^= 1;
@@ -235,8 +477,21 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     int stage = 0;
     uint32_t phase = 0;
     float acc[BN / 2];
+    // Fused epilogues: this warpgroup's two tile-bias buffers and its thread index in them.
+    float* s_bias = reinterpret_cast<float*>(smem + Cfg::kBiasOffset) + half * 2 * BN;
+    const int wg_tid = tid & 127;
+    int tile_parity = 0;
     for (int t = blockIdx.x; t < total_tiles; t += gridDim.x) {
-      const TileCoord tc = decode_tile<Cfg>(t, s_prefix, s_start, s_end, groups, p.n_tiles);
+      const TileCoord tc =
+          decode_tile<Cfg, kTileCols>(t, s_prefix, s_start, s_end, groups, p.n_tiles);
+      // The tile's bias, loaded now so that the latency hides under the mainloop, and staged in
+      // shared memory for the epilogue.
+      float bias_pre[BN / 128];
+      if constexpr (kEpi != kEpiStore) {
+#pragma unroll
+        for (int u = 0; u < BN / 128; ++u)
+          bias_pre[u] = act_tile_bias<BN, kEpi>(p, tc, wg_tid + 128 * u);
+      }
       int prev_stage = 0;
       for (int kb = 0; kb < p.k_blocks; ++kb) {
         ptx::mbar_wait(&full[stage], phase);
@@ -270,53 +525,23 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       if (lane == 0) ptx::mbar_arrive(&empty[prev_stage]);
 
       // ---- epilogue ----
-      // The wgmma fragment: thread (warp, lane) holds rows r0 = 16*warp + lane/4 and r1 = r0 + 8,
-      // columns 8*j + 2*(lane%4) + {0, 1} of every 8-column block j (acc[4j..4j+1] on r0,
-      // acc[4j+2..4j+3] on r1). The 4 lanes of a quad together hold, for blocks j and j+1, four
-      // 8-column segments (r0 j, r0 j+1, r1 j, r1 j+1) of which each lane owns a quarter; a 4x4
-      // transpose across the quad (two xor-shuffle steps) gives each lane one whole segment, so
-      // each lane stores 16 bytes and a warp store covers 16 full 32-byte sectors.
-      const int q = lane & 3, hi = q >> 1, lo = q & 1;
+      EpilogueRow er;
+      er.q = lane & 3;
       const int r0 = tc.m0 + half * (BM / 2) + warp * 16 + (lane >> 2);
-      const int row = r0 + 8 * hi;  // the row of the segment this lane stores
-      const bool row_ok = row < tc.row_end && (p.row_map == nullptr || p.row_map[row] != -1);
-      const float* bias = p.bias ? p.bias + int64_t(tc.group) * p.n : nullptr;
-      __nv_bfloat16* c_row = p.c + int64_t(row) * p.n;
+      const int row = r0 + 8 * (er.q >> 1);  // the row of the segment this lane stores
+      er.row_ok = row < tc.row_end && (p.row_map == nullptr || p.row_map[row] >= 0);
+      er.c_row = p.c + int64_t(row) * p.n;
+      if constexpr (kEpi == kEpiStore) {
+        epilogue_store<BN>(acc, p, tc, er);
+      } else {
+        // Buffer reuse: the buffer written here was last read two tiles ago, before every thread
+        // of the warpgroup passed the previous tile's barrier.
+        float* tile_bias = s_bias + tile_parity * BN;
+        tile_parity ^= 1;
 #pragma unroll
-      for (int j = 0; j < BN / 8; j += 2) {
-        uint32_t x[4];  // this lane's quarter of segments (r0 j, r0 j+1, r1 j, r1 j+1)
-#pragma unroll
-        for (int jj = 0; jj < 2; ++jj) {
-          const int col = tc.n0 + (j + jj) * 8 + q * 2;
-          float b0 = 0.f, b1 = 0.f;
-          if (bias != nullptr && col < p.n) {  // n % 8 == 0: col + 1 < n too
-            b0 = __ldg(bias + col);
-            b1 = __ldg(bias + col + 1);
-          }
-          const int a = 4 * (j + jj);
-          __nv_bfloat162 v0 = __floats2bfloat162_rn(acc[a + 0] + b0, acc[a + 1] + b1);
-          __nv_bfloat162 v1 = __floats2bfloat162_rn(acc[a + 2] + b0, acc[a + 3] + b1);
-          x[jj] = *reinterpret_cast<uint32_t*>(&v0);
-          x[2 + jj] = *reinterpret_cast<uint32_t*>(&v1);
-        }
-        // Step 1 (lanes q, q^2): keep the segments whose row half (bit 1) is ours, trade the
-        // others. After it, for segments 2*hi + {0, 1}: pieces of lanes (q & 1) and (q & 1) | 2.
-        const uint32_t keep_a = hi ? x[2] : x[0], keep_b = hi ? x[3] : x[1];
-        const uint32_t recv_a = __shfl_xor_sync(0xffffffffu, hi ? x[0] : x[2], 2);
-        const uint32_t recv_b = __shfl_xor_sync(0xffffffffu, hi ? x[1] : x[3], 2);
-        const uint32_t a_p0 = hi ? recv_a : keep_a, a_p2 = hi ? keep_a : recv_a;  // segment 2hi
-        const uint32_t b_p0 = hi ? recv_b : keep_b, b_p2 = hi ? keep_b : recv_b;  // 2hi + 1
-        // Step 2 (lanes q, q^1): keep segment 2*hi + lo, trade the other.
-        const uint32_t keep0 = lo ? b_p0 : a_p0, keep2 = lo ? b_p2 : a_p2;
-        const uint32_t recv0 = __shfl_xor_sync(0xffffffffu, lo ? a_p0 : b_p0, 1);
-        const uint32_t recv2 = __shfl_xor_sync(0xffffffffu, lo ? a_p2 : b_p2, 1);
-        uint4 seg;  // columns 0-1, 2-3, 4-5, 6-7 come from lanes 0, 1, 2, 3 of the quad
-        seg.x = lo ? recv0 : keep0;
-        seg.y = lo ? keep0 : recv0;
-        seg.z = lo ? recv2 : keep2;
-        seg.w = lo ? keep2 : recv2;
-        const int col = tc.n0 + (j + lo) * 8;
-        if (row_ok && col < p.n) *reinterpret_cast<uint4*>(c_row + col) = seg;
+        for (int u = 0; u < BN / 128; ++u) tile_bias[wg_tid + 128 * u] = bias_pre[u];
+        warpgroup_bar_sync(1 + half, 128);
+        epilogue_act<BN, kEpi, kAct>(acc, p, tc, er, tile_bias, lane);
       }
     }
   }
@@ -329,15 +554,21 @@ bool aligned(const void* ptr, uintptr_t bytes) {
 // Upper bound of the tile count: sum_g ceil(size_g / 128) <= rows / 128 + groups.
 int64_t max_m_tiles(const fmoe_grouped_mm_args& a) { return a.rows / 128 + a.groups; }
 
-template <class Cfg>
-cudaError_t launch(const fmoe_grouped_mm_args& a, int num_sms, cudaStream_t stream) {
+
+// `act` is used by the fused epilogues only. c has `n_out` columns: n (plain) or I (fused).
+template <class Cfg, int kEpi, int kAct = 0>
+cudaError_t launch(const fmoe_grouped_mm_args& a, const ActEpilogue& act, int num_sms,
+                   cudaStream_t stream) {
   if (a.rows == 0) return cudaSuccess;  // no row can be written (and a 0-row map is invalid)
+  constexpr int kTileCols = epilogue_gated(kEpi) ? Cfg::kBlockN / 2 : Cfg::kBlockN;
+  const int64_t n_out = epilogue_gated(kEpi) ? a.n / 2 : a.n;
   CUtensorMap tm_a, tm_b;
   cudaError_t err = make_tensor_map_bf16_2d_sw128(&tm_a, a.a, uint64_t(a.k), uint64_t(a.rows),
                                                   uint64_t(a.k) * 2, Cfg::kBlockK, Cfg::kBlockM);
   if (err != cudaSuccess) return err;
+  const uint32_t b_box_rows = kEpi == kEpiActHalves ? Cfg::kBlockN / 2 : Cfg::kBlockN;
   err = make_tensor_map_bf16_2d_sw128(&tm_b, a.b, uint64_t(a.k), uint64_t(a.groups * a.n),
-                                      uint64_t(a.k) * 2, Cfg::kBlockK, Cfg::kBlockN);
+                                      uint64_t(a.k) * 2, Cfg::kBlockK, b_box_rows);
   if (err != cudaSuccess) return err;
 
   Sm90Params p;
@@ -346,19 +577,42 @@ cudaError_t launch(const fmoe_grouped_mm_args& a, int num_sms, cudaStream_t stre
   p.offsets = a.group_offsets;
   p.row_map = a.row_map;
   p.rows = int(a.rows);
-  p.n = int(a.n);
+  p.n = int(n_out);
+  p.n1 = int(a.n);
+  p.ffn = int(n_out);
   p.k_blocks = int((a.k + Cfg::kBlockK - 1) / Cfg::kBlockK);
   p.groups = int(a.groups);
-  p.n_tiles = int((a.n + Cfg::kBlockN - 1) / Cfg::kBlockN);
+  p.n_tiles = int((n_out + kTileCols - 1) / kTileCols);
+  p.alpha = act.alpha;
+  p.limit = act.limit;
 
-  auto kernel = grouped_mm_sm90_kernel<Cfg>;
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             Cfg::kSmemBytes);
+  auto kernel = grouped_mm_sm90_kernel<Cfg, kEpi, kAct>;
+  constexpr int kSmem = kEpi == kEpiStore ? Cfg::kSmemBytes : Cfg::kSmemBytesAct;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (err != cudaSuccess) return err;
   const int64_t tiles = max_m_tiles(a) * p.n_tiles;
   const int grid = int(std::max<int64_t>(1, std::min<int64_t>(std::max(num_sms, 1), tiles)));
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(tm_a, tm_b, p);
+  kernel<<<grid, Cfg::kThreads, kSmem, stream>>>(tm_a, tm_b, p);
   return cudaGetLastError();
+}
+
+template <class Cfg>
+cudaError_t launch_act(const fmoe_grouped_mm_args& a, const ActEpilogue& act, int num_sms,
+                       cudaStream_t stream) {
+  if (act.activation == FMOE_ACT_SQUARED_RELU)
+    return launch<Cfg, kEpiActElementwise, FMOE_ACT_SQUARED_RELU>(a, act, num_sms, stream);
+  const bool inter = act.layout == FMOE_LAYOUT_INTERLEAVED;
+  switch (act.activation) {
+    case FMOE_ACT_SILU:
+      return inter ? launch<Cfg, kEpiActInterleaved, FMOE_ACT_SILU>(a, act, num_sms, stream)
+                   : launch<Cfg, kEpiActHalves, FMOE_ACT_SILU>(a, act, num_sms, stream);
+    case FMOE_ACT_GELU:
+      return inter ? launch<Cfg, kEpiActInterleaved, FMOE_ACT_GELU>(a, act, num_sms, stream)
+                   : launch<Cfg, kEpiActHalves, FMOE_ACT_GELU>(a, act, num_sms, stream);
+    default:
+      return inter ? launch<Cfg, kEpiActInterleaved, FMOE_ACT_SWIGLU_OAI>(a, act, num_sms, stream)
+                   : launch<Cfg, kEpiActHalves, FMOE_ACT_SWIGLU_OAI>(a, act, num_sms, stream);
+  }
 }
 
 }  // namespace
@@ -390,14 +644,41 @@ int grouped_mm_sm90_pick_block_n(const fmoe_grouped_mm_args& a, int num_sms) {
 
 cudaError_t grouped_mm_sm90_bf16_block_n(const fmoe_grouped_mm_args& a, int num_sms, int block_n,
                                          cudaStream_t stream) {
-  if (block_n == 256) return launch<Sm90Wide>(a, num_sms, stream);
-  if (block_n == 128) return launch<Sm90Narrow>(a, num_sms, stream);
+  const ActEpilogue none{};
+  if (block_n == 256) return launch<Sm90Wide, kEpiStore>(a, none, num_sms, stream);
+  if (block_n == 128) return launch<Sm90Narrow, kEpiStore>(a, none, num_sms, stream);
   return cudaErrorInvalidValue;
 }
 
 cudaError_t grouped_mm_sm90_bf16(const fmoe_grouped_mm_args& a, int num_sms, cudaStream_t stream) {
   return grouped_mm_sm90_bf16_block_n(a, num_sms, grouped_mm_sm90_pick_block_n(a, num_sms),
                                       stream);
+}
+
+bool grouped_mm_sm90_act_supported(const fmoe_grouped_mm_args& a, const ActEpilogue& act) {
+  if (act.activation < FMOE_ACT_SQUARED_RELU || act.activation > FMOE_ACT_SWIGLU_OAI) return false;
+  const bool gated = act.activation != FMOE_ACT_SQUARED_RELU;
+  if (gated && act.layout != FMOE_LAYOUT_HALVES && act.layout != FMOE_LAYOUT_INTERLEAVED)
+    return false;
+  if (!grouped_mm_sm90_supported(a)) return false;  // a.n = N1: B, bias and tile-count rules
+  const int64_t ffn = gated ? a.n / 2 : a.n;
+  if (gated && a.n % 2 != 0) return false;
+  return ffn % 8 == 0;  // whole 16-byte segments per row of c (and I-aligned output blocks)
+}
+
+cudaError_t grouped_mm_sm90_bf16_act_block_n(const fmoe_grouped_mm_args& a, const ActEpilogue& act,
+                                             int num_sms, int block_n, cudaStream_t stream) {
+  if (block_n == 256) return launch_act<Sm90Wide>(a, act, num_sms, stream);
+  if (block_n == 128) return launch_act<Sm90Narrow>(a, act, num_sms, stream);
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t grouped_mm_sm90_bf16_act(const fmoe_grouped_mm_args& a, const ActEpilogue& act,
+                                     int num_sms, cudaStream_t stream) {
+  // A gated tile spans BN accumulator columns of N1 for BN/2 outputs, so the tile count and the
+  // waste of a last partial tile are those of the plain FC1 GEMM: the same choice applies.
+  return grouped_mm_sm90_bf16_act_block_n(a, act, num_sms, grouped_mm_sm90_pick_block_n(a, num_sms),
+                                          stream);
 }
 
 }  // namespace fmoe::cuda

@@ -29,4 +29,40 @@ cudaError_t grouped_mm_sm90_bf16_block_n(const fmoe_grouped_mm_args& a, int num_
 // The tile width grouped_mm_sm90_bf16 would pick (128 or 256).
 int grouped_mm_sm90_pick_block_n(const fmoe_grouped_mm_args& a, int num_sms);
 
+// ---- FC1 with the activation fused into the epilogue ------------------------------------------
+// The activation of fmoe.h ("Op: activation") applied by the GEMM's epilogue:
+//   out[r, j] = bf16( act( float(bf16(h[r, :] + bias)) ) ),  h = a[r, :] @ b[g]^T in f32,
+// i.e. exactly fmoe_grouped_mm_bf16 followed by fmoe_activation_quant (bf16 output): h is rounded
+// to bf16 once, widened, and the activation runs in f32 (the formulas of cuda/activation.cuh).
+// The FC1 output [rows, N1] never exists in memory.
+struct ActEpilogue {
+  int activation;  // fmoe_activation
+  int layout;      // fmoe_gated_layout (gated activations only)
+  float alpha;     // swiglu_oai
+  float limit;     // swiglu_oai
+};
+
+// `a` describes FC1 as for grouped_mm_sm90_bf16 (n = N1, b [groups, N1, k], bias [groups, N1])
+// except that `c` receives the activation output, bf16 [rows, I] with I = N1 / 2 for gated
+// activations and I = N1 for squared_relu. Rows written: those of grouped_mm_sm90_bf16 (rows of
+// computed groups whose row_map entry is not -1); nothing else, no column >= I.
+// Supported: grouped_mm_sm90_supported(a), a known activation (and layout when gated), N1 even
+// when gated, I % 8 == 0 (16-byte rows of c).
+bool grouped_mm_sm90_act_supported(const fmoe_grouped_mm_args& a, const ActEpilogue& act);
+
+// Enqueues the fused FC1 + activation; tile width picked as grouped_mm_sm90_bf16 would for FC1.
+// A gated tile of 128 x BN accumulators yields BN / 2 activation columns: for halves, the B tile
+// is gate rows [j0, j0 + BN/2) and up rows [I + j0, I + j0 + BN/2) (two copies per stage); for
+// interleaved, B rows [2 j0, 2 j0 + BN). Call only when supported() holds.
+cudaError_t grouped_mm_sm90_bf16_act(const fmoe_grouped_mm_args& a, const ActEpilogue& act,
+                                     int num_sms, cudaStream_t stream);
+
+// The same with the tile width forced (128 or 256), for tests and benchmarks.
+cudaError_t grouped_mm_sm90_bf16_act_block_n(const fmoe_grouped_mm_args& a, const ActEpilogue& act,
+                                             int num_sms, int block_n, cudaStream_t stream);
+
+// False when FMOE_CUDA_GEMM=mma forces the portable mma.sync GEMM (defined in
+// grouped_mm_bf16.cu); fused paths built on this kernel fall back to the op-by-op pipeline then.
+bool sm90_gemm_enabled();
+
 }  // namespace fmoe::cuda

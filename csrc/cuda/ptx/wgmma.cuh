@@ -131,4 +131,113 @@ __device__ __forceinline__ void wgmma_m64k16_bf16(float (&d)[N / 2], uint64_t de
   else wgmma_m64n256k16_bf16(d, desc_a, desc_b, accumulate);
 }
 
+
+// ---- Narrow-N shapes (swap-AB decode GEMMs: the weights are A, a few token rows are B) --------
+// m64nNk16 (bf16) and m64nNk32 (e4m3 x e4m3, f32 accumulators) for N = 8, 16, 32. Fragment of
+// d (N / 2 floats per thread): d[4j + {0, 1}] = D[16 * warp + lane / 4][8j + 2 * (lane % 4) + {0, 1}],
+// d[4j + {2, 3}] = the same columns of row + 8. fp8 wgmma takes both operands K-major from shared
+// memory (no transpose operands); a k32 step is 32 bytes, like a bf16 k16 step.
+
+// D[64 x 8] (+)= A[64 x 16] * B[8 x 16]^T, A and B K-major bf16 in shared memory.
+__device__ __forceinline__ void wgmma_m64n8k16_bf16(float (&d)[4], uint64_t desc_a, uint64_t desc_b,
+                                        int accumulate) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %6, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n8k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3}, %4, %5, p, 1, 1, 0, 0;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
+
+// D[64 x 16] (+)= A[64 x 16] * B[16 x 16]^T, A and B K-major bf16 in shared memory.
+__device__ __forceinline__ void wgmma_m64n16k16_bf16(float (&d)[8], uint64_t desc_a, uint64_t desc_b,
+                                        int accumulate) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %10, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, p, 1, 1, 0, 0;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
+
+// D[64 x 32] (+)= A[64 x 16] * B[32 x 16]^T, A and B K-major bf16 in shared memory.
+__device__ __forceinline__ void wgmma_m64n32k16_bf16(float (&d)[16], uint64_t desc_a, uint64_t desc_b,
+                                        int accumulate) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %18, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, 0, 0;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
+
+// D[64 x 8] (+)= A[64 x 32] * B[8 x 32]^T, A and B K-major e4m3 in shared memory.
+__device__ __forceinline__ void wgmma_m64n8k32_e4m3(float (&d)[4], uint64_t desc_a, uint64_t desc_b,
+                                        int accumulate) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %6, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n8k32.f32.e4m3.e4m3 "
+      "{%0, %1, %2, %3}, %4, %5, p, 1, 1;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
+
+// D[64 x 16] (+)= A[64 x 32] * B[16 x 32]^T, A and B K-major e4m3 in shared memory.
+__device__ __forceinline__ void wgmma_m64n16k32_e4m3(float (&d)[8], uint64_t desc_a, uint64_t desc_b,
+                                        int accumulate) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %10, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n16k32.f32.e4m3.e4m3 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, p, 1, 1;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
+
+// D[64 x 32] (+)= A[64 x 32] * B[32 x 32]^T, A and B K-major e4m3 in shared memory.
+__device__ __forceinline__ void wgmma_m64n32k32_e4m3(float (&d)[16], uint64_t desc_a, uint64_t desc_b,
+                                        int accumulate) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %18, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k32.f32.e4m3.e4m3 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
+
+// Dispatch on N (kernels are templated on the padded token count).
+template <int N>
+__device__ __forceinline__ void wgmma_m64k16_bf16_narrow(float (&d)[N / 2], uint64_t desc_a,
+                                                         uint64_t desc_b, int accumulate) {
+  static_assert(N == 8 || N == 16 || N == 32, "narrow wgmma widths instantiated here: 8, 16, 32");
+  if constexpr (N == 8) wgmma_m64n8k16_bf16(d, desc_a, desc_b, accumulate);
+  else if constexpr (N == 16) wgmma_m64n16k16_bf16(d, desc_a, desc_b, accumulate);
+  else wgmma_m64n32k16_bf16(d, desc_a, desc_b, accumulate);
+}
+template <int N>
+__device__ __forceinline__ void wgmma_m64k32_e4m3_narrow(float (&d)[N / 2], uint64_t desc_a,
+                                                         uint64_t desc_b, int accumulate) {
+  static_assert(N == 8 || N == 16 || N == 32, "narrow wgmma widths instantiated here: 8, 16, 32");
+  if constexpr (N == 8) wgmma_m64n8k32_e4m3(d, desc_a, desc_b, accumulate);
+  else if constexpr (N == 16) wgmma_m64n16k32_e4m3(d, desc_a, desc_b, accumulate);
+  else wgmma_m64n32k32_e4m3(d, desc_a, desc_b, accumulate);
+}
+
 }  // namespace fmoe::ptx

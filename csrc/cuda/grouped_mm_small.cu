@@ -1,0 +1,703 @@
+// Decode grouped GEMM for Hopper (sm_90a): c[r, :] = a[r, :] @ b[g]^T (+ bias[g]) (then FC1's
+// activation, optionally) for groups of at most 32 rows, BF16 or MXFP8.
+//
+// Why a second kernel: at decode (T <= 32 tokens) a group holds 1-32 rows while its weights are
+// megabytes. The prefill kernel (grouped_mm_sm90.cu) tiles 128 rows x 256 columns: it computes
+// 128 rows to use a few, and its grid (used groups x n / 256) is a fraction of the SMs, each
+// pulling far more than its share of the bandwidth. Here the time is the weight bytes over the
+// memory bandwidth, and everything is arranged to keep every SM's copy engine busy.
+//
+// Design
+// - Swap-AB: D^T = W x X^T. The weights are wgmma's A (M = 64 weight rows), the group's token rows
+//   are its B (N = token_tile = 8, 16 or 32, padded), so no tensor-core work is wasted on padding
+//   rows beyond the next multiple of 8, and the f32 accumulators are tiny (token_tile / 2 per
+//   thread).
+// - Work item = (unit, weight tile): a unit is up to token_tile rows of one group (one unit per
+//   used group when the host's max_rows_per_group bound holds), a weight tile 64 weight rows of
+//   that group (32 activation columns with a gated epilogue: gate rows and up rows side by side).
+//   Each CTA reads the group offsets once (device side: graph-capturable), builds the unit prefix
+//   of the valid groups in shared memory (as grouped_mm_sm90.cu: a bad group has no units) and
+//   walks items blockIdx, blockIdx + grid, ... (persistent; empty groups cost nothing).
+// - Split-K (splits = 2 or 4) when items are too few to give every SM two: a thread-block cluster
+//   of `splits` CTAs shares an item, CTA rank s reduces k-blocks [s*KB/S, (s+1)*KB/S), and the
+//   partial tiles are summed through distributed shared memory in rank order (deterministic).
+// - One producer warp (warp 4) fills a kStages ring of 128-byte-wide k slices: lane 0 issues the
+//   weight tile by TMA (two 32-row boxes, 128-byte swizzle, arming the stage's `full` barrier with
+//   the byte count); all 32 lanes gather the token rows (a_row_index) with cp.async into the same
+//   swizzled layout, plus the e8m0 scale words for MXFP8, and arrive on `full` when their copies
+//   land (cp.async.mbarrier.arrive.noinc: full expects 1 + 32 arrivals). One consumer warpgroup
+//   (warps 0-3) runs the wgmmas and releases the stage (`empty`, 4 warp arrivals).
+// - MXFP8: e4m3 x e4m3 wgmma (k32 = one scale block) into a zeroed temporary, then promoted:
+//   acc += tmp * scale_w[row] * scale_x[token] in f32. Two temporaries alternate so the next
+//   block's wgmma runs while the previous one is promoted. The scales arrive as the two aligned
+//   words that cover the stage's 4 scale bytes of a row (k/32 need not be a multiple of 4).
+// - Epilogue: accumulators -> f32 tile in shared memory [token][weight row]; (split-K: cluster
+//   barrier, then each rank finishes a share of the tile, summing the ranks' tiles in order);
+//   + bias, round to bf16; with an activation: widen, activation in f32, round to bf16 (the
+//   formulas of activation.cu); masked 16-byte stores (row in the group, row_map != -1, gather
+//   index valid, column < out_cols).
+//
+// Shared memory per CTA (kStages = 6): a stage is W 64 x 128 B = 8 KB + X token_tile x 128 B
+// (1-4 KB) (+ 1 KB of scale words for MXFP8); 54-78 KB of ring + the f32 tile (2-9 KB) + group
+// tables (6 KB) = 64-94 KB: 2-3 CTAs per SM, 96-144 KB of weights in flight per SM, above the
+// ~40 KB per SM that 3 TB/s needs at ~2 us of loaded memory latency.
+//
+// Expected (H100 SXM, ~2.9 TB/s achievable): time = launch and first-byte latency (~3-4 us)
+// + weight bytes / 2.9 TB/s. bench/dev/grouped_mm_small_check.cu prints the achieved GB/s.
+#include "cuda/grouped_mm_small.h"
+
+#include <cooperative_groups.h>
+#include <cuda_bf16.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+
+#include "core/numerics.h"
+#include "cuda/ptx/cp_async.cuh"
+#include "cuda/ptx/cp_async_mbarrier.cuh"
+#include "cuda/ptx/mbarrier.cuh"
+#include "cuda/ptx/tma.cuh"
+#include "cuda/ptx/wgmma.cuh"
+#include "cuda/tensor_map.h"
+
+namespace fmoe::cuda {
+
+namespace {
+
+namespace cg = cooperative_groups;
+
+// ---- The configuration table ------------------------------------------------------------------
+// kTileW = 64 weight rows: one wgmma M, one consumer warpgroup; small tiles make many items, so
+//   the grid fills the SMs at T = 1 (e.g. 192 items for qwen3 fc1 with 8 experts).
+// kStageK = 128 bytes of k per stage (64 bf16 or 128 e4m3): one 128-byte swizzle span.
+// kStages = 6: 48 KB of weights in flight per CTA.
+// kMaxGroups = 512: the group tables (6 KB) stay small next to the ring.
+constexpr int kTileW = 64;
+constexpr int kHalfTileW = kTileW / 2;  // rows per TMA box (gate and up halves of a gated tile)
+constexpr int kStageK = 128;
+constexpr int kStages = 6;
+constexpr int kMaxGroups = 512;
+constexpr int kConsumerThreads = 128;
+constexpr int kThreads = kConsumerThreads + 32;
+constexpr int kRedStride = kTileW + 4;  // f32 words per token row: +4 makes fragment stores
+                                        // conflict-free (bank = 4 * token + row)
+constexpr int kMaxSplits = 4;
+
+template <int NT, bool kFp8>
+struct SmallLayout {
+  static constexpr int kWBytes = kTileW * kStageK;
+  static constexpr int kXBytes = NT * kStageK;
+  // MXFP8 scale words: 64 weight rows x 2 words (512 B), then NT tokens x 2 words (<= 256 B).
+  static constexpr int kScaleBytes = kFp8 ? 1024 : 0;
+  static constexpr int kStageBytes = kWBytes + kXBytes + kScaleBytes;
+  static constexpr int kRedBytes = NT * kRedStride * 4;
+  static constexpr int kBarBytes = 2 * kStages * 8;
+  static constexpr int kTableBytes = (3 * kMaxGroups + 1) * 4;
+  static constexpr int kSmemBytes =
+      1024 + kStages * kStageBytes + kRedBytes + kBarBytes + kTableBytes;
+  static_assert(kStageBytes % 1024 == 0, "stage buffers keep the 1024-byte swizzle alignment");
+  static_assert(kSmemBytes <= 227 * 1024, "exceeds the 227 KB of shared memory per block");
+};
+
+struct SmallParams {
+  const uint8_t* a;        // [a_rows, k_bytes]
+  const uint8_t* a_scale;  // [a_rows, ks]
+  const int32_t* a_row_index;
+  const uint8_t* b_scale;  // [groups * n, ks]
+  const float* bias;
+  __nv_bfloat16* c;
+  const int32_t* offsets;
+  const int32_t* row_map;
+  int rows, a_rows, n, k_bytes, ks, groups, ldc;
+  int k_blocks;     // stages of kStageK bytes over k
+  int n_tiles;      // weight tiles per group
+  int out_cols;     // columns of c written
+  int activation;   // -1 = none
+  int gated_halves; // gated activation with the halves layout: the tile's rows are gate | up
+  float alpha, limit;
+  int splits;
+};
+
+// Global weight row (inside the group) of tile row m: gate rows then up rows for the halves
+// layout, consecutive rows otherwise (the interleaved layout pairs 2i, 2i + 1 inside the tile).
+__device__ __forceinline__ int weight_row(const SmallParams& p, int tile, int m) {
+  if (p.gated_halves)
+    return m < kHalfTileW ? tile * kHalfTileW + m : p.n / 2 + tile * kHalfTileW + (m - kHalfTileW);
+  return tile * kTileW + m;
+}
+
+// The activation formulas of activation.cu (host: activation.cpp), NaN-preserving comparisons.
+__device__ __forceinline__ float activate(const SmallParams& p, float g, float u) {
+  switch (p.activation) {
+    case FMOE_ACT_SQUARED_RELU: {
+      const float r = g < 0.0f ? 0.0f : g;
+      return r * r;
+    }
+    case FMOE_ACT_SILU:
+      return g / (1.0f + expf(-g)) * u;
+    case FMOE_ACT_GELU:
+      return 0.5f * g * (1.0f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g))) * u;
+    default: {  // FMOE_ACT_SWIGLU_OAI
+      const float gc = g > p.limit ? p.limit : g;
+      const float uc = u > p.limit ? p.limit : (u < -p.limit ? -p.limit : u);
+      return (uc + 1.0f) * gc * (1.0f / (1.0f + expf(-(p.alpha * gc))));
+    }
+  }
+}
+
+__device__ __forceinline__ float round_bf16(float x) { return bf16_to_f32(f32_to_bf16(x)); }
+
+struct Item {
+  int group, row0, row_end, tile;
+};
+
+template <int NT>
+__device__ __forceinline__ Item decode_item(int w, const int* prefix, const int* start,
+                                            const int* end, int groups, int n_tiles) {
+  const int u = w / n_tiles;
+  int lo = 0, hi = groups - 1;  // largest g with prefix[g] <= u: the group that owns unit u
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (prefix[mid] <= u) lo = mid;
+    else hi = mid - 1;
+  }
+  const int row0 = start[lo] + (u - prefix[lo]) * NT;
+  return Item{lo, row0, min(end[lo], row0 + NT), w - u * n_tiles};
+}
+
+// Source row of token row `row` (or -1: not computed, not written).
+__device__ __forceinline__ int source_row(const SmallParams& p, int row, int row_end) {
+  if (row >= row_end) return -1;
+  if (p.a_row_index == nullptr) return row;
+  const int s = p.a_row_index[row];
+  return (s >= 0 && s < p.a_rows) ? s : -1;
+}
+
+// Byte offset, inside the 8 bytes of a row's two scale words, of the stage's first scale: the
+// words start at the aligned-down address and the buffers are 4-byte aligned.
+__device__ __forceinline__ int scale_skew(int64_t row, int ks) { return int((row * ks) & 3); }
+
+// Issues the two 4-byte copies covering scale bytes [row * ks + kb * 4, +4) into dst[0..1];
+// rows < 0 and bytes past `end_bytes` read as zero.
+__device__ __forceinline__ void copy_scale_words(uint32_t* dst, const uint8_t* base, int64_t row,
+                                                 int ks, int kb, int64_t end_bytes, int half) {
+  int64_t at = row >= 0 ? ((row * ks + int64_t(kb) * 4) & ~int64_t(3)) + 4 * half : end_bytes;
+  const int64_t left = end_bytes - at;
+  const uint32_t bytes = left <= 0 ? 0u : (left >= 4 ? 4u : uint32_t(left));
+  ptx::cp_async_4_partial(dst + half, bytes ? base + at : base, bytes);
+}
+
+template <int NT, bool kFp8>
+__global__ void __launch_bounds__(kThreads)
+    grouped_mm_small_kernel(const __grid_constant__ CUtensorMap tm_b, const SmallParams p) {
+  using L = SmallLayout<NT, kFp8>;
+  constexpr int kAcc = NT / 2;
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = smem_raw + ((1024 - (ptx::smem_addr(smem_raw) & 1023)) & 1023);
+  float* red = reinterpret_cast<float*>(smem + kStages * L::kStageBytes);  // [NT][kRedStride]
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + kStages * L::kStageBytes + L::kRedBytes);
+  uint64_t* empty = full + kStages;
+  int* s_prefix = reinterpret_cast<int*>(empty + kStages);  // [groups + 1]
+  int* s_start = s_prefix + kMaxGroups + 1;
+  int* s_end = s_start + kMaxGroups;
+
+  const int tid = threadIdx.x;
+  const int groups = p.groups;
+  if (tid == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      ptx::mbar_init(&full[s], 1 + 32);  // producer lane 0's expect_tx + 32 cp.async arrivals
+      ptx::mbar_init(&empty[s], 4);      // one arrival per consumer warp
+    }
+    ptx::mbar_fence_init();
+  }
+  if (tid == kConsumerThreads) ptx::tma_prefetch_map(&tm_b);
+  // Units per valid group (a bad group has none: fmoe.h, bad offsets skip their group).
+  for (int g = tid; g < groups; g += kThreads) {
+    const int lo = p.offsets[g], hi = p.offsets[g + 1];
+    const bool ok = lo >= 0 && lo <= hi && hi <= p.rows;
+    s_start[g] = ok ? lo : 0;
+    s_end[g] = ok ? hi : 0;
+    s_prefix[g + 1] = ok ? (hi - lo + NT - 1) / NT : 0;
+  }
+  __syncthreads();
+  if (tid < 32) {  // inclusive scan of s_prefix[1..groups], each lane a contiguous chunk
+    const int chunk = (groups + 31) / 32;
+    const int lo = min(groups, tid * chunk), hi = min(groups, lo + chunk);
+    int sum = 0;
+    for (int i = lo; i < hi; ++i) sum += s_prefix[i + 1];
+    int incl = sum;
+    for (int d = 1; d < 32; d <<= 1) {
+      const int v = __shfl_up_sync(0xffffffffu, incl, d);
+      if (tid >= d) incl += v;
+    }
+    int run = incl - sum;
+    for (int i = lo; i < hi; ++i) {
+      run += s_prefix[i + 1];
+      s_prefix[i + 1] = run;
+    }
+    if (tid == 0) s_prefix[0] = 0;
+  }
+  __syncthreads();
+
+  const int S = p.splits;
+  const int rank = S > 1 ? int(cg::this_cluster().block_rank()) : 0;
+  const int first_item = blockIdx.x / S, item_stride = gridDim.x / S;
+  const int total_items = s_prefix[groups] * p.n_tiles;
+  const int kb_begin = rank * p.k_blocks / S, kb_end = (rank + 1) * p.k_blocks / S;
+  const int64_t b_scale_end = int64_t(groups) * p.n * p.ks;
+  const int64_t a_scale_end = int64_t(p.a_rows) * p.ks;
+
+  int stage = 0;
+  uint32_t phase = 0;
+  if (tid >= kConsumerThreads) {
+    // ---- producer warp ----
+    const int lane = tid - kConsumerThreads;
+    for (int w = first_item; w < total_items; w += item_stride) {
+      const Item it = decode_item<NT>(w, s_prefix, s_start, s_end, groups, p.n_tiles);
+      // Token chunk i of this lane: token lane / 8 + 4 i, 16-byte chunk lane % 8 of the k slice.
+      int64_t src_off[NT / 4];
+#pragma unroll
+      for (int i = 0; i < NT / 4; ++i) {
+        const int s = source_row(p, it.row0 + lane / 8 + 4 * i, it.row_end);
+        src_off[i] = s < 0 ? -1 : int64_t(s) * p.k_bytes;
+      }
+      // MXFP8: the source row of the token whose scale word wd = lane + 32 i this lane copies.
+      int sx_row[(2 * NT + 31) / 32];
+#pragma unroll
+      for (int i = 0; i < (2 * NT + 31) / 32; ++i) {
+        const int t = (lane + 32 * i) >> 1;
+        sx_row[i] = t < NT ? source_row(p, it.row0 + t, it.row_end) : -1;
+      }
+      const int b_row0 = it.group * p.n + weight_row(p, it.tile, 0);
+      const int b_row1 = it.group * p.n + weight_row(p, it.tile, kHalfTileW);
+      for (int kb = kb_begin; kb < kb_end; ++kb) {
+        ptx::mbar_wait(&empty[stage], phase ^ 1);
+        uint8_t* st = smem + stage * L::kStageBytes;
+        if (lane == 0) {
+          ptx::mbar_arrive_expect_tx(&full[stage], L::kWBytes);
+          // Coordinates in bf16 units (an e4m3 tensor is mapped as pairs of bytes).
+          ptx::tma_load_2d(st, &tm_b, &full[stage], kb * (kStageK / 2), b_row0);
+          ptx::tma_load_2d(st + L::kWBytes / 2, &tm_b, &full[stage], kb * (kStageK / 2), b_row1);
+        }
+        uint8_t* xs = st + L::kWBytes;
+        const int chunk = lane & 7;
+        const int kbyte = kb * kStageK + chunk * 16;
+#pragma unroll
+        for (int i = 0; i < NT / 4; ++i) {
+          const int t = lane / 8 + 4 * i;
+          const bool ok = src_off[i] >= 0 && kbyte < p.k_bytes;
+          // 128-byte swizzle, as TMA writes it: chunk c of row t lands at chunk c ^ (t % 8).
+          ptx::cp_async_16_zfill(xs + t * 128 + ((chunk ^ (t & 7)) * 16),
+                                 ok ? p.a + src_off[i] + kbyte : p.a, ok);
+        }
+        if constexpr (kFp8) {
+          uint32_t* sw = reinterpret_cast<uint32_t*>(xs + L::kXBytes);  // [64][2]
+          uint32_t* sx = sw + 2 * kTileW;                                // [NT][2]
+#pragma unroll
+          for (int i = 0; i < (2 * kTileW) / 32; ++i) {
+            const int wd = lane + 32 * i, m = wd >> 1;
+            const int64_t row = int64_t(it.group) * p.n + weight_row(p, it.tile, m);
+            copy_scale_words(sw + 2 * m, p.b_scale, row, p.ks, kb, b_scale_end, wd & 1);
+          }
+#pragma unroll
+          for (int i = 0; i < (2 * NT + 31) / 32; ++i) {
+            const int wd = lane + 32 * i, t = wd >> 1;
+            if (t < NT) copy_scale_words(sx + 2 * t, p.a_scale, sx_row[i], p.ks, kb, a_scale_end, wd & 1);
+          }
+        }
+        ptx::cp_async_mbar_arrive_noinc(&full[stage]);
+        if (++stage == kStages) {
+          stage = 0;
+          phase ^= 1;
+        }
+      }
+      if (S > 1) {  // the consumers' two cluster barriers of this item
+        cg::this_cluster().sync();
+        cg::this_cluster().sync();
+      }
+    }
+    return;
+  }
+
+  // ---- consumer warpgroup ----
+  const int warp = tid / 32, lane = tid & 31, q = lane & 3;
+  const int r0 = warp * 16 + lane / 4;  // fragment rows r0, r0 + 8 (weight rows of the tile)
+  for (int w = first_item; w < total_items; w += item_stride) {
+    const Item it = decode_item<NT>(w, s_prefix, s_start, s_end, groups, p.n_tiles);
+    float acc[kAcc];
+#pragma unroll
+    for (int i = 0; i < kAcc; ++i) acc[i] = 0.0f;
+    // MXFP8: where each of this thread's rows / tokens finds its scale bytes in the stage.
+    int sw_at[2] = {0, 0}, sx_at[NT / 4];
+    if constexpr (kFp8) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int m = r0 + 8 * h;
+        const int64_t row = int64_t(it.group) * p.n + weight_row(p, it.tile, m);
+        sw_at[h] = 8 * m + scale_skew(row, p.ks);
+      }
+#pragma unroll
+      for (int j = 0; j < NT / 4; ++j) {  // tokens 8 (j / 2) + 2q + (j % 2)
+        const int t = 8 * (j / 2) + 2 * q + (j % 2);
+        const int s = source_row(p, it.row0 + t, it.row_end);
+        sx_at[j] = 2 * kTileW * 4 + 8 * t + (s < 0 ? 0 : scale_skew(s, p.ks));
+      }
+    }
+    int prev_stage = -1;
+    for (int kb = kb_begin; kb < kb_end; ++kb) {
+      ptx::mbar_wait(&full[stage], phase);
+      // The token tile was written by cp.async (generic proxy); wgmma reads through the async
+      // proxy.
+      ptx::fence_proxy_async_smem();
+      uint8_t* st = smem + stage * L::kStageBytes;
+      const uint32_t w_addr = ptx::smem_addr(st), x_addr = ptx::smem_addr(st + L::kWBytes);
+      if constexpr (!kFp8) {
+#pragma unroll
+        for (int i = 0; i < kAcc; ++i) ptx::wgmma_fence_operand(acc[i]);
+        ptx::wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kStageK / 32; ++kk)
+          ptx::wgmma_m64k16_bf16_narrow<NT>(acc, ptx::wgmma_desc_sw128(w_addr + kk * 32),
+                                            ptx::wgmma_desc_sw128(x_addr + kk * 32), 1);
+        ptx::wgmma_commit();
+#pragma unroll
+        for (int i = 0; i < kAcc; ++i) ptx::wgmma_fence_operand(acc[i]);
+        ptx::wgmma_wait<1>();  // the previous stage's group is complete: release its stage
+        if (prev_stage >= 0 && lane == 0) ptx::mbar_arrive(&empty[prev_stage]);
+        prev_stage = stage;
+      } else {
+        const uint8_t* sc = st + L::kWBytes + L::kXBytes;
+        const int nkb = min(kStageK / 32, p.ks - kb * (kStageK / 32));  // scale blocks here
+        float t0[kAcc], t1[kAcc];
+#pragma unroll
+        for (int i = 0; i < kAcc; ++i) t0[i] = t1[i] = 0.0f;
+        auto promote = [&](float(&t)[kAcc], int j4) {
+          float fw[2];
+#pragma unroll
+          for (int h = 0; h < 2; ++h) fw[h] = e8m0_to_f32(sc[sw_at[h] + j4]);
+#pragma unroll
+          for (int j = 0; j < NT / 4; ++j) {
+            const float fx = e8m0_to_f32(sc[sx_at[j] + j4]);
+            const int a0 = 4 * (j / 2) + (j % 2);  // row r0 at a0, row r0 + 8 at a0 + 2
+            acc[a0] = fmaf(t[a0] * fw[0], fx, acc[a0]);
+            acc[a0 + 2] = fmaf(t[a0 + 2] * fw[1], fx, acc[a0 + 2]);
+          }
+        };
+        // All four k32 steps run even in a last, partial stage (wgmma inside a branch is
+        // serialised by ptxas): past k both operands were zero-filled, so those temporaries are
+        // exact zeros, and only their promotion (whose scale bytes belong to the next row) is
+        // skipped.
+#pragma unroll
+        for (int j4 = 0; j4 < kStageK / 32; ++j4) {
+          float(&t)[kAcc] = (j4 & 1) ? t1 : t0;
+#pragma unroll
+          for (int i = 0; i < kAcc; ++i) ptx::wgmma_fence_operand(t[i]);
+          ptx::wgmma_fence();
+          ptx::wgmma_m64k32_e4m3_narrow<NT>(t, ptx::wgmma_desc_sw128(w_addr + j4 * 32),
+                                            ptx::wgmma_desc_sw128(x_addr + j4 * 32), 0);
+          ptx::wgmma_commit();
+#pragma unroll
+          for (int i = 0; i < kAcc; ++i) ptx::wgmma_fence_operand(t[i]);
+          if (j4 > 0) {
+            ptx::wgmma_wait<1>();
+            float(&tp)[kAcc] = (j4 & 1) ? t0 : t1;
+#pragma unroll
+            for (int i = 0; i < kAcc; ++i) ptx::wgmma_fence_operand(tp[i]);
+            if (j4 - 1 < nkb) promote(tp, j4 - 1);
+          }
+        }
+        ptx::wgmma_wait<0>();
+#pragma unroll
+        for (int i = 0; i < kAcc; ++i) ptx::wgmma_fence_operand(t1[i]);
+        if (kStageK / 32 - 1 < nkb) promote(t1, kStageK / 32 - 1);
+        // Every wgmma of this stage is complete and the scales were read: release it now.
+        __syncwarp();
+        if (lane == 0) ptx::mbar_arrive(&empty[stage]);
+      }
+      if (++stage == kStages) {
+        stage = 0;
+        phase ^= 1;
+      }
+    }
+    if constexpr (!kFp8) {
+      ptx::wgmma_wait<0>();
+#pragma unroll
+      for (int i = 0; i < kAcc; ++i) ptx::wgmma_fence_operand(acc[i]);
+      if (prev_stage >= 0 && lane == 0) ptx::mbar_arrive(&empty[prev_stage]);
+    }
+
+    // ---- epilogue ----
+    // Fragment -> red[token][weight row] (f32).
+#pragma unroll
+    for (int j = 0; j < NT / 8; ++j) {
+      const int t = 8 * j + 2 * q;
+      red[t * kRedStride + r0] = acc[4 * j + 0];
+      red[(t + 1) * kRedStride + r0] = acc[4 * j + 1];
+      red[t * kRedStride + r0 + 8] = acc[4 * j + 2];
+      red[(t + 1) * kRedStride + r0 + 8] = acc[4 * j + 3];
+    }
+    if (S > 1) cg::this_cluster().sync();
+    else asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");
+
+    const bool gated = p.activation >= FMOE_ACT_SILU;
+    const int tile_cols = gated ? kHalfTileW : kTileW;  // output columns of this tile
+    const int vec_per_token = tile_cols / 8;
+    const int col_base = it.tile * tile_cols;
+    const float* bias = p.bias ? p.bias + int64_t(it.group) * p.n : nullptr;
+    for (int v = rank * kConsumerThreads + tid; v < NT * vec_per_token;
+         v += S * kConsumerThreads) {
+      const int t = v / vec_per_token, o0 = (v - t * vec_per_token) * 8;
+      const int row = it.row0 + t;
+      const int col = col_base + o0;
+      if (col >= p.out_cols || source_row(p, row, it.row_end) < 0) continue;
+      if (p.row_map != nullptr && p.row_map[row] == -1) continue;
+      // Tile rows feeding the 8 outputs: m(o) = o (plain), o and 32 + o (halves), 2o and 2o + 1
+      // (interleaved).
+      float x[16];
+#pragma unroll
+      for (int i = 0; i < 16; ++i) x[i] = 0.0f;
+      for (int s = 0; s < S; ++s) {  // rank order: the same sum on every run
+        const float* src = S > 1 ? cg::this_cluster().map_shared_rank(red, s) : red;
+        src += t * kRedStride;
+        if (!gated) {
+          const float4 u0 = *reinterpret_cast<const float4*>(src + o0);
+          const float4 u1 = *reinterpret_cast<const float4*>(src + o0 + 4);
+          x[0] += u0.x; x[1] += u0.y; x[2] += u0.z; x[3] += u0.w;
+          x[4] += u1.x; x[5] += u1.y; x[6] += u1.z; x[7] += u1.w;
+        } else if (p.gated_halves) {  // x[0..7] gate, x[8..15] up
+          const float4 g0 = *reinterpret_cast<const float4*>(src + o0);
+          const float4 g1 = *reinterpret_cast<const float4*>(src + o0 + 4);
+          const float4 u0 = *reinterpret_cast<const float4*>(src + kHalfTileW + o0);
+          const float4 u1 = *reinterpret_cast<const float4*>(src + kHalfTileW + o0 + 4);
+          x[0] += g0.x; x[1] += g0.y; x[2] += g0.z; x[3] += g0.w;
+          x[4] += g1.x; x[5] += g1.y; x[6] += g1.z; x[7] += g1.w;
+          x[8] += u0.x; x[9] += u0.y; x[10] += u0.z; x[11] += u0.w;
+          x[12] += u1.x; x[13] += u1.y; x[14] += u1.z; x[15] += u1.w;
+        } else {  // interleaved: tile rows 2o0 .. 2o0 + 15 alternate gate, up
+#pragma unroll
+          for (int h = 0; h < 4; ++h) {
+            const float4 z = *reinterpret_cast<const float4*>(src + 2 * o0 + 4 * h);
+            x[2 * h] += z.x;      // gate of output 2h
+            x[8 + 2 * h] += z.y;  // up of output 2h
+            x[2 * h + 1] += z.z;  // gate of output 2h + 1
+            x[8 + 2 * h + 1] += z.w;
+          }
+        }
+      }
+      uint16_t out[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        if (!gated) {
+          const int wr = col + i;  // plain tile: weight row == output column
+          const float h = x[i] + (bias ? __ldg(bias + wr) : 0.0f);
+          out[i] = p.activation < 0 ? f32_to_bf16(h) : f32_to_bf16(activate(p, round_bf16(h), 0.f));
+        } else {
+          const int o = col + i;
+          const int wg = p.gated_halves ? o : 2 * o;
+          const int wu = p.gated_halves ? p.n / 2 + o : 2 * o + 1;
+          const float g = round_bf16(x[i] + (bias ? __ldg(bias + wg) : 0.0f));
+          const float u = round_bf16(x[8 + i] + (bias ? __ldg(bias + wu) : 0.0f));
+          out[i] = f32_to_bf16(activate(p, g, u));
+        }
+      }
+      uint4 packed;
+      packed.x = uint32_t(out[0]) | (uint32_t(out[1]) << 16);
+      packed.y = uint32_t(out[2]) | (uint32_t(out[3]) << 16);
+      packed.z = uint32_t(out[4]) | (uint32_t(out[5]) << 16);
+      packed.w = uint32_t(out[6]) | (uint32_t(out[7]) << 16);
+      *reinterpret_cast<uint4*>(p.c + int64_t(row) * p.ldc + col) = packed;
+    }
+    // The tile is rewritten by the next item (and, split-K, read by the other ranks until here).
+    if (S > 1) cg::this_cluster().sync();
+    else asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");
+  }
+}
+
+bool aligned(const void* ptr, uintptr_t bytes) {
+  return (reinterpret_cast<uintptr_t>(ptr) & (bytes - 1)) == 0;
+}
+
+bool is_gated(const SmallMmArgs& a) { return a.epilogue.activation >= FMOE_ACT_SILU; }
+
+int64_t out_cols(const SmallMmArgs& a) { return is_gated(a) ? a.n / 2 : a.n; }
+
+int64_t tiles_per_group(const SmallMmArgs& a) {
+  return is_gated(a) ? (a.n / 2 + kHalfTileW - 1) / kHalfTileW : (a.n + kTileW - 1) / kTileW;
+}
+
+int64_t k_bytes(const SmallMmArgs& a) {
+  return a.format == FMOE_WEIGHTS_MXFP8 ? a.k : 2 * a.k;
+}
+
+int token_tile_for(int64_t max_rows) { return max_rows <= 8 ? 8 : (max_rows <= 16 ? 16 : 32); }
+
+// Host bound of the unit count: one unit per used group while groups respect the token tile
+// (used groups <= min(groups, rows)), plus rows / tile when they may not.
+int64_t units_bound(const SmallMmArgs& a, int token_tile) {
+  int64_t u = std::min(a.groups, a.rows);
+  if (a.max_rows_per_group > token_tile) u += a.rows / token_tile;
+  return u;
+}
+
+template <int NT, bool kFp8>
+cudaError_t launch(const SmallMmArgs& a, SmallMmConfig cfg, int num_sms, cudaStream_t stream) {
+  using L = SmallLayout<NT, kFp8>;
+  const int64_t kb = k_bytes(a);
+  CUtensorMap tm_b;
+  // An e4m3 tensor is mapped as bf16 pairs: a plain tile copy moves bytes whatever their type.
+  cudaError_t err = make_tensor_map_bf16_2d_sw128(&tm_b, a.b, uint64_t(kb / 2),
+                                                  uint64_t(a.groups * a.n), uint64_t(kb),
+                                                  kStageK / 2, kHalfTileW);
+  if (err != cudaSuccess) return err;
+
+  SmallParams p;
+  p.a = static_cast<const uint8_t*>(a.a);
+  p.a_scale = a.a_scale;
+  p.a_row_index = a.a_row_index;
+  p.b_scale = a.b_scale;
+  p.bias = a.bias;
+  p.c = static_cast<__nv_bfloat16*>(a.c);
+  p.offsets = a.group_offsets;
+  p.row_map = a.row_map;
+  p.rows = int(a.rows);
+  p.a_rows = int(a.a_row_index ? a.a_rows : a.rows);
+  p.n = int(a.n);
+  p.k_bytes = int(kb);
+  p.ks = kFp8 ? int(a.k / 32) : 0;
+  p.groups = int(a.groups);
+  p.ldc = int(a.ldc);
+  p.k_blocks = int((kb + kStageK - 1) / kStageK);
+  p.n_tiles = int(tiles_per_group(a));
+  p.out_cols = int(out_cols(a));
+  p.activation = int(a.epilogue.activation);
+  p.gated_halves = is_gated(a) && a.epilogue.layout == FMOE_LAYOUT_HALVES;
+  p.alpha = float(a.epilogue.alpha);
+  p.limit = float(a.epilogue.limit);
+  p.splits = cfg.splits;
+
+  auto kernel = grouped_mm_small_kernel<NT, kFp8>;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  if (cfg.grid <= 0) {
+    int per_sm = 0;
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, L::kSmemBytes);
+    if (err != cudaSuccess) return err;
+    const int64_t items = units_bound(a, NT) * p.n_tiles;
+    const int64_t resident = std::max<int64_t>(1, int64_t(std::max(per_sm, 1)) * num_sms /
+                                                      cfg.splits);
+    cfg.grid = int(std::max<int64_t>(1, std::min(items, resident)) * cfg.splits);
+  }
+  cudaLaunchConfig_t lc = {};
+  lc.gridDim = dim3(unsigned(cfg.grid));
+  lc.blockDim = dim3(kThreads);
+  lc.dynamicSmemBytes = L::kSmemBytes;
+  lc.stream = stream;
+  cudaLaunchAttribute attr[1];
+  if (cfg.splits > 1) {
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = unsigned(cfg.splits);
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    lc.attrs = attr;
+    lc.numAttrs = 1;
+  }
+  err = cudaLaunchKernelEx(&lc, kernel, tm_b, p);
+  if (err != cudaSuccess) return err;
+  return cudaGetLastError();
+}
+
+template <bool kFp8>
+cudaError_t launch_tile(const SmallMmArgs& a, SmallMmConfig cfg, int num_sms,
+                        cudaStream_t stream) {
+  switch (cfg.token_tile) {
+    case 8: return launch<8, kFp8>(a, cfg, num_sms, stream);
+    case 16: return launch<16, kFp8>(a, cfg, num_sms, stream);
+    case 32: return launch<32, kFp8>(a, cfg, num_sms, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+template <int NT, bool kFp8>
+void describe(SmallMmConfig* cfg, const SmallMmArgs& a, int num_sms) {
+  using L = SmallLayout<NT, kFp8>;
+  auto kernel = grouped_mm_small_kernel<NT, kFp8>;
+  cfg->smem_bytes = L::kSmemBytes;
+  int per_sm = 0;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kSmemBytes) ==
+          cudaSuccess &&
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, L::kSmemBytes) ==
+          cudaSuccess) {
+    cfg->ctas_per_sm = per_sm;
+  } else {
+    (void)cudaGetLastError();
+  }
+  const int64_t items = units_bound(a, NT) * tiles_per_group(a);
+  const int64_t resident =
+      std::max<int64_t>(1, int64_t(std::max(cfg->ctas_per_sm, 1)) * num_sms / cfg->splits);
+  cfg->grid = int(std::max<int64_t>(1, std::min(items, resident)) * cfg->splits);
+}
+
+}  // namespace
+
+bool grouped_mm_small_supported(const SmallMmArgs& a) {
+  const bool fp8 = a.format == FMOE_WEIGHTS_MXFP8;
+  if (a.format != FMOE_WEIGHTS_BF16 && !fp8) return false;
+  if (!a.a || !a.b || !a.c || !a.group_offsets) return false;
+  if (fp8 && (!a.a_scale || !a.b_scale)) return false;
+  if (a.rows < 0 || a.n < 8 || a.k < 8 || a.groups < 1 || a.groups > kMaxGroups) return false;
+  if (a.max_rows_per_group < 1 || a.max_rows_per_group > 32) return false;
+  const int64_t act = a.epilogue.activation;
+  if (act < -1 || act > FMOE_ACT_SWIGLU_OAI) return false;
+  if (is_gated(a) && a.epilogue.layout != FMOE_LAYOUT_HALVES &&
+      a.epilogue.layout != FMOE_LAYOUT_INTERLEAVED)
+    return false;
+  if (a.n % (is_gated(a) ? 16 : 8) != 0) return false;
+  if (a.k % (fp8 ? 32 : 8) != 0) return false;
+  if (a.ldc < out_cols(a) || a.ldc % 8 != 0) return false;
+  if (a.a_row_index && a.a_rows < 0) return false;
+  if (!aligned(a.a, 16) || !aligned(a.b, 16) || !aligned(a.c, 16)) return false;
+  if (a.bias && !aligned(a.bias, 4)) return false;
+  if (fp8 && (!aligned(a.a_scale, 4) || !aligned(a.b_scale, 4))) return false;
+  // The kernel's row, column and TMA coordinates are int32; byte offsets are 64-bit.
+  if (a.rows >= INT_MAX || a.a_rows >= INT_MAX || a.groups * a.n >= INT_MAX) return false;
+  if (k_bytes(a) >= INT_MAX || a.ldc >= INT_MAX) return false;
+  if ((a.rows + a.groups) * tiles_per_group(a) >= INT_MAX) return false;
+  return true;
+}
+
+SmallMmConfig grouped_mm_small_config(const SmallMmArgs& a, int num_sms) {
+  SmallMmConfig cfg;
+  cfg.token_tile = token_tile_for(a.max_rows_per_group);
+  // Split-K while the items cannot give every SM two CTAs (the fewest that keep ~100 KB in
+  // flight per SM) and each part keeps >= 8 stages of k (the ring is 6 deep: fewer would
+  // leave it half empty at the start and end of every part).
+  const int64_t items = units_bound(a, cfg.token_tile) * tiles_per_group(a);
+  const int64_t k_blocks = (k_bytes(a) + kStageK - 1) / kStageK;
+  while (cfg.splits < kMaxSplits && items * cfg.splits < 2 * int64_t(num_sms) &&
+         k_blocks >= 8 * 2 * cfg.splits)
+    cfg.splits *= 2;
+  const bool fp8 = a.format == FMOE_WEIGHTS_MXFP8;
+  switch (cfg.token_tile) {
+    case 8: fp8 ? describe<8, true>(&cfg, a, num_sms) : describe<8, false>(&cfg, a, num_sms); break;
+    case 16: fp8 ? describe<16, true>(&cfg, a, num_sms) : describe<16, false>(&cfg, a, num_sms); break;
+    default: fp8 ? describe<32, true>(&cfg, a, num_sms) : describe<32, false>(&cfg, a, num_sms); break;
+  }
+  return cfg;
+}
+
+cudaError_t grouped_mm_small_with(const SmallMmArgs& a, SmallMmConfig cfg, int num_sms,
+                                  cudaStream_t stream) {
+  if (cfg.splits != 1 && cfg.splits != 2 && cfg.splits != 4) return cudaErrorInvalidValue;
+  if (cfg.grid > 0 && cfg.grid % cfg.splits != 0) return cudaErrorInvalidValue;
+  if (a.rows == 0) return cudaSuccess;  // no row can be written
+  if (a.format == FMOE_WEIGHTS_MXFP8) return launch_tile<true>(a, cfg, num_sms, stream);
+  return launch_tile<false>(a, cfg, num_sms, stream);
+}
+
+cudaError_t grouped_mm_small(const SmallMmArgs& a, int num_sms, cudaStream_t stream) {
+  SmallMmConfig cfg = grouped_mm_small_config(a, num_sms);
+  return grouped_mm_small_with(a, cfg, num_sms, stream);
+}
+
+}  // namespace fmoe::cuda
