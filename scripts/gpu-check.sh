@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check: build with the CUDA backend, run the whole test suite (the CUDA suites run when a
-# device is present), then compute-sanitizer memcheck and racecheck over a short run of every op
-# (scripts/sanitize-ops.ts). Prints one summary line per step and exits non-zero if any failed.
+# device is present), then compute-sanitizer memcheck, racecheck and synccheck over a short run of
+# every op (scripts/sanitize-ops.ts). Prints one summary line per step and exits non-zero if any failed.
 #   bash scripts/gpu-check.sh [--no-tests] [--no-sanitize]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -33,10 +33,9 @@ if [ $run_tests -eq 1 ]; then
 fi
 
 if [ $run_sanitize -eq 1 ]; then
-  for tool in memcheck racecheck; do
-    # Bun's own allocator and JIT are not CUDA: restrict reports to the library's kernels.
-    compute-sanitizer --tool "$tool" --error-exitcode 3 --target-processes all \
-      bun scripts/sanitize-ops.ts > "$logdir/$tool.log" 2>&1
+  for tool in memcheck racecheck synccheck; do
+    FMOE_SANITIZER=$tool compute-sanitizer --tool "$tool" --error-exitcode 3 \
+      --target-processes all bun scripts/sanitize-ops.ts > "$logdir/$tool.log" 2>&1
     rc=$?
     tail -n 8 "$logdir/$tool.log"
     line=$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$logdir/$tool.log" | tail -1)

@@ -9,7 +9,11 @@
 //
 // Same workspace layout as the default (plan_workspace_layout; the fc1_out region stays unused),
 // same static sizes, no host synchronisation or allocation: graph-capturable like the default.
-// MXFP8 weights, FMOE_CUDA_GEMM=mma and shapes the fused kernel refuses take the default path.
+// MXFP8 weights take the same path with the Hopper kernel that dequantizes in its producer
+// (grouped_mm_sm90_mxfp8_act), then quantize the bf16 activation (written to the fc1_out region)
+// into act_out / act_scale for FC2: the numbers of the op-by-op path, whose fused MXFP8
+// activation output is exactly that quantization (fmoe.h "Precision").
+// FMOE_CUDA_GEMM=mma and shapes the fused kernel refuses take the default path.
 //
 // Decode (T <= kDecodeMaxTokens, both formats): a group holds at most T real rows (more only if
 // a token names one expert in several of its slots, which stays correct, in several tiles), so
@@ -166,7 +170,10 @@ Status CudaBackend::fused_moe(BackendStream* s, const PlanShape& shape, const fm
   bool handled = false;
   FMOE_TRY(fused_moe_decode(s, shape, a, invalid_count, &handled));
   if (handled) return FMOE_OK;
-  if (d.weight_format != FMOE_WEIGHTS_BF16) return Backend::fused_moe(s, shape, a, invalid_count);
+  // MXFP8 prefill: the same sequence with the quantized operands (see the top of this file).
+  const bool mx = d.weight_format == FMOE_WEIGHTS_MXFP8;
+  if (!mx && d.weight_format != FMOE_WEIGHTS_BF16)
+    return Backend::fused_moe(s, shape, a, invalid_count);
 
   const WorkspaceLayout L = plan_workspace_layout(shape);
   char* ws = static_cast<char*>(a.workspace);
@@ -184,14 +191,21 @@ Status CudaBackend::fused_moe(BackendStream* s, const PlanShape& shape, const fm
   auto* permutation_map = static_cast<int32_t*>(at(L.permutation_map));
   auto* inverse_map = static_cast<int32_t*>(at(L.inverse_map));
   void* permuted = at(L.permuted);
-  void* act_out = at(L.act_out);
+  void* act_out = at(L.act_out);  // bf16 [rows, I], or e4m3 for MXFP8
+  auto* permuted_scale = static_cast<uint8_t*>(at(L.permuted_scale));
+  auto* act_scale = static_cast<uint8_t*>(at(L.act_scale));
+  // MXFP8: the bf16 activation goes to fc1_out (at least [rows, I] bf16), from where it is
+  // quantized into act_out / act_scale.
+  void* act_bf16 = mx ? at(L.fc1_out) : act_out;
 
   fmoe_grouped_mm_args fc1{};
   fc1.size = sizeof fc1;
-  fc1.a = permuted;
+  fc1.a = permuted;  // bf16, or e4m3 rows + permuted_scale
+  fc1.a_scale = mx ? permuted_scale : nullptr;
   fc1.b = a.fc1;
+  fc1.b_scale = mx ? a.fc1_scale : nullptr;
   fc1.bias = a.fc1_bias;
-  fc1.c = act_out;  // [rows, I]: the activation, not h
+  fc1.c = act_bf16;  // [rows, I]: the activation, not h
   fc1.group_offsets = expert_offsets;
   fc1.row_map = permutation_map;
   fc1.rows = rows;
@@ -205,7 +219,8 @@ Status CudaBackend::fused_moe(BackendStream* s, const PlanShape& shape, const fm
   act.limit = float(d.limit);
   // Decided before anything is enqueued, from static arguments only, so the fallback is taken
   // whole or not at all.
-  if (!cuda::grouped_mm_sm90_act_supported(fc1, act))
+  if (mx ? !cuda::grouped_mm_sm90_mxfp8_act_supported(fc1, act)
+         : !cuda::grouped_mm_sm90_act_supported(fc1, act))
     return Backend::fused_moe(s, shape, a, invalid_count);
 
   const int32_t* routing = a.routing_map;
@@ -220,7 +235,9 @@ Status CudaBackend::fused_moe(BackendStream* s, const PlanShape& shape, const fm
   p.hidden = a.hidden;
   p.routing_map = routing;
   p.probs = weight_on_input ? a.probs : nullptr;
-  p.permuted = permuted;
+  p.permuted = mx ? nullptr : permuted;
+  p.permuted_q = mx ? static_cast<uint8_t*>(permuted) : nullptr;
+  p.permuted_scale = mx ? permuted_scale : nullptr;
   p.expert_offsets = expert_offsets;
   p.permutation_map = permutation_map;
   p.inverse_map = inverse_map;
@@ -238,14 +255,24 @@ Status CudaBackend::fused_moe(BackendStream* s, const PlanShape& shape, const fm
   // Rows the activation op would skip (padding: row_map -1; rows >= n_used = offsets[E]: in no
   // group) are exactly the rows the GEMM does not write.
   FMOE_TRY(activate());
-  FMOE_CHECK_CUDA(
-      cuda::grouped_mm_sm90_bf16_act(fc1, act, props_.multiProcessorCount, stream_of(s)));
+  const int sms = props_.multiProcessorCount;
+  if (mx) {
+    FMOE_CHECK_CUDA(cuda::grouped_mm_sm90_mxfp8_act(fc1, act, sms, stream_of(s)));
+    // fmoe.h: the fused MXFP8 activation output is the quantization of the bf16 activation.
+    // Rows the GEMM skipped hold stale bf16 here; their quantized bytes are never stored by FC2.
+    FMOE_TRY(quantize_mxfp8(s, static_cast<const uint16_t*>(act_bf16), rows, d.ffn,
+                            static_cast<uint8_t*>(act_out), act_scale));
+  } else {
+    FMOE_CHECK_CUDA(cuda::grouped_mm_sm90_bf16_act(fc1, act, sms, stream_of(s)));
+  }
 
   // FC2 writes bf16 [rows, H] over the permuted input, which FC1 has consumed.
   fmoe_grouped_mm_args fc2{};
   fc2.size = sizeof fc2;
   fc2.a = act_out;
+  fc2.a_scale = mx ? act_scale : nullptr;
   fc2.b = a.fc2;
+  fc2.b_scale = mx ? a.fc2_scale : nullptr;
   fc2.bias = a.fc2_bias;
   fc2.c = permuted;
   fc2.group_offsets = expert_offsets;
@@ -254,7 +281,7 @@ Status CudaBackend::fused_moe(BackendStream* s, const PlanShape& shape, const fm
   fc2.n = d.hidden_size;
   fc2.k = d.ffn;
   fc2.groups = E;
-  FMOE_TRY(grouped_mm_bf16(s, fc2));
+  FMOE_TRY(mx ? grouped_mm_mxfp8(s, fc2) : grouped_mm_bf16(s, fc2));
 
   fmoe_unpermute_args u{};
   u.size = sizeof u;

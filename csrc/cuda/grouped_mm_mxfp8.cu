@@ -11,6 +11,7 @@
 #include "cuda/backend.h"
 #include "cuda/configs.h"
 #include "cuda/grouped_mm.cuh"
+#include "cuda/grouped_mm_sm90.h"
 #include "cuda/mx_block.cuh"
 
 namespace fmoe {
@@ -117,6 +118,11 @@ using namespace cuda;
 Status CudaBackend::grouped_mm_mxfp8(BackendStream* s, const fmoe_grouped_mm_args& a) {
   FMOE_TRY(activate());
   if (a.rows == 0) return FMOE_OK;
+  // Hopper: the wgmma kernel dequantizing in its producer warpgroup (grouped_mm_sm90.cu).
+  if (sm90_gemm_enabled() && grouped_mm_sm90_mxfp8_supported(a)) {
+    FMOE_CHECK_CUDA(grouped_mm_sm90_mxfp8(a, props_.multiProcessorCount, stream_of(s)));
+    return FMOE_OK;
+  }
   GroupedMmParams p{};
   p.a = a.a;
   p.a_scale = a.a_scale;

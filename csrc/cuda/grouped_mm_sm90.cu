@@ -111,7 +111,16 @@ namespace {
 //   64 k hide the TMA latency (~1 us) behind ~0.5 us of wgmma per stage.
 // kRasterBand = 8 m-tiles: 8 x 128 rows of A and a band of B columns stay in L2 together.
 // Registers: 128 x 40 (producer) + 256 x 232 (consumers) = 64512 <= 65536.
-template <int BN, int STAGES>
+// MXFP8 (kMx, see "MXFP8 operands" below): same stage ring and tile shapes as bf16, but the e4m3
+//   bytes of the next k-block are staged in the producer threads' registers instead of a shared
+//   memory ring. A producer thread holds two k-blocks in flight: 2 x (BM + BN) / 32 chunks of
+//   16 bytes (+ one scale each) = 2 x 12 x 5 = 120 registers wide, 2 x 8 x 5 = 80 narrow, plus
+//   row offsets and the converter's temporaries. The consumers keep the launch's 168 registers
+//   (the bf16 kernel compiles all its consumer code, wide act epilogues included, within that
+//   cap without spilling) and the producer takes the rest:
+//   128 x 176 (producer) + 256 x 168 (consumers) = 65536, both widths.
+//   Shared memory: exactly that of the bf16 configuration of the same width (no staging ring).
+template <int BN, int STAGES, int kProducerRegs_ = 40, int kConsumerRegs_ = 232, bool kMx_ = false>
 struct Sm90TileConfig {
   static constexpr int kBlockM = 128;
   static constexpr int kBlockN = BN;
@@ -120,8 +129,9 @@ struct Sm90TileConfig {
   static constexpr int kRasterBand = 8;
   static constexpr int kMaxGroups = 1024;
   static constexpr int kThreads = 384;
-  static constexpr int kProducerRegs = 40;
-  static constexpr int kConsumerRegs = 232;
+  static constexpr int kProducerRegs = kProducerRegs_;
+  static constexpr int kConsumerRegs = kConsumerRegs_;
+  static constexpr bool kMx = kMx_;
   static constexpr int kABytes = kBlockM * kBlockK * 2;
   static constexpr int kBBytes = kBlockN * kBlockK * 2;
   static constexpr int kStageBytes = kABytes + kBBytes;
@@ -138,12 +148,15 @@ struct Sm90TileConfig {
   static_assert(kSmemBytesAct <= 227 * 1024, "exceeds the 227 KB of shared memory per block");
   static_assert(kBlockK * 2 == 128, "one k-block row must be one 128-byte swizzle span");
   static_assert(kProducerRegs * 128 + kConsumerRegs * 256 <= 65536, "register file");
+  static_assert(kProducerRegs % 8 == 0 && kConsumerRegs % 8 == 0, "setmaxnreg granularity");
   // Halves-layout B tiles are two boxes of BN/2 rows; the second must start on a swizzle atom
   // (1024 bytes = 8 rows of 128 bytes) so that both land as one BN-row box would.
   static_assert((kBlockN / 2 * kBlockK * 2) % 1024 == 0, "half B tile off the swizzle atom");
 };
 using Sm90Wide = Sm90TileConfig<256, 4>;
 using Sm90Narrow = Sm90TileConfig<128, 6>;
+using Sm90MxWide = Sm90TileConfig<256, 4, 176, 168, true>;
+using Sm90MxNarrow = Sm90TileConfig<128, 6, 176, 168, true>;
 
 // What the epilogue writes (the kernel's template parameter).
 enum Epilogue : int {
@@ -169,6 +182,14 @@ struct Sm90Params {
   int groups;
   int n_tiles;
   float alpha, limit;  // swiglu_oai (fused epilogues)
+  // MXFP8 operands (kMx configurations only): e4m3 data and e8m0 scales, k_scales = k / 32.
+  const uint8_t* a8;
+  const uint8_t* b8;
+  const uint8_t* a_scale;
+  const uint8_t* b_scale;
+  int k;
+  int k_scales;
+  int b_rows;  // groups * n1: rows of b
 };
 
 struct TileCoord {
@@ -377,6 +398,222 @@ __device__ __forceinline__ void epilogue_act(const float (&acc)[BN / 2], const S
   }
 }
 
+// The kernel starts with kLaunchRegs per thread (__launch_bounds__(384, 1): 65536 / 384, rounded
+// down to 8); each warpgroup then moves to its budget of the config table.
+constexpr int kLaunchRegs = 168;
+template <int kRegs>
+__device__ __forceinline__ void set_warpgroup_regs() {
+  if constexpr (kRegs < kLaunchRegs) ptx::setmaxnreg_dec<kRegs>();
+  if constexpr (kRegs > kLaunchRegs) ptx::setmaxnreg_inc<kRegs>();
+}
+
+// ---- Producers ---------------------------------------------------------------------------------
+struct TileTables {
+  const int* prefix;
+  const int* start;
+  const int* end;
+  int groups;
+  int total_tiles;
+};
+
+// First row of b (viewed as [groups * n1, k]) of tile tc: the B tile is rows [b_row, b_row + BN),
+// or for halves the two runs of BN/2 rows at b_row (gate) and b_row + I (up).
+template <int kEpi>
+__device__ __forceinline__ int tile_b_row(const Sm90Params& p, const TileCoord& tc) {
+  return tc.group * p.n1 + (kEpi == kEpiActInterleaved ? 2 * tc.n0 : tc.n0);
+}
+
+// bf16: one thread issues the TMA copies of each k-block.
+template <class Cfg, int kEpi>
+__device__ __forceinline__ void produce_tma(const Sm90Params& p, const TileTables& tt,
+                                            const CUtensorMap* tm_a, const CUtensorMap* tm_b,
+                                            uint8_t* smem_a, uint8_t* smem_b, uint64_t* full,
+                                            uint64_t* empty) {
+  constexpr int BK = Cfg::kBlockK, S = Cfg::kStages;
+  constexpr int kTileCols = epilogue_gated(kEpi) ? Cfg::kBlockN / 2 : Cfg::kBlockN;
+  int stage = 0;
+  uint32_t phase = 0;
+  for (int t = blockIdx.x; t < tt.total_tiles; t += gridDim.x) {
+    const TileCoord tc =
+        decode_tile<Cfg, kTileCols>(t, tt.prefix, tt.start, tt.end, tt.groups, p.n_tiles);
+    const int b_row = tile_b_row<kEpi>(p, tc);
+    for (int kb = 0; kb < p.k_blocks; ++kb) {
+      ptx::mbar_wait(&empty[stage], phase ^ 1);
+      ptx::mbar_arrive_expect_tx(&full[stage], Cfg::kStageBytes);
+      ptx::tma_load_2d(smem_a + stage * Cfg::kABytes, tm_a, &full[stage], kb * BK, tc.m0);
+      uint8_t* b_dst = smem_b + stage * Cfg::kBBytes;
+      ptx::tma_load_2d(b_dst, tm_b, &full[stage], kb * BK, b_row);
+      if constexpr (kEpi == kEpiActHalves)
+        ptx::tma_load_2d(b_dst + Cfg::kBBytes / 2, tm_b, &full[stage], kb * BK, b_row + p.ffn);
+      if (++stage == S) {
+        stage = 0;
+        phase ^= 1;
+      }
+    }
+  }
+}
+
+// ---- MXFP8 operands: dequantized by the producer warpgroup -----------------------------------
+// Hopper has no block-scaled MMA, so the 128 producer threads turn each k-block of e4m3 + e8m0
+// into exactly the bf16 tile a TMA copy of bf16 operands would have staged (same 128-byte swizzle),
+// and the consumers, the scheduler and the epilogues are those of the bf16 kernel.
+// - Work split: thread t owns the 16-byte e4m3 chunk t % 4 (k 16c..16c+15 of the k-block: half
+//   of one MX block, so one scale byte) of rows t / 4 + 32 i of A (i < 4) and of B (i < BN / 32).
+//   A warp's load instruction reads 8 whole 64-byte row slices (full sectors); each chunk becomes
+//   two 16-byte bf16 chunks, stored at the swizzled positions (chunk ^ (row % 8)).
+// - Latency: plain 16-byte loads (read-only path) into registers, two k-blocks in flight: while
+//   block kb is converted and stored, the loads of kb + 1 are outstanding (no shared-memory
+//   staging ring: it would add a write and a read of every byte to the shared-memory traffic,
+//   which wgmma already nearly saturates).
+// - Conversion, exact: the 7 magnitude bits of an e4m3 byte shifted left by 4 are the bf16 bits
+//   of value * 2^-120 (exponent bias 7 vs 127; e4m3 subnormals land on bf16 subnormals, zero on
+//   zero), the sign moves to bit 15: 3-4 integer ops per 2 elements, no table. One bf16x2
+//   multiply by 2^(s + 120) then gives value * 2^s, exact whenever the result is a bf16 normal;
+//   2^(s + 120) exceeds bf16 for s > 7, so such blocks (|x| >= 2^15, rare) take a second,
+//   exact multiply by 2^(s - 7). Results below bf16's normal range (s < about -118) round to bf16
+//   subnormals, as in the mma.sync path. A NaN scale (0xFF) gives NaN; an e4m3 NaN code under a
+//   finite scale does not (the quantizer never writes one: NaN blocks carry scale 0xFF).
+// - Element order: to pair bytes with shifts instead of byte permutes, each group of 4 k is
+//   stored as k0, k2, k1, k3. A and B use the same order, so every product pairs the same k and
+//   only the f32 summation order inside the tensor core changes.
+// - Rows past the tensors and k past the end read as zeros (scale 2^0), like TMA's fill.
+template <class Cfg, int kEpi>
+struct MxProducer {
+  static constexpr int kA = Cfg::kBlockM / 32;  // chunks of A per thread and k-block
+  static constexpr int kB = Cfg::kBlockN / 32;
+  static constexpr int kChunks = kA + kB;
+  struct Block {  // one k-block's bytes of this thread
+    uint4 v[kChunks];
+    uint32_t s[kChunks];
+  };
+
+  const Sm90Params& p;
+  int c;  // chunk within the 64-byte row slice
+  int r;  // first row (of 32) this thread serves in each operand
+  // Per tile: the thread's first row of A, of b (gate rows for halves) and of the up rows. The
+  // chunks' rows are 32 i further; their offsets are recomputed from these at each load (32-bit
+  // steps) rather than kept per chunk: 12 64-bit pointer pairs would not fit next to two blocks.
+  int a_row0, b_row0, b_row_up;
+
+  __device__ __forceinline__ void tile(const TileCoord& tc) {
+    a_row0 = tc.m0 + r;
+    b_row0 = tile_b_row<kEpi>(p, tc) + r;
+    b_row_up = b_row0 + p.ffn;
+  }
+
+  // The chunk at `col` of rows row0 + 32 i, i < kN, of one operand into v[0..kN), s[0..kN).
+  template <int kN>
+  __device__ __forceinline__ void load_rows(const uint8_t* data, const uint8_t* scale, int row0,
+                                            int limit, int col, int scol, uint4* v,
+                                            uint32_t* s) const {
+    const bool col_ok = col < p.k;
+    const uint8_t* d0 = data + int64_t(row0) * p.k + col;
+    const uint8_t* s0 = scale + int64_t(row0) * p.k_scales + scol;
+#pragma unroll
+    for (int i = 0; i < kN; ++i) {
+      const bool ok = col_ok && row0 + 32 * i < limit;
+      v[i] = ok ? __ldg(reinterpret_cast<const uint4*>(d0 + uint32_t(32 * i) * uint32_t(p.k)))
+                : make_uint4(0, 0, 0, 0);
+      s[i] = ok ? __ldg(s0 + uint32_t(32 * i) * uint32_t(p.k_scales)) : 127u;
+    }
+  }
+
+  __device__ __forceinline__ void load(Block& blk, int kb) const {
+    const int col = kb * Cfg::kBlockK + c * 16;
+    const int scol = kb * (Cfg::kBlockK / 32) + (c >> 1);
+    load_rows<kA>(p.a8, p.a_scale, a_row0, p.rows, col, scol, blk.v, blk.s);
+    if constexpr (kEpi == kEpiActHalves) {
+      // Chunks i >= kB / 2 are the up rows (tile rows BN/2 + ...), I rows further on in b.
+      load_rows<kB / 2>(p.b8, p.b_scale, b_row0, p.b_rows, col, scol, blk.v + kA, blk.s + kA);
+      load_rows<kB / 2>(p.b8, p.b_scale, b_row_up, p.b_rows, col, scol, blk.v + kA + kB / 2,
+                        blk.s + kA + kB / 2);
+    } else {
+      load_rows<kB>(p.b8, p.b_scale, b_row0, p.b_rows, col, scol, blk.v + kA, blk.s + kA);
+    }
+  }
+
+  __device__ __forceinline__ static uint32_t bf16x2_mul(uint32_t x, uint32_t y) {
+    uint32_t r;
+    asm("mul.rn.bf16x2 %0, %1, %2;\n" : "=r"(r) : "r"(x), "r"(y));
+    return r;
+  }
+
+  // 16 e4m3 bytes with scale byte sb -> bf16 chunks 2c, 2c + 1 of `row` of a swizzled tile.
+  __device__ __forceinline__ void convert(const uint4& v, uint32_t sb, uint8_t* tile,
+                                          int row) const {
+    // bf16 bits of 2^(min(s + 120, 127)) and 2^(max(s - 7, 0)), s = sb - 127.
+    const uint32_t m1 = sb == 0xFFu ? 0x7FC0u : min(sb + 120u, 254u) << 7;
+    const uint32_t m2 = (max(int(sb) - 134, 0) + 127) << 7;
+    const uint32_t m1x2 = m1 * 0x10001u, m2x2 = m2 * 0x10001u;
+    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+    uint32_t o[8];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      // (k0, k2) and (k1, k3) of the word's bytes, as bf16x2 of value * 2^-120.
+      const uint32_t even = ((w[j] << 4) & 0x07F007F0u) | ((w[j] << 8) & 0x80008000u);
+      const uint32_t odd = ((w[j] >> 4) & 0x07F007F0u) | (w[j] & 0x80008000u);
+      o[2 * j] = bf16x2_mul(even, m1x2);
+      o[2 * j + 1] = bf16x2_mul(odd, m1x2);
+    }
+    if (m2 != 0x3F80u) {  // s > 7
+#pragma unroll
+      for (int j = 0; j < 8; ++j) o[j] = bf16x2_mul(o[j], m2x2);
+    }
+    uint8_t* row_ptr = tile + row * 128;
+    const int swz = row & 7;
+    *reinterpret_cast<uint4*>(row_ptr + (((2 * c) ^ swz) << 4)) =
+        make_uint4(o[0], o[1], o[2], o[3]);
+    *reinterpret_cast<uint4*>(row_ptr + (((2 * c + 1) ^ swz) << 4)) =
+        make_uint4(o[4], o[5], o[6], o[7]);
+  }
+
+  // Waits for the stage, writes the block's bf16 tiles, publishes them to the tensor cores.
+  __device__ __forceinline__ void put(const Block& blk, uint8_t* smem_a, uint8_t* smem_b,
+                                      uint64_t* full, uint64_t* empty, int& stage,
+                                      uint32_t& phase) const {
+    ptx::mbar_wait(&empty[stage], phase ^ 1);
+    uint8_t* a_dst = smem_a + stage * Cfg::kABytes;
+    uint8_t* b_dst = smem_b + stage * Cfg::kBBytes;
+#pragma unroll
+    for (int i = 0; i < kA; ++i) convert(blk.v[i], blk.s[i], a_dst, r + 32 * i);
+#pragma unroll
+    for (int i = 0; i < kB; ++i) convert(blk.v[kA + i], blk.s[kA + i], b_dst, r + 32 * i);
+    // Generic-proxy stores -> visible to wgmma (async proxy), then this thread's arrival.
+    ptx::fence_proxy_async_smem();
+    ptx::mbar_arrive(&full[stage]);
+    if (++stage == Cfg::kStages) {
+      stage = 0;
+      phase ^= 1;
+    }
+  }
+};
+
+template <class Cfg, int kEpi>
+__device__ __forceinline__ void produce_mx(const Sm90Params& p, const TileTables& tt,
+                                           uint8_t* smem_a, uint8_t* smem_b, uint64_t* full,
+                                           uint64_t* empty, int tid) {
+  constexpr int kTileCols = epilogue_gated(kEpi) ? Cfg::kBlockN / 2 : Cfg::kBlockN;
+  using Producer = MxProducer<Cfg, kEpi>;
+  Producer pr{p, tid & 3, tid >> 2, 0, 0, 0};
+  int stage = 0;
+  uint32_t phase = 0;
+  typename Producer::Block x, y;
+  for (int t = blockIdx.x; t < tt.total_tiles; t += gridDim.x) {
+    pr.tile(decode_tile<Cfg, kTileCols>(t, tt.prefix, tt.start, tt.end, tt.groups, p.n_tiles));
+    // Two k-blocks in flight: x holds the even ones, y the odd ones.
+    pr.load(x, 0);
+    for (int kb = 0; kb < p.k_blocks; kb += 2) {
+      const bool odd = kb + 1 < p.k_blocks;
+      if (odd) pr.load(y, kb + 1);
+      pr.put(x, smem_a, smem_b, full, empty, stage, phase);
+      if (odd) {
+        if (kb + 2 < p.k_blocks) pr.load(x, kb + 2);
+        pr.put(y, smem_a, smem_b, full, empty, stage, phase);
+      }
+    }
+  }
+}
+
 // kAct: the fmoe_activation of the fused epilogues (a template parameter, not a run-time switch:
 // one kernel holding all three gated epilogues spilled a register on the wide tile).
 template <class Cfg, int kEpi, int kAct>
@@ -401,12 +638,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   const int groups = p.groups;
   if (tid == 0) {
     for (int s = 0; s < S; ++s) {
-      ptx::mbar_init(&full[s], 1);  // the producer's arrive_expect_tx
+      // bf16: the producer's arrive_expect_tx; MXFP8: every producer thread after its stores.
+      ptx::mbar_init(&full[s], Cfg::kMx ? 128 : 1);
       ptx::mbar_init(&empty[s], 8);  // one arrival per consumer warp
     }
     ptx::mbar_fence_init();
   }
-  if (tid == 32) {
+  if (!Cfg::kMx && tid == 32) {
     ptx::tma_prefetch_map(&tm_a);
     ptx::tma_prefetch_map(&tm_b);
   }
@@ -441,36 +679,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 
   if (tid < 128) {
     // ---- producer warpgroup ----
-    ptx::setmaxnreg_dec<Cfg::kProducerRegs>();
-    if (tid == 0) {
-      int stage = 0;
-      uint32_t phase = 0;
-      for (int t = blockIdx.x; t < total_tiles; t += gridDim.x) {
-        const TileCoord tc =
-            decode_tile<Cfg, kTileCols>(t, s_prefix, s_start, s_end, groups, p.n_tiles);
-        // B rows of the tile: [b_row, b_row + BN), or for halves the two boxes of BN/2 rows at
-        // b_row (gate) and b_row + I (up).
-        const int b_row =
-            tc.group * p.n1 + (kEpi == kEpiActInterleaved ? 2 * tc.n0 : tc.n0);
-        for (int kb = 0; kb < p.k_blocks; ++kb) {
-          ptx::mbar_wait(&empty[stage], phase ^ 1);
-          ptx::mbar_arrive_expect_tx(&full[stage], Cfg::kStageBytes);
-          ptx::tma_load_2d(smem_a + stage * Cfg::kABytes, &tm_a, &full[stage], kb * BK, tc.m0);
-          uint8_t* b_dst = smem_b + stage * Cfg::kBBytes;
-          ptx::tma_load_2d(b_dst, &tm_b, &full[stage], kb * BK, b_row);
-          if constexpr (kEpi == kEpiActHalves)
-            ptx::tma_load_2d(b_dst + Cfg::kBBytes / 2, &tm_b, &full[stage], kb * BK,
-                             b_row + p.ffn);
-          if (++stage == S) {
-            stage = 0;
-            phase ^= 1;
-          }
-        }
-      }
+    set_warpgroup_regs<Cfg::kProducerRegs>();
+    const TileTables tables{s_prefix, s_start, s_end, groups, total_tiles};
+    if constexpr (Cfg::kMx) {
+      produce_mx<Cfg, kEpi>(p, tables, smem_a, smem_b, full, empty, tid);
+    } else if (tid == 0) {
+      produce_tma<Cfg, kEpi>(p, tables, &tm_a, &tm_b, smem_a, smem_b, full, empty);
     }
   } else {
     // ---- consumer warpgroups ----
-    ptx::setmaxnreg_inc<Cfg::kConsumerRegs>();
+    set_warpgroup_regs<Cfg::kConsumerRegs>();
     const int half = tid / 128 - 1;  // which 64-row half of the tile
     const int warp = (tid / 32) & 3;
     const int lane = tid & 31;
@@ -562,14 +780,17 @@ cudaError_t launch(const fmoe_grouped_mm_args& a, const ActEpilogue& act, int nu
   if (a.rows == 0) return cudaSuccess;  // no row can be written (and a 0-row map is invalid)
   constexpr int kTileCols = epilogue_gated(kEpi) ? Cfg::kBlockN / 2 : Cfg::kBlockN;
   const int64_t n_out = epilogue_gated(kEpi) ? a.n / 2 : a.n;
-  CUtensorMap tm_a, tm_b;
-  cudaError_t err = make_tensor_map_bf16_2d_sw128(&tm_a, a.a, uint64_t(a.k), uint64_t(a.rows),
-                                                  uint64_t(a.k) * 2, Cfg::kBlockK, Cfg::kBlockM);
-  if (err != cudaSuccess) return err;
-  const uint32_t b_box_rows = kEpi == kEpiActHalves ? Cfg::kBlockN / 2 : Cfg::kBlockN;
-  err = make_tensor_map_bf16_2d_sw128(&tm_b, a.b, uint64_t(a.k), uint64_t(a.groups * a.n),
-                                      uint64_t(a.k) * 2, Cfg::kBlockK, b_box_rows);
-  if (err != cudaSuccess) return err;
+  CUtensorMap tm_a{}, tm_b{};  // unused (zero) for MXFP8: its producer loads without TMA
+  cudaError_t err = cudaSuccess;
+  if constexpr (!Cfg::kMx) {
+    err = make_tensor_map_bf16_2d_sw128(&tm_a, a.a, uint64_t(a.k), uint64_t(a.rows),
+                                        uint64_t(a.k) * 2, Cfg::kBlockK, Cfg::kBlockM);
+    if (err != cudaSuccess) return err;
+    const uint32_t b_box_rows = kEpi == kEpiActHalves ? Cfg::kBlockN / 2 : Cfg::kBlockN;
+    err = make_tensor_map_bf16_2d_sw128(&tm_b, a.b, uint64_t(a.k), uint64_t(a.groups * a.n),
+                                        uint64_t(a.k) * 2, Cfg::kBlockK, b_box_rows);
+    if (err != cudaSuccess) return err;
+  }
 
   Sm90Params p;
   p.c = static_cast<__nv_bfloat16*>(a.c);
@@ -585,6 +806,13 @@ cudaError_t launch(const fmoe_grouped_mm_args& a, const ActEpilogue& act, int nu
   p.n_tiles = int((n_out + kTileCols - 1) / kTileCols);
   p.alpha = act.alpha;
   p.limit = act.limit;
+  p.a8 = static_cast<const uint8_t*>(a.a);
+  p.b8 = static_cast<const uint8_t*>(a.b);
+  p.a_scale = a.a_scale;
+  p.b_scale = a.b_scale;
+  p.k = int(a.k);
+  p.k_scales = int(a.k / 32);
+  p.b_rows = int(a.groups * a.n);
 
   auto kernel = grouped_mm_sm90_kernel<Cfg, kEpi, kAct>;
   constexpr int kSmem = kEpi == kEpiStore ? Cfg::kSmemBytes : Cfg::kSmemBytesAct;
@@ -679,6 +907,45 @@ cudaError_t grouped_mm_sm90_bf16_act(const fmoe_grouped_mm_args& a, const ActEpi
   // waste of a last partial tile are those of the plain FC1 GEMM: the same choice applies.
   return grouped_mm_sm90_bf16_act_block_n(a, act, num_sms, grouped_mm_sm90_pick_block_n(a, num_sms),
                                           stream);
+}
+
+// ---- MXFP8 operands ------------------------------------------------------------------------------
+bool grouped_mm_sm90_mxfp8_supported(const fmoe_grouped_mm_args& a) {
+  // The bf16 rules (16-byte aligned rows hold for e4m3 as k % 32 == 0), plus the scales.
+  if (!grouped_mm_sm90_supported(a) || !a.a_scale || !a.b_scale) return false;
+  return a.k % 32 == 0;
+}
+
+cudaError_t grouped_mm_sm90_mxfp8_block_n(const fmoe_grouped_mm_args& a, int num_sms, int block_n,
+                                          cudaStream_t stream) {
+  const ActEpilogue none{};
+  if (block_n == 256) return launch<Sm90MxWide, kEpiStore>(a, none, num_sms, stream);
+  if (block_n == 128) return launch<Sm90MxNarrow, kEpiStore>(a, none, num_sms, stream);
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t grouped_mm_sm90_mxfp8(const fmoe_grouped_mm_args& a, int num_sms,
+                                  cudaStream_t stream) {
+  return grouped_mm_sm90_mxfp8_block_n(a, num_sms, grouped_mm_sm90_pick_block_n(a, num_sms),
+                                       stream);
+}
+
+bool grouped_mm_sm90_mxfp8_act_supported(const fmoe_grouped_mm_args& a, const ActEpilogue& act) {
+  return grouped_mm_sm90_mxfp8_supported(a) && grouped_mm_sm90_act_supported(a, act);
+}
+
+cudaError_t grouped_mm_sm90_mxfp8_act_block_n(const fmoe_grouped_mm_args& a,
+                                              const ActEpilogue& act, int num_sms, int block_n,
+                                              cudaStream_t stream) {
+  if (block_n == 256) return launch_act<Sm90MxWide>(a, act, num_sms, stream);
+  if (block_n == 128) return launch_act<Sm90MxNarrow>(a, act, num_sms, stream);
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t grouped_mm_sm90_mxfp8_act(const fmoe_grouped_mm_args& a, const ActEpilogue& act,
+                                      int num_sms, cudaStream_t stream) {
+  return grouped_mm_sm90_mxfp8_act_block_n(a, act, num_sms,
+                                           grouped_mm_sm90_pick_block_n(a, num_sms), stream);
 }
 
 }  // namespace fmoe::cuda

@@ -61,6 +61,26 @@ cudaError_t grouped_mm_sm90_bf16_act(const fmoe_grouped_mm_args& a, const ActEpi
 cudaError_t grouped_mm_sm90_bf16_act_block_n(const fmoe_grouped_mm_args& a, const ActEpilogue& act,
                                              int num_sms, int block_n, cudaStream_t stream);
 
+// ---- MXFP8 operands (fmoe_grouped_mm_mxfp8) ---------------------------------------------------
+// The same kernels with a and b in e4m3 ([rows, k], [groups, n, k]) plus their e8m0 scales
+// (a_scale [rows, k/32], b_scale [groups, n, k/32]): the producer warpgroup dequantizes each
+// k-block to bf16 in shared memory (exact: e4m3 * 2^s fits bf16 but for results below its normal
+// range) and the bf16 tensor cores accumulate in f32, so c = fmoe.h's MXFP8 GEMM up to the f32
+// summation order. Supported: grouped_mm_sm90_supported(a), both scales present, k % 32 == 0.
+bool grouped_mm_sm90_mxfp8_supported(const fmoe_grouped_mm_args& a);
+cudaError_t grouped_mm_sm90_mxfp8(const fmoe_grouped_mm_args& a, int num_sms, cudaStream_t stream);
+cudaError_t grouped_mm_sm90_mxfp8_block_n(const fmoe_grouped_mm_args& a, int num_sms, int block_n,
+                                          cudaStream_t stream);
+
+// FC1 with MXFP8 operands and the activation fused (bf16 output, as grouped_mm_sm90_bf16_act).
+// Supported: grouped_mm_sm90_mxfp8_supported(a) and grouped_mm_sm90_act_supported(a, act).
+bool grouped_mm_sm90_mxfp8_act_supported(const fmoe_grouped_mm_args& a, const ActEpilogue& act);
+cudaError_t grouped_mm_sm90_mxfp8_act(const fmoe_grouped_mm_args& a, const ActEpilogue& act,
+                                      int num_sms, cudaStream_t stream);
+cudaError_t grouped_mm_sm90_mxfp8_act_block_n(const fmoe_grouped_mm_args& a,
+                                              const ActEpilogue& act, int num_sms, int block_n,
+                                              cudaStream_t stream);
+
 // False when FMOE_CUDA_GEMM=mma forces the portable mma.sync GEMM (defined in
 // grouped_mm_bf16.cu); fused paths built on this kernel fall back to the op-by-op pipeline then.
 bool sm90_gemm_enabled();
