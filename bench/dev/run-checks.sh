@@ -2,7 +2,7 @@
 # Builds and runs the standalone kernel checks of bench/dev/ on a GPU machine (each compares a
 # kernel against a naive reference and times it). Run from the repository root after the
 # library is built (build/libfusedmoe.so: the permute check links it).
-#   bash bench/dev/run-checks.sh [name...]     names: sm90 sm90_act small permute
+#   bash bench/dev/run-checks.sh [name...]     names: sm90 sm90_act sm90_mx small permute
 set -uo pipefail
 out=${FMOE_CHECK_DIR:-/tmp/fmoe-checks}
 mkdir -p "$out"
@@ -10,11 +10,12 @@ flags=(-std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-const
 declare -A build=(
   [sm90]="bench/dev/grouped_mm_sm90_check.cu csrc/cuda/grouped_mm_sm90.cu csrc/cuda/tensor_map.cu"
   [sm90_act]="bench/dev/grouped_mm_sm90_act_check.cu csrc/cuda/grouped_mm_sm90.cu csrc/cuda/tensor_map.cu csrc/core/status.cpp"
+  [sm90_mx]="bench/dev/grouped_mm_sm90_mx_check.cu csrc/cuda/grouped_mm_sm90.cu csrc/cuda/tensor_map.cu"
   [small]="bench/dev/grouped_mm_small_check.cu csrc/cuda/grouped_mm_small.cu csrc/cuda/tensor_map.cu"
   [permute]="bench/dev/permute_check.cu -Lbuild -lfusedmoe -Xlinker -rpath,$PWD/build"
 )
 names=("$@")
-[ ${#names[@]} -gt 0 ] || names=(sm90 sm90_act small permute)
+[ ${#names[@]} -gt 0 ] || names=(sm90 sm90_act sm90_mx small permute)
 for n in "${names[@]}"; do
   # shellcheck disable=SC2086
   nvcc "${flags[@]}" ${build[$n]} -o "$out/$n" > "$out/$n.build.log" 2>&1 &

@@ -82,6 +82,13 @@
 // - Same work in the mainloop (N1 columns of tiles over I outputs), half the bytes stored:
 //   expected FC1 time about that of the plain kernel (~0.70 ms for qwen3 at T = 8192), and the
 //   activation pass (~0.22 ms) gone.
+//
+// MXFP8 operands (grouped_mm_sm90_mxfp8[_act]): the same kernel with another producer. The 128
+// producer threads load e4m3 + e8m0 with plain loads, dequantize to bf16 and store the tile that
+// TMA would have staged for bf16 operands; consumers, scheduler and epilogues are shared (see
+// "MXFP8 operands: dequantized by the producer warpgroup" below). Expected: the bf16 kernel's
+// speed (same smem traffic, conversion ~60% of one issue slot per SM sub-partition while wgmma
+// runs) with half the operand bytes read.
 #include "cuda/grouped_mm_sm90.h"
 
 #include <cuda_bf16.h>
@@ -115,10 +122,11 @@ namespace {
 //   bytes of the next k-block are staged in the producer threads' registers instead of a shared
 //   memory ring. A producer thread holds two k-blocks in flight: 2 x (BM + BN) / 32 chunks of
 //   16 bytes (+ one scale each) = 2 x 12 x 5 = 120 registers wide, 2 x 8 x 5 = 80 narrow, plus
-//   row offsets and the converter's temporaries. The consumers keep the launch's 168 registers
-//   (the bf16 kernel compiles all its consumer code, wide act epilogues included, within that
-//   cap without spilling) and the producer takes the rest:
-//   128 x 176 (producer) + 256 x 168 (consumers) = 65536, both widths.
+//   row offsets and the converter's temporaries. Both roles keep the launch's 168 registers
+//   (ptxas fits producer and consumer code in 168 without spilling): setmaxnreg can only move
+//   registers inside the pool the CTA got at launch, 384 x 168 = 64512, so raising the producer
+//   without lowering the consumers would wait forever for registers nobody frees (v1 of this
+//   producer asked for 176 and hung).
 //   Shared memory: exactly that of the bf16 configuration of the same width (no staging ring).
 template <int BN, int STAGES, int kProducerRegs_ = 40, int kConsumerRegs_ = 232, bool kMx_ = false>
 struct Sm90TileConfig {
@@ -147,7 +155,9 @@ struct Sm90TileConfig {
   static constexpr int kSmemBytesAct = 1024 + kBiasOffset + kBiasBytes;
   static_assert(kSmemBytesAct <= 227 * 1024, "exceeds the 227 KB of shared memory per block");
   static_assert(kBlockK * 2 == 128, "one k-block row must be one 128-byte swizzle span");
-  static_assert(kProducerRegs * 128 + kConsumerRegs * 256 <= 65536, "register file");
+  // setmaxnreg redistributes the CTA's launch allocation (168 per thread: __launch_bounds__(384,
+  // 1)); it cannot grow it.
+  static_assert(kProducerRegs * 128 + kConsumerRegs * 256 <= 168 * kThreads, "register pool");
   static_assert(kProducerRegs % 8 == 0 && kConsumerRegs % 8 == 0, "setmaxnreg granularity");
   // Halves-layout B tiles are two boxes of BN/2 rows; the second must start on a swizzle atom
   // (1024 bytes = 8 rows of 128 bytes) so that both land as one BN-row box would.
@@ -155,8 +165,8 @@ struct Sm90TileConfig {
 };
 using Sm90Wide = Sm90TileConfig<256, 4>;
 using Sm90Narrow = Sm90TileConfig<128, 6>;
-using Sm90MxWide = Sm90TileConfig<256, 4, 176, 168, true>;
-using Sm90MxNarrow = Sm90TileConfig<128, 6, 176, 168, true>;
+using Sm90MxWide = Sm90TileConfig<256, 4, 168, 168, true>;
+using Sm90MxNarrow = Sm90TileConfig<128, 6, 168, 168, true>;
 
 // What the epilogue writes (the kernel's template parameter).
 enum Epilogue : int {
