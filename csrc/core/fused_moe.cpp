@@ -6,82 +6,110 @@
 #include <cinttypes>
 
 #include "core/context.h"
+#include "core/moe_call.h"
 
 namespace fmoe {
 
-Status Backend::fused_moe(BackendStream* s, const PlanShape& shape, const fmoe_moe_args& a,
-                          int32_t* invalid_count) {
-  const fmoe_plan_desc& d = shape.desc;
+MoeCall::MoeCall(const PlanShape& shape_, const fmoe_moe_args& args_)
+    : shape(shape_),
+      desc(shape_.desc),
+      args(args_),
+      mx(desc.weight_format == FMOE_WEIGHTS_MXFP8),
+      skip_permute(args_.tokens_per_expert != nullptr),
+      weight_on_input(desc.apply_router_weight_on_input != 0),
+      tokens(args_.num_tokens),
+      topk(skip_permute ? 1 : desc.topk) {
   const WorkspaceLayout L = plan_workspace_layout(shape);
-  char* ws = static_cast<char*>(a.workspace);
-  auto at = [ws](size_t offset) { return static_cast<void*>(ws + offset); };
+  char* ws = static_cast<char*>(args.workspace);
+  expert_offsets = reinterpret_cast<int32_t*>(ws + L.expert_offsets);
+  permutation_map = reinterpret_cast<int32_t*>(ws + L.permutation_map);
+  inverse_map = reinterpret_cast<int32_t*>(ws + L.inverse_map);
+  routing_rows = reinterpret_cast<int32_t*>(ws + L.routing_rows);
+  permuted = ws + L.permuted;
+  permuted_scale = reinterpret_cast<uint8_t*>(ws + L.permuted_scale);
+  fc1_out = ws + L.fc1_out;
+  act_out = ws + L.act_out;
+  act_scale = reinterpret_cast<uint8_t*>(ws + L.act_scale);
+}
 
-  const bool mx = d.weight_format == FMOE_WEIGHTS_MXFP8;
-  const bool skip_permute = a.tokens_per_expert != nullptr;
-  const bool weight_on_input = d.apply_router_weight_on_input != 0;
-  const int64_t T = a.num_tokens;
-  const int64_t E = d.num_local_experts;
-  // Skip-permute: rows arrive grouped; each row is one "token" routed to its group's expert, so
-  // the same pipeline runs with topk = 1 on a synthetic routing map.
-  const int64_t topk = skip_permute ? 1 : d.topk;
-  // This call's capacity, not the plan's: the GEMMs and unpermute only span rows this T can fill.
-  int64_t rows = 0;
-  compute_max_rows(T, topk, E, d.alignment, &rows);
+int64_t MoeCall::rows(int64_t alignment) const {
+  int64_t r = 0;
+  compute_max_rows(tokens, topk, desc.num_local_experts, alignment, &r);
+  return r;
+}
 
-  auto* expert_offsets = static_cast<int32_t*>(at(L.expert_offsets));
-  auto* permutation_map = static_cast<int32_t*>(at(L.permutation_map));
-  auto* inverse_map = static_cast<int32_t*>(at(L.inverse_map));
-  void* permuted = at(L.permuted);
-  auto* permuted_scale = static_cast<uint8_t*>(at(L.permuted_scale));
-  void* fc1_out = at(L.fc1_out);
-  void* act_out = at(L.act_out);
-  auto* act_scale = static_cast<uint8_t*>(at(L.act_scale));
+Status MoeCall::routing(Backend& backend, BackendStream* s, const int32_t** routing) const {
+  *routing = args.routing_map;
+  if (!skip_permute) return FMOE_OK;
+  *routing = routing_rows;
+  return backend.expand_group_ids(s, args.tokens_per_expert, desc.num_local_experts,
+                                  desc.local_expert_start, tokens, routing_rows);
+}
 
-  const int32_t* routing = a.routing_map;
-  if (skip_permute) {
-    auto* routing_rows = static_cast<int32_t*>(at(L.routing_rows));
-    FMOE_TRY(expand_group_ids(s, a.tokens_per_expert, E, d.local_expert_start, T, routing_rows));
-    routing = routing_rows;
-  }
-
+fmoe_permute_args MoeCall::permute_args(const int32_t* routing, int32_t* invalid_count,
+                                        int64_t alignment, bool copy_rows) const {
   fmoe_permute_args p{};
   p.size = sizeof p;
-  p.hidden = a.hidden;
+  p.hidden = args.hidden;
   p.routing_map = routing;
-  p.probs = weight_on_input ? a.probs : nullptr;
-  p.permuted = mx ? nullptr : permuted;
-  p.permuted_q = mx ? static_cast<uint8_t*>(permuted) : nullptr;
-  p.permuted_scale = mx ? permuted_scale : nullptr;
+  p.probs = weight_on_input ? args.probs : nullptr;
+  if (copy_rows && mx) {
+    p.permuted_q = static_cast<uint8_t*>(permuted);
+    p.permuted_scale = permuted_scale;
+  } else if (copy_rows) {
+    p.permuted = permuted;
+  }
   p.expert_offsets = expert_offsets;
   p.permutation_map = permutation_map;
   p.inverse_map = inverse_map;
-  // Rows beyond the sum of tokens_per_expert get id -1 by design: not routing errors.
   p.invalid_count = skip_permute ? nullptr : invalid_count;
-  p.num_tokens = T;
-  p.hidden_size = d.hidden_size;
+  p.num_tokens = tokens;
+  p.hidden_size = desc.hidden_size;
   p.topk = topk;
-  p.num_experts = d.num_experts;
-  p.local_expert_start = d.local_expert_start;
-  p.num_local_experts = E;
-  p.alignment = d.alignment;
-  FMOE_TRY(permute(s, p));
+  p.num_experts = desc.num_experts;
+  p.local_expert_start = desc.local_expert_start;
+  p.num_local_experts = desc.num_local_experts;
+  p.alignment = alignment;
+  return p;
+}
 
-  fmoe_grouped_mm_args fc1{};
-  fc1.size = sizeof fc1;
-  fc1.a = permuted;
-  fc1.a_scale = mx ? permuted_scale : nullptr;
-  fc1.b = a.fc1;
-  fc1.b_scale = mx ? a.fc1_scale : nullptr;
-  fc1.bias = a.fc1_bias;
-  fc1.c = fc1_out;
-  fc1.group_offsets = expert_offsets;
-  fc1.row_map = permutation_map;
-  fc1.rows = rows;
-  fc1.n = shape.n1;
-  fc1.k = d.hidden_size;
-  fc1.groups = E;
-  FMOE_TRY(mx ? grouped_mm_mxfp8(s, fc1) : grouped_mm_bf16(s, fc1));
+fmoe_grouped_mm_args MoeCall::fc1_args(int64_t rows, void* c) const {
+  fmoe_grouped_mm_args g{};
+  g.size = sizeof g;
+  g.a = permuted;
+  g.a_scale = mx ? permuted_scale : nullptr;
+  g.b = args.fc1;
+  g.b_scale = mx ? args.fc1_scale : nullptr;
+  g.bias = args.fc1_bias;
+  g.c = c;
+  g.group_offsets = expert_offsets;
+  g.row_map = permutation_map;
+  g.rows = rows;
+  g.n = shape.n1;
+  g.k = desc.hidden_size;
+  g.groups = desc.num_local_experts;
+  return g;
+}
 
+fmoe_grouped_mm_args MoeCall::fc2_args(int64_t rows) const {
+  fmoe_grouped_mm_args g{};
+  g.size = sizeof g;
+  g.a = act_out;
+  g.a_scale = mx ? act_scale : nullptr;
+  g.b = args.fc2;
+  g.b_scale = mx ? args.fc2_scale : nullptr;
+  g.bias = args.fc2_bias;
+  g.c = permuted;  // bf16 [rows, H] over the permuted input, which FC1 has consumed
+  g.group_offsets = expert_offsets;
+  g.row_map = permutation_map;
+  g.rows = rows;
+  g.n = desc.hidden_size;
+  g.k = desc.ffn;
+  g.groups = desc.num_local_experts;
+  return g;
+}
+
+fmoe_activation_args MoeCall::activation_args(int64_t rows) const {
   fmoe_activation_args act{};
   act.size = sizeof act;
   act.input = fc1_out;
@@ -89,43 +117,44 @@ Status Backend::fused_moe(BackendStream* s, const PlanShape& shape, const fmoe_m
   act.output_q = mx ? static_cast<uint8_t*>(act_out) : nullptr;
   act.output_scale = mx ? act_scale : nullptr;
   act.row_map = permutation_map;
-  act.n_used = expert_offsets + E;
+  act.n_used = expert_offsets + desc.num_local_experts;
   act.rows = rows;
-  act.ffn = d.ffn;
-  act.activation = d.activation;
-  act.layout = d.layout;
-  act.alpha = d.alpha;
-  act.limit = d.limit;
-  FMOE_TRY(activation_quant(s, act));
+  act.ffn = desc.ffn;
+  act.activation = desc.activation;
+  act.layout = desc.layout;
+  act.alpha = desc.alpha;
+  act.limit = desc.limit;
+  return act;
+}
 
-  // FC2 writes bf16 [rows, H] over the permuted input, which FC1 has consumed.
-  fmoe_grouped_mm_args fc2{};
-  fc2.size = sizeof fc2;
-  fc2.a = act_out;
-  fc2.a_scale = mx ? act_scale : nullptr;
-  fc2.b = a.fc2;
-  fc2.b_scale = mx ? a.fc2_scale : nullptr;
-  fc2.bias = a.fc2_bias;
-  fc2.c = permuted;
-  fc2.group_offsets = expert_offsets;
-  fc2.row_map = permutation_map;
-  fc2.rows = rows;
-  fc2.n = d.hidden_size;
-  fc2.k = d.ffn;
-  fc2.groups = E;
-  FMOE_TRY(mx ? grouped_mm_mxfp8(s, fc2) : grouped_mm_bf16(s, fc2));
-
+fmoe_unpermute_args MoeCall::unpermute_args(int64_t rows) const {
   fmoe_unpermute_args u{};
   u.size = sizeof u;
   u.input = permuted;
   u.inverse_map = inverse_map;
-  u.probs = weight_on_input ? nullptr : a.probs;
-  u.output = a.output;
+  u.probs = weight_on_input ? nullptr : args.probs;
+  u.output = args.output;
   u.rows = rows;
-  u.num_tokens = T;
-  u.hidden_size = d.hidden_size;
+  u.num_tokens = tokens;
+  u.hidden_size = desc.hidden_size;
   u.topk = topk;
-  return unpermute(s, u);
+  return u;
+}
+
+Status Backend::fused_moe(BackendStream* s, const PlanShape& shape, const fmoe_moe_args& a,
+                          int32_t* invalid_count) {
+  const MoeCall call(shape, a);
+  // This call's capacity, not the plan's: the GEMMs and unpermute only span rows this T can fill.
+  const int64_t rows = call.rows(shape.desc.alignment);
+  const int32_t* routing = nullptr;
+  FMOE_TRY(call.routing(*this, s, &routing));
+  FMOE_TRY(permute(s, call.permute_args(routing, invalid_count, shape.desc.alignment, true)));
+  const fmoe_grouped_mm_args fc1 = call.fc1_args(rows, call.fc1_out);
+  FMOE_TRY(call.mx ? grouped_mm_mxfp8(s, fc1) : grouped_mm_bf16(s, fc1));
+  FMOE_TRY(activation_quant(s, call.activation_args(rows)));
+  const fmoe_grouped_mm_args fc2 = call.fc2_args(rows);
+  FMOE_TRY(call.mx ? grouped_mm_mxfp8(s, fc2) : grouped_mm_bf16(s, fc2));
+  return unpermute(s, call.unpermute_args(rows));
 }
 
 }  // namespace fmoe
