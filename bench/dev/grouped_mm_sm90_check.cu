@@ -33,45 +33,15 @@
 
 #include "core/numerics.h"
 #include "cuda/grouped_mm_sm90.h"
-
-#define CHECK_CUDA(call)                                                                   \
-  do {                                                                                     \
-    cudaError_t err_ = (call);                                                             \
-    if (err_ != cudaSuccess) {                                                             \
-      std::printf("CUDA error %s at %s:%d: %s\n", cudaGetErrorString(err_), __FILE__,       \
-                  __LINE__, #call);                                                        \
-      std::fflush(stdout);                                                                 \
-      _exit(2);                                                                            \
-    }                                                                                      \
-  } while (0)
+#include "check_common.cuh"
 
 namespace {
 
 // ---- device helpers ---------------------------------------------------------------------------
-__device__ __forceinline__ uint32_t hash32(uint32_t x) {
-  x ^= x >> 16;
-  x *= 0x7feb352dU;
-  x ^= x >> 15;
-  x *= 0x846ca68bU;
-  x ^= x >> 16;
-  return x;
-}
-
-__device__ __forceinline__ float uniform_pm1(uint64_t i, uint32_t seed) {
-  uint32_t h = hash32(uint32_t(i) ^ hash32(uint32_t(i >> 32) + seed * 0x9e3779b9U));
-  return float(h >> 8) * (2.0f / 16777216.0f) - 1.0f;
-}
-
 __global__ void fill_bf16(__nv_bfloat16* p, int64_t count, uint32_t seed, float scale) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count;
        i += int64_t(gridDim.x) * blockDim.x)
     p[i] = __float2bfloat16_rn(uniform_pm1(i, seed) * scale);
-}
-
-__global__ void fill_f32(float* p, int64_t count, uint32_t seed, float scale) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count;
-       i += int64_t(gridDim.x) * blockDim.x)
-    p[i] = uniform_pm1(i, seed) * scale;
 }
 
 // ref[r, c] = sum_k a[r,k] * b[g,c,k] + bias[g,c] for rows with row_group[r] = g >= 0. One thread

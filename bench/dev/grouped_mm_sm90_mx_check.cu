@@ -29,32 +29,11 @@
 
 #include "core/numerics.h"
 #include "cuda/grouped_mm_sm90.h"
-
-#define CHECK_CUDA(call)                                                                   \
-  do {                                                                                     \
-    cudaError_t err_ = (call);                                                             \
-    if (err_ != cudaSuccess) {                                                             \
-      std::printf("CUDA error %s at %s:%d: %s\n", cudaGetErrorString(err_), __FILE__,       \
-                  __LINE__, #call);                                                        \
-      std::exit(2);                                                                        \
-    }                                                                                      \
-  } while (0)
+#include "check_common.cuh"
 
 namespace {
 
 using fmoe::cuda::ActEpilogue;
-
-__device__ __forceinline__ uint32_t hash32(uint32_t x) {
-  x ^= x >> 16;
-  x *= 0x7feb352dU;
-  x ^= x >> 15;
-  x *= 0x846ca68bU;
-  x ^= x >> 16;
-  return x;
-}
-__device__ __forceinline__ uint32_t hash64(uint64_t i, uint32_t seed) {
-  return hash32(uint32_t(i) ^ hash32(uint32_t(i >> 32) + seed * 0x9e3779b9U));
-}
 
 // Random finite e4m3 codes.
 __global__ void fill_e4m3(uint8_t* p, int64_t count, uint32_t seed) {
@@ -70,11 +49,6 @@ __global__ void fill_scale(uint8_t* p, int64_t count, uint32_t seed) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count;
        i += int64_t(gridDim.x) * blockDim.x)
     p[i] = uint8_t(120 + hash64(i, seed) % 15);
-}
-__global__ void fill_f32(float* p, int64_t count, uint32_t seed, float scale) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count;
-       i += int64_t(gridDim.x) * blockDim.x)
-    p[i] = (float(hash64(i, seed) >> 8) * (2.0f / 16777216.0f) - 1.0f) * scale;
 }
 // bf16 [rows, k] = dequant(data, scale): exact for the scales used here.
 __global__ void dequant_bf16(const uint8_t* d, const uint8_t* s, uint16_t* out, int64_t rows,

@@ -38,17 +38,7 @@
 
 #include "core/numerics.h"
 #include "cuda/grouped_mm_small.h"
-
-#define CHECK_CUDA(call)                                                                   \
-  do {                                                                                     \
-    cudaError_t err_ = (call);                                                             \
-    if (err_ != cudaSuccess) {                                                             \
-      std::printf("CUDA error %s at %s:%d: %s\n", cudaGetErrorString(err_), __FILE__,       \
-                  __LINE__, #call);                                                        \
-      std::fflush(stdout);                                                                 \
-      _exit(2);                                                                            \
-    }                                                                                      \
-  } while (0)
+#include "check_common.cuh"
 
 namespace {
 
@@ -56,20 +46,6 @@ using fmoe::cuda::SmallMmArgs;
 using fmoe::cuda::SmallMmConfig;
 
 // ---- device helpers ---------------------------------------------------------------------------
-__device__ __forceinline__ uint32_t hash32(uint32_t x) {
-  x ^= x >> 16;
-  x *= 0x7feb352dU;
-  x ^= x >> 15;
-  x *= 0x846ca68bU;
-  x ^= x >> 16;
-  return x;
-}
-
-__device__ __forceinline__ float uniform_pm1(uint64_t i, uint32_t seed) {
-  uint32_t h = hash32(uint32_t(i) ^ hash32(uint32_t(i >> 32) + seed * 0x9e3779b9U));
-  return float(h >> 8) * (2.0f / 16777216.0f) - 1.0f;
-}
-
 // bf16 values uniform in [-scale, scale); with `block_pow2`, each 32-block of a row is also
 // multiplied by 2^e, e in [-3, 3], so MXFP8 scales differ from block to block.
 __global__ void fill_bf16(uint16_t* p, int64_t count, uint32_t seed, float scale,
@@ -80,12 +56,6 @@ __global__ void fill_bf16(uint16_t* p, int64_t count, uint32_t seed, float scale
     if (block_pow2) v = ldexpf(v, int(hash32(uint32_t(i / 32) * 2654435761u + seed) % 7) - 3);
     p[i] = fmoe::f32_to_bf16(v);
   }
-}
-
-__global__ void fill_f32(float* p, int64_t count, uint32_t seed, float scale) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count;
-       i += int64_t(gridDim.x) * blockDim.x)
-    p[i] = uniform_pm1(i, seed) * scale;
 }
 
 // MXFP8 of a bf16 [rows, cols] matrix: one thread per 32-block (numerics.h, bit for bit).

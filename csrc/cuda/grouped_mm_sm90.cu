@@ -98,6 +98,7 @@
 #include <cstdint>
 
 #include "cuda/activation.cuh"
+#include "cuda/group_tiles.cuh"
 #include "cuda/ptx/mbarrier.cuh"
 #include "cuda/ptx/tma.cuh"
 #include "cuda/ptx/wgmma.cuh"
@@ -658,33 +659,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     ptx::tma_prefetch_map(&tm_a);
     ptx::tma_prefetch_map(&tm_b);
   }
-  // Validate the offsets: a bad group gets no tiles (and its start/end are never used).
-  for (int g = tid; g < groups; g += Cfg::kThreads) {
-    const int lo = p.offsets[g], hi = p.offsets[g + 1];
-    const bool ok = lo >= 0 && lo <= hi && hi <= p.rows;
-    s_start[g] = ok ? lo : 0;
-    s_end[g] = ok ? hi : 0;
-    s_prefix[g + 1] = ok ? (hi - lo + BM - 1) / BM : 0;
-  }
-  __syncthreads();
-  if (tid < 32) {  // inclusive scan of s_prefix[1..groups]: each lane owns a contiguous chunk
-    const int chunk = (groups + 31) / 32;
-    const int lo = min(groups, tid * chunk), hi = min(groups, lo + chunk);
-    int sum = 0;
-    for (int i = lo; i < hi; ++i) sum += s_prefix[i + 1];
-    int incl = sum;
-    for (int d = 1; d < 32; d <<= 1) {
-      const int v = __shfl_up_sync(0xffffffffu, incl, d);
-      if (tid >= d) incl += v;
-    }
-    int run = incl - sum;
-    for (int i = lo; i < hi; ++i) {
-      run += s_prefix[i + 1];
-      s_prefix[i + 1] = run;
-    }
-    if (tid == 0) s_prefix[0] = 0;
-  }
-  __syncthreads();
+  build_group_tiles(p.offsets, groups, p.rows, BM, s_start, s_end, s_prefix);
   const int total_tiles = s_prefix[groups] * p.n_tiles;
 
   if (tid < 128) {

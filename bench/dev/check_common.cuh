@@ -1,0 +1,45 @@
+// Pieces every standalone kernel check of bench/dev/ uses: the CUDA error check, and a
+// counter-based random fill (the same values for a given (index, seed) on any launch shape).
+#pragma once
+
+#include <cuda_runtime.h>
+#include <unistd.h>
+
+#include <cstdint>
+#include <cstdio>
+
+// A failing CUDA call ends the check with exit code 2 (mismatches use 1, hangs 3).
+#define CHECK_CUDA(call)                                                                   \
+  do {                                                                                     \
+    cudaError_t err_ = (call);                                                             \
+    if (err_ != cudaSuccess) {                                                             \
+      std::printf("CUDA error %s at %s:%d: %s\n", cudaGetErrorString(err_), __FILE__,       \
+                  __LINE__, #call);                                                        \
+      std::fflush(stdout);                                                                 \
+      _exit(2);                                                                            \
+    }                                                                                      \
+  } while (0)
+
+__device__ __forceinline__ uint32_t hash32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352dU;
+  x ^= x >> 15;
+  x *= 0x846ca68bU;
+  x ^= x >> 16;
+  return x;
+}
+
+__device__ __forceinline__ uint32_t hash64(uint64_t i, uint32_t seed) {
+  return hash32(uint32_t(i) ^ hash32(uint32_t(i >> 32) + seed * 0x9e3779b9U));
+}
+
+// Uniform in [-1, 1).
+__device__ __forceinline__ float uniform_pm1(uint64_t i, uint32_t seed) {
+  return float(hash64(i, seed) >> 8) * (2.0f / 16777216.0f) - 1.0f;
+}
+
+__global__ void fill_f32(float* p, int64_t count, uint32_t seed, float scale) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count;
+       i += int64_t(gridDim.x) * blockDim.x)
+    p[i] = uniform_pm1(i, seed) * scale;
+}
