@@ -256,7 +256,8 @@ for (const [format, n] of [["bf16", T], ["mxfp8", T], ["bf16", 6], ["mxfp8", 6]]
     using tT = x.upload(tpe);
     using gp = x.upload(gProbs);
     using gout = moe.forwardGrouped({ hidden: gh, tokensPerExpert: tT, probs: gp });
-    if (!graphs) return { forward: eager, grouped: gout.download() };
+    const results: Record<string, Arr> = { forward: eager, grouped: gout.download() };
+    if (!graphs) return results;
     // Graph: capture, then replay with the routing reversed token-wise (new routing, same tensors).
     using stream = x.createStream();
     using replayOut = x.zeros([n, H], "bf16");
@@ -269,7 +270,7 @@ for (const [format, n] of [["bf16", T], ["mxfp8", T], ["bf16", 6], ["mxfp8", 6]]
     const replayed = replayOut.download();
     using again = moe.forward({ hidden: hT, routingMap: rT, probs: pT });
     const same = Buffer.from(replayed.buffer).equals(Buffer.from(again.download().buffer));
-    return { forward: eager, grouped: gout.download(), replay: replayed, replayEqualsEager: Int32Array.of(same ? 1 : 0), invalid: Int32Array.of(moe.invalidCount()) };
+    return { ...results, replay: replayed, replayEqualsEager: Int32Array.of(same ? 1 : 0), invalid: Int32Array.of(moe.invalidCount()) };
   }, { forward: tol, grouped: tol, replay: tol, replayEqualsEager: 0, invalid: 0 });
 }
 

@@ -36,6 +36,17 @@
 //   + bias, round to bf16; with an activation: widen, activation in f32, round to bf16 (the
 //   formulas of activation.cu); masked 16-byte stores (row in the group, row_map != -1, gather
 //   index valid, column < out_cols).
+// - Programmatic dependent launch (ptx/pdl.cuh): barrier init and the tensor-map prefetch run
+//   before griddepcontrol.wait, everything that reads the offsets, the token rows or writes c
+//   after it. The producer warp calls launch_dependents once it has issued its last weight
+//   load, so the next kernel of a decode layer is scheduled into the SM slots this grid frees.
+// - L2 prefetch of the next GEMM's weights (SmallMmPrefetch: FC1 pulls FC2's): after its last
+//   weight load the producer issues cp.async.bulk.prefetch.L2 over its share of the next
+//   weights of its items' groups. At decode a layer's fixed costs (launch, ramp-up, the tail of
+//   FC1 where fewer and fewer CTAs keep loads in flight, the gap before FC2) leave DRAM idle
+//   for several microseconds; the prefetch fills FC1's tail with FC2's bytes, and FC2 then
+//   streams (part of) its weights from L2. Total DRAM bytes do not change. Capped by a budget
+//   (a fraction of L2) so that large layers do not evict their own prefetch.
 //
 // Shared memory per CTA (kStages = 6): a stage is W 64 x 128 B = 8 KB + X token_tile x 128 B
 // (1-4 KB) (+ 1 KB of scale words for MXFP8); 54-78 KB of ring + the f32 tile (2-9 KB) + group
