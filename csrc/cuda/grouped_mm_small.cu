@@ -36,17 +36,6 @@
 //   + bias, round to bf16; with an activation: widen, activation in f32, round to bf16 (the
 //   formulas of activation.cu); masked 16-byte stores (row in the group, row_map != -1, gather
 //   index valid, column < out_cols).
-// - Programmatic dependent launch (ptx/pdl.cuh): barrier init and the tensor-map prefetch run
-//   before griddepcontrol.wait, everything that reads the offsets, the token rows or writes c
-//   after it. The producer warp calls launch_dependents once it has issued its last weight
-//   load, so the next kernel of a decode layer is scheduled into the SM slots this grid frees.
-// - L2 prefetch of the next GEMM's weights (SmallMmPrefetch: FC1 pulls FC2's): after its last
-//   weight load the producer issues cp.async.bulk.prefetch.L2 over its share of the next
-//   weights of its items' groups. At decode a layer's fixed costs (launch, ramp-up, the tail of
-//   FC1 where fewer and fewer CTAs keep loads in flight, the gap before FC2) leave DRAM idle
-//   for several microseconds; the prefetch fills FC1's tail with FC2's bytes, and FC2 then
-//   streams (part of) its weights from L2. Total DRAM bytes do not change. Capped by a budget
-//   (a fraction of L2) so that large layers do not evict their own prefetch.
 //
 // Shared memory per CTA (kStages = 6): a stage is W 64 x 128 B = 8 KB + X token_tile x 128 B
 // (1-4 KB) (+ 1 KB of scale words for MXFP8); 54-78 KB of ring + the f32 tile (2-9 KB) + group
@@ -66,11 +55,9 @@
 
 #include "core/numerics.h"
 #include "cuda/group_tiles.cuh"
-#include "cuda/ptx/bulk_prefetch.cuh"
 #include "cuda/ptx/cp_async.cuh"
 #include "cuda/ptx/cp_async_mbarrier.cuh"
 #include "cuda/ptx/mbarrier.cuh"
-#include "cuda/ptx/pdl.cuh"
 #include "cuda/ptx/tma.cuh"
 #include "cuda/ptx/wgmma.cuh"
 #include "cuda/tensor_map.h"
@@ -97,10 +84,6 @@ constexpr int kThreads = kConsumerThreads + 32;
 constexpr int kRedStride = kTileW + 4;  // f32 words per token row: +4 makes fragment stores
                                         // conflict-free (bank = 4 * token + row)
 constexpr int kMaxSplits = 4;
-// The L2 prefetch of the next GEMM's weights (grouped_mm_small_prefetch) is dropped when the
-// budget leaves less than this per weight row: a few 32-byte sectors per row would cost more in
-// instructions than they save.
-constexpr int64_t kMinPrefetchRowBytes = 256;
 
 template <int NT, bool kFp8>
 struct SmallLayout {
@@ -135,10 +118,6 @@ struct SmallParams {
   int gated_halves; // gated activation with the halves layout: the tile's rows are gate | up
   float alpha, limit;
   int splits;
-  // L2 prefetch of the next GEMM's weights (SmallMmPrefetch); pf_b == nullptr: none.
-  const uint8_t* pf_b;
-  const uint8_t* pf_scale;
-  int64_t pf_n, pf_row_bytes, pf_row_take, pf_scale_row_bytes;
 };
 
 // Global weight row (inside the group) of tile row m: gate rows then up rows for the halves
@@ -196,42 +175,6 @@ __device__ __forceinline__ int source_row(const SmallParams& p, int row, int row
   return (s >= 0 && s < p.a_rows) ? s : -1;
 }
 
-// Prefetches the 16-byte-aligned interior of [begin, end) into L2: rounding inwards keeps the
-// range inside the buffer (rounding outwards could step past the end of an allocation).
-__device__ __forceinline__ void prefetch_interior(const uint8_t* begin, const uint8_t* end) {
-  const uintptr_t lo = (reinterpret_cast<uintptr_t>(begin) + 15) & ~uintptr_t(15);
-  const uintptr_t hi = reinterpret_cast<uintptr_t>(end) & ~uintptr_t(15);
-  if (hi > lo) ptx::bulk_prefetch_l2(reinterpret_cast<const void*>(lo), uint32_t(hi - lo));
-}
-
-// The producer warp's share of the next GEMM's weights (SmallMmPrefetch), issued after its last
-// weight load. Each of the CTA's items owns part (index of the item in its group) * S + rank of
-// the group's S * items parts: a contiguous run of the group's rows (the first pf_row_take bytes
-// of each; lanes stride over the rows) and of its scale bytes. The parts of a group tile its
-// rows exactly, so a used group is prefetched once, whatever the grid.
-template <int NT>
-__device__ void prefetch_next(const SmallParams& p, int first_item, int item_stride,
-                              int total_items, int rank, int lane, const int* prefix,
-                              const int* start, const int* end) {
-  const int S = p.splits;
-  for (int w = first_item; w < total_items; w += item_stride) {
-    const Item it = decode_item<NT>(w, prefix, start, end, p.groups, p.n_tiles);
-    const int64_t g = it.group;
-    const int64_t parts = int64_t(prefix[g + 1] - prefix[g]) * p.n_tiles * S;
-    const int64_t part = (int64_t(w) - int64_t(prefix[g]) * p.n_tiles) * S + rank;
-    const int64_t r0 = p.pf_n * part / parts, r1 = p.pf_n * (part + 1) / parts;
-    for (int64_t r = r0 + lane; r < r1; r += 32) {
-      const uint8_t* row = p.pf_b + (g * p.pf_n + r) * p.pf_row_bytes;
-      prefetch_interior(row, row + p.pf_row_take);
-    }
-    if (p.pf_scale != nullptr && lane == 0) {
-      const int64_t bytes = p.pf_n * p.pf_scale_row_bytes;
-      const uint8_t* group = p.pf_scale + g * bytes;
-      prefetch_interior(group + bytes * part / parts, group + bytes * (part + 1) / parts);
-    }
-  }
-}
-
 // Byte offset, inside the 8 bytes of a row's two scale words, of the stage's first scale: the
 // words start at the aligned-down address and the buffers are 4-byte aligned.
 __device__ __forceinline__ int scale_skew(int64_t row, int ks) { return int((row * ks) & 3); }
@@ -270,10 +213,6 @@ __global__ void __launch_bounds__(kThreads)
     ptx::mbar_fence_init();
   }
   if (tid == kConsumerThreads) ptx::tma_prefetch_map(&tm_b);
-  // Up to here only this CTA's shared memory and the (constant) tensor map were touched: under
-  // programmatic dependent launch that overlaps the previous kernel. From here on the group
-  // offsets, the token rows and c may be that kernel's outputs or inputs (ptx/pdl.cuh).
-  ptx::grid_dependency_wait();
   build_group_tiles(p.offsets, groups, p.rows, NT, s_start, s_end, s_prefix);
 
   const int S = p.splits;
@@ -353,13 +292,6 @@ __global__ void __launch_bounds__(kThreads)
         cg::this_cluster().sync();
       }
     }
-    // Every weight load of this CTA is issued: the copy engines are free for the next GEMM's
-    // weights, and that GEMM may be scheduled (its CTAs take the SM slots this grid frees and
-    // wait for its completion in their own grid_dependency_wait).
-    if (p.pf_b != nullptr)
-      prefetch_next<NT>(p, first_item, item_stride, total_items, rank, lane, s_prefix, s_start,
-                        s_end);
-    ptx::launch_dependents();
     return;
   }
 
@@ -618,15 +550,6 @@ cudaError_t launch(const SmallMmArgs& a, SmallMmConfig cfg, int num_sms, cudaStr
   p.alpha = float(a.epilogue.alpha);
   p.limit = float(a.epilogue.limit);
   p.splits = cfg.splits;
-  const SmallMmPrefetch& pf = a.prefetch;
-  const bool prefetch = pf.b != nullptr && pf.groups == a.groups && pf.n > 0 &&
-                        pf.row_take > 0 && pf.row_take <= pf.row_bytes;
-  p.pf_b = prefetch ? static_cast<const uint8_t*>(pf.b) : nullptr;
-  p.pf_scale = prefetch && pf.scale_row_bytes > 0 ? pf.b_scale : nullptr;
-  p.pf_n = pf.n;
-  p.pf_row_bytes = pf.row_bytes;
-  p.pf_row_take = pf.row_take;
-  p.pf_scale_row_bytes = pf.scale_row_bytes;
 
   auto kernel = grouped_mm_small_kernel<NT, kFp8>;
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kSmemBytes);
@@ -645,18 +568,14 @@ cudaError_t launch(const SmallMmArgs& a, SmallMmConfig cfg, int num_sms, cudaStr
   lc.blockDim = dim3(kThreads);
   lc.dynamicSmemBytes = L::kSmemBytes;
   lc.stream = stream;
-  // Programmatic dependent launch always (the kernel waits before its first dependent access),
-  // plus the split-K cluster.
-  cudaLaunchAttribute attr[2];
-  attr[0] = pdl_attribute();
-  lc.attrs = attr;
-  lc.numAttrs = 1;
+  cudaLaunchAttribute attr[1];
   if (cfg.splits > 1) {
-    attr[1].id = cudaLaunchAttributeClusterDimension;
-    attr[1].val.clusterDim.x = unsigned(cfg.splits);
-    attr[1].val.clusterDim.y = 1;
-    attr[1].val.clusterDim.z = 1;
-    lc.numAttrs = 2;
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = unsigned(cfg.splits);
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    lc.attrs = attr;
+    lc.numAttrs = 1;
   }
   err = cudaLaunchKernelEx(&lc, kernel, tm_b, p);
   if (err != cudaSuccess) return err;
@@ -720,27 +639,6 @@ bool grouped_mm_small_supported(const SmallMmArgs& a) {
   if (k_bytes(a) >= INT_MAX || a.ldc >= INT_MAX) return false;
   if ((a.rows + a.groups) * tiles_per_group(a) >= INT_MAX) return false;
   return true;
-}
-
-SmallMmPrefetch grouped_mm_small_prefetch(const SmallMmArgs& next, int64_t budget_bytes) {
-  SmallMmPrefetch pf;
-  if (budget_bytes <= 0 || !grouped_mm_small_supported(next) || next.rows == 0) return pf;
-  const bool fp8 = next.format == FMOE_WEIGHTS_MXFP8;
-  const int64_t row_bytes = k_bytes(next);
-  const double total = double(std::min(next.groups, next.rows)) * double(next.n) *
-                       double(row_bytes);
-  const double fraction = std::min(1.0, double(budget_bytes) / total);
-  const int64_t take =
-      fraction >= 1.0 ? row_bytes : int64_t(double(row_bytes) * fraction) / 16 * 16;
-  if (take < kMinPrefetchRowBytes) return pf;
-  pf.b = next.b;
-  pf.b_scale = fp8 ? next.b_scale : nullptr;
-  pf.groups = next.groups;
-  pf.n = next.n;
-  pf.row_bytes = row_bytes;
-  pf.row_take = take;
-  pf.scale_row_bytes = fp8 ? next.k / 32 : 0;
-  return pf;
 }
 
 SmallMmConfig grouped_mm_small_config(const SmallMmArgs& a, int num_sms) {

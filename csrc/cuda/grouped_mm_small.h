@@ -24,23 +24,6 @@ struct SmallMmEpilogue {
   double limit = FMOE_SWIGLU_OAI_DEFAULT_LIMIT;
 };
 
-// The next GEMM's weights, prefetched into L2 by this one (FC1 prefetching FC2's: the decode
-// layer's FC2 then reads L2 instead of waiting for DRAM after FC1). Group g of the next weights
-// belongs to group g here (the same experts, the same group offsets). Once a CTA has issued its
-// last weight load, it prefetches its share of the next weights of the groups it worked on: the
-// first `row_take` bytes of every row of the group, split evenly over the group's work items, so
-// every used group is prefetched once and empty groups not at all; plus the group's e8m0 scales
-// (MXFP8). A hint: it changes no result. Built by grouped_mm_small_prefetch.
-struct SmallMmPrefetch {
-  const void* b = nullptr;           // null = no prefetch; else [groups, n, row_bytes], 16-aligned
-  const uint8_t* b_scale = nullptr;  // optional [groups, n, scale_row_bytes]
-  int64_t groups = 0;                // must equal the GEMM's groups (else nothing is prefetched)
-  int64_t n = 0;                     // rows per group
-  int64_t row_bytes = 0;             // bytes of one weight row (k * element size)
-  int64_t row_take = 0;              // bytes prefetched from the start of each row (<= row_bytes)
-  int64_t scale_row_bytes = 0;       // k / 32 (MXFP8)
-};
-
 struct SmallMmArgs {
   const void* a = nullptr;           // required: [a_rows, k] bf16, or e4m3 (mxfp8)
   const uint8_t* a_scale = nullptr;  // mxfp8: e8m0 [a_rows, k/32], 4-byte aligned
@@ -68,16 +51,7 @@ struct SmallMmArgs {
   int64_t max_rows_per_group = 0;
   int64_t format = FMOE_WEIGHTS_BF16;  // fmoe_weight_format: bf16, or mxfp8 (a and b both)
   SmallMmEpilogue epilogue;
-  SmallMmPrefetch prefetch;  // optional: the next GEMM's weights to pull into L2
 };
-
-// The L2 prefetch of `next`'s weights for the GEMM that runs before it, at most `budget_bytes`
-// in all: the routed groups are at most min(groups, rows) (a host bound: the used groups are
-// only known on the device), and when their weights exceed the budget only the first fraction
-// budget / bytes of every row is prefetched (the k blocks every CTA of `next` reads first), so
-// that the prefetch does not evict itself or the running GEMM's tiles from L2. Empty (no
-// prefetch) when `next` is not supported or the share per row would be under 256 bytes.
-SmallMmPrefetch grouped_mm_small_prefetch(const SmallMmArgs& next, int64_t budget_bytes);
 
 // The launch shape, picked from the problem shape by grouped_mm_small_config (the one place where
 // tile choices are made) or forced by tests.
@@ -99,9 +73,7 @@ bool grouped_mm_small_supported(const SmallMmArgs& a);
 SmallMmConfig grouped_mm_small_config(const SmallMmArgs& a, int num_sms);
 
 // Enqueues the GEMM on `stream`. Reads the group offsets on the device only (graph-capturable, no
-// host sync). Launched with programmatic dependent launch (ptx/pdl.cuh): the kernel's prologue
-// overlaps the previous kernel's tail, and it waits for that kernel before reading or writing
-// anything it may touch. Returns cudaSuccess when launched (or when there is nothing to do), else the error;
+// host sync). Returns cudaSuccess when launched (or when there is nothing to do), else the error;
 // call only when supported() holds.
 cudaError_t grouped_mm_small(const SmallMmArgs& a, int num_sms, cudaStream_t stream);
 
