@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <cstdint>
 #include <cstdio>
 
@@ -42,4 +43,30 @@ __global__ void fill_f32(float* p, int64_t count, uint32_t seed, float scale) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count;
        i += int64_t(gridDim.x) * blockDim.x)
     p[i] = uniform_pm1(i, seed) * scale;
+}
+
+// Waits for `stream` with a timeout, so that a pipeline deadlock reports itself (exit 3) instead
+// of hanging the run.
+inline void sync_or_die(cudaStream_t stream, const char* what, double timeout_s = 60.0) {
+  cudaEvent_t ev;
+  CHECK_CUDA(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
+  CHECK_CUDA(cudaEventRecord(ev, stream));
+  const auto t0 = std::chrono::steady_clock::now();
+  for (;;) {
+    const cudaError_t q = cudaEventQuery(ev);
+    if (q == cudaSuccess) break;
+    if (q != cudaErrorNotReady) {
+      std::printf("CUDA error while waiting for %s: %s\n", what, cudaGetErrorString(q));
+      std::fflush(stdout);
+      _exit(2);
+    }
+    if (std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() > timeout_s) {
+      std::printf("TIMEOUT: %s did not finish within %.0f s (pipeline deadlock?)\n", what,
+                  timeout_s);
+      std::fflush(stdout);
+      _exit(3);
+    }
+    usleep(200);
+  }
+  CHECK_CUDA(cudaEventDestroy(ev));
 }

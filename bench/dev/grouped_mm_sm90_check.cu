@@ -33,70 +33,15 @@
 
 #include "core/numerics.h"
 #include "cuda/grouped_mm_sm90.h"
+#include "bf16_reference.cuh"
 #include "check_common.cuh"
 
 namespace {
 
 // ---- device helpers ---------------------------------------------------------------------------
-__global__ void fill_bf16(__nv_bfloat16* p, int64_t count, uint32_t seed, float scale) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count;
-       i += int64_t(gridDim.x) * blockDim.x)
-    p[i] = __float2bfloat16_rn(uniform_pm1(i, seed) * scale);
-}
-
-// ref[r, c] = sum_k a[r,k] * b[g,c,k] + bias[g,c] for rows with row_group[r] = g >= 0. One thread
-// per output element; k % 8 == 0, so 16-byte loads (8 bf16) along k.
-__global__ void reference_gemm(const __nv_bfloat16* a, const __nv_bfloat16* b, const float* bias,
-                               const int* row_group, float* ref, int rows, int n, int k) {
-  const int col = blockIdx.x * blockDim.x + threadIdx.x;
-  const int row = blockIdx.y * blockDim.y + threadIdx.y;
-  if (row >= rows || col >= n) return;
-  const int g = row_group[row];
-  if (g < 0) return;
-  const uint4* ar = reinterpret_cast<const uint4*>(a + int64_t(row) * k);
-  const uint4* br = reinterpret_cast<const uint4*>(b + (int64_t(g) * n + col) * k);
-  float acc = 0.f;
-  for (int i = 0; i < k / 8; ++i) {
-    uint4 va = ar[i], vb = br[i];
-    const __nv_bfloat16* ea = reinterpret_cast<const __nv_bfloat16*>(&va);
-    const __nv_bfloat16* eb = reinterpret_cast<const __nv_bfloat16*>(&vb);
-#pragma unroll
-    for (int j = 0; j < 8; ++j) acc = fmaf(__bfloat162float(ea[j]), __bfloat162float(eb[j]), acc);
-  }
-  if (bias) acc += bias[int64_t(g) * n + col];
-  ref[int64_t(row) * n + col] = acc;
-}
-
 void launch_fill_bf16(void* p, int64_t count, uint32_t seed, float scale) {
   fill_bf16<<<1024, 256>>>(static_cast<__nv_bfloat16*>(p), count, seed, scale);
   CHECK_CUDA(cudaGetLastError());
-}
-
-// Waits for the stream with a timeout, so that a pipeline deadlock reports itself instead of
-// hanging the run.
-void sync_or_die(cudaStream_t s, const char* what, double timeout_s = 60.0) {
-  cudaEvent_t ev;
-  CHECK_CUDA(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
-  CHECK_CUDA(cudaEventRecord(ev, s));
-  auto t0 = std::chrono::steady_clock::now();
-  for (;;) {
-    cudaError_t q = cudaEventQuery(ev);
-    if (q == cudaSuccess) break;
-    if (q != cudaErrorNotReady) {
-      std::printf("CUDA error while waiting for %s: %s\n", what, cudaGetErrorString(q));
-      std::fflush(stdout);
-      _exit(2);
-    }
-    double el = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    if (el > timeout_s) {
-      std::printf("TIMEOUT: %s did not finish within %.0f s (pipeline deadlock?)\n", what,
-                  timeout_s);
-      std::fflush(stdout);
-      _exit(3);
-    }
-    usleep(200);
-  }
-  CHECK_CUDA(cudaEventDestroy(ev));
 }
 
 // ---- a test problem ---------------------------------------------------------------------------

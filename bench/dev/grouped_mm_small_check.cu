@@ -39,6 +39,7 @@
 #include "core/numerics.h"
 #include "cuda/grouped_mm_small.h"
 #include "check_common.cuh"
+#include "core/activation_math.h"
 
 namespace {
 
@@ -95,48 +96,6 @@ __global__ void reference_gemm(const void* a, const uint8_t* a_scale, const void
   h[int64_t(r) * n + j] = acc;
 }
 
-void sync_or_die(const char* what, double timeout_s = 60.0) {
-  cudaEvent_t ev;
-  CHECK_CUDA(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
-  CHECK_CUDA(cudaEventRecord(ev, 0));
-  auto t0 = std::chrono::steady_clock::now();
-  for (;;) {
-    cudaError_t q = cudaEventQuery(ev);
-    if (q == cudaSuccess) break;
-    if (q != cudaErrorNotReady) {
-      std::printf("CUDA error while waiting for %s: %s\n", what, cudaGetErrorString(q));
-      std::fflush(stdout);
-      _exit(2);
-    }
-    if (std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() > timeout_s) {
-      std::printf("TIMEOUT: %s did not finish within %.0f s (pipeline deadlock?)\n", what,
-                  timeout_s);
-      std::fflush(stdout);
-      _exit(3);
-    }
-    usleep(200);
-  }
-  CHECK_CUDA(cudaEventDestroy(ev));
-}
-
-// ---- host reference of the epilogue (csrc/host/activation.cpp's formulas) -------------------
-float act_value(int act, float g, float u, float alpha, float limit) {
-  switch (act) {
-    case FMOE_ACT_SQUARED_RELU: {
-      const float r = std::max(g, 0.0f);
-      return r * r;
-    }
-    case FMOE_ACT_SILU:
-      return g / (1.0f + std::exp(-g)) * u;
-    case FMOE_ACT_GELU:
-      return 0.5f * g * (1.0f + std::tanh(0.7978845608028654f * (g + 0.044715f * g * g * g))) * u;
-    default: {
-      const float gc = g > limit ? limit : g;
-      const float uc = u > limit ? limit : (u < -limit ? -limit : u);
-      return (uc + 1.0f) * gc * (1.0f / (1.0f + std::exp(-(alpha * gc))));
-    }
-  }
-}
 float rb(float x) { return fmoe::bf16_to_f32(fmoe::f32_to_bf16(x)); }
 
 // ---- a test problem ---------------------------------------------------------------------------
@@ -212,7 +171,7 @@ void make_operand(int64_t rows, int64_t k, bool fp8, uint32_t seed, float scale,
   CHECK_CUDA(cudaMalloc(sc, std::max<int64_t>(1, rows * k / 32)));
   quantize_blocks<<<2048, 256>>>(tmp, rows * k / 32, static_cast<uint8_t*>(*data), *sc);
   CHECK_CUDA(cudaGetLastError());
-  sync_or_die("quantize");
+  sync_or_die(0, "quantize");
   CHECK_CUDA(cudaFree(tmp));
 }
 
@@ -263,7 +222,7 @@ Dev upload(const Problem& p, const std::vector<int>& rg, const std::vector<int>&
   a.format = p.fp8 ? FMOE_WEIGHTS_MXFP8 : FMOE_WEIGHTS_BF16;
   a.epilogue.activation = p.act;
   a.epilogue.layout = p.layout;
-  sync_or_die("inputs + reference", 600.0);
+  sync_or_die(0, "inputs + reference", 600.0);
   return d;
 }
 
@@ -307,11 +266,11 @@ bool compare(const Problem& p, const std::vector<int>& rg, const Dev& d, const s
       const float* hr = h.data() + r * p.n;
       float ref;
       if (p.act < 0) ref = rb(hr[c]);
-      else if (!gated) ref = rb(act_value(p.act, rb(hr[c]), 0.f, alpha, limit));
+      else if (!gated) ref = rb(fmoe::activation_value(p.act, rb(hr[c]), 0.f, alpha, limit));
       else {
         const int64_t wg = p.layout == FMOE_LAYOUT_HALVES ? c : 2 * c;
         const int64_t wu = p.layout == FMOE_LAYOUT_HALVES ? I + c : 2 * c + 1;
-        ref = rb(act_value(p.act, rb(hr[wg]), rb(hr[wu]), alpha, limit));
+        ref = rb(fmoe::activation_value(p.act, rb(hr[wg]), rb(hr[wu]), alpha, limit));
       }
       const float gv = fmoe::bf16_to_f32(bits);
       double err = std::fabs(double(gv) - double(ref));
@@ -325,8 +284,8 @@ bool compare(const Problem& p, const std::vector<int>& rg, const Dev& d, const s
         const int64_t wu = !gated ? c : p.layout == FMOE_LAYOUT_HALVES ? I + c : 2 * c + 1;
         for (int dg = -1; dg <= 1; ++dg)
           for (int du = -1; du <= 1; ++du) {
-            const float alt = gated ? rb(act_value(p.act, nb(hr[wg], dg), nb(hr[wu], du), alpha, limit))
-                                    : rb(act_value(p.act, nb(hr[wg], dg), 0.f, alpha, limit));
+            const float alt = gated ? rb(fmoe::activation_value(p.act, nb(hr[wg], dg), nb(hr[wu], du), alpha, limit))
+                                    : rb(fmoe::activation_value(p.act, nb(hr[wg], dg), 0.f, alpha, limit));
             err = std::min(err, std::fabs(double(gv) - double(alt)));
           }
       }
@@ -412,7 +371,7 @@ bool run_case(const Problem& p, int num_sms, uint32_t seed) {
       ok = false;
       continue;
     }
-    sync_or_die((p.name + " kernel").c_str());
+    sync_or_die(0, (p.name + " kernel").c_str());
     ok = compare(p, rg, d, p.name + " " + cfg_str(cfg)) && ok;
   }
   release(d);
@@ -482,7 +441,7 @@ bool bench(const Shape& s, bool fp8, int num_sms) {
   const SmallMmConfig cfg = fmoe::cuda::grouped_mm_small_config(d.args, num_sms);
   CHECK_CUDA(cudaMemset(d.c, 0xFF, p.rows * out_cols(p) * 2));
   CHECK_CUDA(fmoe::cuda::grouped_mm_small(d.args, num_sms, 0));
-  sync_or_die((p.name + " kernel").c_str());
+  sync_or_die(0, (p.name + " kernel").c_str());
   bool ok = compare(p, rg, d, p.name + " " + cfg_str(cfg));
 
   const double bytes =
@@ -501,7 +460,7 @@ bool bench(const Shape& s, bool fp8, int num_sms) {
     CHECK_CUDA(cudaEventRecord(e0));
     CHECK_CUDA(fmoe::cuda::grouped_mm_small(args, num_sms, 0));
     CHECK_CUDA(cudaEventRecord(e1));
-    sync_or_die("timing");
+    sync_or_die(0, "timing");
     float t = 0;
     CHECK_CUDA(cudaEventElapsedTime(&t, e0, e1));
     ms.push_back(t);
@@ -513,7 +472,7 @@ bool bench(const Shape& s, bool fp8, int num_sms) {
     CHECK_CUDA(fmoe::cuda::grouped_mm_small(args, num_sms, 0));
   }
   CHECK_CUDA(cudaEventRecord(e1));
-  sync_or_die("timing");
+  sync_or_die(0, "timing");
   float total = 0;
   CHECK_CUDA(cudaEventElapsedTime(&total, e0, e1));
   const double med_us = ms[ms.size() / 2] * 1e3, mean_us = total * 1e3 / 20;

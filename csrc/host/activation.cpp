@@ -2,51 +2,20 @@
 // output is exactly the quantization of those bf16 values. Rows with row_map == -1 or at or
 // beyond *n_used are skipped (neither read nor written).
 #include <algorithm>
-#include <cmath>
 #include <vector>
 
+#include "core/activation_math.h"
 #include "core/numerics.h"
 #include "host/host_backend.h"
 
 namespace fmoe::host {
-namespace {
-
-inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
-
-struct ActParams {
-  int64_t activation;
-  float alpha, limit;
-};
-
-// Gated activations combine gate g and up u; squared_relu reads only g.
-inline float act_value(const ActParams& p, float g, float u) {
-  switch (p.activation) {
-    case FMOE_ACT_SQUARED_RELU: {
-      const float r = std::max(g, 0.0f);
-      return r * r;
-    }
-    case FMOE_ACT_SILU:
-      return g / (1.0f + std::exp(-g)) * u;
-    case FMOE_ACT_GELU:
-      return 0.5f * g * (1.0f + std::tanh(0.7978845608028654f * (g + 0.044715f * g * g * g))) * u;
-    default: {  // FMOE_ACT_SWIGLU_OAI
-      // Spelled out with comparisons (as std::min(gate, limit) and std::clamp behave) so that a
-      // NaN input compares false and passes through, the same on every backend.
-      const float gc = g > p.limit ? p.limit : g;
-      const float uc = u > p.limit ? p.limit : (u < -p.limit ? -p.limit : u);
-      return (uc + 1.0f) * gc * sigmoid(p.alpha * gc);
-    }
-  }
-}
-
-}  // namespace
 
 Status activation_quant(ThreadPool& pool, const fmoe_activation_args& a) {
   const int64_t I = a.ffn;
   const bool gated = a.activation != FMOE_ACT_SQUARED_RELU;
   const bool interleaved = gated && a.layout == FMOE_LAYOUT_INTERLEAVED;
   const int64_t n1 = gated ? 2 * I : I;
-  const ActParams p{a.activation, float(a.alpha), float(a.limit)};
+  const float alpha = float(a.alpha), limit = float(a.limit);
   const auto* in = static_cast<const uint16_t*>(a.input);
   auto* out = static_cast<uint16_t*>(a.output);
   // n_used is read once: rows at or beyond it may hold stale data from a longer batch.
@@ -69,7 +38,7 @@ Status activation_quant(ThreadPool& pool, const fmoe_activation_args& a) {
           g = bf16_to_f32(x[j]);
           u = bf16_to_f32(x[I + j]);
         }
-        row[j] = f32_to_bf16(act_value(p, g, u));
+        row[j] = f32_to_bf16(activation_value(a.activation, g, u, alpha, limit));
       }
       if (out != nullptr) std::copy(row.begin(), row.end(), out + r * I);
       if (a.output_q != nullptr) {
