@@ -350,7 +350,7 @@ describe.skipIf(SKIP)("CUDA backend vs host backend", () => {
   // ----------------------------------------------------------------------------------------------
   // unpermute
 
-  for (const [T, H, topk, probs, corrupt] of [[0, 64, 2, true, false], [1, 64, 8, true, false], [9, 33, 2, true, true], [2, 2880, 2, false, false], [37, 128, 1, false, true], [4096, 1024, 8, true, true]] as const) {
+  for (const [T, H, topk, probs, corrupt] of [[0, 64, 2, true, false], [1, 64, 8, true, false], [9, 33, 2, true, true], [2, 2880, 2, false, false], [37, 128, 1, false, true], [4096, 1024, 8, true, true], [3, 7168, 12, true, true], [5, 2056, 9, true, false], [2, 33, 12, false, true]] as const) {
     seededTest(`unpermute: T = ${T}, H = ${H}, topk = ${topk}${probs ? ", probs" : ""}${corrupt ? ", corrupt inverse-map entries" : ""} (bit-exact)`, (rng) => {
       const rows = T * topk + 64;
       const input = randBf16(rng, rows * H);

@@ -175,8 +175,10 @@ void release(Device& d) {
 }
 
 // got [rows, cols] bf16 vs want (f32 or bf16 values) on rows with rg >= 0; others keep 0xFFFF.
+// tol_scale widens the tolerance; up to allowed_fraction of the elements may miss it.
 bool compare(const std::string& label, const std::vector<int>& rg, int64_t rows, int64_t cols,
-             const std::vector<uint16_t>& got, const std::vector<float>& want) {
+             const std::vector<uint16_t>& got, const std::vector<float>& want,
+             double tol_scale = 1.0, double allowed_fraction = 0.0) {
   int64_t bad = 0, clobbered = 0, checked = 0, exact = 0;
   double max_ratio = 0;
   for (int64_t r = 0; r < rows; ++r) {
@@ -197,7 +199,7 @@ bool compare(const std::string& label, const std::vector<int>& rg, int64_t rows,
       }
       ++checked;
       const double g = fmoe::bf16_to_f32(bits), w = want[r * cols + c];
-      const double tol = 1e-2 * (std::fabs(w) + row_rms + 1.0), err = std::fabs(g - w);
+      const double tol = tol_scale * 1e-2 * (std::fabs(w) + row_rms + 1.0), err = std::fabs(g - w);
       if (fmoe::f32_to_bf16(float(w)) == bits) ++exact;
       if (!(err <= tol)) {
         if (bad++ < 8)
@@ -208,11 +210,12 @@ bool compare(const std::string& label, const std::vector<int>& rg, int64_t rows,
       }
     }
   }
-  const bool ok = bad == 0 && clobbered == 0;
+  const bool ok = double(bad) <= allowed_fraction * double(checked) && clobbered == 0;
   std::printf("  %s %-60s checked %lld, %.2f%% bit-exact, max err/tol %.3g", ok ? "PASS" : "FAIL",
               label.c_str(), (long long)checked, checked ? 100.0 * exact / checked : 100.0,
               max_ratio);
-  if (!ok) std::printf(", %lld mismatches, %lld clobbered", (long long)bad, (long long)clobbered);
+  if (bad || clobbered)
+    std::printf(", %lld mismatches, %lld clobbered", (long long)bad, (long long)clobbered);
   std::printf("\n");
   std::fflush(stdout);
   return ok;
@@ -237,11 +240,11 @@ bool run_case(const Problem& p, int num_sms, uint32_t seed, bool with_act) {
   std::vector<float> ref(size_t(ce), 0.f);
   if (p.rows > 0)
     CHECK_CUDA(cudaMemcpy(ref.data(), d.ref, p.rows * p.n * 4, cudaMemcpyDeviceToHost));
-  for (int bn : {128, 256}) {
+  for (int bn : {fmoe::cuda::kSm90MxFp8Wgmma, 128, 256}) {
     CHECK_CUDA(cudaMemset(d.c, 0xFF, ce * 2));
     CHECK_CUDA(fmoe::cuda::grouped_mm_sm90_mxfp8_block_n(d.mx, num_sms, bn, 0));
     CHECK_CUDA(cudaDeviceSynchronize());
-    ok = compare(p.name + " BN=" + std::to_string(bn), rg, p.rows, p.n,
+    ok = compare(p.name + (bn ? " dequant BN=" + std::to_string(bn) : std::string(" fp8-wgmma")), rg, p.rows, p.n,
                  fetch16(d.c, p.rows * p.n), ref) && ok;
   }
   if (with_act) {
@@ -257,17 +260,24 @@ bool run_case(const Problem& p, int num_sms, uint32_t seed, bool with_act) {
         continue;
       }
       const int64_t cols = act.activation == FMOE_ACT_SQUARED_RELU ? p.n : p.n / 2;
-      for (int bn : {128, 256}) {
+      for (int bn : {fmoe::cuda::kSm90MxFp8Wgmma, 128, 256}) {
         CHECK_CUDA(cudaMemset(d.c, 0xFF, ce * 2));
         CHECK_CUDA(cudaMemset(d.c_ref, 0xFF, ce * 2));
         CHECK_CUDA(fmoe::cuda::grouped_mm_sm90_mxfp8_act_block_n(d.mx, act, num_sms, bn, 0));
-        CHECK_CUDA(fmoe::cuda::grouped_mm_sm90_bf16_act_block_n(d.bf, act, num_sms, bn, 0));
+        CHECK_CUDA(fmoe::cuda::grouped_mm_sm90_bf16_act_block_n(d.bf, act, num_sms, bn ? bn : 128, 0));
         CHECK_CUDA(cudaDeviceSynchronize());
         const std::vector<uint16_t> want16 = fetch16(d.c_ref, p.rows * cols);
         std::vector<float> want(want16.size());
         for (size_t j = 0; j < want16.size(); ++j) want[j] = fmoe::bf16_to_f32(want16[j]);
-        ok = compare(p.name + " " + names[i] + " BN=" + std::to_string(bn), rg, p.rows, cols,
-                     fetch16(d.c, p.rows * cols), want) && ok;
+        // The dequantizing kernels compute bit for bit the bf16 kernel's h. fp8 wgmma sums each
+        // k32 block in the tensor core's own precision, so its bf16 h can sit one ulp off: an
+        // activation output then moves by up to two ulps (squared_relu), or flips where the gate
+        // cancels to about zero against the row (swiglu_oai's clamps turn that into 0 vs -42 on
+        // these random e4m3 bytes, whose products span 2^-18..2^17). Allowed: 2x the tolerance,
+        // and 1e-4 of the elements outside it.
+        const bool fp8 = bn == fmoe::cuda::kSm90MxFp8Wgmma;
+        ok = compare(p.name + " " + names[i] + (bn ? " dequant BN=" + std::to_string(bn) : std::string(" fp8-wgmma")), rg, p.rows, cols,
+                     fetch16(d.c, p.rows * cols), want, fp8 ? 2.0 : 1.0, fp8 ? 1e-4 : 0.0) && ok;
       }
     }
   }
@@ -323,13 +333,13 @@ void bench(const std::string& name, int64_t groups, int64_t rows_per_group, int6
   Device d = upload(p, rg, 7, false);
   const double flops = 2.0 * double(p.rows) * double(n) * double(k);
   const int picked = fmoe::cuda::grouped_mm_sm90_pick_block_n(d.mx, num_sms);
-  for (int bn : {128, 256}) {
+  for (int bn : {fmoe::cuda::kSm90MxFp8Wgmma, 128, 256}) {
     const float mx = median_ms(
         [&] { return fmoe::cuda::grouped_mm_sm90_mxfp8_block_n(d.mx, num_sms, bn, 0); });
     const float bf = median_ms(
-        [&] { return fmoe::cuda::grouped_mm_sm90_bf16_block_n(d.bf, num_sms, bn, 0); });
-    std::printf("  TIME %-44s BN=%d%s: mxfp8 %.3f ms %.1f TFLOP/s | bf16 %.3f ms %.1f TFLOP/s\n",
-                name.c_str(), bn, bn == picked ? " (picked)" : "", mx,
+        [&] { return fmoe::cuda::grouped_mm_sm90_bf16_block_n(d.bf, num_sms, bn ? bn : picked, 0); });
+    std::printf("  TIME %-44s %s%s: mxfp8 %.3f ms %.1f TFLOP/s | bf16 %.3f ms %.1f TFLOP/s\n",
+                name.c_str(), bn ? (bn == 128 ? "dequant BN=128" : "dequant BN=256") : "fp8-wgmma", bn == picked ? " (picked)" : "", mx,
                 flops / (mx * 1e-3) / 1e12, bf, flops / (bf * 1e-3) / 1e12);
     std::fflush(stdout);
   }

@@ -86,6 +86,8 @@ class CudaBackend final : public Backend {
   Status grouped_mm_bf16(BackendStream* s, const fmoe_grouped_mm_args& a) override;
   Status grouped_mm_mxfp8(BackendStream* s, const fmoe_grouped_mm_args& a) override;
   Status unpermute(BackendStream* s, const fmoe_unpermute_args& a) override;
+  // unpermute, optionally launched as a programmatic dependent of the kernel ahead (decode).
+  Status unpermute_launch(BackendStream* s, const fmoe_unpermute_args& a, bool overlap_previous);
   Status expand_group_ids(BackendStream* s, const int32_t* tokens_per_expert,
                           int64_t num_local_experts, int64_t local_expert_start, int64_t rows,
                           int32_t* routing_rows) override;

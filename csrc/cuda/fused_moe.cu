@@ -98,8 +98,14 @@ Status CudaBackend::fused_moe_decode(BackendStream* s, const PlanShape& shape,
   fc1.epilogue.layout = d.layout;
   fc1.epilogue.alpha = d.alpha;
   fc1.epilogue.limit = d.limit;
-  const cuda::SmallMmArgs fc2 =
-      small_mm_args(call.fc2_args(rows), d.hidden_size, d.weight_format, bound);
+  // The chain overlaps each launch with the tail of the kernel ahead (ptx/griddep.cuh): FC1 sets
+  // up under the routing and waits for it; FC2's offsets and weights were ready before FC1 (or
+  // the quantize) started, so its first weight stages load under FC1's tail and only its token
+  // rows wait; unpermute starts under FC2's tail.
+  fc1.overlap_previous = true;
+  cuda::SmallMmArgs fc2 = small_mm_args(call.fc2_args(rows), d.hidden_size, d.weight_format, bound);
+  fc2.overlap_previous = true;
+  fc2.weights_before_wait = true;
   // Decided before anything is enqueued: the fallback is taken whole or not at all.
   if (call.tokens > kDecodeMaxTokens || !cuda::grouped_mm_small_supported(fc1) ||
       !cuda::grouped_mm_small_supported(fc2))
@@ -116,7 +122,7 @@ Status CudaBackend::fused_moe_decode(BackendStream* s, const PlanShape& shape,
     FMOE_TRY(quantize_mxfp8(s, static_cast<const uint16_t*>(act_bf16), rows, d.ffn,
                             static_cast<uint8_t*>(call.act_out), call.act_scale));
   FMOE_CHECK_CUDA(cuda::grouped_mm_small(fc2, sms, stream_of(s)));
-  return unpermute(s, call.unpermute_args(rows));
+  return unpermute_launch(s, call.unpermute_args(rows), /*overlap_previous=*/true);
 }
 
 Status CudaBackend::fused_moe(BackendStream* s, const PlanShape& shape, const fmoe_moe_args& a,

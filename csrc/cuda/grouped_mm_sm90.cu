@@ -83,12 +83,13 @@
 //   expected FC1 time about that of the plain kernel (~0.70 ms for qwen3 at T = 8192), and the
 //   activation pass (~0.22 ms) gone.
 //
-// MXFP8 operands (grouped_mm_sm90_mxfp8[_act]): the same kernel with another producer. The 128
-// producer threads load e4m3 + e8m0 with plain loads, dequantize to bf16 and store the tile that
-// TMA would have staged for bf16 operands; consumers, scheduler and epilogues are shared (see
-// "MXFP8 operands: dequantized by the producer warpgroup" below). Expected: the bf16 kernel's
-// speed (same smem traffic, conversion ~60% of one issue slot per SM sub-partition while wgmma
-// runs) with half the operand bytes read.
+// MXFP8 operands (grouped_mm_sm90_mxfp8[_act]): the same scheduler and epilogues with one of two
+// mainloops. (a) kOpMxFp8, the default: TMA stages the e4m3 bytes, the consumers run fp8 wgmma
+// per 32-wide scale block and promote with the scales in f32 ("MXFP8 operands: fp8 wgmma"
+// below). (b) kOpMxDequant: the 128 producer threads load e4m3 + e8m0 with plain loads,
+// dequantize to bf16 and store the tile that TMA would have staged for bf16 operands ("MXFP8
+// operands: dequantized by the producer warpgroup"). Measured on an H200 (bench/NOTES.md v4):
+// (a) 280-346 TFLOP/s, (b) 240-260, bf16 590-770: neither reaches the bf16 kernel yet.
 #include "cuda/grouped_mm_sm90.h"
 
 #include <cuda_bf16.h>
@@ -96,9 +97,13 @@
 #include <algorithm>
 #include <climits>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
+#include "core/numerics.h"
 #include "cuda/activation.cuh"
 #include "cuda/group_tiles.cuh"
+#include "cuda/mx_scale_words.cuh"
 #include "cuda/ptx/mbarrier.cuh"
 #include "cuda/ptx/tma.cuh"
 #include "cuda/ptx/wgmma.cuh"
@@ -129,21 +134,41 @@ namespace {
 //   without lowering the consumers would wait forever for registers nobody frees (v1 of this
 //   producer asked for 176 and hung).
 //   Shared memory: exactly that of the bf16 configuration of the same width (no staging ring).
-template <int BN, int STAGES, int kProducerRegs_ = 40, int kConsumerRegs_ = 232, bool kMx_ = false>
+// MXFP8 by fp8 wgmma (kOpMxFp8, see "MXFP8 operands: fp8 wgmma" below): a k-block is 128 e4m3
+//   (still one 128-byte swizzle span), loaded by TMA as bytes; each stage also holds the
+//   k-block's 4 scales of every A and B row as f32 (4 KB) and their raw words (2 KB), so 5
+//   stages of 38 KB fit. BN = 128: a consumer thread keeps 64 accumulators and 64 f32
+//   temporaries of one k32 wgmma. Registers: producer 56 (the scale-word ring's state: 40
+//   spilled), consumers 224: 56 x 128 + 224 x 256 = 64512.
+enum Sm90Operands : int {
+  kOpBf16 = 0,      // bf16 A and B by TMA
+  kOpMxDequant = 1, // e4m3 + e8m0 dequantized to bf16 by the producer warpgroup
+  kOpMxFp8 = 2,     // e4m3 by TMA, fp8 wgmma per k32 block, promoted with the scales in f32
+};
+template <int BN, int STAGES, int kProducerRegs_ = 40, int kConsumerRegs_ = 232,
+          int kOperands_ = kOpBf16>
 struct Sm90TileConfig {
+  static constexpr int kOperands = kOperands_;
+  static constexpr bool kMx = kOperands == kOpMxDequant;
+  static constexpr bool kFp8 = kOperands == kOpMxFp8;
+  static constexpr int kElemBytes = kFp8 ? 1 : 2;  // of A and B as staged for the tensor cores
   static constexpr int kBlockM = 128;
   static constexpr int kBlockN = BN;
-  static constexpr int kBlockK = 64;
+  static constexpr int kBlockK = 128 / kElemBytes;
   static constexpr int kStages = STAGES;
   static constexpr int kRasterBand = 8;
   static constexpr int kMaxGroups = 1024;
   static constexpr int kThreads = 384;
   static constexpr int kProducerRegs = kProducerRegs_;
   static constexpr int kConsumerRegs = kConsumerRegs_;
-  static constexpr bool kMx = kMx_;
-  static constexpr int kABytes = kBlockM * kBlockK * 2;
-  static constexpr int kBBytes = kBlockN * kBlockK * 2;
-  static constexpr int kStageBytes = kABytes + kBBytes;
+  static constexpr int kABytes = kBlockM * kBlockK * kElemBytes;
+  static constexpr int kBBytes = kBlockN * kBlockK * kElemBytes;
+  static constexpr int kTmaBytes = kABytes + kBBytes;  // what the stage's TMA copies deliver
+  // kOpMxFp8: f32 scales of the stage, A as [BM][4] then B as [4][BN] (k32 block j of row r),
+  // and the raw scale words they are made from, [BM + BN][2] (mx_scale_words.cuh).
+  static constexpr int kScaleFloats = kFp8 ? 4 * (kBlockM + kBlockN) : 0;
+  static constexpr int kRawWords = kFp8 ? 2 * (kBlockM + kBlockN) : 0;
+  static constexpr int kStageBytes = kABytes + kBBytes + kScaleFloats * 4 + kRawWords * 4;
   static constexpr int kBarrierBytes = 2 * kStages * 8;
   static constexpr int kTableBytes = (3 * kMaxGroups + 1) * 4;
   static constexpr int kSmemBytes = 1024 + kStages * kStageBytes + kBarrierBytes + kTableBytes;
@@ -155,19 +180,21 @@ struct Sm90TileConfig {
   static constexpr int kBiasBytes = 2 * 2 * kBlockN * 4;
   static constexpr int kSmemBytesAct = 1024 + kBiasOffset + kBiasBytes;
   static_assert(kSmemBytesAct <= 227 * 1024, "exceeds the 227 KB of shared memory per block");
-  static_assert(kBlockK * 2 == 128, "one k-block row must be one 128-byte swizzle span");
+  static_assert(kBlockK * kElemBytes == 128, "one k-block row must be one 128-byte swizzle span");
   // setmaxnreg redistributes the CTA's launch allocation (168 per thread: __launch_bounds__(384,
   // 1)); it cannot grow it.
   static_assert(kProducerRegs * 128 + kConsumerRegs * 256 <= 168 * kThreads, "register pool");
   static_assert(kProducerRegs % 8 == 0 && kConsumerRegs % 8 == 0, "setmaxnreg granularity");
   // Halves-layout B tiles are two boxes of BN/2 rows; the second must start on a swizzle atom
   // (1024 bytes = 8 rows of 128 bytes) so that both land as one BN-row box would.
-  static_assert((kBlockN / 2 * kBlockK * 2) % 1024 == 0, "half B tile off the swizzle atom");
+  static_assert((kBlockN / 2 * kBlockK * kElemBytes) % 1024 == 0, "half B tile off the swizzle atom");
+  static_assert(!kFp8 || (kBlockN == 128 && kBlockM == 128), "fp8 producer: one A and one B row per thread");
 };
 using Sm90Wide = Sm90TileConfig<256, 4>;
 using Sm90Narrow = Sm90TileConfig<128, 6>;
-using Sm90MxWide = Sm90TileConfig<256, 4, 168, 168, true>;
-using Sm90MxNarrow = Sm90TileConfig<128, 6, 168, 168, true>;
+using Sm90MxWide = Sm90TileConfig<256, 4, 168, 168, kOpMxDequant>;
+using Sm90MxNarrow = Sm90TileConfig<128, 6, 168, 168, kOpMxDequant>;
+using Sm90Fp8 = Sm90TileConfig<128, 5, 56, 224, kOpMxFp8>;
 
 // What the epilogue writes (the kernel's template parameter).
 enum Epilogue : int {
@@ -450,7 +477,7 @@ __device__ __forceinline__ void produce_tma(const Sm90Params& p, const TileTable
     const int b_row = tile_b_row<kEpi>(p, tc);
     for (int kb = 0; kb < p.k_blocks; ++kb) {
       ptx::mbar_wait(&empty[stage], phase ^ 1);
-      ptx::mbar_arrive_expect_tx(&full[stage], Cfg::kStageBytes);
+      ptx::mbar_arrive_expect_tx(&full[stage], Cfg::kTmaBytes);
       ptx::tma_load_2d(smem_a + stage * Cfg::kABytes, tm_a, &full[stage], kb * BK, tc.m0);
       uint8_t* b_dst = smem_b + stage * Cfg::kBBytes;
       ptx::tma_load_2d(b_dst, tm_b, &full[stage], kb * BK, b_row);
@@ -625,6 +652,170 @@ __device__ __forceinline__ void produce_mx(const Sm90Params& p, const TileTables
   }
 }
 
+// ---- MXFP8 operands: fp8 wgmma, promoted per scale block -----------------------------------------
+// The e4m3 bytes go to the tensor cores as they are: TMA stages A (128 x 128 bytes) and B (128 x
+// 128 bytes, two boxes for halves) of a 128-wide k-block, and each consumer issues one
+// wgmma.m64n128k32 (e4m3 x e4m3, f32) per k32 step into zeroed temporaries, i.e. exactly one MX
+// block of both operands, then promotes: acc[r][c] += tmp[r][c] * scale_b[c] * scale_a[r], in f32.
+// - Scales: the 128 producer threads each own one A row and one B row of the tile. A thread
+//   copies its rows' scale words (mx_scale_words.cuh) with cp.async S k-blocks ahead, over tile
+//   boundaries; per k-block it waits for that k-block's words, turns the 4 bytes of each row into
+//   f32 (numerics.h e8m0_to_f32: 0xFF is NaN, 0 the f32 subnormal 2^-127) and stores them A as
+//   [row][4], B as [4][col], so that a consumer thread reads its two rows' scales as float4s and
+//   its columns' pairs as float2s. k32 blocks past k and rows past a tensor get scale 0 (their
+//   bytes are TMA zeros: 0 x 0 adds nothing). v1 loaded the bytes with plain loads right before
+//   the stage: one global latency per k-block held the kernel to ~250 TFLOP/s, the same ceiling
+//   as the dequantizing producer (two k-blocks per latency of half the k).
+// - The stage's `full` barrier counts the 128 producer threads: thread 0's arrival carries the
+//   TMA byte count; every thread arrives after its scale stores (mbarrier arrive has release
+//   semantics, the consumers' wait acquire: plain stores need no proxy fence here).
+// - Cost: two f32 operations per accumulator per k32 (FMUL + FFMA), the same issue budget as
+//   one bf16 k16 wgmma's worth of the dequantizing producer, but on the FMA pipes of the
+//   consumer warpgroups while the other warpgroup's wgmma runs: expected near the bf16 kernel's
+//   rate with half the operand bytes.
+template <class Cfg, int kEpi>
+__device__ __forceinline__ void produce_fp8(const Sm90Params& p, const TileTables& tt,
+                                            const CUtensorMap* tm_a, const CUtensorMap* tm_b,
+                                            uint8_t* smem_a, uint8_t* smem_b, float* smem_scale,
+                                            uint32_t* smem_raw_scale, uint64_t* full,
+                                            uint64_t* empty, int tid) {
+  constexpr int BK = Cfg::kBlockK, S = Cfg::kStages, BM = Cfg::kBlockM, BN = Cfg::kBlockN;
+  constexpr int kTileCols = epilogue_gated(kEpi) ? BN / 2 : BN;
+  const int64_t a_end = int64_t(p.rows) * p.k_scales, b_end = int64_t(p.b_rows) * p.k_scales;
+  // This thread's scale rows of tile t: A row m0 + tid, B tile row tid (halves: gate, then up).
+  auto scale_rows = [&](int t, int64_t* a_row, int64_t* b_row) {
+    const TileCoord tc =
+        decode_tile<Cfg, kTileCols>(t, tt.prefix, tt.start, tt.end, tt.groups, p.n_tiles);
+    const int b0 = tile_b_row<kEpi>(p, tc);
+    const int a = tc.m0 + tid;
+    const int b = kEpi == kEpiActHalves && tid >= BN / 2 ? b0 + p.ffn + tid - BN / 2 : b0 + tid;
+    *a_row = a < p.rows ? a : -1;
+    *b_row = b < p.b_rows ? b : -1;
+  };
+  // The scale words run S k-blocks ahead of the stages, over tile boundaries, one cp.async group
+  // per k-block (empty past the last): the ring of raw words is the stage ring itself.
+  int copy_tile = blockIdx.x, copy_kb = 0;
+  int64_t copy_a = -1, copy_b = -1;
+  if (copy_tile < tt.total_tiles) scale_rows(copy_tile, &copy_a, &copy_b);
+  auto copy_next = [&](int slot) {
+    if (copy_tile < tt.total_tiles) {
+      uint32_t* raw = smem_raw_scale + slot * Cfg::kRawWords + 2 * tid;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        copy_scale_words(raw, p.a_scale, copy_a, p.k_scales, copy_kb, a_end, h);
+        copy_scale_words(raw + 2 * BM, p.b_scale, copy_b, p.k_scales, copy_kb, b_end, h);
+      }
+      if (++copy_kb == p.k_blocks) {
+        copy_kb = 0;
+        copy_tile += gridDim.x;
+        if (copy_tile < tt.total_tiles) scale_rows(copy_tile, &copy_a, &copy_b);
+      }
+    }
+    ptx::cp_async_commit();
+  };
+  for (int s = 0; s < S; ++s) copy_next(s);
+
+  int stage = 0;
+  uint32_t phase = 0;
+  for (int t = blockIdx.x; t < tt.total_tiles; t += gridDim.x) {
+    const TileCoord tc =
+        decode_tile<Cfg, kTileCols>(t, tt.prefix, tt.start, tt.end, tt.groups, p.n_tiles);
+    const int b_row = tile_b_row<kEpi>(p, tc);
+    int64_t a_row, b_tile_row;
+    scale_rows(t, &a_row, &b_tile_row);
+    const int skew_a = a_row >= 0 ? scale_skew(a_row, p.k_scales) : 0;
+    const int skew_b = b_tile_row >= 0 ? scale_skew(b_tile_row, p.k_scales) : 0;
+    for (int kb = 0; kb < p.k_blocks; ++kb) {
+      ptx::cp_async_wait<S - 1>();  // this k-block's words (issued S groups ago) have landed
+      const uint32_t* raw = smem_raw_scale + stage * Cfg::kRawWords + 2 * tid;
+      const uint32_t wa[2] = {raw[0], raw[1]}, wb[2] = {raw[2 * BM], raw[2 * BM + 1]};
+      float fa[4], fb[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const bool in_k = kb * 4 + j < p.k_scales;
+        fa[j] = a_row >= 0 && in_k ? e8m0_to_f32(scale_byte(wa, skew_a, j)) : 0.f;
+        fb[j] = b_tile_row >= 0 && in_k ? e8m0_to_f32(scale_byte(wb, skew_b, j)) : 0.f;
+      }
+      copy_next(stage);  // the words are in registers: the slot takes k-block + S
+      ptx::mbar_wait(&empty[stage], phase ^ 1);
+      float* sc = smem_scale + stage * Cfg::kScaleFloats;
+      *reinterpret_cast<float4*>(sc + 4 * tid) = make_float4(fa[0], fa[1], fa[2], fa[3]);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) sc[4 * BM + j * BN + tid] = fb[j];
+      if (tid == 0) {
+        ptx::mbar_arrive_expect_tx(&full[stage], Cfg::kTmaBytes);
+        // Coordinates in bf16 units: the e4m3 tensors are mapped as pairs of bytes.
+        ptx::tma_load_2d(smem_a + stage * Cfg::kABytes, tm_a, &full[stage], kb * (BK / 2), tc.m0);
+        uint8_t* b_dst = smem_b + stage * Cfg::kBBytes;
+        ptx::tma_load_2d(b_dst, tm_b, &full[stage], kb * (BK / 2), b_row);
+        if constexpr (kEpi == kEpiActHalves)
+          ptx::tma_load_2d(b_dst + Cfg::kBBytes / 2, tm_b, &full[stage], kb * (BK / 2),
+                           b_row + p.ffn);
+      } else {
+        ptx::mbar_arrive(&full[stage]);
+      }
+      if (++stage == S) {
+        stage = 0;
+        phase ^= 1;
+      }
+    }
+  }
+  ptx::cp_async_wait<0>();  // nothing may be in flight into shared memory at exit
+}
+
+// The fp8 consumer mainloop of one tile: acc = sum over k32 blocks of (A x B block) * scales.
+template <class Cfg>
+__device__ __forceinline__ void consume_fp8(float (&acc)[Cfg::kBlockN / 2], const Sm90Params& p,
+                                            const uint8_t* smem_a, const uint8_t* smem_b,
+                                            const float* smem_scale, uint64_t* full,
+                                            uint64_t* empty, int half, int warp, int lane,
+                                            int& stage, uint32_t& phase) {
+  constexpr int BM = Cfg::kBlockM, BN = Cfg::kBlockN, S = Cfg::kStages;
+  const int q = lane & 3;
+  const int r0 = half * (BM / 2) + warp * 16 + (lane >> 2);  // tile rows r0, r0 + 8
+#pragma unroll
+  for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
+  float tmp[BN / 2];
+  for (int kb = 0; kb < p.k_blocks; ++kb) {
+    ptx::mbar_wait(&full[stage], phase);
+    const uint32_t a_addr = ptx::smem_addr(smem_a + stage * Cfg::kABytes) + half * (BM / 2) * 128;
+    const uint32_t b_addr = ptx::smem_addr(smem_b + stage * Cfg::kBBytes);
+    const float* sc = smem_scale + stage * Cfg::kScaleFloats;
+    const float4 sa0 = *reinterpret_cast<const float4*>(sc + 4 * r0);
+    const float4 sa1 = *reinterpret_cast<const float4*>(sc + 4 * (r0 + 8));
+    const float sa[2][4] = {{sa0.x, sa0.y, sa0.z, sa0.w}, {sa1.x, sa1.y, sa1.z, sa1.w}};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+#pragma unroll
+      for (int i = 0; i < BN / 2; ++i) ptx::wgmma_fence_operand(tmp[i]);
+      ptx::wgmma_fence();
+      // k32 step j = 32 bytes along the swizzled 128-byte row.
+      ptx::wgmma_m64n128k32_e4m3(tmp, ptx::wgmma_desc_sw128(a_addr + j * 32),
+                                 ptx::wgmma_desc_sw128(b_addr + j * 32), 0);
+      ptx::wgmma_commit();
+      ptx::wgmma_wait<0>();
+#pragma unroll
+      for (int i = 0; i < BN / 2; ++i) ptx::wgmma_fence_operand(tmp[i]);
+      const float* sb = sc + 4 * BM + j * BN + 2 * q;
+#pragma unroll
+      for (int i = 0; i < BN / 8; ++i) {  // columns 8i + 2q + {0, 1}
+        const float2 b = *reinterpret_cast<const float2*>(sb + 8 * i);
+        acc[4 * i + 0] = fmaf(tmp[4 * i + 0] * b.x, sa[0][j], acc[4 * i + 0]);
+        acc[4 * i + 1] = fmaf(tmp[4 * i + 1] * b.y, sa[0][j], acc[4 * i + 1]);
+        acc[4 * i + 2] = fmaf(tmp[4 * i + 2] * b.x, sa[1][j], acc[4 * i + 2]);
+        acc[4 * i + 3] = fmaf(tmp[4 * i + 3] * b.y, sa[1][j], acc[4 * i + 3]);
+      }
+    }
+    // Every wgmma of the stage is complete and its scales are read: release it.
+    __syncwarp();
+    if (lane == 0) ptx::mbar_arrive(&empty[stage]);
+    if (++stage == S) {
+      stage = 0;
+      phase ^= 1;
+    }
+  }
+}
+
 // kAct: the fmoe_activation of the fused epilogues (a template parameter, not a run-time switch:
 // one kernel holding all three gated epilogues spilled a register on the wide tile).
 template <class Cfg, int kEpi, int kAct>
@@ -639,6 +830,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   uint8_t* smem = smem_raw + ((1024 - (ptx::smem_addr(smem_raw) & 1023)) & 1023);
   uint8_t* smem_a = smem;
   uint8_t* smem_b = smem + S * Cfg::kABytes;
+  float* smem_scale = reinterpret_cast<float*>(smem_b + S * Cfg::kBBytes);  // kOpMxFp8 only
+  uint32_t* smem_raw_scale = reinterpret_cast<uint32_t*>(smem_scale + S * Cfg::kScaleFloats);
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + S * Cfg::kStageBytes);
   uint64_t* empty = full + S;
   int* s_prefix = reinterpret_cast<int*>(empty + S);  // [groups + 1]
@@ -650,12 +843,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   if (tid == 0) {
     for (int s = 0; s < S; ++s) {
       // bf16: the producer's arrive_expect_tx; MXFP8: every producer thread after its stores.
-      ptx::mbar_init(&full[s], Cfg::kMx ? 128 : 1);
+      ptx::mbar_init(&full[s], Cfg::kMx || Cfg::kFp8 ? 128 : 1);
       ptx::mbar_init(&empty[s], 8);  // one arrival per consumer warp
     }
     ptx::mbar_fence_init();
   }
-  if (!Cfg::kMx && tid == 32) {
+  if (!Cfg::kMx && tid == 32) {  // bf16 and fp8 operands come by TMA
     ptx::tma_prefetch_map(&tm_a);
     ptx::tma_prefetch_map(&tm_b);
   }
@@ -668,6 +861,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     const TileTables tables{s_prefix, s_start, s_end, groups, total_tiles};
     if constexpr (Cfg::kMx) {
       produce_mx<Cfg, kEpi>(p, tables, smem_a, smem_b, full, empty, tid);
+    } else if constexpr (Cfg::kFp8) {
+      produce_fp8<Cfg, kEpi>(p, tables, &tm_a, &tm_b, smem_a, smem_b, smem_scale, smem_raw_scale,
+                             full, empty, tid);
     } else if (tid == 0) {
       produce_tma<Cfg, kEpi>(p, tables, &tm_a, &tm_b, smem_a, smem_b, full, empty);
     }
@@ -695,11 +891,15 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
         for (int u = 0; u < BN / 128; ++u)
           bias_pre[u] = act_tile_bias<BN, kEpi>(p, tc, wg_tid + 128 * u);
       }
+      if constexpr (Cfg::kFp8) {
+        consume_fp8<Cfg>(acc, p, smem_a, smem_b, smem_scale, full, empty, half, warp, lane, stage,
+                         phase);
+      } else {
       int prev_stage = 0;
       for (int kb = 0; kb < p.k_blocks; ++kb) {
         ptx::mbar_wait(&full[stage], phase);
         const uint32_t a_addr =
-            ptx::smem_addr(smem_a + stage * Cfg::kABytes) + half * (BM / 2) * (BK * 2);
+            ptx::smem_addr(smem_a + stage * Cfg::kABytes) + half * (BM / 2) * 128;
         const uint32_t b_addr = ptx::smem_addr(smem_b + stage * Cfg::kBBytes);
 #pragma unroll
         for (int i = 0; i < BN / 2; ++i) ptx::wgmma_fence_operand(acc[i]);
@@ -726,6 +926,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 #pragma unroll
       for (int i = 0; i < BN / 2; ++i) ptx::wgmma_fence_operand(acc[i]);
       if (lane == 0) ptx::mbar_arrive(&empty[prev_stage]);
+      }
 
       // ---- epilogue ----
       EpilogueRow er;
@@ -765,15 +966,19 @@ cudaError_t launch(const fmoe_grouped_mm_args& a, const ActEpilogue& act, int nu
   if (a.rows == 0) return cudaSuccess;  // no row can be written (and a 0-row map is invalid)
   constexpr int kTileCols = epilogue_gated(kEpi) ? Cfg::kBlockN / 2 : Cfg::kBlockN;
   const int64_t n_out = epilogue_gated(kEpi) ? a.n / 2 : a.n;
-  CUtensorMap tm_a{}, tm_b{};  // unused (zero) for MXFP8: its producer loads without TMA
+  CUtensorMap tm_a{}, tm_b{};  // unused (zero) for the dequantizing MXFP8 producer (plain loads)
   cudaError_t err = cudaSuccess;
   if constexpr (!Cfg::kMx) {
-    err = make_tensor_map_bf16_2d_sw128(&tm_a, a.a, uint64_t(a.k), uint64_t(a.rows),
-                                        uint64_t(a.k) * 2, Cfg::kBlockK, Cfg::kBlockM);
+    // e4m3 tensors are mapped as bf16 pairs (a tile copy moves bytes whatever their type): k / 2
+    // elements a row, a box of 128 bytes either way.
+    const uint64_t inner = Cfg::kFp8 ? uint64_t(a.k) / 2 : uint64_t(a.k);
+    const uint64_t row_bytes = uint64_t(a.k) * Cfg::kElemBytes;
+    err = make_tensor_map_bf16_2d_sw128(&tm_a, a.a, inner, uint64_t(a.rows), row_bytes, 64,
+                                        Cfg::kBlockM);
     if (err != cudaSuccess) return err;
     const uint32_t b_box_rows = kEpi == kEpiActHalves ? Cfg::kBlockN / 2 : Cfg::kBlockN;
-    err = make_tensor_map_bf16_2d_sw128(&tm_b, a.b, uint64_t(a.k), uint64_t(a.groups * a.n),
-                                        uint64_t(a.k) * 2, Cfg::kBlockK, b_box_rows);
+    err = make_tensor_map_bf16_2d_sw128(&tm_b, a.b, inner, uint64_t(a.groups * a.n), row_bytes,
+                                        64, b_box_rows);
     if (err != cudaSuccess) return err;
   }
 
@@ -904,15 +1109,23 @@ bool grouped_mm_sm90_mxfp8_supported(const fmoe_grouped_mm_args& a) {
 cudaError_t grouped_mm_sm90_mxfp8_block_n(const fmoe_grouped_mm_args& a, int num_sms, int block_n,
                                           cudaStream_t stream) {
   const ActEpilogue none{};
+  if (block_n == kSm90MxFp8Wgmma) return launch<Sm90Fp8, kEpiStore>(a, none, num_sms, stream);
   if (block_n == 256) return launch<Sm90MxWide, kEpiStore>(a, none, num_sms, stream);
   if (block_n == 128) return launch<Sm90MxNarrow, kEpiStore>(a, none, num_sms, stream);
   return cudaErrorInvalidValue;
 }
 
+int grouped_mm_sm90_mxfp8_pick(const fmoe_grouped_mm_args& a, int num_sms) {
+  static const bool dequant = [] {
+    const char* e = std::getenv("FMOE_MX_GEMM");
+    return e != nullptr && std::strcmp(e, "dequant") == 0;
+  }();
+  return dequant ? grouped_mm_sm90_pick_block_n(a, num_sms) : kSm90MxFp8Wgmma;
+}
+
 cudaError_t grouped_mm_sm90_mxfp8(const fmoe_grouped_mm_args& a, int num_sms,
                                   cudaStream_t stream) {
-  return grouped_mm_sm90_mxfp8_block_n(a, num_sms, grouped_mm_sm90_pick_block_n(a, num_sms),
-                                       stream);
+  return grouped_mm_sm90_mxfp8_block_n(a, num_sms, grouped_mm_sm90_mxfp8_pick(a, num_sms), stream);
 }
 
 bool grouped_mm_sm90_mxfp8_act_supported(const fmoe_grouped_mm_args& a, const ActEpilogue& act) {
@@ -922,6 +1135,7 @@ bool grouped_mm_sm90_mxfp8_act_supported(const fmoe_grouped_mm_args& a, const Ac
 cudaError_t grouped_mm_sm90_mxfp8_act_block_n(const fmoe_grouped_mm_args& a,
                                               const ActEpilogue& act, int num_sms, int block_n,
                                               cudaStream_t stream) {
+  if (block_n == kSm90MxFp8Wgmma) return launch_act<Sm90Fp8>(a, act, num_sms, stream);
   if (block_n == 256) return launch_act<Sm90MxWide>(a, act, num_sms, stream);
   if (block_n == 128) return launch_act<Sm90MxNarrow>(a, act, num_sms, stream);
   return cudaErrorInvalidValue;
@@ -929,8 +1143,8 @@ cudaError_t grouped_mm_sm90_mxfp8_act_block_n(const fmoe_grouped_mm_args& a,
 
 cudaError_t grouped_mm_sm90_mxfp8_act(const fmoe_grouped_mm_args& a, const ActEpilogue& act,
                                       int num_sms, cudaStream_t stream) {
-  return grouped_mm_sm90_mxfp8_act_block_n(a, act, num_sms,
-                                           grouped_mm_sm90_pick_block_n(a, num_sms), stream);
+  return grouped_mm_sm90_mxfp8_act_block_n(a, act, num_sms, grouped_mm_sm90_mxfp8_pick(a, num_sms),
+                                           stream);
 }
 
 }  // namespace fmoe::cuda

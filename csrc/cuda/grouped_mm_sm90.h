@@ -62,15 +62,21 @@ cudaError_t grouped_mm_sm90_bf16_act_block_n(const fmoe_grouped_mm_args& a, cons
                                              int num_sms, int block_n, cudaStream_t stream);
 
 // ---- MXFP8 operands (fmoe_grouped_mm_mxfp8) ---------------------------------------------------
-// The same kernels with a and b in e4m3 ([rows, k], [groups, n, k]) plus their e8m0 scales
-// (a_scale [rows, k/32], b_scale [groups, n, k/32]): the producer warpgroup dequantizes each
-// k-block to bf16 in shared memory (exact: e4m3 * 2^s fits bf16 but for results below its normal
-// range) and the bf16 tensor cores accumulate in f32, so c = fmoe.h's MXFP8 GEMM up to the f32
-// summation order. Supported: grouped_mm_sm90_supported(a), both scales present, k % 32 == 0.
+// The same scheduler and epilogues with a and b in e4m3 ([rows, k], [groups, n, k]) plus their
+// e8m0 scales (a_scale [rows, k/32], b_scale [groups, n, k/32]), so c = fmoe.h's MXFP8 GEMM up to
+// the summation order (and, for fp8 wgmma, the tensor cores' precision inside a 32-block).
+// Supported: grouped_mm_sm90_supported(a), both scales present, k % 32 == 0.
+// Two designs (notes at "MXFP8 operands" in grouped_mm_sm90.cu): block_n = 128 or 256 selects
+// the dequantizing kernel of that tile width, kSm90MxFp8Wgmma the fp8-wgmma kernel (BN = 128)
+// that promotes each k32 block's products with the scales in f32. The unforced entry points take
+// the fp8-wgmma kernel (FMOE_MX_GEMM=dequant: the dequantizing one, for comparisons).
+constexpr int kSm90MxFp8Wgmma = 0;
 bool grouped_mm_sm90_mxfp8_supported(const fmoe_grouped_mm_args& a);
 cudaError_t grouped_mm_sm90_mxfp8(const fmoe_grouped_mm_args& a, int num_sms, cudaStream_t stream);
 cudaError_t grouped_mm_sm90_mxfp8_block_n(const fmoe_grouped_mm_args& a, int num_sms, int block_n,
                                           cudaStream_t stream);
+// The block_n value the unforced MXFP8 entry points use.
+int grouped_mm_sm90_mxfp8_pick(const fmoe_grouped_mm_args& a, int num_sms);
 
 // FC1 with MXFP8 operands and the activation fused (bf16 output, as grouped_mm_sm90_bf16_act).
 // Supported: grouped_mm_sm90_mxfp8_supported(a) and grouped_mm_sm90_act_supported(a, act).

@@ -17,7 +17,11 @@
 //   that group (32 activation columns with a gated epilogue: gate rows and up rows side by side).
 //   Each CTA reads the group offsets once (device side: graph-capturable), builds the unit prefix
 //   of the valid groups in shared memory (as grouped_mm_sm90.cu: a bad group has no units) and
-//   walks items blockIdx, blockIdx + grid, ... (persistent; empty groups cost nothing).
+//   walks items blockIdx, blockIdx + grid, ... (persistent; empty groups cost nothing). Inside a
+//   group the items go tile-major: units sharing a weight tile run side by side.
+// - Launch overlap (ptx/griddep.cuh): every CTA lets the next kernel launch at its start; with
+//   weights_before_wait the producer issues the first item's weight stages before waiting for
+//   the kernel ahead, so they load under its tail.
 // - Split-K (splits = 2 or 4) when items are too few to give every SM two: a thread-block cluster
 //   of `splits` CTAs shares an item, CTA rank s reduces k-blocks [s*KB/S, (s+1)*KB/S), and the
 //   partial tiles are summed through distributed shared memory in rank order (deterministic).
@@ -27,10 +31,11 @@
 //   swizzled layout, plus the e8m0 scale words for MXFP8, and arrive on `full` when their copies
 //   land (cp.async.mbarrier.arrive.noinc: full expects 1 + 32 arrivals). One consumer warpgroup
 //   (warps 0-3) runs the wgmmas and releases the stage (`empty`, 4 warp arrivals).
-// - MXFP8: e4m3 x e4m3 wgmma (k32 = one scale block) into a zeroed temporary, then promoted:
-//   acc += tmp * scale_w[row] * scale_x[token] in f32. Two temporaries alternate so the next
-//   block's wgmma runs while the previous one is promoted. The scales arrive as the two aligned
-//   words that cover the stage's 4 scale bytes of a row (k/32 need not be a multiple of 4).
+// - MXFP8: e4m3 x e4m3 wgmma (k32 = one scale block) into zeroed temporaries, then promoted:
+//   acc += tmp * scale_w[row] * scale_x[token] in f32. A stage's four k32 blocks go to four
+//   temporaries in one wgmma group (one wait per stage). The scales arrive as the two aligned
+//   words that cover the stage's 4 scale bytes of a row (mx_scale_words.cuh: k/32 need not be a
+//   multiple of 4). The token tile stops at 16 for MXFP8 (the promotion costs per token column).
 // - Epilogue: accumulators -> f32 tile in shared memory [token][weight row]; (split-K: cluster
 //   barrier, then each rank finishes a share of the tile, summing the ranks' tiles in order);
 //   + bias, round to bf16; with an activation: widen, activation in f32, round to bf16 (the
@@ -55,8 +60,10 @@
 
 #include "core/numerics.h"
 #include "cuda/group_tiles.cuh"
+#include "cuda/mx_scale_words.cuh"
 #include "cuda/ptx/cp_async.cuh"
 #include "cuda/ptx/cp_async_mbarrier.cuh"
+#include "cuda/ptx/griddep.cuh"
 #include "cuda/ptx/mbarrier.cuh"
 #include "cuda/ptx/tma.cuh"
 #include "cuda/ptx/wgmma.cuh"
@@ -84,6 +91,9 @@ constexpr int kThreads = kConsumerThreads + 32;
 constexpr int kRedStride = kTileW + 4;  // f32 words per token row: +4 makes fragment stores
                                         // conflict-free (bank = 4 * token + row)
 constexpr int kMaxSplits = 4;
+// MXFP8's widest token tile: at T = 32 the 32-wide tile (v1) spent the consumer's time promoting
+// mostly-padding columns (qwen3 at 2x the bf16 time); groups at decode rarely hold 16 rows.
+constexpr int kMaxFp8TokenTile = 16;
 
 template <int NT, bool kFp8>
 struct SmallLayout {
@@ -118,6 +128,7 @@ struct SmallParams {
   int gated_halves; // gated activation with the halves layout: the tile's rows are gate | up
   float alpha, limit;
   int splits;
+  int weights_before_wait;  // SmallMmArgs::weights_before_wait
 };
 
 // Global weight row (inside the group) of tile row m: gate rows then up rows for the halves
@@ -153,18 +164,25 @@ struct Item {
   int group, row0, row_end, tile;
 };
 
+// Item w of group g is (tile, unit) = divmod(w - prefix[g] * n_tiles, units of g): the units of
+// one group that share a weight tile are consecutive items, so CTAs running them side by side
+// read the tile from DRAM once and from L2 after (a group over the token tile costs L2 traffic,
+// not DRAM bytes).
 template <int NT>
 __device__ __forceinline__ Item decode_item(int w, const int* prefix, const int* start,
                                             const int* end, int groups, int n_tiles) {
   const int u = w / n_tiles;
-  int lo = 0, hi = groups - 1;  // largest g with prefix[g] <= u: the group that owns unit u
+  int lo = 0, hi = groups - 1;  // largest g with prefix[g] <= u: the group that owns item w
   while (lo < hi) {
     const int mid = (lo + hi + 1) >> 1;
     if (prefix[mid] <= u) lo = mid;
     else hi = mid - 1;
   }
-  const int row0 = start[lo] + (u - prefix[lo]) * NT;
-  return Item{lo, row0, min(end[lo], row0 + NT), w - u * n_tiles};
+  const int units = prefix[lo + 1] - prefix[lo];
+  const int local = w - prefix[lo] * n_tiles;
+  const int tile = local / units;
+  const int row0 = start[lo] + (local - tile * units) * NT;
+  return Item{lo, row0, min(end[lo], row0 + NT), tile};
 }
 
 // Source row of token row `row` (or -1: not computed, not written).
@@ -173,20 +191,6 @@ __device__ __forceinline__ int source_row(const SmallParams& p, int row, int row
   if (p.a_row_index == nullptr) return row;
   const int s = p.a_row_index[row];
   return (s >= 0 && s < p.a_rows) ? s : -1;
-}
-
-// Byte offset, inside the 8 bytes of a row's two scale words, of the stage's first scale: the
-// words start at the aligned-down address and the buffers are 4-byte aligned.
-__device__ __forceinline__ int scale_skew(int64_t row, int ks) { return int((row * ks) & 3); }
-
-// Issues the two 4-byte copies covering scale bytes [row * ks + kb * 4, +4) into dst[0..1];
-// rows < 0 and bytes past `end_bytes` read as zero.
-__device__ __forceinline__ void copy_scale_words(uint32_t* dst, const uint8_t* base, int64_t row,
-                                                 int ks, int kb, int64_t end_bytes, int half) {
-  int64_t at = row >= 0 ? ((row * ks + int64_t(kb) * 4) & ~int64_t(3)) + 4 * half : end_bytes;
-  const int64_t left = end_bytes - at;
-  const uint32_t bytes = left <= 0 ? 0u : (left >= 4 ? 4u : uint32_t(left));
-  ptx::cp_async_4_partial(dst + half, bytes ? base + at : base, bytes);
 }
 
 template <int NT, bool kFp8>
@@ -213,6 +217,10 @@ __global__ void __launch_bounds__(kThreads)
     ptx::mbar_fence_init();
   }
   if (tid == kConsumerThreads) ptx::tma_prefetch_map(&tm_b);
+  // The next kernel (FC2 after FC1, unpermute after FC2) may start as SMs free up; it waits for
+  // this one before reading what it writes.
+  ptx::griddep_launch_dependents();
+  if (!p.weights_before_wait) ptx::griddep_wait();  // the offsets may come from the kernel ahead
   build_group_tiles(p.offsets, groups, p.rows, NT, s_start, s_end, s_prefix);
 
   const int S = p.splits;
@@ -228,6 +236,25 @@ __global__ void __launch_bounds__(kThreads)
   if (tid >= kConsumerThreads) {
     // ---- producer warp ----
     const int lane = tid - kConsumerThreads;
+    // Weight stages of the first item already in flight (loaded before the wait; fresh ring, so
+    // k-block kb_begin + i sits in stage i).
+    int prefilled = 0;
+    if (p.weights_before_wait && first_item < total_items) {
+      const Item it = decode_item<NT>(first_item, s_prefix, s_start, s_end, groups, p.n_tiles);
+      prefilled = min(kStages, kb_end - kb_begin);
+      if (lane == 0) {
+        const int b_row0 = it.group * p.n + weight_row(p, it.tile, 0);
+        const int b_row1 = it.group * p.n + weight_row(p, it.tile, kHalfTileW);
+        for (int i = 0; i < prefilled; ++i) {
+          uint8_t* st = smem + i * L::kStageBytes;
+          ptx::mbar_arrive_expect_tx(&full[i], L::kWBytes);
+          ptx::tma_load_2d(st, &tm_b, &full[i], (kb_begin + i) * (kStageK / 2), b_row0);
+          ptx::tma_load_2d(st + L::kWBytes / 2, &tm_b, &full[i], (kb_begin + i) * (kStageK / 2),
+                           b_row1);
+        }
+      }
+    }
+    if (p.weights_before_wait) ptx::griddep_wait();  // a / a_scale come from the kernel ahead
     for (int w = first_item; w < total_items; w += item_stride) {
       const Item it = decode_item<NT>(w, s_prefix, s_start, s_end, groups, p.n_tiles);
       // Token chunk i of this lane: token lane / 8 + 4 i, 16-byte chunk lane % 8 of the k slice.
@@ -249,7 +276,9 @@ __global__ void __launch_bounds__(kThreads)
       for (int kb = kb_begin; kb < kb_end; ++kb) {
         ptx::mbar_wait(&empty[stage], phase ^ 1);
         uint8_t* st = smem + stage * L::kStageBytes;
-        if (lane == 0) {
+        if (prefilled > 0) {
+          --prefilled;
+        } else if (lane == 0) {
           ptx::mbar_arrive_expect_tx(&full[stage], L::kWBytes);
           // Coordinates in bf16 units (an e4m3 tensor is mapped as pairs of bytes).
           ptx::tma_load_2d(st, &tm_b, &full[stage], kb * (kStageK / 2), b_row0);
@@ -296,6 +325,9 @@ __global__ void __launch_bounds__(kThreads)
   }
 
   // ---- consumer warpgroup ----
+  // Nothing before the first full stage needs the kernel ahead; waiting here keeps every global
+  // store of this kernel after it (the producer's tokens arrive after its own wait anyway).
+  if (p.weights_before_wait) ptx::griddep_wait();
   const int warp = tid / 32, lane = tid & 31, q = lane & 3;
   const int r0 = warp * 16 + lane / 4;  // fragment rows r0, r0 + 8 (weight rows of the tile)
   for (int w = first_item; w < total_items; w += item_stride) {
@@ -344,48 +376,48 @@ __global__ void __launch_bounds__(kThreads)
       } else {
         const uint8_t* sc = st + L::kWBytes + L::kXBytes;
         const int nkb = min(kStageK / 32, p.ks - kb * (kStageK / 32));  // scale blocks here
-        float t0[kAcc], t1[kAcc];
+        // The stage's four k32 blocks go to four temporaries in one wgmma group and one wait:
+        // waiting after each block (v1) exposed four wgmma latencies per stage and held the
+        // decode GEMM to ~2 TB/s.
+        float t[kStageK / 32][kAcc];
 #pragma unroll
-        for (int i = 0; i < kAcc; ++i) t0[i] = t1[i] = 0.0f;
-        auto promote = [&](float(&t)[kAcc], int j4) {
-          float fw[2];
+        for (int j4 = 0; j4 < kStageK / 32; ++j4)
 #pragma unroll
-          for (int h = 0; h < 2; ++h) fw[h] = e8m0_to_f32(sc[sw_at[h] + j4]);
-#pragma unroll
-          for (int j = 0; j < NT / 4; ++j) {
-            const float fx = e8m0_to_f32(sc[sx_at[j] + j4]);
-            const int a0 = 4 * (j / 2) + (j % 2);  // row r0 at a0, row r0 + 8 at a0 + 2
-            acc[a0] = fmaf(t[a0] * fw[0], fx, acc[a0]);
-            acc[a0 + 2] = fmaf(t[a0 + 2] * fw[1], fx, acc[a0 + 2]);
+          for (int i = 0; i < kAcc; ++i) {
+            t[j4][i] = 0.0f;
+            ptx::wgmma_fence_operand(t[j4][i]);
           }
-        };
+        ptx::wgmma_fence();
         // All four k32 steps run even in a last, partial stage (wgmma inside a branch is
         // serialised by ptxas): past k both operands were zero-filled, so those temporaries are
         // exact zeros, and only their promotion (whose scale bytes belong to the next row) is
         // skipped.
 #pragma unroll
-        for (int j4 = 0; j4 < kStageK / 32; ++j4) {
-          float(&t)[kAcc] = (j4 & 1) ? t1 : t0;
-#pragma unroll
-          for (int i = 0; i < kAcc; ++i) ptx::wgmma_fence_operand(t[i]);
-          ptx::wgmma_fence();
-          ptx::wgmma_m64k32_e4m3_narrow<NT>(t, ptx::wgmma_desc_sw128(w_addr + j4 * 32),
+        for (int j4 = 0; j4 < kStageK / 32; ++j4)
+          ptx::wgmma_m64k32_e4m3_narrow<NT>(t[j4], ptx::wgmma_desc_sw128(w_addr + j4 * 32),
                                             ptx::wgmma_desc_sw128(x_addr + j4 * 32), 0);
-          ptx::wgmma_commit();
+        ptx::wgmma_commit();
+        ptx::wgmma_wait<0>();
+        float fw[kStageK / 32][2];
 #pragma unroll
-          for (int i = 0; i < kAcc; ++i) ptx::wgmma_fence_operand(t[i]);
-          if (j4 > 0) {
-            ptx::wgmma_wait<1>();
-            float(&tp)[kAcc] = (j4 & 1) ? t0 : t1;
+        for (int j4 = 0; j4 < kStageK / 32; ++j4)
 #pragma unroll
-            for (int i = 0; i < kAcc; ++i) ptx::wgmma_fence_operand(tp[i]);
-            if (j4 - 1 < nkb) promote(tp, j4 - 1);
+          for (int h = 0; h < 2; ++h) fw[j4][h] = e8m0_to_f32(sc[sw_at[h] + j4]);
+#pragma unroll
+        for (int j4 = 0; j4 < kStageK / 32; ++j4) {
+#pragma unroll
+          for (int i = 0; i < kAcc; ++i) ptx::wgmma_fence_operand(t[j4][i]);
+          // acc += tmp * scale_w[row] * scale_x[token], in f32 (row r0 at a0, r0 + 8 at a0 + 2).
+          if (j4 < nkb) {
+#pragma unroll
+            for (int j = 0; j < NT / 4; ++j) {
+              const float fx = e8m0_to_f32(sc[sx_at[j] + j4]);
+              const int a0 = 4 * (j / 2) + (j % 2);
+              acc[a0] = fmaf(t[j4][a0] * fw[j4][0], fx, acc[a0]);
+              acc[a0 + 2] = fmaf(t[j4][a0 + 2] * fw[j4][1], fx, acc[a0 + 2]);
+            }
           }
         }
-        ptx::wgmma_wait<0>();
-#pragma unroll
-        for (int i = 0; i < kAcc; ++i) ptx::wgmma_fence_operand(t1[i]);
-        if (kStageK / 32 - 1 < nkb) promote(t1, kStageK / 32 - 1);
         // Every wgmma of this stage is complete and the scales were read: release it now.
         __syncwarp();
         if (lane == 0) ptx::mbar_arrive(&empty[stage]);
@@ -550,6 +582,7 @@ cudaError_t launch(const SmallMmArgs& a, SmallMmConfig cfg, int num_sms, cudaStr
   p.alpha = float(a.epilogue.alpha);
   p.limit = float(a.epilogue.limit);
   p.splits = cfg.splits;
+  p.weights_before_wait = a.overlap_previous && a.weights_before_wait;
 
   auto kernel = grouped_mm_small_kernel<NT, kFp8>;
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kSmemBytes);
@@ -568,15 +601,22 @@ cudaError_t launch(const SmallMmArgs& a, SmallMmConfig cfg, int num_sms, cudaStr
   lc.blockDim = dim3(kThreads);
   lc.dynamicSmemBytes = L::kSmemBytes;
   lc.stream = stream;
-  cudaLaunchAttribute attr[1];
+  cudaLaunchAttribute attr[2];
+  unsigned num_attrs = 0;
   if (cfg.splits > 1) {
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = unsigned(cfg.splits);
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    lc.attrs = attr;
-    lc.numAttrs = 1;
+    attr[num_attrs].id = cudaLaunchAttributeClusterDimension;
+    attr[num_attrs].val.clusterDim.x = unsigned(cfg.splits);
+    attr[num_attrs].val.clusterDim.y = 1;
+    attr[num_attrs].val.clusterDim.z = 1;
+    ++num_attrs;
   }
+  if (a.overlap_previous) {
+    attr[num_attrs].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[num_attrs].val.programmaticStreamSerializationAllowed = 1;
+    ++num_attrs;
+  }
+  lc.attrs = num_attrs ? attr : nullptr;
+  lc.numAttrs = num_attrs;
   err = cudaLaunchKernelEx(&lc, kernel, tm_b, p);
   if (err != cudaSuccess) return err;
   return cudaGetLastError();
@@ -643,7 +683,11 @@ bool grouped_mm_small_supported(const SmallMmArgs& a) {
 
 SmallMmConfig grouped_mm_small_config(const SmallMmArgs& a, int num_sms) {
   SmallMmConfig cfg;
-  cfg.token_tile = token_tile_for(a.max_rows_per_group);
+  const bool fp8 = a.format == FMOE_WEIGHTS_MXFP8;
+  // MXFP8 promotes every k32 block per token column: its consumer's work grows with the token
+  // tile, so it stops at kMaxFp8TokenTile and a larger group takes several units (consecutive
+  // items, the weight tile read again from L2). bf16's consumer is cheap at any width.
+  cfg.token_tile = token_tile_for(std::min<int64_t>(a.max_rows_per_group, fp8 ? kMaxFp8TokenTile : 32));
   // Split-K while the items cannot give every SM two CTAs (the fewest that keep ~100 KB in
   // flight per SM) and each part keeps >= 8 stages of k (the ring is 6 deep: fewer would
   // leave it half empty at the start and end of every part).
@@ -652,7 +696,6 @@ SmallMmConfig grouped_mm_small_config(const SmallMmArgs& a, int num_sms) {
   while (cfg.splits < kMaxSplits && items * cfg.splits < 2 * int64_t(num_sms) &&
          k_blocks >= 8 * 2 * cfg.splits)
     cfg.splits *= 2;
-  const bool fp8 = a.format == FMOE_WEIGHTS_MXFP8;
   switch (cfg.token_tile) {
     case 8: fp8 ? describe<8, true>(&cfg, a, num_sms) : describe<8, false>(&cfg, a, num_sms); break;
     case 16: fp8 ? describe<16, true>(&cfg, a, num_sms) : describe<16, false>(&cfg, a, num_sms); break;

@@ -51,6 +51,13 @@ struct SmallMmArgs {
   int64_t max_rows_per_group = 0;
   int64_t format = FMOE_WEIGHTS_BF16;  // fmoe_weight_format: bf16, or mxfp8 (a and b both)
   SmallMmEpilogue epilogue;
+  // Launch as a programmatic dependent of the kernel ahead on the stream (ptx/griddep.cuh): the
+  // CTAs start while it finishes and wait for it before reading anything it may have written.
+  bool overlap_previous = false;
+  // With overlap_previous: group_offsets, row_map, a_row_index, b, b_scale and bias were complete
+  // before the kernel ahead started (only a / a_scale come from it), so each CTA's first weight
+  // stages are loaded before the wait, under the previous kernel's tail.
+  bool weights_before_wait = false;
 };
 
 // The launch shape, picked from the problem shape by grouped_mm_small_config (the one place where

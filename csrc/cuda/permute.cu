@@ -44,6 +44,7 @@
 #include "cuda/block_scan.cuh"
 #include "cuda/configs.h"
 #include "cuda/mx_block.cuh"
+#include "cuda/ptx/griddep.cuh"
 
 namespace fmoe {
 namespace cuda {
@@ -161,6 +162,9 @@ __device__ __forceinline__ int exclusive_over_warps(int32_t* warp_base, int warp
 // Dynamic shared memory: warp_base [warps][E] (counts, then each warp's running row base inside
 // its expert) and expert_row0 [E].
 __global__ void permute_route_kernel(RouteParams p) {
+  // The decode FC1 is launched as a programmatic dependent (fused_moe.cu): it may set up while
+  // this block ranks, and waits for it before reading the offsets.
+  ptx::griddep_launch_dependents();
   extern __shared__ int32_t route_smem[];
   const int warps = blockDim.x / 32, warp = threadIdx.x / 32;
   const int E = p.num_local;

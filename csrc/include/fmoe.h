@@ -59,6 +59,8 @@
  *   unreachable but for rounding). Dequantized value = e4m3 * 2^s. Host and CUDA backends use one
  *   implementation of this rule and agree bit for bit.
  * - MXFP8 GEMM: C = sum_k dequant(A) * dequant(B) accumulated in f32, + bias, rounded to bf16.
+ *   The CUDA backend's fp8 tensor cores add the 32 products of one scale block in their own
+ *   precision (a few 1e-4 relative, not f32) before the blocks are scaled and summed in f32.
  */
 #ifndef FMOE_H
 #define FMOE_H

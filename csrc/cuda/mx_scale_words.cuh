@@ -1,0 +1,35 @@
+// Copying a k-block's MXFP8 scale bytes of one row into shared memory, for kernels that stage 128
+// bytes of k per stage: 128 e4m3 = 4 scale blocks, i.e. scale bytes [row * ks + kb * 4, +4) of a
+// row-major [rows, ks] scale array (ks = k / 32). Those 4 bytes are 4-byte aligned only when
+// ks % 4 == 0, and cp.async copies aligned words, so a row's bytes arrive as the two aligned
+// words that cover them, plus the skew of the first byte inside them. Used by the decode GEMM
+// (grouped_mm_small.cu) and the fp8-wgmma prefill GEMM (grouped_mm_sm90.cu).
+#pragma once
+
+#include <cstdint>
+
+#include "cuda/ptx/cp_async_mbarrier.cuh"
+
+namespace fmoe::cuda {
+
+// Byte offset, inside the 8 bytes of a row's two scale words, of the stage's first scale: the
+// words start at the aligned-down address and the buffers are 4-byte aligned.
+__device__ __forceinline__ int scale_skew(int64_t row, int ks) { return int((row * ks) & 3); }
+
+// Issues word `half` (0 or 1) of the two 4-byte copies covering scale bytes
+// [row * ks + kb * 4, +4) into dst[half]; rows < 0 and bytes past `end_bytes` read as zero.
+__device__ __forceinline__ void copy_scale_words(uint32_t* dst, const uint8_t* base, int64_t row,
+                                                 int ks, int kb, int64_t end_bytes, int half) {
+  int64_t at = row >= 0 ? ((row * ks + int64_t(kb) * 4) & ~int64_t(3)) + 4 * half : end_bytes;
+  const int64_t left = end_bytes - at;
+  const uint32_t bytes = left <= 0 ? 0u : (left >= 4 ? 4u : uint32_t(left));
+  ptx::cp_async_4_partial(dst + half, bytes ? base + at : base, bytes);
+}
+
+// Scale byte j (0..3) of a row's stage from its two words and skew.
+__device__ __forceinline__ uint8_t scale_byte(const uint32_t (&w)[2], int skew, int j) {
+  const uint64_t both = uint64_t(w[0]) | (uint64_t(w[1]) << 32);
+  return uint8_t(both >> (8 * (skew + j)));
+}
+
+}  // namespace fmoe::cuda
