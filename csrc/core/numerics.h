@@ -75,9 +75,10 @@ FMOE_HD uint8_t e8m0_scale_for_amax(float amax) {
 }
 
 FMOE_HD float e8m0_to_f32(uint8_t b) {
-  if (b == kE8m0Nan) return f32_from_bits(0x7FC00000u);
-  if (b == 0) return f32_from_bits(0x00400000u);  // 2^-127 is an f32 subnormal
-  return f32_from_bits(uint32_t(b) << 23);
+  // Selects, not branches (kernels decode scales in their inner loops); 2^-127 is an f32
+  // subnormal.
+  const uint32_t bits = b == kE8m0Nan ? 0x7FC00000u : (b == 0 ? 0x00400000u : uint32_t(b) << 23);
+  return f32_from_bits(bits);
 }
 
 // |x| (already divided by the scale) to e4m3, round to nearest even, saturating at 448.

@@ -33,7 +33,8 @@
 //   (warps 0-3) runs the wgmmas and releases the stage (`empty`, 4 warp arrivals).
 // - MXFP8: e4m3 x e4m3 wgmma (k32 = one scale block) into zeroed temporaries, then promoted:
 //   acc += tmp * scale_w[row] * scale_x[token] in f32. A stage's four k32 blocks go to four
-//   temporaries in one wgmma group (one wait per stage). The scales arrive as the two aligned
+//   temporaries in one wgmma group (one wait per stage), and the stage's scales are decoded
+//   before the wgmmas are issued, so their wait covers it. The scales arrive as the two aligned
 //   words that cover the stage's 4 scale bytes of a row (mx_scale_words.cuh: k/32 need not be a
 //   multiple of 4). The token tile stops at 16 for MXFP8 (the promotion costs per token column).
 // - Epilogue: accumulators -> f32 tile in shared memory [token][weight row]; (split-K: cluster
@@ -379,6 +380,17 @@ __global__ void __launch_bounds__(kThreads)
         // The stage's four k32 blocks go to four temporaries in one wgmma group and one wait:
         // waiting after each block (v1) exposed four wgmma latencies per stage and held the
         // decode GEMM to ~2 TB/s.
+        // The stage's scales, decoded before the wgmmas so that their wait covers it; blocks
+        // past k get 0 (their scale bytes belong to the next row).
+        float fw[kStageK / 32][2], fx[kStageK / 32][NT / 4];
+#pragma unroll
+        for (int j4 = 0; j4 < kStageK / 32; ++j4) {
+          const bool in_k = j4 < nkb;
+#pragma unroll
+          for (int h = 0; h < 2; ++h) fw[j4][h] = in_k ? e8m0_to_f32(sc[sw_at[h] + j4]) : 0.f;
+#pragma unroll
+          for (int j = 0; j < NT / 4; ++j) fx[j4][j] = in_k ? e8m0_to_f32(sc[sx_at[j] + j4]) : 0.f;
+        }
         float t[kStageK / 32][kAcc];
 #pragma unroll
         for (int j4 = 0; j4 < kStageK / 32; ++j4)
@@ -388,34 +400,21 @@ __global__ void __launch_bounds__(kThreads)
             ptx::wgmma_fence_operand(t[j4][i]);
           }
         ptx::wgmma_fence();
-        // All four k32 steps run even in a last, partial stage (wgmma inside a branch is
-        // serialised by ptxas): past k both operands were zero-filled, so those temporaries are
-        // exact zeros, and only their promotion (whose scale bytes belong to the next row) is
-        // skipped.
 #pragma unroll
         for (int j4 = 0; j4 < kStageK / 32; ++j4)
           ptx::wgmma_m64k32_e4m3_narrow<NT>(t[j4], ptx::wgmma_desc_sw128(w_addr + j4 * 32),
                                             ptx::wgmma_desc_sw128(x_addr + j4 * 32), 0);
         ptx::wgmma_commit();
         ptx::wgmma_wait<0>();
-        float fw[kStageK / 32][2];
-#pragma unroll
-        for (int j4 = 0; j4 < kStageK / 32; ++j4)
-#pragma unroll
-          for (int h = 0; h < 2; ++h) fw[j4][h] = e8m0_to_f32(sc[sw_at[h] + j4]);
 #pragma unroll
         for (int j4 = 0; j4 < kStageK / 32; ++j4) {
 #pragma unroll
           for (int i = 0; i < kAcc; ++i) ptx::wgmma_fence_operand(t[j4][i]);
-          // acc += tmp * scale_w[row] * scale_x[token], in f32 (row r0 at a0, r0 + 8 at a0 + 2).
-          if (j4 < nkb) {
 #pragma unroll
-            for (int j = 0; j < NT / 4; ++j) {
-              const float fx = e8m0_to_f32(sc[sx_at[j] + j4]);
-              const int a0 = 4 * (j / 2) + (j % 2);
-              acc[a0] = fmaf(t[j4][a0] * fw[j4][0], fx, acc[a0]);
-              acc[a0 + 2] = fmaf(t[j4][a0 + 2] * fw[j4][1], fx, acc[a0 + 2]);
-            }
+          for (int j = 0; j < NT / 4; ++j) {
+            const int a0 = 4 * (j / 2) + (j % 2);
+            acc[a0] = fmaf(t[j4][a0] * fw[j4][0], fx[j4][j], acc[a0]);
+            acc[a0 + 2] = fmaf(t[j4][a0 + 2] * fw[j4][1], fx[j4][j], acc[a0 + 2]);
           }
         }
         // Every wgmma of this stage is complete and the scales were read: release it now.
