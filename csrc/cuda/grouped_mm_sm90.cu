@@ -669,10 +669,10 @@ __device__ __forceinline__ void produce_mx(const Sm90Params& p, const TileTables
 // - The stage's `full` barrier counts the 128 producer threads: thread 0's arrival carries the
 //   TMA byte count; every thread arrives after its scale stores (mbarrier arrive has release
 //   semantics, the consumers' wait acquire: plain stores need no proxy fence here).
-// - Cost: two f32 operations per accumulator per k32 (FMUL + FFMA), the same issue budget as
-//   one bf16 k16 wgmma's worth of the dequantizing producer, but on the FMA pipes of the
-//   consumer warpgroups while the other warpgroup's wgmma runs: expected near the bf16 kernel's
-//   rate with half the operand bytes.
+// - Cost: two f32 operations per accumulator per k32 (FMUL + FFMA) on the consumers' FMA pipes,
+//   meant to run while the other warpgroup's wgmma does: expected near the bf16 kernel's rate.
+//   Measured 280-346 TFLOP/s on an H200 (bf16: 590-770): with one temporary, each warpgroup
+//   waits for its own k32 wgmma before promoting it (bench/NOTES.md v4, item 8: next steps).
 template <class Cfg, int kEpi>
 __device__ __forceinline__ void produce_fp8(const Sm90Params& p, const TileTables& tt,
                                             const CUtensorMap* tm_a, const CUtensorMap* tm_b,
@@ -895,37 +895,37 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
         consume_fp8<Cfg>(acc, p, smem_a, smem_b, smem_scale, full, empty, half, warp, lane, stage,
                          phase);
       } else {
-      int prev_stage = 0;
-      for (int kb = 0; kb < p.k_blocks; ++kb) {
-        ptx::mbar_wait(&full[stage], phase);
-        const uint32_t a_addr =
-            ptx::smem_addr(smem_a + stage * Cfg::kABytes) + half * (BM / 2) * 128;
-        const uint32_t b_addr = ptx::smem_addr(smem_b + stage * Cfg::kBBytes);
+        int prev_stage = 0;
+        for (int kb = 0; kb < p.k_blocks; ++kb) {
+          ptx::mbar_wait(&full[stage], phase);
+          const uint32_t a_addr =
+              ptx::smem_addr(smem_a + stage * Cfg::kABytes) + half * (BM / 2) * 128;
+          const uint32_t b_addr = ptx::smem_addr(smem_b + stage * Cfg::kBBytes);
+#pragma unroll
+          for (int i = 0; i < BN / 2; ++i) ptx::wgmma_fence_operand(acc[i]);
+          ptx::wgmma_fence();
+#pragma unroll
+          for (int kk = 0; kk < BK / 16; ++kk) {
+            // k16 step = 32 bytes along the swizzled 128-byte row.
+            ptx::wgmma_m64k16_bf16<BN>(acc, ptx::wgmma_desc_sw128(a_addr + kk * 32),
+                                       ptx::wgmma_desc_sw128(b_addr + kk * 32), (kb | kk) != 0);
+          }
+          ptx::wgmma_commit();
+#pragma unroll
+          for (int i = 0; i < BN / 2; ++i) ptx::wgmma_fence_operand(acc[i]);
+          // The group of the previous k-block is now complete: its stage can be refilled.
+          ptx::wgmma_wait<1>();
+          if (kb > 0 && lane == 0) ptx::mbar_arrive(&empty[prev_stage]);
+          prev_stage = stage;
+          if (++stage == S) {
+            stage = 0;
+            phase ^= 1;
+          }
+        }
+        ptx::wgmma_wait<0>();
 #pragma unroll
         for (int i = 0; i < BN / 2; ++i) ptx::wgmma_fence_operand(acc[i]);
-        ptx::wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < BK / 16; ++kk) {
-          // k16 step = 32 bytes along the swizzled 128-byte row.
-          ptx::wgmma_m64k16_bf16<BN>(acc, ptx::wgmma_desc_sw128(a_addr + kk * 32),
-                                     ptx::wgmma_desc_sw128(b_addr + kk * 32), (kb | kk) != 0);
-        }
-        ptx::wgmma_commit();
-#pragma unroll
-        for (int i = 0; i < BN / 2; ++i) ptx::wgmma_fence_operand(acc[i]);
-        // The group of the previous k-block is now complete: its stage can be refilled.
-        ptx::wgmma_wait<1>();
-        if (kb > 0 && lane == 0) ptx::mbar_arrive(&empty[prev_stage]);
-        prev_stage = stage;
-        if (++stage == S) {
-          stage = 0;
-          phase ^= 1;
-        }
-      }
-      ptx::wgmma_wait<0>();
-#pragma unroll
-      for (int i = 0; i < BN / 2; ++i) ptx::wgmma_fence_operand(acc[i]);
-      if (lane == 0) ptx::mbar_arrive(&empty[prev_stage]);
+        if (lane == 0) ptx::mbar_arrive(&empty[prev_stage]);
       }
 
       // ---- epilogue ----

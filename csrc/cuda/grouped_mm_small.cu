@@ -377,10 +377,7 @@ __global__ void __launch_bounds__(kThreads)
       } else {
         const uint8_t* sc = st + L::kWBytes + L::kXBytes;
         const int nkb = min(kStageK / 32, p.ks - kb * (kStageK / 32));  // scale blocks here
-        // The stage's four k32 blocks go to four temporaries in one wgmma group and one wait:
-        // waiting after each block (v1) exposed four wgmma latencies per stage and held the
-        // decode GEMM to ~2 TB/s.
-        // The stage's scales, decoded before the wgmmas so that their wait covers it; blocks
+        // The stage's scales, decoded before its wgmmas so that their wait covers the work; blocks
         // past k get 0 (their scale bytes belong to the next row).
         float fw[kStageK / 32][2], fx[kStageK / 32][NT / 4];
 #pragma unroll
@@ -391,6 +388,10 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
           for (int j = 0; j < NT / 4; ++j) fx[j4][j] = in_k ? e8m0_to_f32(sc[sx_at[j] + j4]) : 0.f;
         }
+        // The four k32 blocks go to four temporaries in one wgmma group and one wait: waiting
+        // after each block (v1) exposed four wgmma latencies per stage. All four run even in a
+        // last, partial stage (wgmma inside a branch is serialised by ptxas): past k both
+        // operands were zero-filled, so those temporaries are exact zeros, times scale 0.
         float t[kStageK / 32][kAcc];
 #pragma unroll
         for (int j4 = 0; j4 < kStageK / 32; ++j4)
