@@ -227,6 +227,11 @@ std::vector<uint16_t> fetch16(const uint16_t* p, int64_t count) {
   return v;
 }
 
+// The MXFP8 kernel a block_n value of grouped_mm_sm90_mxfp8_block_n selects, for labels.
+std::string design_name(int bn) {
+  return bn == fmoe::cuda::kSm90MxFp8Wgmma ? "fp8-wgmma" : "dequant BN=" + std::to_string(bn);
+}
+
 bool run_case(const Problem& p, int num_sms, uint32_t seed, bool with_act) {
   const std::vector<int> rg = row_groups(p);
   Device d = upload(p, rg, seed, true);
@@ -244,7 +249,7 @@ bool run_case(const Problem& p, int num_sms, uint32_t seed, bool with_act) {
     CHECK_CUDA(cudaMemset(d.c, 0xFF, ce * 2));
     CHECK_CUDA(fmoe::cuda::grouped_mm_sm90_mxfp8_block_n(d.mx, num_sms, bn, 0));
     CHECK_CUDA(cudaDeviceSynchronize());
-    ok = compare(p.name + (bn ? " dequant BN=" + std::to_string(bn) : std::string(" fp8-wgmma")), rg, p.rows, p.n,
+    ok = compare(p.name + " " + design_name(bn), rg, p.rows, p.n,
                  fetch16(d.c, p.rows * p.n), ref) && ok;
   }
   if (with_act) {
@@ -276,7 +281,7 @@ bool run_case(const Problem& p, int num_sms, uint32_t seed, bool with_act) {
         // these random e4m3 bytes, whose products span 2^-18..2^17). Allowed: 2x the tolerance,
         // and 1e-4 of the elements outside it.
         const bool fp8 = bn == fmoe::cuda::kSm90MxFp8Wgmma;
-        ok = compare(p.name + " " + names[i] + (bn ? " dequant BN=" + std::to_string(bn) : std::string(" fp8-wgmma")), rg, p.rows, cols,
+        ok = compare(p.name + " " + names[i] + " " + design_name(bn), rg, p.rows, cols,
                      fetch16(d.c, p.rows * cols), want, fp8 ? 2.0 : 1.0, fp8 ? 1e-4 : 0.0) && ok;
       }
     }
@@ -339,7 +344,7 @@ void bench(const std::string& name, int64_t groups, int64_t rows_per_group, int6
     const float bf = median_ms(
         [&] { return fmoe::cuda::grouped_mm_sm90_bf16_block_n(d.bf, num_sms, bn ? bn : picked, 0); });
     std::printf("  TIME %-44s %s%s: mxfp8 %.3f ms %.1f TFLOP/s | bf16 %.3f ms %.1f TFLOP/s\n",
-                name.c_str(), bn ? (bn == 128 ? "dequant BN=128" : "dequant BN=256") : "fp8-wgmma", bn == picked ? " (picked)" : "", mx,
+                name.c_str(), design_name(bn).c_str(), bn == picked ? " (picked)" : "", mx,
                 flops / (mx * 1e-3) / 1e12, bf, flops / (bf * 1e-3) / 1e12);
     std::fflush(stdout);
   }
