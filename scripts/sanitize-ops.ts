@@ -100,7 +100,7 @@ function realOnly<A extends Arr>(a: A, width: number, map: Int32Array, nUsed: nu
 }
 
 // Shared inputs: T tokens over E experts, an expert-parallel slice, a few invalid ids.
-const T = 37, H = 128, I = 64, E = 8, topk = 2, start = 1, local = 6, alignment = 16;
+const T = 81, H = 128, I = 64, E = 8, topk = 2, start = 1, local = 6, alignment = 16;
 const hidden = rng.bf16Normal(T * H);
 const { routingMap, probs } = randomRouting(rng, T, E, topk);
 routingMap[3] = -4;
@@ -237,7 +237,7 @@ const tpe = Int32Array.of(5, 0, 9, 3, 0, 6);
 const gRows = 30;
 const gHidden = rng.bf16Normal(gRows * H);
 const gProbs = rng.f32Normal(gRows);
-// n = T takes the prefill path of the CUDA fused op, n = 6 its decode path (n <= 32).
+// n = T takes the prefill path of the CUDA fused op (T * topk > 16 E), n = 6 its decode path.
 for (const [format, n] of [["bf16", T], ["mxfp8", T], ["bf16", 6], ["mxfp8", 6]] as const) {
   const tol = format === "bf16" ? 2e-2 : 3e-2;
   const nHidden = hidden.subarray(0, n * H);

@@ -386,6 +386,11 @@ describe.skipIf(SKIP)("CUDA backend vs host backend", () => {
     { name: "alignment 1", T: 33, H: 64, I: 32, E: 8, topk: 2, activation: "squared_relu", alignment: 1 },
     { name: "apply_router_weight_on_input", T: 50, H: 64, I: 32, E: 5, topk: 1, activation: "silu", onInput: true },
     { name: "medium: T = 256, H = 1024, I = 512, 32 experts, topk 4", T: 256, H: 1024, I: 512, E: 32, topk: 4, activation: "silu", bias: true },
+    // k tails on the prefill path: H = 224 and I = 96 end inside a k-block (64 bf16, 128 e4m3).
+    { name: "prefill with k tails: T = 70, H = 224, I = 96", T: 70, H: 224, I: 96, E: 6, topk: 2, activation: "silu", bias: true },
+    // The decode path past 32 tokens (T * topk <= 16 E): groups over the token tile take several tiles.
+    { name: "decode path, T = 96: all 192 rows on one expert", T: 96, H: 128, I: 64, E: 128, topk: 2, activation: "silu", pattern: "one-expert", bias: true },
+    { name: "decode path, T = 100: skewed routing, out-of-range ids", T: 100, H: 64, I: 32, E: 64, topk: 2, activation: "gelu", pattern: "skewed", invalid: 15 },
   );
   for (const c of MOE) {
     for (const format of c.formats ?? (["bf16", "mxfp8"] as const)) {

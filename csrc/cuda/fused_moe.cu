@@ -15,17 +15,17 @@
 // activation output is exactly that quantization (fmoe.h "Precision").
 // FMOE_CUDA_GEMM=mma and shapes the fused kernel refuses take the default path.
 //
-// Decode (T <= kDecodeMaxTokens, both formats): a group holds at most T real rows (more only if
-// a token names one expert in several of its slots, which stays correct, in several tiles), so
-// the weights-as-M "swap-AB" kernel of grouped_mm_small.cu streams each routed expert's weights
-// once over a grid large enough to pull full bandwidth:
+// Decode (T <= kDecodeMaxTokens, or few routed rows per expert; both formats): a group holds at
+// most T real rows, mostly far fewer (a group over the token tile takes several tiles, correct and
+// a little slower), so the weights-as-M "swap-AB" kernel of grouped_mm_small.cu streams each
+// routed expert's weights once over a grid large enough to pull full bandwidth:
 //   route (permute without its copy: FC1 gathers its rows from `hidden` through
 //   permutation_map) -> FC1 + activation (small kernel) -> [MXFP8: quantize the activation]
 //   -> FC2 (small kernel) -> unpermute.
 // The routing uses alignment 1 internally: padding changes no output of the fused op, and groups
-// without padding rows never ask the small kernel for more than one tile of token rows. The
-// choice between decode and prefill is made on the host from T alone (static under capture); the
-// routing decides nothing that needs a sync.
+// without padding rows never ask the small kernel for more tiles of token rows than they need.
+// The choice between decode and prefill is made on the host from T, topk and E alone (static
+// under capture); the routing decides nothing that needs a sync.
 #include <algorithm>
 
 #include "core/context.h"
@@ -37,8 +37,14 @@
 namespace fmoe {
 
 namespace {
-// Up to this many tokens the decode path runs: the small kernel's token tile is at most 32 rows.
+// The decode path runs up to kDecodeMaxTokens tokens, and beyond while the routed rows average at
+// most kDecodeRowsPerExpert per expert (T * topk <= 16 E): each routed expert's weights are then
+// streamed once for its one or two token tiles, where the prefill kernel computes 128-row tiles
+// of mostly padding. Measured on an H200 (bench/NOTES.md v5): 8 and 16 both beat the prefill path
+// at 4-8 rows per expert (qwen3, gpt-oss, deepseek at T = 128) and 16 also at 16 (gpt-oss,
+// deepseek at T = 512); at 32 (qwen3 T = 512) the prefill path is as fast.
 constexpr int64_t kDecodeMaxTokens = 32;
+constexpr int64_t kDecodeRowsPerExpert = 16;
 
 // A step's grouped GEMM arguments as the decode kernel takes them.
 cuda::SmallMmArgs small_mm_args(const fmoe_grouped_mm_args& g, int64_t ldc, int64_t format,
@@ -107,8 +113,9 @@ Status CudaBackend::fused_moe_decode(BackendStream* s, const PlanShape& shape,
   fc2.overlap_previous = true;
   fc2.weights_before_wait = true;
   // Decided before anything is enqueued: the fallback is taken whole or not at all.
-  if (call.tokens > kDecodeMaxTokens || !cuda::grouped_mm_small_supported(fc1) ||
-      !cuda::grouped_mm_small_supported(fc2))
+  const bool decode = call.tokens <= kDecodeMaxTokens ||
+                      call.tokens * call.topk <= kDecodeRowsPerExpert * d.num_experts;
+  if (!decode || !cuda::grouped_mm_small_supported(fc1) || !cuda::grouped_mm_small_supported(fc2))
     return FMOE_OK;
   *handled = true;
 

@@ -461,6 +461,16 @@ __device__ __forceinline__ int tile_b_row(const Sm90Params& p, const TileCoord& 
   return tc.group * p.n1 + (kEpi == kEpiActInterleaved ? 2 * tc.n0 : tc.n0);
 }
 
+// The TMA copies of a stage's B tile at k coordinate `k_coord` (in the map's element units): one
+// box, or for halves the gate box and the up box I rows further.
+template <class Cfg, int kEpi>
+__device__ __forceinline__ void tma_load_b(const Sm90Params& p, const CUtensorMap* tm_b,
+                                           uint8_t* b_dst, uint64_t* bar, int k_coord, int b_row) {
+  ptx::tma_load_2d(b_dst, tm_b, bar, k_coord, b_row);
+  if constexpr (kEpi == kEpiActHalves)
+    ptx::tma_load_2d(b_dst + Cfg::kBBytes / 2, tm_b, bar, k_coord, b_row + p.ffn);
+}
+
 // bf16: one thread issues the TMA copies of each k-block.
 template <class Cfg, int kEpi>
 __device__ __forceinline__ void produce_tma(const Sm90Params& p, const TileTables& tt,
@@ -479,10 +489,7 @@ __device__ __forceinline__ void produce_tma(const Sm90Params& p, const TileTable
       ptx::mbar_wait(&empty[stage], phase ^ 1);
       ptx::mbar_arrive_expect_tx(&full[stage], Cfg::kTmaBytes);
       ptx::tma_load_2d(smem_a + stage * Cfg::kABytes, tm_a, &full[stage], kb * BK, tc.m0);
-      uint8_t* b_dst = smem_b + stage * Cfg::kBBytes;
-      ptx::tma_load_2d(b_dst, tm_b, &full[stage], kb * BK, b_row);
-      if constexpr (kEpi == kEpiActHalves)
-        ptx::tma_load_2d(b_dst + Cfg::kBBytes / 2, tm_b, &full[stage], kb * BK, b_row + p.ffn);
+      tma_load_b<Cfg, kEpi>(p, tm_b, smem_b + stage * Cfg::kBBytes, &full[stage], kb * BK, b_row);
       if (++stage == S) {
         stage = 0;
         phase ^= 1;
@@ -746,11 +753,8 @@ __device__ __forceinline__ void produce_fp8(const Sm90Params& p, const TileTable
         ptx::mbar_arrive_expect_tx(&full[stage], Cfg::kTmaBytes);
         // Coordinates in bf16 units: the e4m3 tensors are mapped as pairs of bytes.
         ptx::tma_load_2d(smem_a + stage * Cfg::kABytes, tm_a, &full[stage], kb * (BK / 2), tc.m0);
-        uint8_t* b_dst = smem_b + stage * Cfg::kBBytes;
-        ptx::tma_load_2d(b_dst, tm_b, &full[stage], kb * (BK / 2), b_row);
-        if constexpr (kEpi == kEpiActHalves)
-          ptx::tma_load_2d(b_dst + Cfg::kBBytes / 2, tm_b, &full[stage], kb * (BK / 2),
-                           b_row + p.ffn);
+        tma_load_b<Cfg, kEpi>(p, tm_b, smem_b + stage * Cfg::kBBytes, &full[stage], kb * (BK / 2),
+                              b_row);
       } else {
         ptx::mbar_arrive(&full[stage]);
       }
@@ -763,7 +767,50 @@ __device__ __forceinline__ void produce_fp8(const Sm90Params& p, const TileTable
   ptx::cp_async_wait<0>();  // nothing may be in flight into shared memory at exit
 }
 
+// One half-width k32 step of the fp8 consumer promoted: acc[r][c] += t[r][c] * scale_b[c] *
+// scale_a[r] over the tile columns 64 * kHalf + 8i + 2q + {0, 1} (accumulator block 8 kHalf + i)
+// of rows r0 and r0 + 8, with the scales of k32 block j of the stage whose scales start at sc.
+template <class Cfg, int kHalf>
+__device__ __forceinline__ void promote_fp8_half(float (&acc)[Cfg::kBlockN / 2],
+                                                 const float (&t)[32], const float* sc, int j,
+                                                 int r0, int q) {
+  constexpr int BM = Cfg::kBlockM, BN = Cfg::kBlockN;
+  const float sa0 = sc[4 * r0 + j], sa1 = sc[4 * (r0 + 8) + j];
+  const float* sb = sc + 4 * BM + j * BN + 64 * kHalf + 2 * q;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const float2 b = *reinterpret_cast<const float2*>(sb + 8 * i);
+    float* a = acc + 4 * (8 * kHalf + i);
+    a[0] = fmaf(t[4 * i + 0] * b.x, sa0, a[0]);
+    a[1] = fmaf(t[4 * i + 1] * b.y, sa0, a[1]);
+    a[2] = fmaf(t[4 * i + 2] * b.x, sa1, a[2]);
+    a[3] = fmaf(t[4 * i + 3] * b.y, sa1, a[3]);
+  }
+}
+
+// Issues the wgmma of one half-width k32 step into t (the products alone: scale-d = 0).
+__device__ __forceinline__ void issue_fp8_half(float (&t)[32], uint32_t a_addr, uint32_t b_addr) {
+#pragma unroll
+  for (int i = 0; i < 32; ++i) ptx::wgmma_fence_operand(t[i]);
+  ptx::wgmma_fence();
+  ptx::wgmma_m64n64k32_e4m3(t, ptx::wgmma_desc_sw128(a_addr), ptx::wgmma_desc_sw128(b_addr), 0);
+  ptx::wgmma_commit();
+}
+
+// Waits until at most one wgmma group is in flight and orders t's reads after it.
+__device__ __forceinline__ void wait_fp8_half(float (&t)[32]) {
+  ptx::wgmma_wait<1>();
+#pragma unroll
+  for (int i = 0; i < 32; ++i) ptx::wgmma_fence_operand(t[i]);
+}
+
 // The fp8 consumer mainloop of one tile: acc = sum over k32 blocks of (A x B block) * scales.
+// Software-pipelined over half-width steps (64 columns x k32): the wgmma of a step runs while the
+// step before it is promoted, two 32-register temporaries in turn (t0: columns 0-63, t1: 64-127).
+// The pipeline drains at the end of each stage (wait<0>, the last half promoted alone): a wgmma
+// left in flight across the k-block loop's back edge makes ptxas serialise every wgmma of the
+// kernel (C7514). v1 ran one m64n128k32 per k32 into a single temporary and waited for it before
+// promoting, so its warpgroup's tensor work stopped through every promotion.
 template <class Cfg>
 __device__ __forceinline__ void consume_fp8(float (&acc)[Cfg::kBlockN / 2], const Sm90Params& p,
                                             const uint8_t* smem_a, const uint8_t* smem_b,
@@ -771,41 +818,37 @@ __device__ __forceinline__ void consume_fp8(float (&acc)[Cfg::kBlockN / 2], cons
                                             uint64_t* empty, int half, int warp, int lane,
                                             int& stage, uint32_t& phase) {
   constexpr int BM = Cfg::kBlockM, BN = Cfg::kBlockN, S = Cfg::kStages;
+  static_assert(BN == 128, "two half-width steps of 64 columns");
+  constexpr uint32_t kHalfB = 64 * 128;  // bytes of 64 B rows: the second half's first row
   const int q = lane & 3;
   const int r0 = half * (BM / 2) + warp * 16 + (lane >> 2);  // tile rows r0, r0 + 8
+  float t0[32], t1[32];
+#pragma unroll
+  for (int i = 0; i < 32; ++i) t0[i] = t1[i] = 0.f;  // defined before the first wgmma reads them
 #pragma unroll
   for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
-  float tmp[BN / 2];
   for (int kb = 0; kb < p.k_blocks; ++kb) {
     ptx::mbar_wait(&full[stage], phase);
     const uint32_t a_addr = ptx::smem_addr(smem_a + stage * Cfg::kABytes) + half * (BM / 2) * 128;
     const uint32_t b_addr = ptx::smem_addr(smem_b + stage * Cfg::kBBytes);
     const float* sc = smem_scale + stage * Cfg::kScaleFloats;
-    const float4 sa0 = *reinterpret_cast<const float4*>(sc + 4 * r0);
-    const float4 sa1 = *reinterpret_cast<const float4*>(sc + 4 * (r0 + 8));
-    const float sa[2][4] = {{sa0.x, sa0.y, sa0.z, sa0.w}, {sa1.x, sa1.y, sa1.z, sa1.w}};
+    // k32 step j = 32 bytes along the swizzled 128-byte rows; half-steps (j, 0), (j, 1) in order.
+    issue_fp8_half(t0, a_addr, b_addr);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-#pragma unroll
-      for (int i = 0; i < BN / 2; ++i) ptx::wgmma_fence_operand(tmp[i]);
-      ptx::wgmma_fence();
-      // k32 step j = 32 bytes along the swizzled 128-byte row.
-      ptx::wgmma_m64n128k32_e4m3(tmp, ptx::wgmma_desc_sw128(a_addr + j * 32),
-                                 ptx::wgmma_desc_sw128(b_addr + j * 32), 0);
-      ptx::wgmma_commit();
-      ptx::wgmma_wait<0>();
-#pragma unroll
-      for (int i = 0; i < BN / 2; ++i) ptx::wgmma_fence_operand(tmp[i]);
-      const float* sb = sc + 4 * BM + j * BN + 2 * q;
-#pragma unroll
-      for (int i = 0; i < BN / 8; ++i) {  // columns 8i + 2q + {0, 1}
-        const float2 b = *reinterpret_cast<const float2*>(sb + 8 * i);
-        acc[4 * i + 0] = fmaf(tmp[4 * i + 0] * b.x, sa[0][j], acc[4 * i + 0]);
-        acc[4 * i + 1] = fmaf(tmp[4 * i + 1] * b.y, sa[0][j], acc[4 * i + 1]);
-        acc[4 * i + 2] = fmaf(tmp[4 * i + 2] * b.x, sa[1][j], acc[4 * i + 2]);
-        acc[4 * i + 3] = fmaf(tmp[4 * i + 3] * b.y, sa[1][j], acc[4 * i + 3]);
+      issue_fp8_half(t1, a_addr + j * 32, b_addr + kHalfB + j * 32);
+      wait_fp8_half(t0);
+      promote_fp8_half<Cfg, 0>(acc, t0, sc, j, r0, q);
+      if (j < 3) {
+        issue_fp8_half(t0, a_addr + (j + 1) * 32, b_addr + (j + 1) * 32);
+        wait_fp8_half(t1);
+        promote_fp8_half<Cfg, 1>(acc, t1, sc, j, r0, q);
       }
     }
+    ptx::wgmma_wait<0>();
+#pragma unroll
+    for (int i = 0; i < 32; ++i) ptx::wgmma_fence_operand(t1[i]);
+    promote_fp8_half<Cfg, 1>(acc, t1, sc, 3, r0, q);
     // Every wgmma of the stage is complete and its scales are read: release it.
     __syncwarp();
     if (lane == 0) ptx::mbar_arrive(&empty[stage]);

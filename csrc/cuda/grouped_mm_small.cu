@@ -661,7 +661,7 @@ bool grouped_mm_small_supported(const SmallMmArgs& a) {
   if (!a.a || !a.b || !a.c || !a.group_offsets) return false;
   if (fp8 && (!a.a_scale || !a.b_scale)) return false;
   if (a.rows < 0 || a.n < 8 || a.k < 8 || a.groups < 1 || a.groups > kMaxGroups) return false;
-  if (a.max_rows_per_group < 1 || a.max_rows_per_group > 32) return false;
+  if (a.max_rows_per_group < 1) return false;
   const int64_t act = a.epilogue.activation;
   if (act < -1 || act > FMOE_ACT_SWIGLU_OAI) return false;
   if (is_gated(a) && a.epilogue.layout != FMOE_LAYOUT_HALVES &&

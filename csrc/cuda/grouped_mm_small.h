@@ -46,8 +46,8 @@ struct SmallMmArgs {
   int64_t n = 0;                     // weight rows per group (N1 for FC1, H for FC2)
   int64_t k = 0;                     // reduction size
   int64_t groups = 0;
-  // Host-known bound of every group's row count (<= 32). Picks the padded token tile; a group
-  // that exceeds it is still computed right (in several tiles), only slower.
+  // Host-known bound of every group's row count (>= 1). Picks the padded token tile (up to 32)
+  // and sizes the grid; a group over the token tile is computed in several tiles.
   int64_t max_rows_per_group = 0;
   int64_t format = FMOE_WEIGHTS_BF16;  // fmoe_weight_format: bf16, or mxfp8 (a and b both)
   SmallMmEpilogue epilogue;
@@ -71,8 +71,8 @@ struct SmallMmConfig {
 };
 
 // Whether the kernel handles these arguments: n % 8 == 0 (n % 16 with a gated activation), k % 8
-// == 0 (k % 32 for mxfp8), ldc % 8 == 0 and >= out_cols, 1 <= groups <= 512, 1 <=
-// max_rows_per_group <= 32, a / b / c 16-byte aligned, bias 4-byte aligned, scales 4-byte aligned
+// == 0 (k % 32 for mxfp8), ldc % 8 == 0 and >= out_cols, 1 <= groups <= 512,
+// max_rows_per_group >= 1, a / b / c 16-byte aligned, bias 4-byte aligned, scales 4-byte aligned
 // (mxfp8), sizes within int32 indexing. False means the caller falls back; nothing is enqueued.
 bool grouped_mm_small_supported(const SmallMmArgs& a);
 
