@@ -88,8 +88,8 @@
 // per 32-wide scale block and promote with the scales in f32 ("MXFP8 operands: fp8 wgmma"
 // below). (b) kOpMxDequant: the 128 producer threads load e4m3 + e8m0 with plain loads,
 // dequantize to bf16 and store the tile that TMA would have staged for bf16 operands ("MXFP8
-// operands: dequantized by the producer warpgroup"). Measured on an H200 (bench/NOTES.md v4):
-// (a) 280-346 TFLOP/s, (b) 240-260, bf16 590-770: neither reaches the bf16 kernel yet.
+// operands: dequantized by the producer warpgroup"). Measured on an H200 (bench/NOTES.md v5):
+// (a) 296-346 TFLOP/s, (b) 226-238, bf16 617-795: neither reaches the bf16 kernel yet.
 #include "cuda/grouped_mm_sm90.h"
 
 #include <cuda_bf16.h>
@@ -676,10 +676,12 @@ __device__ __forceinline__ void produce_mx(const Sm90Params& p, const TileTables
 // - The stage's `full` barrier counts the 128 producer threads: thread 0's arrival carries the
 //   TMA byte count; every thread arrives after its scale stores (mbarrier arrive has release
 //   semantics, the consumers' wait acquire: plain stores need no proxy fence here).
-// - Cost: two f32 operations per accumulator per k32 (FMUL + FFMA) on the consumers' FMA pipes,
-//   meant to run while the other warpgroup's wgmma does: expected near the bf16 kernel's rate.
-//   Measured 280-346 TFLOP/s on an H200 (bf16: 590-770): with one temporary, each warpgroup
-//   waits for its own k32 wgmma before promoting it (bench/NOTES.md v4, item 8: next steps).
+// - Cost: two f32 operations per accumulator per k32 (FMUL + FFMA) on the consumers' FMA pipes:
+//   for a 128 x 128 tile 256 cycles of FMA issue per k32 against 128 of fp8 tensor work, i.e. at
+//   best the bf16 kernel's rate. Measured 296-346 TFLOP/s on an H200 (bf16: 617-795), the same
+//   with one temporary (v1) and with the pipelined halves (v2): ncu shows FMUL + FFMA at half of
+//   the executed instructions, issue slots 56% busy, and a fifth of the stall samples in barrier
+//   waits (bench/NOTES.md v5).
 template <class Cfg, int kEpi>
 __device__ __forceinline__ void produce_fp8(const Sm90Params& p, const TileTables& tt,
                                             const CUtensorMap* tm_a, const CUtensorMap* tm_b,
