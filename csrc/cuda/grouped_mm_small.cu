@@ -1,8 +1,8 @@
 // Decode grouped GEMM for Hopper (sm_90a): c[r, :] = a[r, :] @ b[g]^T (+ bias[g]) (then FC1's
-// activation, optionally) for groups of at most 32 rows, BF16 or MXFP8.
+// activation, optionally) for groups of a few rows (tiles of up to 32), BF16 or MXFP8.
 //
-// Why a second kernel: at decode (T <= 32 tokens) a group holds 1-32 rows while its weights are
-// megabytes. The prefill kernel (grouped_mm_sm90.cu) tiles 128 rows x 256 columns: it computes
+// Why a second kernel: at decode (T <= 32 tokens, or up to ~16 routed rows per expert) a group
+// holds a few rows while its weights are megabytes. The prefill kernel (grouped_mm_sm90.cu) tiles 128 rows x 256 columns: it computes
 // 128 rows to use a few, and its grid (used groups x n / 256) is a fraction of the SMs, each
 // pulling far more than its share of the bandwidth. Here the time is the weight bytes over the
 // memory bandwidth, and everything is arranged to keep every SM's copy engine busy.
