@@ -137,9 +137,9 @@ namespace {
 // MXFP8 by fp8 wgmma (kOpMxFp8, see "MXFP8 operands: fp8 wgmma" below): a k-block is 128 e4m3
 //   (still one 128-byte swizzle span), loaded by TMA as bytes; each stage also holds the
 //   k-block's 4 scales of every A and B row as f32 (4 KB) and their raw words (2 KB), so 5
-//   stages of 38 KB fit. BN = 128: a consumer thread keeps 64 accumulators and 64 f32
-//   temporaries of one k32 wgmma. Registers: producer 56 (the scale-word ring's state: 40
-//   spilled), consumers 224: 56 x 128 + 224 x 256 = 64512.
+//   stages of 38 KB fit. BN = 128: a consumer thread keeps 64 accumulators and two 32-register
+//   temporaries of its half-width k32 wgmmas. Registers: producer 56 (the scale-word ring's state:
+//   40 spilled), consumers 224: 56 x 128 + 224 x 256 = 64512.
 enum Sm90Operands : int {
   kOpBf16 = 0,      // bf16 A and B by TMA
   kOpMxDequant = 1, // e4m3 + e8m0 dequantized to bf16 by the producer warpgroup
@@ -661,9 +661,10 @@ __device__ __forceinline__ void produce_mx(const Sm90Params& p, const TileTables
 
 // ---- MXFP8 operands: fp8 wgmma, promoted per scale block -----------------------------------------
 // The e4m3 bytes go to the tensor cores as they are: TMA stages A (128 x 128 bytes) and B (128 x
-// 128 bytes, two boxes for halves) of a 128-wide k-block, and each consumer issues one
-// wgmma.m64n128k32 (e4m3 x e4m3, f32) per k32 step into zeroed temporaries, i.e. exactly one MX
-// block of both operands, then promotes: acc[r][c] += tmp[r][c] * scale_b[c] * scale_a[r], in f32.
+// 128 bytes, two boxes for halves) of a 128-wide k-block, and each consumer issues two
+// wgmma.m64n64k32 (e4m3 x e4m3, f32, scale-d = 0) per k32 step, i.e. exactly one MX block of both
+// operands, then promotes: acc[r][c] += tmp[r][c] * scale_b[c] * scale_a[r], in f32
+// (consume_fp8).
 // - Scales: the 128 producer threads each own one A row and one B row of the tile. A thread
 //   copies its rows' scale words (mx_scale_words.cuh) with cp.async S k-blocks ahead, over tile
 //   boundaries; per k-block it waits for that k-block's words, turns the 4 bytes of each row into
@@ -799,9 +800,10 @@ __device__ __forceinline__ void issue_fp8_half(float (&t)[32], uint32_t a_addr, 
   ptx::wgmma_commit();
 }
 
-// Waits until at most one wgmma group is in flight and orders t's reads after it.
+// Waits until at most kPending wgmma groups are in flight and orders t's reads after it.
+template <int kPending>
 __device__ __forceinline__ void wait_fp8_half(float (&t)[32]) {
-  ptx::wgmma_wait<1>();
+  ptx::wgmma_wait<kPending>();
 #pragma unroll
   for (int i = 0; i < 32; ++i) ptx::wgmma_fence_operand(t[i]);
 }
@@ -839,17 +841,15 @@ __device__ __forceinline__ void consume_fp8(float (&acc)[Cfg::kBlockN / 2], cons
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       issue_fp8_half(t1, a_addr + j * 32, b_addr + kHalfB + j * 32);
-      wait_fp8_half(t0);
+      wait_fp8_half<1>(t0);
       promote_fp8_half<Cfg, 0>(acc, t0, sc, j, r0, q);
       if (j < 3) {
         issue_fp8_half(t0, a_addr + (j + 1) * 32, b_addr + (j + 1) * 32);
-        wait_fp8_half(t1);
+        wait_fp8_half<1>(t1);
         promote_fp8_half<Cfg, 1>(acc, t1, sc, j, r0, q);
       }
     }
-    ptx::wgmma_wait<0>();
-#pragma unroll
-    for (int i = 0; i < 32; ++i) ptx::wgmma_fence_operand(t1[i]);
+    wait_fp8_half<0>(t1);
     promote_fp8_half<Cfg, 1>(acc, t1, sc, 3, r0, q);
     // Every wgmma of the stage is complete and its scales are read: release it.
     __syncwarp();

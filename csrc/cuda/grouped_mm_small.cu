@@ -2,10 +2,11 @@
 // activation, optionally) for groups of a few rows (tiles of up to 32), BF16 or MXFP8.
 //
 // Why a second kernel: at decode (T <= 32 tokens, or up to ~16 routed rows per expert) a group
-// holds a few rows while its weights are megabytes. The prefill kernel (grouped_mm_sm90.cu) tiles 128 rows x 256 columns: it computes
-// 128 rows to use a few, and its grid (used groups x n / 256) is a fraction of the SMs, each
-// pulling far more than its share of the bandwidth. Here the time is the weight bytes over the
-// memory bandwidth, and everything is arranged to keep every SM's copy engine busy.
+// holds a few rows while its weights are megabytes. The prefill kernel (grouped_mm_sm90.cu) tiles
+// 128 rows x 256 columns: it computes 128 rows to use a few, and its grid (used groups x n / 256)
+// is a fraction of the SMs, each pulling far more than its share of the bandwidth. Here the time is
+// the weight bytes over the memory bandwidth, and everything is arranged to keep every SM's copy
+// engine busy.
 //
 // Design
 // - Swap-AB: D^T = W x X^T. The weights are wgmma's A (M = 64 weight rows), the group's token rows
@@ -194,6 +195,17 @@ __device__ __forceinline__ int source_row(const SmallParams& p, int row, int row
   return (s >= 0 && s < p.a_rows) ? s : -1;
 }
 
+// One stage of an item's weight tile by TMA: k-block kb of weight rows b_row0.. (first 32 tile
+// rows) and b_row1.. (last 32: the up half of a gated tile) into `st`, arming `bar` with its
+// bytes. Coordinates in bf16 units (an e4m3 tensor is mapped as pairs of bytes).
+template <int kWBytes>
+__device__ __forceinline__ void load_weight_stage(const CUtensorMap* tm_b, uint8_t* st,
+                                                  uint64_t* bar, int kb, int b_row0, int b_row1) {
+  ptx::mbar_arrive_expect_tx(bar, kWBytes);
+  ptx::tma_load_2d(st, tm_b, bar, kb * (kStageK / 2), b_row0);
+  ptx::tma_load_2d(st + kWBytes / 2, tm_b, bar, kb * (kStageK / 2), b_row1);
+}
+
 template <int NT, bool kFp8>
 __global__ void __launch_bounds__(kThreads)
     grouped_mm_small_kernel(const __grid_constant__ CUtensorMap tm_b, const SmallParams p) {
@@ -246,13 +258,9 @@ __global__ void __launch_bounds__(kThreads)
       if (lane == 0) {
         const int b_row0 = it.group * p.n + weight_row(p, it.tile, 0);
         const int b_row1 = it.group * p.n + weight_row(p, it.tile, kHalfTileW);
-        for (int i = 0; i < prefilled; ++i) {
-          uint8_t* st = smem + i * L::kStageBytes;
-          ptx::mbar_arrive_expect_tx(&full[i], L::kWBytes);
-          ptx::tma_load_2d(st, &tm_b, &full[i], (kb_begin + i) * (kStageK / 2), b_row0);
-          ptx::tma_load_2d(st + L::kWBytes / 2, &tm_b, &full[i], (kb_begin + i) * (kStageK / 2),
-                           b_row1);
-        }
+        for (int i = 0; i < prefilled; ++i)
+          load_weight_stage<L::kWBytes>(&tm_b, smem + i * L::kStageBytes, &full[i], kb_begin + i,
+                                        b_row0, b_row1);
       }
     }
     if (p.weights_before_wait) ptx::griddep_wait();  // a / a_scale come from the kernel ahead
@@ -280,10 +288,7 @@ __global__ void __launch_bounds__(kThreads)
         if (prefilled > 0) {
           --prefilled;
         } else if (lane == 0) {
-          ptx::mbar_arrive_expect_tx(&full[stage], L::kWBytes);
-          // Coordinates in bf16 units (an e4m3 tensor is mapped as pairs of bytes).
-          ptx::tma_load_2d(st, &tm_b, &full[stage], kb * (kStageK / 2), b_row0);
-          ptx::tma_load_2d(st + L::kWBytes / 2, &tm_b, &full[stage], kb * (kStageK / 2), b_row1);
+          load_weight_stage<L::kWBytes>(&tm_b, st, &full[stage], kb, b_row0, b_row1);
         }
         uint8_t* xs = st + L::kWBytes;
         const int chunk = lane & 7;
