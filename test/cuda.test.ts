@@ -391,6 +391,12 @@ describe.skipIf(SKIP)("CUDA backend vs host backend", () => {
     // The decode path past 32 tokens (T * topk <= 16 E): groups over the token tile take several tiles.
     { name: "decode path, T = 96: all 192 rows on one expert", T: 96, H: 128, I: 64, E: 128, topk: 2, activation: "silu", pattern: "one-expert", bias: true },
     { name: "decode path, T = 100: skewed routing, out-of-range ids", T: 100, H: 64, I: 32, E: 64, topk: 2, activation: "gelu", pattern: "skewed", invalid: 15 },
+    // Prefill with H % 64 == 0 and I % 64 == 0: MXFP8 takes the weights-in-registers kernels. Last
+    // feature tiles partly past I and H (FC1 gated tiles are 128 features, FC2 and squared_relu 256).
+    { name: "prefill: interleaved swiglu_oai, biases, H = 320, I = 192", T: 160, H: 320, I: 192, E: 4, topk: 2, activation: "swiglu_oai", layout: "interleaved", alpha: 1.702, limit: 7, bias: true },
+    { name: "prefill: expert slice [1, 4) of 6, out-of-range ids, gelu, I = 320", T: 150, H: 192, I: 320, E: 6, start: 1, local: 3, topk: 2, activation: "gelu", invalid: 25, bias: true },
+    { name: "prefill: squared_relu, biases, H = 384, I = 448", T: 130, H: 384, I: 448, E: 4, topk: 1, activation: "squared_relu", bias: true },
+    { name: "prefill: apply_router_weight_on_input, skewed", T: 200, H: 128, I: 128, E: 4, topk: 1, activation: "silu", onInput: true, pattern: "skewed" },
   );
   for (const c of MOE) {
     for (const format of c.formats ?? (["bf16", "mxfp8"] as const)) {

@@ -16,7 +16,9 @@
 #include "cuda/cuda_check.h"
 
 namespace fmoe {
+struct MoeCall;  // core/moe_call.h
 namespace cuda {
+struct ActEpilogue;  // cuda/grouped_mm_sm90.h
 
 // The CUDA objects behind the core's opaque BackendStream / BackendGraph / BackendEvent
 // pointers. They are distinct types (and the handles are converted with reinterpret_cast)
@@ -81,6 +83,10 @@ class CudaBackend final : public Backend {
                         uint8_t* data, uint8_t* scale) override;
   Status dequantize_mxfp8(BackendStream* s, const uint8_t* data, const uint8_t* scale,
                           int64_t rows, int64_t cols, float* out) override;
+  // The MXFP8 round trip of bf16 [rows, cols] (cols % 64 == 0, 16-byte aligned rows) in the k
+  // order of grouped_mm_sm90_mx_regs (mx_block.cuh); out may be in.
+  Status mx_round_trip_k_order(BackendStream* s, const uint16_t* in, int64_t rows, int64_t cols,
+                               uint16_t* out);
   Status swizzle_scales(BackendStream* s, const uint8_t* in, int64_t batch, int64_t rows,
                         int64_t scale_cols, bool to_swizzled, uint8_t* out) override;
   Status grouped_mm_bf16(BackendStream* s, const fmoe_grouped_mm_args& a) override;
@@ -101,6 +107,11 @@ class CudaBackend final : public Backend {
   // false, having enqueued nothing, when the call is not a decode call or its shapes do not fit.
   Status fused_moe_decode(BackendStream* s, const PlanShape& shape, const fmoe_moe_args& a,
                           int32_t* invalid_count, bool* handled);
+  // The MXFP8 prefill path with the weights dequantized in registers (fused_moe.cu), under the
+  // same contract: *handled false and nothing enqueued when its shapes do not fit.
+  Status fused_moe_mx_regs(BackendStream* s, const MoeCall& call, int64_t rows,
+                           const fmoe_grouped_mm_args& fc1, const cuda::ActEpilogue& act,
+                           int32_t* invalid_count, bool* handled);
   Status activate() {
     FMOE_CHECK_CUDA(cudaSetDevice(device_));
     return FMOE_OK;

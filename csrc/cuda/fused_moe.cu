@@ -9,10 +9,15 @@
 //
 // Same workspace layout as the default (plan_workspace_layout; the fc1_out region stays unused),
 // same static sizes, no host synchronisation or allocation: graph-capturable like the default.
-// MXFP8 weights take the same path with the Hopper kernel that dequantizes in its producer
-// (grouped_mm_sm90_mxfp8_act), then quantize the bf16 activation (written to the fc1_out region)
-// into act_out / act_scale for FC2: the numbers of the op-by-op path, whose fused MXFP8
-// activation output is exactly that quantization (fmoe.h "Precision").
+// MXFP8 weights (H % 64 == 0, I % 64 == 0) take the kernels that dequantize the weights into the
+// wgmma registers (grouped_mm_sm90_mx_regs*), whose activations are bf16 holding MXFP8 values in
+// the kernels' k order:
+//   permute (bf16 copy) -> MXFP8 round trip in place -> FC1 + activation + round trip (into the
+//   fc1_out region) -> FC2 -> unpermute.
+// The numbers are those of the op-by-op path (fmoe.h "Precision": the input and the activation
+// quantized to MXFP8, the products exact, sums in f32) up to the order of the sums. Other MXFP8
+// shapes take the fp8-wgmma kernel (grouped_mm_sm90_mxfp8_act), then quantize the bf16
+// activation (written to the fc1_out region) into act_out / act_scale for FC2.
 // FMOE_CUDA_GEMM=mma and shapes the fused kernel refuses take the default path.
 //
 // Decode (T <= kDecodeMaxTokens, or few routed rows per expert; both formats): a group holds at
@@ -27,6 +32,8 @@
 // The choice between decode and prefill is made on the host from T, topk and E alone (static
 // under capture); the routing decides nothing that needs a sync.
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 
 #include "core/context.h"
 #include "core/moe_call.h"
@@ -132,6 +139,43 @@ Status CudaBackend::fused_moe_decode(BackendStream* s, const PlanShape& shape,
   return unpermute_launch(s, call.unpermute_args(rows), /*overlap_previous=*/true);
 }
 
+Status CudaBackend::fused_moe_mx_regs(BackendStream* s, const MoeCall& call, int64_t rows,
+                                      const fmoe_grouped_mm_args& fc1_args,
+                                      const cuda::ActEpilogue& act, int32_t* invalid_count,
+                                      bool* handled) {
+  *handled = false;
+  const fmoe_plan_desc& d = call.desc;
+  // FMOE_MX_PREFILL=fp8 keeps the fp8-wgmma chain below, for comparisons.
+  static const bool off = [] {
+    const char* e = std::getenv("FMOE_MX_PREFILL");
+    return e != nullptr && std::strcmp(e, "fp8") == 0;
+  }();
+  fmoe_grouped_mm_args fc1 = fc1_args;  // a = permuted, as bf16 round trips; c = fc1_out
+  fc1.a_scale = nullptr;
+  fmoe_grouped_mm_args fc2 = call.fc2_args(rows);  // c = permuted, which FC1 has consumed
+  fc2.a = call.fc1_out;
+  fc2.a_scale = nullptr;
+  if (off || !cuda::grouped_mm_sm90_mx_regs_act_supported(fc1, act) ||
+      !cuda::grouped_mm_sm90_mx_regs_supported(fc2))
+    return FMOE_OK;
+  *handled = true;
+
+  const int32_t* routing = nullptr;
+  FMOE_TRY(call.routing(*this, s, &routing));
+  fmoe_permute_args pa = call.permute_args(routing, invalid_count, d.alignment, true);
+  pa.permuted = call.permuted;  // the bf16 rows: the round trip follows in place
+  pa.permuted_q = nullptr;
+  pa.permuted_scale = nullptr;
+  FMOE_TRY(permute(s, pa));
+  // Padding rows hold stale bytes here; the GEMMs never store their outputs.
+  auto* in = static_cast<uint16_t*>(call.permuted);
+  FMOE_TRY(mx_round_trip_k_order(s, in, rows, d.hidden_size, in));
+  const int sms = props_.multiProcessorCount;
+  FMOE_CHECK_CUDA(cuda::grouped_mm_sm90_mx_regs_act(fc1, act, sms, stream_of(s)));
+  FMOE_CHECK_CUDA(cuda::grouped_mm_sm90_mx_regs(fc2, sms, stream_of(s)));
+  return unpermute(s, call.unpermute_args(rows));
+}
+
 Status CudaBackend::fused_moe(BackendStream* s, const PlanShape& shape, const fmoe_moe_args& a,
                               int32_t* invalid_count) {
   const fmoe_plan_desc& d = shape.desc;
@@ -152,6 +196,12 @@ Status CudaBackend::fused_moe(BackendStream* s, const PlanShape& shape, const fm
   if (call.mx ? !cuda::grouped_mm_sm90_mxfp8_act_supported(fc1, act)
               : !cuda::grouped_mm_sm90_act_supported(fc1, act))
     return Backend::fused_moe(s, shape, a, invalid_count);
+
+  if (call.mx) {
+    bool mx_handled = false;
+    FMOE_TRY(fused_moe_mx_regs(s, call, rows, fc1, act, invalid_count, &mx_handled));
+    if (mx_handled) return FMOE_OK;
+  }
 
   const int32_t* routing = nullptr;
   FMOE_TRY(call.routing(*this, s, &routing));

@@ -99,11 +99,15 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "core/numerics.h"
 #include "cuda/activation.cuh"
 #include "cuda/group_tiles.cuh"
+#include "cuda/mx_block.cuh"
 #include "cuda/mx_scale_words.cuh"
+#include "cuda/ptx/cp_async_mbarrier.cuh"
+#include "cuda/ptx/mma.cuh"
 #include "cuda/ptx/mbarrier.cuh"
 #include "cuda/ptx/tma.cuh"
 #include "cuda/ptx/wgmma.cuh"
@@ -498,6 +502,42 @@ __device__ __forceinline__ void produce_tma(const Sm90Params& p, const TileTable
   }
 }
 
+// ---- e4m3 + e8m0 -> bf16, exact (both dequantizing designs) ----------------------------------
+// The 7 magnitude bits of an e4m3 byte shifted left by 4 are the bf16 bits of value * 2^-120
+// (exponent bias 7 vs 127; e4m3 subnormals land on bf16 subnormals, zero on zero), the sign moves
+// to bit 15: 3-4 integer ops per 2 elements, no table. One bf16x2 multiply by 2^(s + 120) then
+// gives value * 2^s, exact whenever the result is a bf16 normal; 2^(s + 120) exceeds bf16 for
+// s > 7, so such blocks (|x| >= 2^15, rare) take a second, exact multiply by 2^(s - 7). Results
+// below bf16's normal range (s < about -118) round to bf16 subnormals. A NaN scale (0xFF) gives
+// NaN; an e4m3 NaN code under a finite scale does not (the quantizer never writes one: NaN blocks
+// carry scale 0xFF).
+struct MxMultipliers {
+  uint32_t m1x2, m2x2;  // bf16x2 of 2^min(s + 120, 127) and 2^max(s - 7, 0), s = scale byte - 127
+  bool second;          // s > 7: m2x2 is not 1
+};
+__device__ __forceinline__ MxMultipliers mx_multipliers(uint32_t sb) {
+  const uint32_t m1 = sb == 0xFFu ? 0x7FC0u : min(sb + 120u, 254u) << 7;
+  const uint32_t m2 = (max(int(sb) - 134, 0) + 127) << 7;
+  return MxMultipliers{m1 * 0x10001u, m2 * 0x10001u, m2 != 0x3F80u};
+}
+
+__device__ __forceinline__ uint32_t bf16x2_mul(uint32_t x, uint32_t y) {
+  uint32_t r;
+  asm("mul.rn.bf16x2 %0, %1, %2;\n" : "=r"(r) : "r"(x), "r"(y));
+  return r;
+}
+
+// The 4 e4m3 bytes (k0, k1, k2, k3) of w times 2^min(s + 120, 127): *even = bf16x2 (k0, k2),
+// *odd = (k1, k3), low half first (pairing bytes by shifts instead of byte permutes). Blocks with
+// m.second still need the multiply by m.m2x2 (the caller does it once for all its words).
+__device__ __forceinline__ void e4m3x4_to_bf16x2(uint32_t w, const MxMultipliers& m,
+                                                 uint32_t* even, uint32_t* odd) {
+  const uint32_t e = ((w << 4) & 0x07F007F0u) | ((w << 8) & 0x80008000u);
+  const uint32_t o = ((w >> 4) & 0x07F007F0u) | (w & 0x80008000u);
+  *even = bf16x2_mul(e, m.m1x2);
+  *odd = bf16x2_mul(o, m.m1x2);
+}
+
 // ---- MXFP8 operands: dequantized by the producer warpgroup -----------------------------------
 // Hopper has no block-scaled MMA, so the 128 producer threads turn each k-block of e4m3 + e8m0
 // into exactly the bf16 tile a TMA copy of bf16 operands would have staged (same 128-byte swizzle),
@@ -510,14 +550,7 @@ __device__ __forceinline__ void produce_tma(const Sm90Params& p, const TileTable
 //   block kb is converted and stored, the loads of kb + 1 are outstanding (no shared-memory
 //   staging ring: it would add a write and a read of every byte to the shared-memory traffic,
 //   which wgmma already nearly saturates).
-// - Conversion, exact: the 7 magnitude bits of an e4m3 byte shifted left by 4 are the bf16 bits
-//   of value * 2^-120 (exponent bias 7 vs 127; e4m3 subnormals land on bf16 subnormals, zero on
-//   zero), the sign moves to bit 15: 3-4 integer ops per 2 elements, no table. One bf16x2
-//   multiply by 2^(s + 120) then gives value * 2^s, exact whenever the result is a bf16 normal;
-//   2^(s + 120) exceeds bf16 for s > 7, so such blocks (|x| >= 2^15, rare) take a second,
-//   exact multiply by 2^(s - 7). Results below bf16's normal range (s < about -118) round to bf16
-//   subnormals, as in the mma.sync path. A NaN scale (0xFF) gives NaN; an e4m3 NaN code under a
-//   finite scale does not (the quantizer never writes one: NaN blocks carry scale 0xFF).
+// - Conversion, exact: e4m3x4_to_bf16x2 above.
 // - Element order: to pair bytes with shifts instead of byte permutes, each group of 4 k is
 //   stored as k0, k2, k1, k3. A and B use the same order, so every product pairs the same k and
 //   only the f32 summation order inside the tensor core changes.
@@ -577,32 +610,17 @@ struct MxProducer {
     }
   }
 
-  __device__ __forceinline__ static uint32_t bf16x2_mul(uint32_t x, uint32_t y) {
-    uint32_t r;
-    asm("mul.rn.bf16x2 %0, %1, %2;\n" : "=r"(r) : "r"(x), "r"(y));
-    return r;
-  }
-
   // 16 e4m3 bytes with scale byte sb -> bf16 chunks 2c, 2c + 1 of `row` of a swizzled tile.
   __device__ __forceinline__ void convert(const uint4& v, uint32_t sb, uint8_t* tile,
                                           int row) const {
-    // bf16 bits of 2^(min(s + 120, 127)) and 2^(max(s - 7, 0)), s = sb - 127.
-    const uint32_t m1 = sb == 0xFFu ? 0x7FC0u : min(sb + 120u, 254u) << 7;
-    const uint32_t m2 = (max(int(sb) - 134, 0) + 127) << 7;
-    const uint32_t m1x2 = m1 * 0x10001u, m2x2 = m2 * 0x10001u;
+    const MxMultipliers m = mx_multipliers(sb);
     const uint32_t w[4] = {v.x, v.y, v.z, v.w};
     uint32_t o[8];
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      // (k0, k2) and (k1, k3) of the word's bytes, as bf16x2 of value * 2^-120.
-      const uint32_t even = ((w[j] << 4) & 0x07F007F0u) | ((w[j] << 8) & 0x80008000u);
-      const uint32_t odd = ((w[j] >> 4) & 0x07F007F0u) | (w[j] & 0x80008000u);
-      o[2 * j] = bf16x2_mul(even, m1x2);
-      o[2 * j + 1] = bf16x2_mul(odd, m1x2);
-    }
-    if (m2 != 0x3F80u) {  // s > 7
+    for (int j = 0; j < 4; ++j) e4m3x4_to_bf16x2(w[j], m, &o[2 * j], &o[2 * j + 1]);
+    if (m.second) {
 #pragma unroll
-      for (int j = 0; j < 8; ++j) o[j] = bf16x2_mul(o[j], m2x2);
+      for (int j = 0; j < 8; ++j) o[j] = bf16x2_mul(o[j], m.m2x2);
     }
     uint8_t* row_ptr = tile + row * 128;
     const int swz = row & 7;
@@ -996,6 +1014,381 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   }
 }
 
+// ---- MXFP8 weights in registers: dequantized into the wgmma A fragment -------------------------
+// The third MXFP8 design, for the fused layer's prefill (fused_moe.cu). The weights take the M
+// side of wgmma, its "RS" form (A from registers), and the tokens the N side, as bf16 in shared
+// memory: activations whose values are already MXFP8 (exact in bf16: quantized, then
+// dequantized), so only the weights need converting, once per tile and not once per output.
+// - Tile: 256 weight rows x 128 tokens x k64 per stage. TMA stages the tokens (128 x 64 bf16,
+//   128-byte swizzle) and the weights (256 x 64 e4m3, dense 64-byte rows); each producer thread
+//   copies the scale words of two weight rows with cp.async, arriving on the stage's barrier
+//   once they land (full counts 1 expect_tx + 128 cp.async arrivals).
+// - Consumer warpgroup h computes two m64 blocks of weight rows against all 128 tokens (2 x 64
+//   accumulators): rows [128h, 128h + 128) of the plain and squared_relu tiles; for the gated
+//   ones gate (block 0) and up (block 1) of the same 64 features, so each thread holds both
+//   halves of its outputs. Halves tiles copy gate rows [j0, j0 + 128) and up rows [I + j0, +128)
+//   as two boxes; interleaved tiles one box of 256 rows, gate row 2f and up row 2f + 1.
+// - Fragments: a thread owns rows g = lane / 4 and g + 8 of its warp's 16 (per m block) and
+//   reads the 16 bytes at k 16c..16c+15 (c = lane % 4) of each per stage: one conflict-free
+//   16-byte shared load per row, one scale byte (block c / 2). Word kk of those bytes becomes the
+//   fragment of k16 step kk through e4m3x4_to_bf16x2: its even bytes as k 2c, 2c + 1, its odd
+//   bytes as k 2c + 8, 2c + 9 of the step. That assignment is a permutation of each 64-block of
+//   k, which the activations follow (mx_block.cuh: mx_regs_k_source): written in that order by
+//   the round trip of FC1's input (quantize.cu) and by the FC1 epilogue below for FC2.
+// - Pipeline: each k16 step (two wgmmas) is one commit group; its fragments go to one of two
+//   register sets, and the set is rewritten only after wait_group(1) retired the step that read
+//   it. A stage is released once wait_group(1) at the next stage's first step has retired all
+//   of its steps.
+// - Epilogue: the accumulators are the transpose of c (rows = features, columns = tokens).
+//   stmatrix .trans puts them in a per-warpgroup staging buffer [128 tokens][64 features]
+//   (16-byte chunks swizzled by token % 8), from where each thread stores 16-byte pieces of token
+//   rows. FC1 (kRoundTrip) rounds each 32-block of the activation through MXFP8 there and writes
+//   it in the k order of FC2: the activation that FC2 reads, with no quantize pass in between.
+// - Cost per stage and consumer thread: 4 shared loads and 16 words -> 32 bf16x2 (~150 integer
+//   and bf16x2 instructions) against 2 x 4 wgmma m64n128k16 (~1000 tensor cycles per SM for the
+//   CTA): the conversion fits in the issue slots the tensor cores leave.
+struct Sm90MxRegsConfig {
+  static constexpr int kBlockM = 128;      // token rows of a tile (the scheduler's m)
+  static constexpr int kWeightRows = 256;  // weight rows of a tile
+  static constexpr int kBlockK = 64;
+  static constexpr int kStages = 5;
+  static constexpr int kRasterBand = 8;
+  static constexpr int kMaxGroups = 1024;
+  static constexpr int kThreads = 384;
+  static constexpr int kProducerRegs = 56;
+  static constexpr int kConsumerRegs = 224;
+  static constexpr int kABytes = kBlockM * kBlockK * 2;  // tokens (bf16)
+  static constexpr int kBBytes = kWeightRows * kBlockK;  // weights (e4m3): 64-byte rows
+  static constexpr int kTmaBytes = kABytes + kBBytes;
+  static constexpr int kScaleWords = kWeightRows;  // per row, the aligned word of its 2 scale bytes
+  static constexpr int kStageBytes = kABytes + kBBytes + kScaleWords * 4;
+  static constexpr int kStagingBytes = 2 * kBlockM * 64 * 2;  // per warpgroup [128][64] bf16
+  static constexpr int kBarrierBytes = 2 * kStages * 8;
+  static constexpr int kTableBytes = (3 * kMaxGroups + 1) * 4;
+  static constexpr int kSmemBytes =
+      1024 + kStages * kStageBytes + kStagingBytes + kBarrierBytes + kTableBytes;
+  static_assert(kSmemBytes <= 227 * 1024, "exceeds the 227 KB of shared memory per block");
+  static_assert(kProducerRegs * 128 + kConsumerRegs * 256 <= 168 * kThreads, "register pool");
+  static_assert(kABytes % 1024 == 0, "token tiles start on a swizzle atom");
+};
+
+// Shared-memory weight row of fragment row r (0..63) of m block mb of consumer warpgroup h.
+template <int kEpi>
+__device__ __forceinline__ int mx_regs_smem_row(int h, int mb, int r) {
+  if constexpr (kEpi == kEpiActHalves) return 128 * mb + 64 * h + r;
+  else if constexpr (kEpi == kEpiActInterleaved) return 128 * h + 2 * r + mb;
+  else return 128 * h + 64 * mb + r;
+}
+
+// Row of b (viewed as [groups * n1, k]) of shared-memory weight row `row` of the tile whose first
+// b row is b_row; -1 past the tensor (its bytes are TMA zeros).
+template <int kEpi>
+__device__ __forceinline__ int64_t mx_regs_b_row(const Sm90Params& p, int b_row, int row) {
+  const int r = kEpi == kEpiActHalves && row >= 128 ? b_row + p.ffn + row - 128 : b_row + row;
+  return r < p.b_rows ? r : -1;
+}
+
+template <class Cfg, int kEpi>
+__device__ __forceinline__ void produce_mx_regs(const Sm90Params& p, const TileTables& tt,
+                                                const CUtensorMap* tm_a, const CUtensorMap* tm_b,
+                                                uint8_t* smem_a, uint8_t* smem_b,
+                                                uint32_t* smem_scale, uint64_t* full,
+                                                uint64_t* empty, int tid) {
+  constexpr int BK = Cfg::kBlockK, S = Cfg::kStages;
+  constexpr int kTileCols = epilogue_gated(kEpi) ? Cfg::kWeightRows / 2 : Cfg::kWeightRows;
+  const int64_t scale_end = int64_t(p.b_rows) * p.k_scales;
+  int stage = 0;
+  uint32_t phase = 0;
+  for (int t = blockIdx.x; t < tt.total_tiles; t += gridDim.x) {
+    const TileCoord tc =
+        decode_tile<Cfg, kTileCols>(t, tt.prefix, tt.start, tt.end, tt.groups, p.n_tiles);
+    const int b_row = tile_b_row<kEpi>(p, tc);
+    const int64_t rows[2] = {mx_regs_b_row<kEpi>(p, b_row, tid),
+                             mx_regs_b_row<kEpi>(p, b_row, tid + 128)};
+    for (int kb = 0; kb < p.k_blocks; ++kb) {
+      ptx::mbar_wait(&empty[stage], phase ^ 1);
+      if (tid == 0) {
+        ptx::mbar_arrive_expect_tx(&full[stage], Cfg::kTmaBytes);
+        ptx::tma_load_2d(smem_a + stage * Cfg::kABytes, tm_a, &full[stage], kb * BK, tc.m0);
+        // Coordinates in bf16 units: the e4m3 weights are mapped as pairs of bytes.
+        tma_load_b<Cfg, kEpi>(p, tm_b, smem_b + stage * Cfg::kBBytes, &full[stage], kb * (BK / 2),
+                              b_row);
+      }
+      uint32_t* words = smem_scale + stage * Cfg::kScaleWords;
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+        copy_scale_pair_word(words + tid + 128 * i, p.b_scale, rows[i], p.k_scales, kb, scale_end);
+      ptx::cp_async_mbar_arrive_noinc(&full[stage]);
+      if (++stage == S) {
+        stage = 0;
+        phase ^= 1;
+      }
+    }
+  }
+  // Nothing may be in flight into shared memory at exit (the consumers wait for every stage
+  // anyway: this only makes it explicit).
+  ptx::cp_async_commit();
+  ptx::cp_async_wait<0>();
+}
+
+// Keeps fragment registers live (and unmodified) up to this point: a wgmma reading them
+// asynchronously must be retired before the compiler may reuse them.
+__device__ __forceinline__ void keep_fragment(uint32_t (&a)[2][4]) {
+#pragma unroll
+  for (int mb = 0; mb < 2; ++mb)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) asm volatile("" : "+r"(a[mb][i])::"memory");
+}
+
+template <class Cfg, int kEpi>
+__device__ __forceinline__ void consume_mx_regs(float (&acc)[2][64], const Sm90Params& p,
+                                                const TileCoord& tc, const uint8_t* smem_a,
+                                                const uint8_t* smem_b, const uint32_t* smem_scale,
+                                                uint64_t* full, uint64_t* empty, int h, int warp,
+                                                int lane, int& stage, uint32_t& phase) {
+  constexpr int S = Cfg::kStages;
+  const int g = lane >> 2, c = lane & 3;
+  const int b_row = tile_b_row<kEpi>(p, tc);
+  // This thread's 4 weight rows (m block mb, row g + 8 rr of the warp's 16): the byte offset of
+  // its 16-byte chunk in a stage's weight tile, and where its scale byte sits in the row's word:
+  // at (row * ks + 2 kb) % 4 + c / 2, ks even, i.e. `skew` for even kb, skew ^ 2 for odd.
+  uint32_t w_off[2][2];
+  int row_of[2][2];
+  int skew[2][2];
+#pragma unroll
+  for (int mb = 0; mb < 2; ++mb)
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      const int row = mx_regs_smem_row<kEpi>(h, mb, 16 * warp + g + 8 * rr);
+      const int64_t grow = mx_regs_b_row<kEpi>(p, b_row, row);
+      row_of[mb][rr] = row;
+      w_off[mb][rr] = uint32_t(row * Cfg::kBlockK + 16 * c);
+      skew[mb][rr] = (grow >= 0 ? int((grow * p.k_scales) & 3) : 0) + (c >> 1);
+    }
+  uint32_t frag[2][2][4];  // two register sets x m blocks
+  int prev_stage = -1;
+  for (int kb = 0; kb < p.k_blocks; ++kb) {
+    ptx::mbar_wait(&full[stage], phase);
+    const uint8_t* wt = smem_b + stage * Cfg::kBBytes;
+    const uint32_t* words = smem_scale + stage * Cfg::kScaleWords;
+    uint4 raw[2][2];
+    MxMultipliers mul[2][2];
+#pragma unroll
+    for (int mb = 0; mb < 2; ++mb)
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        raw[mb][rr] = *reinterpret_cast<const uint4*>(wt + w_off[mb][rr]);
+        const int at = skew[mb][rr] ^ ((kb & 1) << 1);
+        mul[mb][rr] = mx_multipliers((words[row_of[mb][rr]] >> (8 * at)) & 0xFFu);
+      }
+    const uint32_t b_addr = ptx::smem_addr(smem_a + stage * Cfg::kABytes);
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      uint32_t (&a)[2][4] = frag[kk & 1];
+#pragma unroll
+      for (int mb = 0; mb < 2; ++mb)
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+          const uint4& v = raw[mb][rr];
+          const uint32_t w = kk == 0 ? v.x : kk == 1 ? v.y : kk == 2 ? v.z : v.w;
+          e4m3x4_to_bf16x2(w, mul[mb][rr], &a[mb][rr], &a[mb][2 + rr]);
+          if (mul[mb][rr].second) {
+            a[mb][rr] = bf16x2_mul(a[mb][rr], mul[mb][rr].m2x2);
+            a[mb][2 + rr] = bf16x2_mul(a[mb][2 + rr], mul[mb][rr].m2x2);
+          }
+        }
+#pragma unroll
+      for (int mb = 0; mb < 2; ++mb)
+#pragma unroll
+        for (int i = 0; i < 64; ++i) ptx::wgmma_fence_operand(acc[mb][i]);
+      ptx::wgmma_fence();
+      const uint64_t desc = ptx::wgmma_desc_sw128(b_addr + kk * 32);
+      ptx::wgmma_m64n128k16_bf16_rs(acc[0], a[0], desc, (kb | kk) != 0);
+      ptx::wgmma_m64n128k16_bf16_rs(acc[1], a[1], desc, (kb | kk) != 0);
+      ptx::wgmma_commit();
+#pragma unroll
+      for (int mb = 0; mb < 2; ++mb)
+#pragma unroll
+        for (int i = 0; i < 64; ++i) ptx::wgmma_fence_operand(acc[mb][i]);
+      // The step before is retired: its register set may be rewritten by the next step, and
+      // at the first step of a stage every step of the previous stage is done.
+      ptx::wgmma_wait<1>();
+      keep_fragment(frag[(kk + 1) & 1]);
+      if (kk == 0 && prev_stage >= 0 && lane == 0) ptx::mbar_arrive(&empty[prev_stage]);
+    }
+    prev_stage = stage;
+    if (++stage == S) {
+      stage = 0;
+      phase ^= 1;
+    }
+  }
+  ptx::wgmma_wait<0>();
+  keep_fragment(frag[0]);
+  keep_fragment(frag[1]);
+#pragma unroll
+  for (int mb = 0; mb < 2; ++mb)
+#pragma unroll
+    for (int i = 0; i < 64; ++i) ptx::wgmma_fence_operand(acc[mb][i]);
+  if (prev_stage >= 0 && lane == 0) ptx::mbar_arrive(&empty[prev_stage]);
+}
+
+// The bias of this thread's accumulator rows (feature rows g and g + 8 of m block mb), 0 where
+// there is none or the feature is never stored.
+template <int kEpi>
+__device__ __forceinline__ float mx_regs_bias(const Sm90Params& p, const TileCoord& tc, int h,
+                                              int mb, int f) {
+  if (p.bias == nullptr) return 0.f;
+  const float* bias = p.bias + int64_t(tc.group) * p.n1;
+  if constexpr (epilogue_gated(kEpi)) {
+    const int col = tc.n0 + 64 * h + f;  // output feature
+    if (col >= p.n) return 0.f;
+    if constexpr (kEpi == kEpiActHalves) return __ldg(bias + (mb ? p.ffn + col : col));
+    else return __ldg(bias + 2 * col + mb);
+  } else {
+    const int col = tc.n0 + 128 * h + 64 * mb + f;
+    return col < p.n ? __ldg(bias + col) : 0.f;
+  }
+}
+
+// Output of one accumulator element pair (gate, up for the gated epilogues) with its bias.
+template <int kEpi, int kAct>
+__device__ __forceinline__ float mx_regs_output(float x, float bx, float up, float bu,
+                                                const Sm90Params& p) {
+  if constexpr (kEpi == kEpiStore) return x + bx;
+  else if constexpr (kEpi == kEpiActElementwise)
+    return activation_value<kAct>(bf16_rounded(x + bx), 0.f, p.alpha, p.limit);
+  else
+    return activation_value<kAct>(bf16_rounded(x + bx), bf16_rounded(up + bu), p.alpha, p.limit);
+}
+
+// One 64-feature chunk of the tile's output (features col0 .. col0 + 63 of c, as 128 tokens x 64
+// features): y(j, e) gives the output of accumulator element 4j + e of this thread's fragment.
+template <bool kRoundTrip, class Y>
+__device__ __forceinline__ void mx_regs_store_chunk(const Sm90Params& p, const TileCoord& tc,
+                                                    uint8_t* stage_buf, int col0, int warp,
+                                                    int lane, int wg_tid, int h, Y y) {
+  // Swizzled staging: token row t (128 bytes), 16-byte chunk q at ((q ^ (t % 8)) * 16).
+  auto at = [&](int t, int q) { return stage_buf + t * 128 + ((q ^ (t & 7)) << 4); };
+  warpgroup_bar_sync(1 + h, 128);  // the previous chunk's reads are done
+  const int mat = lane >> 3, mrow = lane & 7;
+#pragma unroll
+  for (int j = 0; j < 16; j += 2) {
+    uint32_t r[4];
+#pragma unroll
+    for (int jj = 0; jj < 2; ++jj) {
+      r[2 * jj] = pack_bf16x2(y(j + jj, 0), y(j + jj, 1));      // features 16w + g
+      r[2 * jj + 1] = pack_bf16x2(y(j + jj, 2), y(j + jj, 3));  // features 16w + 8 + g
+    }
+    // Matrix `mat` holds tokens 8 (j + mat / 2) .. +7 of features 16 warp + 8 (mat % 2) .. +7.
+    ptx::stmatrix_x4_trans(at(8 * (j + (mat >> 1)) + mrow, 2 * warp + (mat & 1)), r);
+  }
+  warpgroup_bar_sync(1 + h, 128);
+  const int q = wg_tid & 7;
+#pragma unroll 2
+  for (int i = 0; i < 8; ++i) {
+    const int t = 16 * i + (wg_tid >> 3);
+    uint4 v = *reinterpret_cast<const uint4*>(at(t, q));
+    if constexpr (kRoundTrip) {
+      uint16_t e[8];
+      unpack8(v, e);
+      mx_round_trip_lanes(e);  // lanes 4 apart hold a 32-block: 8 | 32, chunks q / 4 aligned
+      *reinterpret_cast<uint4*>(at(t, q)) = pack8(e);
+      __syncwarp();
+      v = mx_regs_gather_chunk(q, [&](int src) {
+        return *reinterpret_cast<const uint16_t*>(at(t, src >> 3) + 2 * (src & 7));
+      });
+      __syncwarp();  // every lane has gathered before the next token's round trip writes
+    }
+    const int row = tc.m0 + t;
+    const int col = col0 + 8 * q;
+    if (row < tc.row_end && col < p.n && (p.row_map == nullptr || p.row_map[row] >= 0))
+      *reinterpret_cast<uint4*>(p.c + int64_t(row) * p.n + col) = v;
+  }
+}
+
+// kEpi != kEpiStore (FC1): the output is round-tripped into FC2's k order (kRoundTrip).
+template <class Cfg, int kEpi, int kAct>
+__global__ void __launch_bounds__(Cfg::kThreads, 1)
+    grouped_mm_sm90_mx_regs_kernel(const __grid_constant__ CUtensorMap tm_a,
+                                   const __grid_constant__ CUtensorMap tm_b, const Sm90Params p) {
+  constexpr int S = Cfg::kStages;
+  constexpr int kTileCols = epilogue_gated(kEpi) ? Cfg::kWeightRows / 2 : Cfg::kWeightRows;
+  constexpr bool kRoundTrip = kEpi != kEpiStore;
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = smem_raw + ((1024 - (ptx::smem_addr(smem_raw) & 1023)) & 1023);
+  uint8_t* smem_a = smem;
+  uint8_t* smem_b = smem + S * Cfg::kABytes;
+  uint32_t* smem_scale = reinterpret_cast<uint32_t*>(smem_b + S * Cfg::kBBytes);
+  uint8_t* staging = smem + S * Cfg::kStageBytes;
+  uint64_t* full = reinterpret_cast<uint64_t*>(staging + Cfg::kStagingBytes);
+  uint64_t* empty = full + S;
+  int* s_prefix = reinterpret_cast<int*>(empty + S);
+  int* s_start = s_prefix + Cfg::kMaxGroups + 1;
+  int* s_end = s_start + Cfg::kMaxGroups;
+
+  const int tid = threadIdx.x;
+  const int groups = p.groups;
+  if (tid == 0) {
+    for (int s = 0; s < S; ++s) {
+      ptx::mbar_init(&full[s], 1 + 128);  // expect_tx + one cp.async arrival per producer thread
+      ptx::mbar_init(&empty[s], 8);       // one arrival per consumer warp
+    }
+    ptx::mbar_fence_init();
+  }
+  if (tid == 32) {
+    ptx::tma_prefetch_map(&tm_a);
+    ptx::tma_prefetch_map(&tm_b);
+  }
+  build_group_tiles(p.offsets, groups, p.rows, Cfg::kBlockM, s_start, s_end, s_prefix);
+  const int total_tiles = s_prefix[groups] * p.n_tiles;
+
+  if (tid < 128) {
+    set_warpgroup_regs<Cfg::kProducerRegs>();
+    const TileTables tables{s_prefix, s_start, s_end, groups, total_tiles};
+    produce_mx_regs<Cfg, kEpi>(p, tables, &tm_a, &tm_b, smem_a, smem_b, smem_scale, full, empty,
+                               tid);
+  } else {
+    set_warpgroup_regs<Cfg::kConsumerRegs>();
+    const int h = tid / 128 - 1;
+    const int warp = (tid / 32) & 3;
+    const int lane = tid & 31;
+    const int wg_tid = tid & 127;
+    const int g = lane >> 2;
+    uint8_t* stage_buf = staging + h * (Cfg::kStagingBytes / 2);
+    int stage = 0;
+    uint32_t phase = 0;
+    float acc[2][64];
+    for (int t = blockIdx.x; t < total_tiles; t += gridDim.x) {
+      const TileCoord tc =
+          decode_tile<Cfg, kTileCols>(t, s_prefix, s_start, s_end, groups, p.n_tiles);
+      float bias[2][2];  // [m block][row g, g + 8], loaded now: the latency hides under the loop
+#pragma unroll
+      for (int mb = 0; mb < 2; ++mb)
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr)
+          bias[mb][rr] = mx_regs_bias<kEpi>(p, tc, h, mb, 16 * warp + g + 8 * rr);
+      consume_mx_regs<Cfg, kEpi>(acc, p, tc, smem_a, smem_b, smem_scale, full, empty, h, warp,
+                                 lane, stage, phase);
+      if constexpr (epilogue_gated(kEpi)) {
+        mx_regs_store_chunk<kRoundTrip>(
+            p, tc, stage_buf, tc.n0 + 64 * h, warp, lane, wg_tid, h, [&](int j, int e) {
+              return mx_regs_output<kEpi, kAct>(acc[0][4 * j + e], bias[0][e >> 1],
+                                                acc[1][4 * j + e], bias[1][e >> 1], p);
+            });
+      } else {
+#pragma unroll
+        for (int mb = 0; mb < 2; ++mb)
+          mx_regs_store_chunk<kRoundTrip>(
+              p, tc, stage_buf, tc.n0 + 128 * h + 64 * mb, warp, lane, wg_tid, h,
+              [&](int j, int e) {
+                return mx_regs_output<kEpi, kAct>(acc[mb][4 * j + e], bias[mb][e >> 1], 0.f, 0.f,
+                                                  p);
+              });
+      }
+    }
+  }
+}
+
 bool aligned(const void* ptr, uintptr_t bytes) {
   return (reinterpret_cast<uintptr_t>(ptr) & (bytes - 1)) == 0;
 }
@@ -1004,7 +1397,34 @@ bool aligned(const void* ptr, uintptr_t bytes) {
 int64_t max_m_tiles(const fmoe_grouped_mm_args& a) { return a.rows / 128 + a.groups; }
 
 
-// `act` is used by the fused epilogues only. c has `n_out` columns: n (plain) or I (fused).
+// The kernel parameters of a launch whose c has `n_out` columns (n plain, I fused) in tiles of
+// tile_cols, over k blocks of block_k. `act` is used by the fused epilogues only.
+Sm90Params sm90_params(const fmoe_grouped_mm_args& a, const ActEpilogue& act, int64_t n_out,
+                       int block_k, int tile_cols) {
+  Sm90Params p;
+  p.c = static_cast<__nv_bfloat16*>(a.c);
+  p.bias = a.bias;
+  p.offsets = a.group_offsets;
+  p.row_map = a.row_map;
+  p.rows = int(a.rows);
+  p.n = int(n_out);
+  p.n1 = int(a.n);
+  p.ffn = int(n_out);
+  p.k_blocks = int((a.k + block_k - 1) / block_k);
+  p.groups = int(a.groups);
+  p.n_tiles = int((n_out + tile_cols - 1) / tile_cols);
+  p.alpha = act.alpha;
+  p.limit = act.limit;
+  p.a8 = static_cast<const uint8_t*>(a.a);
+  p.b8 = static_cast<const uint8_t*>(a.b);
+  p.a_scale = a.a_scale;
+  p.b_scale = a.b_scale;
+  p.k = int(a.k);
+  p.k_scales = int(a.k / 32);
+  p.b_rows = int(a.groups * a.n);
+  return p;
+}
+
 template <class Cfg, int kEpi, int kAct = 0>
 cudaError_t launch(const fmoe_grouped_mm_args& a, const ActEpilogue& act, int num_sms,
                    cudaStream_t stream) {
@@ -1027,28 +1447,7 @@ cudaError_t launch(const fmoe_grouped_mm_args& a, const ActEpilogue& act, int nu
     if (err != cudaSuccess) return err;
   }
 
-  Sm90Params p;
-  p.c = static_cast<__nv_bfloat16*>(a.c);
-  p.bias = a.bias;
-  p.offsets = a.group_offsets;
-  p.row_map = a.row_map;
-  p.rows = int(a.rows);
-  p.n = int(n_out);
-  p.n1 = int(a.n);
-  p.ffn = int(n_out);
-  p.k_blocks = int((a.k + Cfg::kBlockK - 1) / Cfg::kBlockK);
-  p.groups = int(a.groups);
-  p.n_tiles = int((n_out + kTileCols - 1) / kTileCols);
-  p.alpha = act.alpha;
-  p.limit = act.limit;
-  p.a8 = static_cast<const uint8_t*>(a.a);
-  p.b8 = static_cast<const uint8_t*>(a.b);
-  p.a_scale = a.a_scale;
-  p.b_scale = a.b_scale;
-  p.k = int(a.k);
-  p.k_scales = int(a.k / 32);
-  p.b_rows = int(a.groups * a.n);
-
+  const Sm90Params p = sm90_params(a, act, n_out, Cfg::kBlockK, kTileCols);
   auto kernel = grouped_mm_sm90_kernel<Cfg, kEpi, kAct>;
   constexpr int kSmem = kEpi == kEpiStore ? Cfg::kSmemBytes : Cfg::kSmemBytesAct;
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
@@ -1059,23 +1458,59 @@ cudaError_t launch(const fmoe_grouped_mm_args& a, const ActEpilogue& act, int nu
   return cudaGetLastError();
 }
 
+// Calls run(epilogue, activation) with both as std::integral_constant: the fused epilogue
+// instantiation of an (activation, layout) pair.
+template <class Run>
+cudaError_t dispatch_act(const ActEpilogue& act, Run&& run) {
+  using std::integral_constant;
+  if (act.activation == FMOE_ACT_SQUARED_RELU)
+    return run(integral_constant<int, kEpiActElementwise>{},
+               integral_constant<int, FMOE_ACT_SQUARED_RELU>{});
+  const bool inter = act.layout == FMOE_LAYOUT_INTERLEAVED;
+  auto gated = [&](auto activation) {
+    return inter ? run(integral_constant<int, kEpiActInterleaved>{}, activation)
+                 : run(integral_constant<int, kEpiActHalves>{}, activation);
+  };
+  switch (act.activation) {
+    case FMOE_ACT_SILU: return gated(integral_constant<int, FMOE_ACT_SILU>{});
+    case FMOE_ACT_GELU: return gated(integral_constant<int, FMOE_ACT_GELU>{});
+    default: return gated(integral_constant<int, FMOE_ACT_SWIGLU_OAI>{});
+  }
+}
+
 template <class Cfg>
 cudaError_t launch_act(const fmoe_grouped_mm_args& a, const ActEpilogue& act, int num_sms,
                        cudaStream_t stream) {
-  if (act.activation == FMOE_ACT_SQUARED_RELU)
-    return launch<Cfg, kEpiActElementwise, FMOE_ACT_SQUARED_RELU>(a, act, num_sms, stream);
-  const bool inter = act.layout == FMOE_LAYOUT_INTERLEAVED;
-  switch (act.activation) {
-    case FMOE_ACT_SILU:
-      return inter ? launch<Cfg, kEpiActInterleaved, FMOE_ACT_SILU>(a, act, num_sms, stream)
-                   : launch<Cfg, kEpiActHalves, FMOE_ACT_SILU>(a, act, num_sms, stream);
-    case FMOE_ACT_GELU:
-      return inter ? launch<Cfg, kEpiActInterleaved, FMOE_ACT_GELU>(a, act, num_sms, stream)
-                   : launch<Cfg, kEpiActHalves, FMOE_ACT_GELU>(a, act, num_sms, stream);
-    default:
-      return inter ? launch<Cfg, kEpiActInterleaved, FMOE_ACT_SWIGLU_OAI>(a, act, num_sms, stream)
-                   : launch<Cfg, kEpiActHalves, FMOE_ACT_SWIGLU_OAI>(a, act, num_sms, stream);
-  }
+  return dispatch_act(act, [&](auto epi, auto activation) {
+    return launch<Cfg, decltype(epi)::value, decltype(activation)::value>(a, act, num_sms, stream);
+  });
+}
+
+// The register-dequantizing MXFP8 kernel ("MXFP8 weights in registers"). a is bf16 here.
+template <int kEpi, int kAct = 0>
+cudaError_t launch_mx_regs(const fmoe_grouped_mm_args& a, const ActEpilogue& act, int num_sms,
+                           cudaStream_t stream) {
+  using Cfg = Sm90MxRegsConfig;
+  if (a.rows == 0) return cudaSuccess;
+  constexpr int kTileCols = epilogue_gated(kEpi) ? Cfg::kWeightRows / 2 : Cfg::kWeightRows;
+  const int64_t n_out = epilogue_gated(kEpi) ? a.n / 2 : a.n;
+  CUtensorMap tm_a{}, tm_b{};
+  cudaError_t err = make_tensor_map_bf16_2d_sw128(&tm_a, a.a, uint64_t(a.k), uint64_t(a.rows),
+                                                  uint64_t(a.k) * 2, 64, Cfg::kBlockM);
+  if (err != cudaSuccess) return err;
+  // e4m3 weights as bf16 pairs: 32 pairs = one 64-byte row of the tile.
+  const uint32_t b_box_rows = kEpi == kEpiActHalves ? Cfg::kWeightRows / 2 : Cfg::kWeightRows;
+  err = make_tensor_map_bf16_2d_plain(&tm_b, a.b, uint64_t(a.k) / 2, uint64_t(a.groups * a.n),
+                                      uint64_t(a.k), 32, b_box_rows);
+  if (err != cudaSuccess) return err;
+  const Sm90Params p = sm90_params(a, act, n_out, Cfg::kBlockK, kTileCols);
+  auto kernel = grouped_mm_sm90_mx_regs_kernel<Cfg, kEpi, kAct>;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  const int64_t tiles = max_m_tiles(a) * p.n_tiles;
+  const int grid = int(std::max<int64_t>(1, std::min<int64_t>(std::max(num_sms, 1), tiles)));
+  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(tm_a, tm_b, p);
+  return cudaGetLastError();
 }
 
 }  // namespace
@@ -1190,6 +1625,30 @@ cudaError_t grouped_mm_sm90_mxfp8_act(const fmoe_grouped_mm_args& a, const ActEp
                                       int num_sms, cudaStream_t stream) {
   return grouped_mm_sm90_mxfp8_act_block_n(a, act, num_sms, grouped_mm_sm90_mxfp8_pick(a, num_sms),
                                            stream);
+}
+
+// ---- MXFP8 weights in registers --------------------------------------------------------------
+bool grouped_mm_sm90_mx_regs_supported(const fmoe_grouped_mm_args& a) {
+  return grouped_mm_sm90_supported(a) && a.b_scale != nullptr && a.k % 64 == 0;
+}
+
+cudaError_t grouped_mm_sm90_mx_regs(const fmoe_grouped_mm_args& a, int num_sms,
+                                    cudaStream_t stream) {
+  return launch_mx_regs<kEpiStore>(a, ActEpilogue{}, num_sms, stream);
+}
+
+bool grouped_mm_sm90_mx_regs_act_supported(const fmoe_grouped_mm_args& a, const ActEpilogue& act) {
+  if (!grouped_mm_sm90_mx_regs_supported(a) || !grouped_mm_sm90_act_supported(a, act)) return false;
+  const int64_t ffn = act.activation == FMOE_ACT_SQUARED_RELU ? a.n : a.n / 2;
+  return ffn % 64 == 0;  // whole 64-blocks of FC2's k order
+}
+
+cudaError_t grouped_mm_sm90_mx_regs_act(const fmoe_grouped_mm_args& a, const ActEpilogue& act,
+                                        int num_sms, cudaStream_t stream) {
+  return dispatch_act(act, [&](auto epi, auto activation) {
+    return launch_mx_regs<decltype(epi)::value, decltype(activation)::value>(a, act, num_sms,
+                                                                            stream);
+  });
 }
 
 }  // namespace fmoe::cuda

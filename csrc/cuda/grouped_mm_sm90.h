@@ -87,6 +87,24 @@ cudaError_t grouped_mm_sm90_mxfp8_act_block_n(const fmoe_grouped_mm_args& a,
                                               const ActEpilogue& act, int num_sms, int block_n,
                                               cudaStream_t stream);
 
+// ---- MXFP8 weights dequantized in registers (the fused layer's prefill) -------------------------
+// c = a @ dequant(b)^T (+ bias) with b e4m3 [groups, n, k] + b_scale, and `a` bf16 [rows, k]
+// holding MXFP8 values (quantized and dequantized: exact in bf16) with every 64-wide k block in
+// the order of mx_block.cuh's mx_regs_k_source (a.a_scale unused). Summation in f32 of exact
+// products: fmoe.h's MXFP8 GEMM up to the order of the sum. Scheduler and row rules as
+// grouped_mm_sm90_bf16. Supported: grouped_mm_sm90_supported(a), b_scale set, k % 64 == 0.
+bool grouped_mm_sm90_mx_regs_supported(const fmoe_grouped_mm_args& a);
+cudaError_t grouped_mm_sm90_mx_regs(const fmoe_grouped_mm_args& a, int num_sms,
+                                    cudaStream_t stream);
+
+// FC1 with the activation fused, as grouped_mm_sm90_bf16_act, except that c receives the MXFP8
+// round trip of the bf16 activation (fmoe.h: its fused MXFP8 output, dequantized), in the k order
+// above: exactly the `a` that grouped_mm_sm90_mx_regs takes for FC2. Supported:
+// grouped_mm_sm90_mx_regs_supported(a), grouped_mm_sm90_act_supported(a, act), I % 64 == 0.
+bool grouped_mm_sm90_mx_regs_act_supported(const fmoe_grouped_mm_args& a, const ActEpilogue& act);
+cudaError_t grouped_mm_sm90_mx_regs_act(const fmoe_grouped_mm_args& a, const ActEpilogue& act,
+                                        int num_sms, cudaStream_t stream);
+
 // False when FMOE_CUDA_GEMM=mma forces the portable mma.sync GEMM (defined in
 // grouped_mm_bf16.cu); fused paths built on this kernel fall back to the op-by-op pipeline then.
 bool sm90_gemm_enabled();

@@ -41,6 +41,39 @@ __device__ __forceinline__ uint8_t mx_quantize_lanes(const uint16_t (&v)[kPerLan
   return scale;
 }
 
+// ---- The k order of the register-dequantizing MXFP8 GEMM (grouped_mm_sm90.cu, "MXFP8 weights
+// in registers") -----------------------------------------------------------------------------
+// That GEMM reads 16 consecutive e4m3 weights of a row with one load and turns byte pairs into
+// wgmma A-fragment registers; its bf16 activations must hold the same k in the same places.
+// Position l of each 64-wide k block of such an activation row holds element
+// mx_regs_k_source(l) of the block (a permutation inside the block; MXFP8 blocks of 32 are
+// still whole in the source order). With l = 16 kk + 8 hi + 2 c + e: 16 c + 4 kk + hi + 2 e.
+__host__ __device__ constexpr int mx_regs_k_source(int l) {
+  return 16 * ((l >> 1) & 3) + 4 * (l >> 4) + ((l >> 3) & 1) + 2 * (l & 1);
+}
+
+// Chunk m (8 positions, 16 bytes) of a 64-block in that order, gathered from the block's 64 bf16
+// values in source order; elem(i) returns source element i's bits.
+template <class Elem>
+__device__ __forceinline__ uint4 mx_regs_gather_chunk(int m, Elem elem) {
+  uint32_t w[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+    w[i] = uint32_t(elem(mx_regs_k_source(8 * m + 2 * i))) |
+           (uint32_t(elem(mx_regs_k_source(8 * m + 2 * i + 1))) << 16);
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// The MXFP8 round trip of 8 consecutive bf16 (4 consecutive lanes hold one 32-block, as for
+// mx_quantize_lanes): dequant(quant(v)) as bf16, exact (the value has 4 significant bits) but for
+// results below bf16's normal range. Every lane of the warp must call it.
+__device__ __forceinline__ void mx_round_trip_lanes(uint16_t (&v)[8]) {
+  uint8_t q[8];
+  const uint8_t scale = mx_quantize_lanes<8>(v, q);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) v[i] = f32_to_bf16(mx_dequantize(q[i], scale));
+}
+
 // 8 bf16 <-> one 16-byte vector.
 __device__ __forceinline__ void unpack8(const uint4& u, uint16_t (&v)[8]) {
   const uint32_t w[4] = {u.x, u.y, u.z, u.w};

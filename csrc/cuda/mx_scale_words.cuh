@@ -3,7 +3,8 @@
 // row-major [rows, ks] scale array (ks = k / 32). Those 4 bytes are 4-byte aligned only when
 // ks % 4 == 0, and cp.async copies aligned words, so a row's bytes arrive as the two aligned
 // words that cover them, plus the skew of the first byte inside them. Used by the decode GEMM
-// (grouped_mm_small.cu) and the fp8-wgmma prefill GEMM (grouped_mm_sm90.cu).
+// (grouped_mm_small.cu) and the fp8-wgmma prefill GEMM (grouped_mm_sm90.cu); the pair form below
+// serves the register-dequantizing prefill GEMM (grouped_mm_sm90.cu).
 #pragma once
 
 #include <cstdint>
@@ -24,6 +25,18 @@ __device__ __forceinline__ void copy_scale_words(uint32_t* dst, const uint8_t* b
   const int64_t left = end_bytes - at;
   const uint32_t bytes = left <= 0 ? 0u : (left >= 4 ? 4u : uint32_t(left));
   ptx::cp_async_4_partial(dst + half, bytes ? base + at : base, bytes);
+}
+
+// Kernels that stage 64 bytes of k per stage need the 2 scale bytes [row * ks + kb * 2, +2) of a
+// row (ks even): one aligned word always holds them, at byte (row * ks + kb * 2) % 4. Copies that
+// word into *dst; rows < 0 and bytes past `end_bytes` read as zero.
+__device__ __forceinline__ void copy_scale_pair_word(uint32_t* dst, const uint8_t* base,
+                                                     int64_t row, int ks, int kb,
+                                                     int64_t end_bytes) {
+  const int64_t at = row >= 0 ? (row * ks + int64_t(kb) * 2) & ~int64_t(3) : end_bytes;
+  const int64_t left = end_bytes - at;
+  const uint32_t bytes = left <= 0 ? 0u : (left >= 4 ? 4u : uint32_t(left));
+  ptx::cp_async_4_partial(dst, bytes ? base + at : base, bytes);
 }
 
 // Scale byte j (0..3) of a row's stage from its two words and skew.

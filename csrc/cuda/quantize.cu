@@ -48,6 +48,33 @@ __global__ void quantize_kernel(const uint16_t* in, int64_t groups8, uint8_t* da
   }
 }
 
+// The MXFP8 round trip of every 32-block of [rows, cols] (cols % 64 == 0), written in the k order
+// of the register-dequantizing GEMM (mx_block.cuh): out[r, 64b + l] = the round trip of
+// in[r, 64b + mx_regs_k_source(l)]. A lane holds 8 consecutive elements, 8 lanes one 64-block;
+// the block is reordered through the warp's 512 bytes of shared memory. In place is allowed:
+// a warp reads its 256 elements before it writes them.
+constexpr int kRoundTripWarps = kElementwiseThreads / 32;
+__global__ void __launch_bounds__(kElementwiseThreads)
+    mx_round_trip_k_order_kernel(const uint16_t* in, int64_t groups8, uint16_t* out) {
+  __shared__ uint16_t buf[kRoundTripWarps][256];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t warp0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) - lane;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  uint16_t* block = buf[warp] + (lane & ~7) * 8;  // this lane's 64-block
+  for (int64_t base = warp0; base < groups8; base += stride) {
+    const int64_t g = base + lane;
+    const bool active = g < groups8;  // groups8 % 8 == 0: whole 64-blocks are active or not
+    uint16_t v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    if (active) unpack8(*reinterpret_cast<const uint4*>(in + g * 8), v);
+    mx_round_trip_lanes(v);
+    *reinterpret_cast<uint4*>(buf[warp] + lane * 8) = pack8(v);
+    __syncwarp();
+    const uint4 o = mx_regs_gather_chunk(lane & 7, [&](int src) { return block[src]; });
+    __syncwarp();  // every lane has gathered before the next round overwrites the buffer
+    if (active) *reinterpret_cast<uint4*>(out + g * 8) = o;
+  }
+}
+
 // value = e4m3 * 2^s in f32: exact for every pair of bytes (the product has at most 4
 // significant bits and its exponent stays >= -136 > -149), so it equals the host's bit for bit;
 // a NaN scale or element gives NaN, and 448 * 2^127 overflows to Inf on both backends.
@@ -106,6 +133,17 @@ Status CudaBackend::quantize_mxfp8(BackendStream* s, const uint16_t* in, int64_t
     quantize_kernel<false><<<grid, kElementwiseThreads, 0, stream_of(s)>>>(in, groups8, data,
                                                                            scale);
   FMOE_CHECK_LAUNCH("quantize_kernel");
+  return FMOE_OK;
+}
+
+Status CudaBackend::mx_round_trip_k_order(BackendStream* s, const uint16_t* in, int64_t rows,
+                                          int64_t cols, uint16_t* out) {
+  FMOE_TRY(activate());
+  const int64_t groups8 = rows * cols / 8;
+  if (groups8 == 0) return FMOE_OK;
+  mx_round_trip_k_order_kernel<<<grid_blocks(groups8, kElementwiseThreads), kElementwiseThreads, 0,
+                                 stream_of(s)>>>(in, groups8, out);
+  FMOE_CHECK_LAUNCH("mx_round_trip_k_order_kernel");
   return FMOE_OK;
 }
 

@@ -22,4 +22,9 @@ cudaError_t make_tensor_map_bf16_2d_sw128(CUtensorMap* map, const void* base, ui
                                           uint64_t outer, uint64_t row_stride_bytes,
                                           uint32_t box_inner, uint32_t box_outer);
 
+// The same without swizzle: box rows land densely, box_inner * 2 bytes apart (a multiple of 16).
+cudaError_t make_tensor_map_bf16_2d_plain(CUtensorMap* map, const void* base, uint64_t inner,
+                                          uint64_t outer, uint64_t row_stride_bytes,
+                                          uint32_t box_inner, uint32_t box_outer);
+
 }  // namespace fmoe::cuda

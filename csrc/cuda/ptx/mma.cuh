@@ -1,7 +1,7 @@
 // Warp-level tensor-core primitives (sm_80+; on sm_90 they run on the same tensor cores as
 // wgmma, at a lower issue rate).
 // PTX ISA: "Warp Level Matrix Multiply-Accumulate Instructions: mma" (shape m16n8k16, .bf16,
-// f32 accumulators) and "ldmatrix".
+// f32 accumulators), "ldmatrix" and "stmatrix".
 #pragma once
 
 #include <cstdint>
@@ -17,6 +17,17 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem_r
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_addr(smem_row)));
+}
+
+// Stores four 8x8 b16 matrices to shared memory, transposed. Lane l holds in r[i] elements
+// (l / 4, 2*(l % 4)) and (l / 4, 2*(l % 4) + 1) of matrix i (the mma accumulator fragment order,
+// packed to b16 pairs) and supplies the address of row (l % 8) of matrix (l / 8) of the result:
+// row j of the stored matrix i is column j of the held one, 16 contiguous bytes.
+__device__ __forceinline__ void stmatrix_x4_trans(void* smem_row, const uint32_t (&r)[4]) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(
+                   smem_addr(smem_row)),
+               "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3])
+               : "memory");
 }
 
 // d += a * b for a 16x16 (row-major) bf16 A fragment, a 16x8 (column-major, i.e. k contiguous
