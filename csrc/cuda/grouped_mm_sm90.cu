@@ -1019,15 +1019,18 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 // side of wgmma, its "RS" form (A from registers), and the tokens the N side, as bf16 in shared
 // memory: activations whose values are already MXFP8 (exact in bf16: quantized, then
 // dequantized), so only the weights need converting, once per tile and not once per output.
-// - Tile: 256 weight rows x 128 tokens x k64 per stage. TMA stages the tokens (128 x 64 bf16,
-//   128-byte swizzle) and the weights (256 x 64 e4m3, dense 64-byte rows); each producer thread
-//   copies the scale words of two weight rows with cp.async, arriving on the stage's barrier
-//   once they land (full counts 1 expect_tx + 128 cp.async arrivals).
-// - Consumer warpgroup h computes two m64 blocks of weight rows against all 128 tokens (2 x 64
-//   accumulators): rows [128h, 128h + 128) of the plain and squared_relu tiles; for the gated
-//   ones gate (block 0) and up (block 1) of the same 64 features, so each thread holds both
-//   halves of its outputs. Halves tiles copy gate rows [j0, j0 + 128) and up rows [I + j0, +128)
-//   as two boxes; interleaved tiles one box of 256 rows, gate row 2f and up row 2f + 1.
+// - Two tile shapes (kMBlocks): 256 weight rows x 128 tokens (each consumer warpgroup two m64
+//   blocks against n128) for groups of few rows, 128 weight rows x 256 tokens (one m64 block
+//   against n256) for large groups, where each converted weight serves twice the tokens. Per
+//   stage (k64) TMA stages the tokens (bf16, 128-byte swizzle) and the weights (e4m3, dense
+//   64-byte rows); each producer thread copies the scale words of its weight rows with
+//   cp.async, arriving on the stage's barrier once they land (1 expect_tx + 128 arrivals).
+// - Rows of a warpgroup: plain and squared_relu tiles, consecutive weight rows. Gated tiles,
+//   kMBlocks = 2: gate (block 0) and up (block 1) of the same 64 features, so every thread
+//   holds both inputs of its outputs; kMBlocks = 1: warpgroup 0 the gate rows, 1 the up rows of
+//   64 features, and the epilogue trades halves of the accumulators through shared memory so
+//   that each warpgroup finishes half of the tokens. Halves tiles copy gate and up rows as two
+//   boxes; interleaved tiles one box, gate row 2f and up row 2f + 1.
 // - Fragments: a thread owns rows g = lane / 4 and g + 8 of its warp's 16 (per m block) and
 //   reads the 16 bytes at k 16c..16c+15 (c = lane % 4) of each per stage: one conflict-free
 //   16-byte shared load per row, one scale byte (block c / 2). Word kk of those bytes becomes the
@@ -1035,23 +1038,30 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 //   bytes as k 2c + 8, 2c + 9 of the step. That assignment is a permutation of each 64-block of
 //   k, which the activations follow (mx_block.cuh: mx_regs_k_source): written in that order by
 //   the round trip of FC1's input (quantize.cu) and by the FC1 epilogue below for FC2.
-// - Pipeline: each k16 step (two wgmmas) is one commit group; its fragments go to one of two
-//   register sets, and the set is rewritten only after wait_group(1) retired the step that read
-//   it. A stage is released once wait_group(1) at the next stage's first step has retired all
-//   of its steps.
+// - Pipeline: each k16 step is one commit group; its fragments go to one of kFragmentSets
+//   register sets, rewritten only after wait_group retired the step that read it. A stage is
+//   released once every step that read it is retired.
 // - Epilogue: the accumulators are the transpose of c (rows = features, columns = tokens).
-//   stmatrix .trans puts them in a per-warpgroup staging buffer [128 tokens][64 features]
+//   stmatrix .trans puts 128 tokens x 64 features at a time in a per-warpgroup staging buffer
 //   (16-byte chunks swizzled by token % 8), from where each thread stores 16-byte pieces of token
 //   rows. FC1 (kRoundTrip) rounds each 32-block of the activation through MXFP8 there and writes
 //   it in the k order of FC2: the activation that FC2 reads, with no quantize pass in between.
-// - Cost per stage and consumer thread: 4 shared loads and 16 words -> 32 bf16x2 (~150 integer
-//   and bf16x2 instructions) against 2 x 4 wgmma m64n128k16 (~1000 tensor cycles per SM for the
-//   CTA): the conversion fits in the issue slots the tensor cores leave.
+// - Issue cost per stage and consumer warp (v1, 256 x 128 tiles, measured by ncu on mixtral
+//   FC1): ~500 instructions (16 words -> 32 bf16x2 and their scales) against 1024 tensor cycles
+//   per SM and stage: issue-bound at half the tensor rate. The 128 x 256 tile converts half the
+//   words per product.
+template <int kFragmentSets_, int kMBlocks_>
 struct Sm90MxRegsConfig {
-  static constexpr int kBlockM = 128;      // token rows of a tile (the scheduler's m)
-  static constexpr int kWeightRows = 256;  // weight rows of a tile
+  // Register sets of A fragments: kFragmentSets - 1 k16 steps stay in flight per warpgroup.
+  static constexpr int kFragmentSets = kFragmentSets_;
+  static_assert(kFragmentSets == 2 || kFragmentSets == 4, "a stage's 4 steps cycle the sets");
+  static constexpr int kMBlocks = kMBlocks_;  // m64 blocks of weight rows per warpgroup
+  static_assert(kMBlocks == 1 || kMBlocks == 2, "");
+  static constexpr int kBlockM = 256 / kMBlocks;        // token rows of a tile (the scheduler's m)
+  static constexpr int kWeightRows = 128 * kMBlocks;    // weight rows of a tile
+  static constexpr int kAccPerBlock = kBlockM / 2;      // f32 accumulators per m block and thread
   static constexpr int kBlockK = 64;
-  static constexpr int kStages = 5;
+  static constexpr int kStages = kMBlocks == 2 ? 5 : 4;
   static constexpr int kRasterBand = 8;
   static constexpr int kMaxGroups = 1024;
   static constexpr int kThreads = 384;
@@ -1062,29 +1072,50 @@ struct Sm90MxRegsConfig {
   static constexpr int kTmaBytes = kABytes + kBBytes;
   static constexpr int kScaleWords = kWeightRows;  // per row, the aligned word of its 2 scale bytes
   static constexpr int kStageBytes = kABytes + kBBytes + kScaleWords * 4;
-  static constexpr int kStagingBytes = 2 * kBlockM * 64 * 2;  // per warpgroup [128][64] bf16
+  static constexpr int kStagingBytes = 2 * 128 * 64 * 2;  // per warpgroup [128 tokens][64] bf16
   static constexpr int kBarrierBytes = 2 * kStages * 8;
   static constexpr int kTableBytes = (3 * kMaxGroups + 1) * 4;
   static constexpr int kSmemBytes =
       1024 + kStages * kStageBytes + kStagingBytes + kBarrierBytes + kTableBytes;
   static_assert(kSmemBytes <= 227 * 1024, "exceeds the 227 KB of shared memory per block");
   static_assert(kProducerRegs * 128 + kConsumerRegs * 256 <= 168 * kThreads, "register pool");
-  static_assert(kABytes % 1024 == 0, "token tiles start on a swizzle atom");
+  static_assert(kABytes % 1024 == 0 && kBBytes % 1024 == 0, "tiles start on a swizzle atom");
+  static_assert(kWeightRows <= 256 && kBlockM <= 256, "one TMA box per operand");
 };
 
+// Output columns (features) of a tile.
+template <class Cfg, int kEpi>
+constexpr int mx_regs_tile_cols() {
+  return epilogue_gated(kEpi) ? Cfg::kWeightRows / 2 : Cfg::kWeightRows;
+}
+
 // Shared-memory weight row of fragment row r (0..63) of m block mb of consumer warpgroup h.
-template <int kEpi>
+template <class Cfg, int kEpi>
 __device__ __forceinline__ int mx_regs_smem_row(int h, int mb, int r) {
-  if constexpr (kEpi == kEpiActHalves) return 128 * mb + 64 * h + r;
-  else if constexpr (kEpi == kEpiActInterleaved) return 128 * h + 2 * r + mb;
-  else return 128 * h + 64 * mb + r;
+  if constexpr (Cfg::kMBlocks == 2) {
+    if constexpr (kEpi == kEpiActHalves) return 128 * mb + 64 * h + r;
+    else if constexpr (kEpi == kEpiActInterleaved) return 128 * h + 2 * r + mb;
+    else return 128 * h + 64 * mb + r;
+  } else {
+    // Gated: warpgroup 0 holds the gate rows of the tile's 64 features, warpgroup 1 the up rows.
+    if constexpr (kEpi == kEpiActInterleaved) return 2 * r + h;
+    else return 64 * h + r;
+  }
+}
+
+// Output feature (column of c, from the tile's first) of fragment row r of (h, mb).
+template <class Cfg, int kEpi>
+__device__ __forceinline__ int mx_regs_feature(int h, int mb, int r) {
+  if constexpr (epilogue_gated(kEpi)) return Cfg::kMBlocks == 2 ? 64 * h + r : r;
+  else return Cfg::kMBlocks == 2 ? 128 * h + 64 * mb + r : 64 * h + r;
 }
 
 // Row of b (viewed as [groups * n1, k]) of shared-memory weight row `row` of the tile whose first
 // b row is b_row; -1 past the tensor (its bytes are TMA zeros).
-template <int kEpi>
+template <class Cfg, int kEpi>
 __device__ __forceinline__ int64_t mx_regs_b_row(const Sm90Params& p, int b_row, int row) {
-  const int r = kEpi == kEpiActHalves && row >= 128 ? b_row + p.ffn + row - 128 : b_row + row;
+  constexpr int kHalf = Cfg::kWeightRows / 2;
+  const int r = kEpi == kEpiActHalves && row >= kHalf ? b_row + p.ffn + row - kHalf : b_row + row;
   return r < p.b_rows ? r : -1;
 }
 
@@ -1095,16 +1126,18 @@ __device__ __forceinline__ void produce_mx_regs(const Sm90Params& p, const TileT
                                                 uint32_t* smem_scale, uint64_t* full,
                                                 uint64_t* empty, int tid) {
   constexpr int BK = Cfg::kBlockK, S = Cfg::kStages;
-  constexpr int kTileCols = epilogue_gated(kEpi) ? Cfg::kWeightRows / 2 : Cfg::kWeightRows;
+  constexpr int kRowsPerThread = Cfg::kWeightRows / 128;
   const int64_t scale_end = int64_t(p.b_rows) * p.k_scales;
   int stage = 0;
   uint32_t phase = 0;
   for (int t = blockIdx.x; t < tt.total_tiles; t += gridDim.x) {
-    const TileCoord tc =
-        decode_tile<Cfg, kTileCols>(t, tt.prefix, tt.start, tt.end, tt.groups, p.n_tiles);
+    const TileCoord tc = decode_tile<Cfg, mx_regs_tile_cols<Cfg, kEpi>()>(
+        t, tt.prefix, tt.start, tt.end, tt.groups, p.n_tiles);
     const int b_row = tile_b_row<kEpi>(p, tc);
-    const int64_t rows[2] = {mx_regs_b_row<kEpi>(p, b_row, tid),
-                             mx_regs_b_row<kEpi>(p, b_row, tid + 128)};
+    int64_t rows[kRowsPerThread];
+#pragma unroll
+    for (int i = 0; i < kRowsPerThread; ++i)
+      rows[i] = mx_regs_b_row<Cfg, kEpi>(p, b_row, tid + 128 * i);
     for (int kb = 0; kb < p.k_blocks; ++kb) {
       ptx::mbar_wait(&empty[stage], phase ^ 1);
       if (tid == 0) {
@@ -1116,7 +1149,7 @@ __device__ __forceinline__ void produce_mx_regs(const Sm90Params& p, const TileT
       }
       uint32_t* words = smem_scale + stage * Cfg::kScaleWords;
 #pragma unroll
-      for (int i = 0; i < 2; ++i)
+      for (int i = 0; i < kRowsPerThread; ++i)
         copy_scale_pair_word(words + tid + 128 * i, p.b_scale, rows[i], p.k_scales, kb, scale_end);
       ptx::cp_async_mbar_arrive_noinc(&full[stage]);
       if (++stage == S) {
@@ -1133,48 +1166,60 @@ __device__ __forceinline__ void produce_mx_regs(const Sm90Params& p, const TileT
 
 // Keeps fragment registers live (and unmodified) up to this point: a wgmma reading them
 // asynchronously must be retired before the compiler may reuse them.
-__device__ __forceinline__ void keep_fragment(uint32_t (&a)[2][4]) {
+template <int kMBlocks>
+__device__ __forceinline__ void keep_fragment(uint32_t (&a)[kMBlocks][4]) {
 #pragma unroll
-  for (int mb = 0; mb < 2; ++mb)
+  for (int mb = 0; mb < kMBlocks; ++mb)
 #pragma unroll
     for (int i = 0; i < 4; ++i) asm volatile("" : "+r"(a[mb][i])::"memory");
 }
 
+template <class Cfg>
+using MxRegsAcc = float[Cfg::kMBlocks][Cfg::kAccPerBlock];
+
+template <class Cfg>
+__device__ __forceinline__ void fence_acc(MxRegsAcc<Cfg>& acc) {
+#pragma unroll
+  for (int mb = 0; mb < Cfg::kMBlocks; ++mb)
+#pragma unroll
+    for (int i = 0; i < Cfg::kAccPerBlock; ++i) ptx::wgmma_fence_operand(acc[mb][i]);
+}
+
 template <class Cfg, int kEpi>
-__device__ __forceinline__ void consume_mx_regs(float (&acc)[2][64], const Sm90Params& p,
+__device__ __forceinline__ void consume_mx_regs(MxRegsAcc<Cfg>& acc, const Sm90Params& p,
                                                 const TileCoord& tc, const uint8_t* smem_a,
                                                 const uint8_t* smem_b, const uint32_t* smem_scale,
                                                 uint64_t* full, uint64_t* empty, int h, int warp,
                                                 int lane, int& stage, uint32_t& phase) {
-  constexpr int S = Cfg::kStages;
+  constexpr int S = Cfg::kStages, MB = Cfg::kMBlocks, kSets = Cfg::kFragmentSets;
   const int g = lane >> 2, c = lane & 3;
   const int b_row = tile_b_row<kEpi>(p, tc);
-  // This thread's 4 weight rows (m block mb, row g + 8 rr of the warp's 16): the byte offset of
+  // This thread's weight rows (m block mb, row g + 8 rr of the warp's 16): the byte offset of
   // its 16-byte chunk in a stage's weight tile, and where its scale byte sits in the row's word:
   // at (row * ks + 2 kb) % 4 + c / 2, ks even, i.e. `skew` for even kb, skew ^ 2 for odd.
-  uint32_t w_off[2][2];
-  int row_of[2][2];
-  int skew[2][2];
+  uint32_t w_off[MB][2];
+  int row_of[MB][2];
+  int skew[MB][2];
 #pragma unroll
-  for (int mb = 0; mb < 2; ++mb)
+  for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
-      const int row = mx_regs_smem_row<kEpi>(h, mb, 16 * warp + g + 8 * rr);
-      const int64_t grow = mx_regs_b_row<kEpi>(p, b_row, row);
+      const int row = mx_regs_smem_row<Cfg, kEpi>(h, mb, 16 * warp + g + 8 * rr);
+      const int64_t grow = mx_regs_b_row<Cfg, kEpi>(p, b_row, row);
       row_of[mb][rr] = row;
       w_off[mb][rr] = uint32_t(row * Cfg::kBlockK + 16 * c);
       skew[mb][rr] = (grow >= 0 ? int((grow * p.k_scales) & 3) : 0) + (c >> 1);
     }
-  uint32_t frag[2][2][4];  // two register sets x m blocks
+  uint32_t frag[kSets][MB][4];  // register sets x m blocks
   int prev_stage = -1;
   for (int kb = 0; kb < p.k_blocks; ++kb) {
     ptx::mbar_wait(&full[stage], phase);
     const uint8_t* wt = smem_b + stage * Cfg::kBBytes;
     const uint32_t* words = smem_scale + stage * Cfg::kScaleWords;
-    uint4 raw[2][2];
-    MxMultipliers mul[2][2];
+    uint4 raw[MB][2];
+    MxMultipliers mul[MB][2];
 #pragma unroll
-    for (int mb = 0; mb < 2; ++mb)
+    for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
       for (int rr = 0; rr < 2; ++rr) {
         raw[mb][rr] = *reinterpret_cast<const uint4*>(wt + w_off[mb][rr]);
@@ -1184,9 +1229,9 @@ __device__ __forceinline__ void consume_mx_regs(float (&acc)[2][64], const Sm90P
     const uint32_t b_addr = ptx::smem_addr(smem_a + stage * Cfg::kABytes);
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
-      uint32_t (&a)[2][4] = frag[kk & 1];
+      uint32_t (&a)[MB][4] = frag[kk % kSets];
 #pragma unroll
-      for (int mb = 0; mb < 2; ++mb)
+      for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
         for (int rr = 0; rr < 2; ++rr) {
           const uint4& v = raw[mb][rr];
@@ -1197,24 +1242,19 @@ __device__ __forceinline__ void consume_mx_regs(float (&acc)[2][64], const Sm90P
             a[mb][2 + rr] = bf16x2_mul(a[mb][2 + rr], mul[mb][rr].m2x2);
           }
         }
-#pragma unroll
-      for (int mb = 0; mb < 2; ++mb)
-#pragma unroll
-        for (int i = 0; i < 64; ++i) ptx::wgmma_fence_operand(acc[mb][i]);
+      fence_acc<Cfg>(acc);
       ptx::wgmma_fence();
       const uint64_t desc = ptx::wgmma_desc_sw128(b_addr + kk * 32);
-      ptx::wgmma_m64n128k16_bf16_rs(acc[0], a[0], desc, (kb | kk) != 0);
-      ptx::wgmma_m64n128k16_bf16_rs(acc[1], a[1], desc, (kb | kk) != 0);
+#pragma unroll
+      for (int mb = 0; mb < MB; ++mb)
+        ptx::wgmma_m64k16_bf16_rs<Cfg::kBlockM>(acc[mb], a[mb], desc, (kb | kk) != 0);
       ptx::wgmma_commit();
-#pragma unroll
-      for (int mb = 0; mb < 2; ++mb)
-#pragma unroll
-        for (int i = 0; i < 64; ++i) ptx::wgmma_fence_operand(acc[mb][i]);
-      // The step before is retired: its register set may be rewritten by the next step, and
-      // at the first step of a stage every step of the previous stage is done.
-      ptx::wgmma_wait<1>();
-      keep_fragment(frag[(kk + 1) & 1]);
-      if (kk == 0 && prev_stage >= 0 && lane == 0) ptx::mbar_arrive(&empty[prev_stage]);
+      fence_acc<Cfg>(acc);
+      // Step kk - (kSets - 1) is retired: its register set may be rewritten by the next step,
+      // and at step kSets - 2 of a stage every step of the previous stage is done.
+      ptx::wgmma_wait<kSets - 1>();
+      keep_fragment<MB>(frag[(kk + 1) % kSets]);
+      if (kk == kSets - 2 && prev_stage >= 0 && lane == 0) ptx::mbar_arrive(&empty[prev_stage]);
     }
     prev_stage = stage;
     if (++stage == S) {
@@ -1223,34 +1263,31 @@ __device__ __forceinline__ void consume_mx_regs(float (&acc)[2][64], const Sm90P
     }
   }
   ptx::wgmma_wait<0>();
-  keep_fragment(frag[0]);
-  keep_fragment(frag[1]);
 #pragma unroll
-  for (int mb = 0; mb < 2; ++mb)
-#pragma unroll
-    for (int i = 0; i < 64; ++i) ptx::wgmma_fence_operand(acc[mb][i]);
+  for (int i = 0; i < kSets; ++i) keep_fragment<MB>(frag[i]);
+  fence_acc<Cfg>(acc);
   if (prev_stage >= 0 && lane == 0) ptx::mbar_arrive(&empty[prev_stage]);
 }
 
-// The bias of this thread's accumulator rows (feature rows g and g + 8 of m block mb), 0 where
-// there is none or the feature is never stored.
-template <int kEpi>
+// The bias of weight row r (0..63) of (h, mb) for the epilogue: of the gate or up row for the
+// gated tiles; 0 where there is none or the feature is never stored.
+template <class Cfg, int kEpi>
 __device__ __forceinline__ float mx_regs_bias(const Sm90Params& p, const TileCoord& tc, int h,
-                                              int mb, int f) {
+                                              int mb, int r) {
   if (p.bias == nullptr) return 0.f;
   const float* bias = p.bias + int64_t(tc.group) * p.n1;
+  const int col = tc.n0 + mx_regs_feature<Cfg, kEpi>(h, mb, r);
+  if (col >= p.n) return 0.f;
   if constexpr (epilogue_gated(kEpi)) {
-    const int col = tc.n0 + 64 * h + f;  // output feature
-    if (col >= p.n) return 0.f;
-    if constexpr (kEpi == kEpiActHalves) return __ldg(bias + (mb ? p.ffn + col : col));
-    else return __ldg(bias + 2 * col + mb);
+    const bool up = Cfg::kMBlocks == 2 ? mb == 1 : h == 1;
+    if constexpr (kEpi == kEpiActHalves) return __ldg(bias + (up ? p.ffn + col : col));
+    else return __ldg(bias + 2 * col + (up ? 1 : 0));
   } else {
-    const int col = tc.n0 + 128 * h + 64 * mb + f;
-    return col < p.n ? __ldg(bias + col) : 0.f;
+    return __ldg(bias + col);
   }
 }
 
-// Output of one accumulator element pair (gate, up for the gated epilogues) with its bias.
+// The output of an accumulator (gate and up for the gated epilogues) with its bias.
 template <int kEpi, int kAct>
 __device__ __forceinline__ float mx_regs_output(float x, float bx, float up, float bu,
                                                 const Sm90Params& p) {
@@ -1261,12 +1298,13 @@ __device__ __forceinline__ float mx_regs_output(float x, float bx, float up, flo
     return activation_value<kAct>(bf16_rounded(x + bx), bf16_rounded(up + bu), p.alpha, p.limit);
 }
 
-// One 64-feature chunk of the tile's output (features col0 .. col0 + 63 of c, as 128 tokens x 64
-// features): y(j, e) gives the output of accumulator element 4j + e of this thread's fragment.
+// 128 tokens (token0 ..) x 64 features (col0 ..) of the output: y(j, e) is the output of
+// accumulator element 4j + e of this thread's 16 token blocks (rows g, g + 8 of the warp's 16
+// features: e = 0, 1 on row g, 2, 3 on row g + 8).
 template <bool kRoundTrip, class Y>
 __device__ __forceinline__ void mx_regs_store_chunk(const Sm90Params& p, const TileCoord& tc,
-                                                    uint8_t* stage_buf, int col0, int warp,
-                                                    int lane, int wg_tid, int h, Y y) {
+                                                    uint8_t* stage_buf, int col0, int token0,
+                                                    int warp, int lane, int wg_tid, int h, Y y) {
   // Swizzled staging: token row t (128 bytes), 16-byte chunk q at ((q ^ (t % 8)) * 16).
   auto at = [&](int t, int q) { return stage_buf + t * 128 + ((q ^ (t & 7)) << 4); };
   warpgroup_bar_sync(1 + h, 128);  // the previous chunk's reads are done
@@ -1299,7 +1337,7 @@ __device__ __forceinline__ void mx_regs_store_chunk(const Sm90Params& p, const T
       });
       __syncwarp();  // every lane has gathered before the next token's round trip writes
     }
-    const int row = tc.m0 + t;
+    const int row = tc.m0 + token0 + t;
     const int col = col0 + 8 * q;
     if (row < tc.row_end && col < p.n && (p.row_map == nullptr || p.row_map[row] >= 0))
       *reinterpret_cast<uint4*>(p.c + int64_t(row) * p.n + col) = v;
@@ -1311,8 +1349,8 @@ template <class Cfg, int kEpi, int kAct>
 __global__ void __launch_bounds__(Cfg::kThreads, 1)
     grouped_mm_sm90_mx_regs_kernel(const __grid_constant__ CUtensorMap tm_a,
                                    const __grid_constant__ CUtensorMap tm_b, const Sm90Params p) {
-  constexpr int S = Cfg::kStages;
-  constexpr int kTileCols = epilogue_gated(kEpi) ? Cfg::kWeightRows / 2 : Cfg::kWeightRows;
+  constexpr int S = Cfg::kStages, MB = Cfg::kMBlocks;
+  constexpr int kTileCols = mx_regs_tile_cols<Cfg, kEpi>();
   constexpr bool kRoundTrip = kEpi != kEpiStore;
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024 - (ptx::smem_addr(smem_raw) & 1023)) & 1023);
@@ -1357,33 +1395,71 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     uint8_t* stage_buf = staging + h * (Cfg::kStagingBytes / 2);
     int stage = 0;
     uint32_t phase = 0;
-    float acc[2][64];
+    MxRegsAcc<Cfg> acc;
     for (int t = blockIdx.x; t < total_tiles; t += gridDim.x) {
       const TileCoord tc =
           decode_tile<Cfg, kTileCols>(t, s_prefix, s_start, s_end, groups, p.n_tiles);
-      float bias[2][2];  // [m block][row g, g + 8], loaded now: the latency hides under the loop
+      float bias[MB][2];  // [m block][row g, g + 8], loaded now: the latency hides under the loop
 #pragma unroll
-      for (int mb = 0; mb < 2; ++mb)
+      for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
         for (int rr = 0; rr < 2; ++rr)
-          bias[mb][rr] = mx_regs_bias<kEpi>(p, tc, h, mb, 16 * warp + g + 8 * rr);
+          bias[mb][rr] = mx_regs_bias<Cfg, kEpi>(p, tc, h, mb, 16 * warp + g + 8 * rr);
       consume_mx_regs<Cfg, kEpi>(acc, p, tc, smem_a, smem_b, smem_scale, full, empty, h, warp,
                                  lane, stage, phase);
-      if constexpr (epilogue_gated(kEpi)) {
+      if constexpr (epilogue_gated(kEpi) && MB == 2) {
         mx_regs_store_chunk<kRoundTrip>(
-            p, tc, stage_buf, tc.n0 + 64 * h, warp, lane, wg_tid, h, [&](int j, int e) {
+            p, tc, stage_buf, tc.n0 + 64 * h, 0, warp, lane, wg_tid, h, [&](int j, int e) {
               return mx_regs_output<kEpi, kAct>(acc[0][4 * j + e], bias[0][e >> 1],
                                                 acc[1][4 * j + e], bias[1][e >> 1], p);
             });
+      } else if constexpr (epilogue_gated(kEpi)) {
+        // Warpgroup 0 holds the gate, 1 the up accumulators of the same fragment positions. Each
+        // finishes tokens [128 h, 128 h + 128): it hands the other its values of the other half
+        // (bf16(acc + bias): what the activation reads), through the staging buffers, thread by
+        // thread in fragment order (conflict-free words).
+        // The warpgroup index is a template constant here: the accumulator halves must be
+        // indexed statically (registers, not local memory).
+        auto finish = [&](auto h_const) {
+          constexpr int H = decltype(h_const)::value;
+          uint32_t* mine = reinterpret_cast<uint32_t*>(staging + H * (Cfg::kStagingBytes / 2));
+          const uint32_t* theirs =
+              reinterpret_cast<const uint32_t*>(staging + (1 - H) * (Cfg::kStagingBytes / 2));
+          warpgroup_bar_sync(3, 256);  // the staging buffers' last readers are done
+#pragma unroll
+          for (int i = 0; i < 32; ++i) {  // the other token half: accumulators 64 (1 - H) + ...
+            const float b = bias[0][i & 1];  // elements 2i, 2i + 1: e = 2 (i % 2) + {0, 1}
+            mine[i * 128 + wg_tid] = pack_bf16x2(acc[0][64 * (1 - H) + 2 * i] + b,
+                                                 acc[0][64 * (1 - H) + 2 * i + 1] + b);
+          }
+          warpgroup_bar_sync(3, 256);
+          uint32_t partner[32];
+#pragma unroll
+          for (int i = 0; i < 32; ++i) partner[i] = theirs[i * 128 + wg_tid];
+          warpgroup_bar_sync(3, 256);  // both have read before either restages
+          mx_regs_store_chunk<kRoundTrip>(
+              p, tc, stage_buf, tc.n0, 128 * H, warp, lane, wg_tid, H, [&](int j, int e) {
+                const int i = 4 * j + e;  // accumulator element of the token half
+                const uint32_t w = partner[i >> 1];
+                const float x = __uint_as_float(i & 1 ? w & 0xFFFF0000u : w << 16);
+                const float own = bf16_rounded(acc[0][64 * H + i] + bias[0][e >> 1]);
+                return mx_regs_output<kEpiActHalves, kAct>(H == 0 ? own : x, 0.f,
+                                                           H == 0 ? x : own, 0.f, p);
+              });
+        };
+        if (h == 0) finish(std::integral_constant<int, 0>{});
+        else finish(std::integral_constant<int, 1>{});
       } else {
 #pragma unroll
-        for (int mb = 0; mb < 2; ++mb)
-          mx_regs_store_chunk<kRoundTrip>(
-              p, tc, stage_buf, tc.n0 + 128 * h + 64 * mb, warp, lane, wg_tid, h,
-              [&](int j, int e) {
-                return mx_regs_output<kEpi, kAct>(acc[mb][4 * j + e], bias[mb][e >> 1], 0.f, 0.f,
-                                                  p);
-              });
+        for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+          for (int half = 0; half < 3 - MB; ++half)  // token halves of the n256 tile
+            mx_regs_store_chunk<kRoundTrip>(
+                p, tc, stage_buf, tc.n0 + mx_regs_feature<Cfg, kEpi>(h, mb, 0), 128 * half, warp,
+                lane, wg_tid, h, [&](int j, int e) {
+                  return mx_regs_output<kEpi, kAct>(acc[mb][64 * half + 4 * j + e],
+                                                    bias[mb][e >> 1], 0.f, 0.f, p);
+                });
       }
     }
   }
@@ -1487,12 +1563,11 @@ cudaError_t launch_act(const fmoe_grouped_mm_args& a, const ActEpilogue& act, in
 }
 
 // The register-dequantizing MXFP8 kernel ("MXFP8 weights in registers"). a is bf16 here.
-template <int kEpi, int kAct = 0>
-cudaError_t launch_mx_regs(const fmoe_grouped_mm_args& a, const ActEpilogue& act, int num_sms,
-                           cudaStream_t stream) {
-  using Cfg = Sm90MxRegsConfig;
+template <class Cfg, int kEpi, int kAct = 0>
+cudaError_t launch_mx_regs_cfg(const fmoe_grouped_mm_args& a, const ActEpilogue& act,
+                               int num_sms, cudaStream_t stream) {
   if (a.rows == 0) return cudaSuccess;
-  constexpr int kTileCols = epilogue_gated(kEpi) ? Cfg::kWeightRows / 2 : Cfg::kWeightRows;
+  constexpr int kTileCols = mx_regs_tile_cols<Cfg, kEpi>();
   const int64_t n_out = epilogue_gated(kEpi) ? a.n / 2 : a.n;
   CUtensorMap tm_a{}, tm_b{};
   cudaError_t err = make_tensor_map_bf16_2d_sw128(&tm_a, a.a, uint64_t(a.k), uint64_t(a.rows),
@@ -1511,6 +1586,20 @@ cudaError_t launch_mx_regs(const fmoe_grouped_mm_args& a, const ActEpilogue& act
   const int grid = int(std::max<int64_t>(1, std::min<int64_t>(std::max(num_sms, 1), tiles)));
   kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(tm_a, tm_b, p);
   return cudaGetLastError();
+}
+
+template <int kEpi, int kAct = 0>
+cudaError_t launch_mx_regs(const fmoe_grouped_mm_args& a, const ActEpilogue& act, int num_sms,
+                           cudaStream_t stream) {
+  // The 128 x 256 tile where groups average 256 rows or more (a.rows / a.groups: the capacity,
+  // an upper bound of the real average); FMOE_MX_REGS_TOKENS=128|256 forces a shape.
+  static const int forced = [] {
+    const char* e = std::getenv("FMOE_MX_REGS_TOKENS");
+    return e != nullptr ? std::atoi(e) : 0;
+  }();
+  const bool wide = forced ? forced == 256 : a.rows >= 256 * a.groups;
+  return wide ? launch_mx_regs_cfg<Sm90MxRegsConfig<2, 1>, kEpi, kAct>(a, act, num_sms, stream)
+              : launch_mx_regs_cfg<Sm90MxRegsConfig<2, 2>, kEpi, kAct>(a, act, num_sms, stream);
 }
 
 }  // namespace
