@@ -90,6 +90,9 @@
 // dequantize to bf16 and store the tile that TMA would have staged for bf16 operands ("MXFP8
 // operands: dequantized by the producer warpgroup"). Measured on an H200 (bench/NOTES.md v5):
 // (a) 296-346 TFLOP/s, (b) 226-238, bf16 617-795: neither reaches the bf16 kernel yet.
+// (c) The fused layer's prefill uses a third kernel (grouped_mm_sm90_mx_regs*, "MXFP8 weights in
+// registers"): weights on wgmma's M side, dequantized into its A registers, activations as bf16
+// MXFP8 values; 1.2-1.6x faster in the layer than (a) at T >= 2048 (bench/NOTES.md v6).
 #include "cuda/grouped_mm_sm90.h"
 
 #include <cuda_bf16.h>
@@ -1418,25 +1421,24 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
         // finishes tokens [128 h, 128 h + 128): it hands the other its values of the other half
         // (bf16(acc + bias): what the activation reads), through the staging buffers, thread by
         // thread in fragment order (conflict-free words).
-        // The warpgroup index is a template constant here: the accumulator halves must be
-        // indexed statically (registers, not local memory).
-        auto finish = [&](auto h_const) {
+        // The accumulator halves are indexed by template constants (registers, not local
+        // memory), so each warpgroup runs its own instantiation between barriers that both
+        // reach at the same place.
+        uint32_t* mine = reinterpret_cast<uint32_t*>(stage_buf);
+        const uint32_t* theirs =
+            reinterpret_cast<const uint32_t*>(staging + (1 - h) * (Cfg::kStagingBytes / 2));
+        auto hand_over = [&](auto h_const) {
           constexpr int H = decltype(h_const)::value;
-          uint32_t* mine = reinterpret_cast<uint32_t*>(staging + H * (Cfg::kStagingBytes / 2));
-          const uint32_t* theirs =
-              reinterpret_cast<const uint32_t*>(staging + (1 - H) * (Cfg::kStagingBytes / 2));
-          warpgroup_bar_sync(3, 256);  // the staging buffers' last readers are done
 #pragma unroll
           for (int i = 0; i < 32; ++i) {  // the other token half: accumulators 64 (1 - H) + ...
             const float b = bias[0][i & 1];  // elements 2i, 2i + 1: e = 2 (i % 2) + {0, 1}
             mine[i * 128 + wg_tid] = pack_bf16x2(acc[0][64 * (1 - H) + 2 * i] + b,
                                                  acc[0][64 * (1 - H) + 2 * i + 1] + b);
           }
-          warpgroup_bar_sync(3, 256);
-          uint32_t partner[32];
-#pragma unroll
-          for (int i = 0; i < 32; ++i) partner[i] = theirs[i * 128 + wg_tid];
-          warpgroup_bar_sync(3, 256);  // both have read before either restages
+        };
+        uint32_t partner[32];
+        auto finish = [&](auto h_const) {
+          constexpr int H = decltype(h_const)::value;
           mx_regs_store_chunk<kRoundTrip>(
               p, tc, stage_buf, tc.n0, 128 * H, warp, lane, wg_tid, H, [&](int j, int e) {
                 const int i = 4 * j + e;  // accumulator element of the token half
@@ -1447,6 +1449,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
                                                            H == 0 ? x : own, 0.f, p);
               });
         };
+        warpgroup_bar_sync(3, 256);  // the staging buffers' last readers are done
+        if (h == 0) hand_over(std::integral_constant<int, 0>{});
+        else hand_over(std::integral_constant<int, 1>{});
+        warpgroup_bar_sync(3, 256);
+#pragma unroll
+        for (int i = 0; i < 32; ++i) partner[i] = theirs[i * 128 + wg_tid];
+        warpgroup_bar_sync(3, 256);  // both have read before either restages
         if (h == 0) finish(std::integral_constant<int, 0>{});
         else finish(std::integral_constant<int, 1>{});
       } else {
@@ -1591,13 +1600,15 @@ cudaError_t launch_mx_regs_cfg(const fmoe_grouped_mm_args& a, const ActEpilogue&
 template <int kEpi, int kAct = 0>
 cudaError_t launch_mx_regs(const fmoe_grouped_mm_args& a, const ActEpilogue& act, int num_sms,
                            cudaStream_t stream) {
-  // The 128 x 256 tile where groups average 256 rows or more (a.rows / a.groups: the capacity,
-  // an upper bound of the real average); FMOE_MX_REGS_TOKENS=128|256 forces a shape.
+  // The 128 x 256 tile where groups average 1024 rows or more (a.rows / a.groups: the capacity,
+  // an upper bound of the real average). Measured on an H200 (bench/NOTES.md v6): 11% faster on
+  // mixtral at T = 8192 (16384 rows per expert), within -4..+4% at 256-640 rows per expert.
+  // FMOE_MX_REGS_TOKENS=128|256 forces a shape.
   static const int forced = [] {
     const char* e = std::getenv("FMOE_MX_REGS_TOKENS");
     return e != nullptr ? std::atoi(e) : 0;
   }();
-  const bool wide = forced ? forced == 256 : a.rows >= 256 * a.groups;
+  const bool wide = forced ? forced == 256 : a.rows >= 1024 * a.groups;
   return wide ? launch_mx_regs_cfg<Sm90MxRegsConfig<2, 1>, kEpi, kAct>(a, act, num_sms, stream)
               : launch_mx_regs_cfg<Sm90MxRegsConfig<2, 2>, kEpi, kAct>(a, act, num_sms, stream);
 }
