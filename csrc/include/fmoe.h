@@ -61,6 +61,8 @@
  * - MXFP8 GEMM: C = sum_k dequant(A) * dequant(B) accumulated in f32, + bias, rounded to bf16.
  *   The CUDA backend's fp8 tensor cores add the 32 products of one scale block in their own
  *   precision (a few 1e-4 relative, not f32) before the blocks are scaled and summed in f32.
+ *   Its fused layer at prefill sizes (H and I multiples of 64) dequantizes the weights to bf16
+ *   instead, whose products with the (exactly dequantized) activations are exact in f32.
  */
 #ifndef FMOE_H
 #define FMOE_H
