@@ -92,6 +92,9 @@ class CudaBackend final : public Backend {
   Status grouped_mm_bf16(BackendStream* s, const fmoe_grouped_mm_args& a) override;
   Status grouped_mm_mxfp8(BackendStream* s, const fmoe_grouped_mm_args& a) override;
   Status unpermute(BackendStream* s, const fmoe_unpermute_args& a) override;
+  // permute; with mx_round_trip (a.permuted set, a.permuted_q not, hidden_size % 64 == 0) the
+  // bf16 copy then holds what mx_round_trip_k_order would make of it.
+  Status permute_launch(BackendStream* s, const fmoe_permute_args& a, bool mx_round_trip);
   // unpermute, optionally launched as a programmatic dependent of the kernel ahead (decode).
   Status unpermute_launch(BackendStream* s, const fmoe_unpermute_args& a, bool overlap_previous);
   Status expand_group_ids(BackendStream* s, const int32_t* tokens_per_expert,

@@ -12,7 +12,7 @@
 // MXFP8 weights (H % 64 == 0, I % 64 == 0) take the kernels that dequantize the weights into the
 // wgmma registers (grouped_mm_sm90_mx_regs*), whose activations are bf16 holding MXFP8 values in
 // the kernels' k order:
-//   permute (bf16 copy) -> MXFP8 round trip in place -> FC1 + activation + round trip (into the
+//   permute (bf16 copy, rounded through MXFP8) -> FC1 + activation + round trip (into the
 //   fc1_out region) -> FC2 -> unpermute.
 // The numbers are those of the op-by-op path (fmoe.h "Precision": the input and the activation
 // quantized to MXFP8, the products exact, sums in f32) up to the order of the sums. Other MXFP8
@@ -163,13 +163,10 @@ Status CudaBackend::fused_moe_mx_regs(BackendStream* s, const MoeCall& call, int
   const int32_t* routing = nullptr;
   FMOE_TRY(call.routing(*this, s, &routing));
   fmoe_permute_args pa = call.permute_args(routing, invalid_count, d.alignment, true);
-  pa.permuted = call.permuted;  // the bf16 rows: the round trip follows in place
+  pa.permuted = call.permuted;  // bf16 rows, rounded through MXFP8 by the copy itself
   pa.permuted_q = nullptr;
   pa.permuted_scale = nullptr;
-  FMOE_TRY(permute(s, pa));
-  // Padding rows hold stale bytes here; the GEMMs never store their outputs.
-  auto* in = static_cast<uint16_t*>(call.permuted);
-  FMOE_TRY(mx_round_trip_k_order(s, in, rows, d.hidden_size, in));
+  FMOE_TRY(permute_launch(s, pa, /*mx_round_trip=*/true));
   const int sms = props_.multiProcessorCount;
   FMOE_CHECK_CUDA(cuda::grouped_mm_sm90_mx_regs_act(fc1, act, sms, stream_of(s)));
   FMOE_CHECK_CUDA(cuda::grouped_mm_sm90_mx_regs(fc2, sms, stream_of(s)));

@@ -97,6 +97,23 @@ __device__ __forceinline__ uint2 pack8_bytes(const uint8_t (&q)[8]) {
                         (uint32_t(q[7]) << 24));
 }
 
+// The MXFP8 round trip of this lane's 8 consecutive bf16 (8 aligned lanes hold one 64-block),
+// returned as this lane's 16-byte chunk of the block in the k order above; warp_buf is this
+// warp's 512 bytes of shared memory (the reorder goes through it). Every lane of the warp must
+// call it.
+__device__ __forceinline__ uint4 mx_round_trip_k_order_lanes(const uint4& in, uint16_t* warp_buf,
+                                                             int lane) {
+  uint16_t v[8];
+  unpack8(in, v);
+  mx_round_trip_lanes(v);
+  *reinterpret_cast<uint4*>(warp_buf + lane * 8) = pack8(v);
+  __syncwarp();
+  const uint16_t* block = warp_buf + (lane & ~7) * 8;
+  const uint4 out = mx_regs_gather_chunk(lane & 7, [&](int src) { return block[src]; });
+  __syncwarp();  // every lane has gathered before the buffer is written again
+  return out;
+}
+
 __host__ __device__ __forceinline__ bool aligned_to(const void* p, uintptr_t bytes) {
   return (reinterpret_cast<uintptr_t>(p) & (bytes - 1)) == 0;
 }

@@ -39,6 +39,8 @@
 // token when no prob changes the values). Each token is read from memory once, not topk times,
 // and padding rows are never touched.
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 
 #include "cuda/backend.h"
 #include "cuda/block_scan.cuh"
@@ -399,10 +401,19 @@ __device__ __forceinline__ uint2 quantize8(const uint4& u, uint8_t* scale) {
 // piece + i*256 + 8l .. +8 of strip i. Strip existence (col < H) is warp-uniform; a partial
 // last strip has whole 4-lane MXFP8 blocks (H % 32 == 0 whenever permuted_q is set).
 // kQuant: permuted_q is set (a separate instantiation keeps the plain bf16 copy lean).
-template <bool kVec, int kStrips, bool kQuant>
+// kRoundTrip (the fused MXFP8 prefill, H % 64 == 0): the bf16 copy holds the MXFP8 round trip of
+// each row in the k order of the register-dequantizing GEMM (mx_block.cuh), as
+// CudaBackend::mx_round_trip_k_order would leave it.
+template <bool kVec, int kStrips, bool kQuant, bool kRoundTrip = false>
 __global__ void __launch_bounds__(kCopyThreads) permute_copy_kernel(CopyParams p) {
   static_assert(kStrips >= 1 && kStrips <= 4, "scale bytes of the strips are packed in a word");
+  static_assert(!kRoundTrip || (kVec && !kQuant), "the round trip writes the bf16 copy only");
   const int lane = threadIdx.x % 32;
+  uint16_t* warp_buf = nullptr;  // kRoundTrip: this warp's reorder buffer
+  if constexpr (kRoundTrip) {
+    __shared__ uint16_t round_trip_buf[kCopyThreads / 32][256];
+    warp_buf = round_trip_buf[threadIdx.x / 32];
+  }
   const int64_t warps = int64_t(gridDim.x) * (kCopyThreads / 32);
   const int64_t items = p.num_tokens * p.pieces;
   const bool quantize_once = kQuant && p.probs == nullptr;
@@ -432,6 +443,14 @@ __global__ void __launch_bounds__(kCopyThreads) permute_copy_kernel(CopyParams p
         qs |= uint32_t(sc) << (8 * i);
       }
     }
+    // kRoundTrip without probs: every copy of the token is the same round trip.
+    uint4 rt[kStrips];
+    if constexpr (kRoundTrip) {
+#pragma unroll
+      for (int i = 0; i < kStrips; ++i)
+        rt[i] = piece0 + i * kStripCols < p.H ? mx_round_trip_k_order_lanes(x[i], warp_buf, lane)
+                                              : x[i];
+    }
     // Lane j fetches slot k0 + j's row and prob; the warp then walks them by shuffles.
     for (int64_t k0 = 0; k0 < p.topk; k0 += 32) {
       const int64_t slot = t * p.topk + k0 + lane;
@@ -450,7 +469,8 @@ __global__ void __launch_bounds__(kCopyThreads) permute_copy_kernel(CopyParams p
           if (piece0 + i * kStripCols >= p.H) continue;  // warp-uniform
           const int64_t c = piece0 + i * kStripCols + lane * 8;
           const bool active = c < p.H;
-          const uint4 y = p.probs ? scale8(x[i], prob) : x[i];
+          uint4 y = p.probs ? scale8(x[i], prob) : x[i];
+          if constexpr (kRoundTrip) y = p.probs ? mx_round_trip_k_order_lanes(y, warp_buf, lane) : rt[i];
           if (dst && active) store8<kVec>(dst + c, y);
           if constexpr (kQuant) {
             uint8_t sc;
@@ -479,9 +499,13 @@ void launch_copy_quant(const CopyParams& cp, bool quant, unsigned grid, cudaStre
   else
     permute_copy_kernel<kVec, kStrips, false><<<grid, kCopyThreads, 0, st>>>(cp);
 }
-void launch_copy(const CopyParams& cp, bool vec, bool wide, bool quant, unsigned grid,
-                 cudaStream_t st) {
-  if (vec && wide)
+void launch_copy(const CopyParams& cp, bool vec, bool wide, bool quant, bool round_trip,
+                 unsigned grid, cudaStream_t st) {
+  if (round_trip && wide)  // vec and !quant: see permute_launch
+    permute_copy_kernel<true, 4, false, true><<<grid, kCopyThreads, 0, st>>>(cp);
+  else if (round_trip)
+    permute_copy_kernel<true, 1, false, true><<<grid, kCopyThreads, 0, st>>>(cp);
+  else if (vec && wide)
     launch_copy_quant<true, 4>(cp, quant, grid, st);
   else if (vec)
     launch_copy_quant<true, 1>(cp, quant, grid, st);
@@ -547,6 +571,11 @@ Status permute_prepare_device(int max_smem_optin) {
 using namespace cuda;
 
 Status CudaBackend::permute(BackendStream* s, const fmoe_permute_args& a) {
+  return permute_launch(s, a, /*mx_round_trip=*/false);
+}
+
+Status CudaBackend::permute_launch(BackendStream* s, const fmoe_permute_args& a,
+                                   bool mx_round_trip) {
   FMOE_TRY(activate());
   cudaStream_t st = stream_of(s);
   int64_t max_rows = 0;
@@ -617,8 +646,20 @@ Status CudaBackend::permute(BackendStream* s, const fmoe_permute_args& a) {
     const int strips = wide ? 4 : 1;
     cp.pieces = (a.hidden_size + strips * kStripCols - 1) / (strips * kStripCols);
     const unsigned grid = grid_blocks(a.num_tokens * cp.pieces, kCopyThreads / 32);
-    launch_copy(cp, vec, wide, a.permuted_q != nullptr, grid, st);
+    // The round trip in the copy where the copy is vectorised and bf16 only; else a pass after it
+    // (also with FMOE_MX_ROUND_TRIP=pass, for comparisons).
+    static const bool pass = [] {
+      const char* e = std::getenv("FMOE_MX_ROUND_TRIP");
+      return e != nullptr && std::strcmp(e, "pass") == 0;
+    }();
+    const bool in_copy = mx_round_trip && !pass && vec && a.hidden_size % 64 == 0 &&
+                         a.permuted != nullptr && a.permuted_q == nullptr;
+    launch_copy(cp, vec, wide, a.permuted_q != nullptr, in_copy, grid, st);
     FMOE_CHECK_LAUNCH("permute_copy_kernel");
+    if (mx_round_trip && !in_copy) {
+      auto* rows = static_cast<uint16_t*>(a.permuted);
+      FMOE_TRY(mx_round_trip_k_order(s, rows, max_rows, a.hidden_size, rows));
+    }
   } else {
     // permuted_q needs hidden_size % 32 == 0 (validated), so only the bf16 copy lands here.
     cp.pieces = 0;

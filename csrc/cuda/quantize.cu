@@ -50,9 +50,9 @@ __global__ void quantize_kernel(const uint16_t* in, int64_t groups8, uint8_t* da
 
 // The MXFP8 round trip of every 32-block of [rows, cols] (cols % 64 == 0), written in the k order
 // of the register-dequantizing GEMM (mx_block.cuh): out[r, 64b + l] = the round trip of
-// in[r, 64b + mx_regs_k_source(l)]. A lane holds 8 consecutive elements, 8 lanes one 64-block;
-// the block is reordered through the warp's 512 bytes of shared memory. In place is allowed:
-// a warp reads its 256 elements before it writes them.
+// in[r, 64b + mx_regs_k_source(l)]. A lane holds 8 consecutive elements, 8 lanes one 64-block
+// (mx_round_trip_k_order_lanes). In place is allowed: a warp reads its 256 elements before it
+// writes them. The fused layer folds this into its permute copy; this pass is its fallback.
 constexpr int kRoundTripWarps = kElementwiseThreads / 32;
 __global__ void __launch_bounds__(kElementwiseThreads)
     mx_round_trip_k_order_kernel(const uint16_t* in, int64_t groups8, uint16_t* out) {
@@ -60,17 +60,11 @@ __global__ void __launch_bounds__(kElementwiseThreads)
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t warp0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) - lane;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  uint16_t* block = buf[warp] + (lane & ~7) * 8;  // this lane's 64-block
   for (int64_t base = warp0; base < groups8; base += stride) {
     const int64_t g = base + lane;
     const bool active = g < groups8;  // groups8 % 8 == 0: whole 64-blocks are active or not
-    uint16_t v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    if (active) unpack8(*reinterpret_cast<const uint4*>(in + g * 8), v);
-    mx_round_trip_lanes(v);
-    *reinterpret_cast<uint4*>(buf[warp] + lane * 8) = pack8(v);
-    __syncwarp();
-    const uint4 o = mx_regs_gather_chunk(lane & 7, [&](int src) { return block[src]; });
-    __syncwarp();  // every lane has gathered before the next round overwrites the buffer
+    const uint4 v = active ? *reinterpret_cast<const uint4*>(in + g * 8) : make_uint4(0, 0, 0, 0);
+    const uint4 o = mx_round_trip_k_order_lanes(v, buf[warp], lane);
     if (active) *reinterpret_cast<uint4*>(out + g * 8) = o;
   }
 }
