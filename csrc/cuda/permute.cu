@@ -470,7 +470,8 @@ __global__ void __launch_bounds__(kCopyThreads) permute_copy_kernel(CopyParams p
           const int64_t c = piece0 + i * kStripCols + lane * 8;
           const bool active = c < p.H;
           uint4 y = p.probs ? scale8(x[i], prob) : x[i];
-          if constexpr (kRoundTrip) y = p.probs ? mx_round_trip_k_order_lanes(y, warp_buf, lane) : rt[i];
+          if constexpr (kRoundTrip)
+            y = p.probs ? mx_round_trip_k_order_lanes(y, warp_buf, lane) : rt[i];
           if (dst && active) store8<kVec>(dst + c, y);
           if constexpr (kQuant) {
             uint8_t sc;
