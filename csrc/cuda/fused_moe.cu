@@ -8,7 +8,8 @@
 // activation in f32, rounded once).
 //
 // Same workspace layout as the default (plan_workspace_layout; bf16 leaves the fc1_out region
-// unused), same static sizes, no host synchronisation or allocation: graph-capturable like the default.
+// unused), same static sizes, no host synchronisation or allocation: graph-capturable like the
+// default.
 // MXFP8 weights (H % 64 == 0, I % 64 == 0) take the kernels that dequantize the weights into the
 // wgmma registers (grouped_mm_sm90_mx_regs*), whose activations are bf16 holding MXFP8 values in
 // the kernels' k order:
