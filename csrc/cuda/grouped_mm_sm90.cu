@@ -1066,6 +1066,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 template <int kFragmentSets_, int kMBlocks_>
 struct Sm90MxRegsConfig {
   // Register sets of A fragments: kFragmentSets - 1 k16 steps stay in flight per warpgroup.
+  // The launcher uses 2: 4 measured 1-3% slower (bench/NOTES.md v6).
   static constexpr int kFragmentSets = kFragmentSets_;
   static_assert(kFragmentSets == 2 || kFragmentSets == 4, "a stage's 4 steps cycle the sets");
   static constexpr int kMBlocks = kMBlocks_;  // m64 blocks of weight rows per warpgroup
