@@ -1050,7 +1050,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 //   fragment of k16 step kk through e4m3x4_to_bf16x2: its even bytes as k 2c, 2c + 1, its odd
 //   bytes as k 2c + 8, 2c + 9 of the step. That assignment is a permutation of each 64-block of
 //   k, which the activations follow (mx_block.cuh: mx_regs_k_source): written in that order by
-//   the round trip of FC1's input (quantize.cu) and by the FC1 epilogue below for FC2.
+//   the permute copy for FC1's input (permute.cu) and by the FC1 epilogue below for FC2.
 // - Pipeline: each k16 step is one commit group; its fragments go to one of kFragmentSets
 //   register sets, rewritten only after wait_group retired the step that read it. A stage is
 //   released once every step that read it is retired.
