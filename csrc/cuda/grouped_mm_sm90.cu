@@ -1063,12 +1063,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 //   FC1): ~500 instructions (16 words -> 32 bf16x2 and their scales) against 1024 tensor cycles
 //   per SM and stage: issue-bound at half the tensor rate. The 128 x 256 tile converts half the
 //   words per product.
-template <int kFragmentSets_, int kMBlocks_>
+template <int kMBlocks_>
 struct Sm90MxRegsConfig {
-  // Register sets of A fragments: kFragmentSets - 1 k16 steps stay in flight per warpgroup.
-  // The launcher uses 2: 4 measured 1-3% slower (bench/NOTES.md v6).
-  static constexpr int kFragmentSets = kFragmentSets_;
-  static_assert(kFragmentSets == 2 || kFragmentSets == 4, "a stage's 4 steps cycle the sets");
+  // Register sets of A fragments: kFragmentSets - 1 k16 steps stay in flight per warpgroup
+  // (4 sets, three steps in flight, measured 1-3% slower: bench/NOTES.md v6).
+  static constexpr int kFragmentSets = 2;
   static constexpr int kMBlocks = kMBlocks_;  // m64 blocks of weight rows per warpgroup
   static_assert(kMBlocks == 1 || kMBlocks == 2, "");
   static constexpr int kBlockM = 256 / kMBlocks;        // token rows of a tile (the scheduler's m)
@@ -1620,8 +1619,8 @@ cudaError_t launch_mx_regs(const fmoe_grouped_mm_args& a, const ActEpilogue& act
     return e != nullptr ? std::atoi(e) : 0;
   }();
   const bool wide = forced ? forced == 256 : a.rows >= 1024 * a.groups;
-  return wide ? launch_mx_regs_cfg<Sm90MxRegsConfig<2, 1>, kEpi, kAct>(a, act, num_sms, stream)
-              : launch_mx_regs_cfg<Sm90MxRegsConfig<2, 2>, kEpi, kAct>(a, act, num_sms, stream);
+  return wide ? launch_mx_regs_cfg<Sm90MxRegsConfig<1>, kEpi, kAct>(a, act, num_sms, stream)
+              : launch_mx_regs_cfg<Sm90MxRegsConfig<2>, kEpi, kAct>(a, act, num_sms, stream);
 }
 
 }  // namespace

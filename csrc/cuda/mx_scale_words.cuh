@@ -17,14 +17,22 @@ namespace fmoe::cuda {
 // words start at the aligned-down address and the buffers are 4-byte aligned.
 __device__ __forceinline__ int scale_skew(int64_t row, int ks) { return int((row * ks) & 3); }
 
+// Copies the aligned 4-byte scale word at byte offset `at` of `base` into *dst with cp.async;
+// bytes past `end_bytes` (all of them when at >= end_bytes) read as zero.
+__device__ __forceinline__ void copy_scale_word(uint32_t* dst, const uint8_t* base, int64_t at,
+                                                int64_t end_bytes) {
+  const int64_t left = end_bytes - at;
+  const uint32_t bytes = left <= 0 ? 0u : (left >= 4 ? 4u : uint32_t(left));
+  ptx::cp_async_4_partial(dst, bytes ? base + at : base, bytes);
+}
+
 // Issues word `half` (0 or 1) of the two 4-byte copies covering scale bytes
 // [row * ks + kb * 4, +4) into dst[half]; rows < 0 and bytes past `end_bytes` read as zero.
 __device__ __forceinline__ void copy_scale_words(uint32_t* dst, const uint8_t* base, int64_t row,
                                                  int ks, int kb, int64_t end_bytes, int half) {
-  int64_t at = row >= 0 ? ((row * ks + int64_t(kb) * 4) & ~int64_t(3)) + 4 * half : end_bytes;
-  const int64_t left = end_bytes - at;
-  const uint32_t bytes = left <= 0 ? 0u : (left >= 4 ? 4u : uint32_t(left));
-  ptx::cp_async_4_partial(dst + half, bytes ? base + at : base, bytes);
+  const int64_t at =
+      row >= 0 ? ((row * ks + int64_t(kb) * 4) & ~int64_t(3)) + 4 * half : end_bytes;
+  copy_scale_word(dst + half, base, at, end_bytes);
 }
 
 // Kernels that stage 64 bytes of k per stage need the 2 scale bytes [row * ks + kb * 2, +2) of a
@@ -33,10 +41,8 @@ __device__ __forceinline__ void copy_scale_words(uint32_t* dst, const uint8_t* b
 __device__ __forceinline__ void copy_scale_pair_word(uint32_t* dst, const uint8_t* base,
                                                      int64_t row, int ks, int kb,
                                                      int64_t end_bytes) {
-  const int64_t at = row >= 0 ? (row * ks + int64_t(kb) * 2) & ~int64_t(3) : end_bytes;
-  const int64_t left = end_bytes - at;
-  const uint32_t bytes = left <= 0 ? 0u : (left >= 4 ? 4u : uint32_t(left));
-  ptx::cp_async_4_partial(dst, bytes ? base + at : base, bytes);
+  copy_scale_word(dst, base, row >= 0 ? (row * ks + int64_t(kb) * 2) & ~int64_t(3) : end_bytes,
+                  end_bytes);
 }
 
 // Scale byte j (0..3) of a row's stage from its two words and skew.
