@@ -397,6 +397,9 @@ describe.skipIf(SKIP)("CUDA backend vs host backend", () => {
     { name: "prefill: expert slice [1, 4) of 6, out-of-range ids, gelu, I = 320", T: 150, H: 192, I: 320, E: 6, start: 1, local: 3, topk: 2, activation: "gelu", invalid: 25, bias: true },
     { name: "prefill: squared_relu, biases, H = 384, I = 448", T: 130, H: 384, I: 448, E: 4, topk: 1, activation: "squared_relu", bias: true },
     { name: "prefill: apply_router_weight_on_input, skewed", T: 200, H: 128, I: 128, E: 4, topk: 1, activation: "silu", onInput: true, pattern: "skewed" },
+    // Groups of ~66 rows on the wide (256-column) bf16 tiles: the groups of <= 64 rows run as half
+    // tiles (each warpgroup against half of the B tile), the others as full tiles, in one launch.
+    { name: "prefill: half and full tiles, interleaved silu, wide tiles, T = 4200, 128 experts", T: 4200, H: 64, I: 256, E: 128, topk: 2, activation: "silu", layout: "interleaved", bias: true },
   );
   for (const c of MOE) {
     for (const format of c.formats ?? (["bf16", "mxfp8"] as const)) {

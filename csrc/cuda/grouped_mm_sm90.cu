@@ -14,6 +14,8 @@
 //   own no tiles and cost nothing.
 // - Raster: inside a group, tiles go in bands of kRasterBand m-tiles, m fastest within a band, so
 //   the CTAs resident together share both A rows (across n) and B columns (across m) in L2.
+// - A group of at most 64 rows is a half tile: both consumer warpgroups take its 64 rows, each
+//   against half of the B tile ("Half tiles" below).
 // - Warp specialisation, 3 warpgroups (384 threads):
 //     warpgroup 0  producer: one thread issues the TMA loads of the A tile (128 x 64) and B tile
 //                  (BN x 64) of each k-block into a kStages ring (128-byte swizzle), arming the
@@ -52,7 +54,10 @@
 //   qwen3 fc2, 128 groups x 512 rows, n2048 k768    419 / 374             578 / 542
 //   dense 16384 x 4096 x 7168, 1 group              718 / 547             790 / 655
 // Next steps if more is needed: 2-CTA clusters with TMA multicast of B (halves L2 -> SM traffic),
-// and consumers on alternating tiles so one's epilogue hides under the other's mainloop.
+// and consumers on alternating tiles so one's epilogue hides under the other's mainloop. In the
+// layer (ncu, qwen3 at 8192 tokens, H200) FC1 + activation reads ~2.05 GB from DRAM against the
+// 1.07 GB of its operands (L2 hit rate 56%; FC2 76%, at its ideal bytes), likely because the CTAs
+// that share a B tile drift apart over a launch (not measured), which clusters would prevent.
 //
 // Fused activation epilogue (FC1 of the fused layer: grouped_mm_sm90_bf16_act)
 // - The unfused pipeline writes h [rows, N1] bf16 and the activation op reads it back and writes
@@ -112,6 +117,7 @@
 #include "cuda/ptx/cp_async_mbarrier.cuh"
 #include "cuda/ptx/mma.cuh"
 #include "cuda/ptx/mbarrier.cuh"
+#include "cuda/ptx/prmt.cuh"
 #include "cuda/ptx/tma.cuh"
 #include "cuda/ptx/wgmma.cuh"
 #include "cuda/tensor_map.h"
@@ -235,6 +241,7 @@ struct Sm90Params {
   int k;
   int k_scales;
   int b_rows;  // groups * n1: rows of b
+  int half_tiles;  // bf16 mainloop: run a group of <= 64 rows as a half tile ("Half tiles")
 };
 
 struct TileCoord {
@@ -452,6 +459,92 @@ __device__ __forceinline__ void set_warpgroup_regs() {
   if constexpr (kRegs > kLaunchRegs) ptx::setmaxnreg_inc<kRegs>();
 }
 
+// ---- Half tiles ---------------------------------------------------------------------------------
+// A group of at most 64 rows is one half tile: both consumer warpgroups multiply the same 64 A rows
+// (the first of the stage's A tile), warpgroup h against its half of the B tile, so the tile costs
+// half the tensor time of a 128-row tile of mostly padding. The stage's copies are unchanged. Only
+// whole groups, never the last tile of a larger group: the CTAs that share a B tile (the m-tiles of
+// one group and n-tile) read it from L2 only while they run in step, which equal tile durations
+// keep; a shorter last tile lets its CTA run ahead, the step is lost for the rest of the launch and
+// B comes from DRAM again (the reasoning; the times were measured on an H200 with every last tile
+// of <= 64 rows halved: deepseek-v3 at 8192 tokens 12.7 -> 16.6 ms, qwen3 at 2048 502 -> 539 us;
+// with whole groups only: qwen3 at 512 tokens -7.5%, gpt-oss at 2048 -7%, the rest within 2%;
+// bench/NOTES.md v7).
+// Warpgroup h's half of the B tile, as accumulator columns 0..BN/2 of an m64n(BN/2) fragment:
+// B rows [h BN/2, (h + 1) BN/2) (output columns h kTileCols/2 on), except for the halves layout,
+// whose B tile is gate rows [0, BN/2) then up rows [BN/2, BN): there the warpgroup takes gate
+// rows [h BN/4, ..) and up rows [BN/2 + h BN/4, ..) as two m64n(BN/4) products, so that its
+// fragment is the gate-then-up layout of an m64n(BN/2) tile that epilogue_act expects.
+template <int BN, int BK, int kEpi>
+__device__ __forceinline__ void mma_half_tile(float (&acc)[BN / 2], uint32_t a_addr,
+                                              uint32_t b_addr, int h, int kb) {
+#pragma unroll
+  for (int kk = 0; kk < BK / 16; ++kk) {
+    const uint64_t a_desc = ptx::wgmma_desc_sw128(a_addr + kk * 32);
+    const int accumulate = (kb | kk) != 0;
+    if constexpr (kEpi == kEpiActHalves) {
+      float(&gate)[BN / 8] = *reinterpret_cast<float(*)[BN / 8]>(&acc[0]);
+      float(&up)[BN / 8] = *reinterpret_cast<float(*)[BN / 8]>(&acc[BN / 8]);
+      // Rows of 128 bytes; BN / 4 rows is a whole number of 1024-byte swizzle atoms.
+      const uint32_t gate_rows = b_addr + h * (BN / 4) * 128 + kk * 32;
+      ptx::wgmma_m64k16_bf16<BN / 4>(gate, a_desc, ptx::wgmma_desc_sw128(gate_rows), accumulate);
+      ptx::wgmma_m64k16_bf16<BN / 4>(up, a_desc, ptx::wgmma_desc_sw128(gate_rows + (BN / 2) * 128),
+                                     accumulate);
+    } else {
+      float(&part)[BN / 4] = *reinterpret_cast<float(*)[BN / 4]>(&acc[0]);
+      ptx::wgmma_m64k16_bf16<BN / 2>(
+          part, a_desc, ptx::wgmma_desc_sw128(b_addr + h * (BN / 2) * 128 + kk * 32), accumulate);
+    }
+  }
+}
+
+// The bf16 consumer mainloop of one tile (kHalf: a half tile): one wgmma group per k-block, one
+// in flight, the previous k-block's stage released once wait_group(1) proves it consumed.
+// Separate instantiations rather than a branch around the wgmmas inside one loop: there ptxas
+// injects warpgroup arrives and serialises every wgmma of the kernel (C7520).
+template <class Cfg, int kEpi, bool kHalf>
+__device__ __forceinline__ void consume_bf16(float (&acc)[Cfg::kBlockN / 2], const uint8_t* smem_a,
+                                             const uint8_t* smem_b, uint64_t* full,
+                                             uint64_t* empty, int k_blocks, int half, int lane,
+                                             int& stage, uint32_t& phase) {
+  constexpr int BM = Cfg::kBlockM, BN = Cfg::kBlockN, BK = Cfg::kBlockK, S = Cfg::kStages;
+  int prev_stage = 0;
+  for (int kb = 0; kb < k_blocks; ++kb) {
+    ptx::mbar_wait(&full[stage], phase);
+    const uint32_t a_addr =
+        ptx::smem_addr(smem_a + stage * Cfg::kABytes) + (kHalf ? 0 : half * (BM / 2) * 128);
+    const uint32_t b_addr = ptx::smem_addr(smem_b + stage * Cfg::kBBytes);
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) ptx::wgmma_fence_operand(acc[i]);
+    ptx::wgmma_fence();
+    if constexpr (kHalf) {
+      mma_half_tile<BN, BK, kEpi>(acc, a_addr, b_addr, half, kb);
+    } else {
+#pragma unroll
+      for (int kk = 0; kk < BK / 16; ++kk) {
+        // k16 step = 32 bytes along the swizzled 128-byte row.
+        ptx::wgmma_m64k16_bf16<BN>(acc, ptx::wgmma_desc_sw128(a_addr + kk * 32),
+                                   ptx::wgmma_desc_sw128(b_addr + kk * 32), (kb | kk) != 0);
+      }
+    }
+    ptx::wgmma_commit();
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) ptx::wgmma_fence_operand(acc[i]);
+    // The group of the previous k-block is now complete: its stage can be refilled.
+    ptx::wgmma_wait<1>();
+    if (kb > 0 && lane == 0) ptx::mbar_arrive(&empty[prev_stage]);
+    prev_stage = stage;
+    if (++stage == S) {
+      stage = 0;
+      phase ^= 1;
+    }
+  }
+  ptx::wgmma_wait<0>();
+#pragma unroll
+  for (int i = 0; i < BN / 2; ++i) ptx::wgmma_fence_operand(acc[i]);
+  if (lane == 0) ptx::mbar_arrive(&empty[prev_stage]);
+}
+
 // ---- Producers ---------------------------------------------------------------------------------
 struct TileTables {
   const int* prefix;
@@ -530,15 +623,22 @@ __device__ __forceinline__ uint32_t bf16x2_mul(uint32_t x, uint32_t y) {
   return r;
 }
 
-// The 4 e4m3 bytes (k0, k1, k2, k3) of w times 2^min(s + 120, 127): *even = bf16x2 (k0, k2),
-// *odd = (k1, k3), low half first (pairing bytes by shifts instead of byte permutes). Blocks with
-// m.second still need the multiply by m.m2x2 (the caller does it once for all its words).
-__device__ __forceinline__ void e4m3x4_to_bf16x2(uint32_t w, const MxMultipliers& m,
-                                                 uint32_t* even, uint32_t* odd) {
-  const uint32_t e = ((w << 4) & 0x07F007F0u) | ((w << 8) & 0x80008000u);
+// m1x2 of the largest first multiplier, 2^127: the blocks that may need the second multiply
+// (s >= 7; for s = 7 that multiply is by 1).
+constexpr uint32_t kMxMaxFirstMultiplier = 0x7F007F00u;
+
+// The 4 e4m3 bytes (k0, k1, k2, k3) of w times m1x2 = 2^min(s + 120, 127) (mx_multipliers):
+// *even = bf16x2 (k0, k2), *odd = (k1, k3), low half first. Blocks with a second multiplier
+// still need it (the caller does it once for all its words). The even pair's bytes go to the
+// low byte of each half with their sign replicated over the high byte (one byte permute), so
+// that one shift puts the sign at bit 15 and the magnitude at bits 10..4; the odd pair's bytes
+// already sit in the high bytes, with the sign at bit 15.
+__device__ __forceinline__ void e4m3x4_to_bf16x2(uint32_t w, uint32_t m1x2, uint32_t* even,
+                                                 uint32_t* odd) {
+  const uint32_t e = (ptx::prmt<0xA280u>(w, 0u) << 4) & 0x87F087F0u;
   const uint32_t o = ((w >> 4) & 0x07F007F0u) | (w & 0x80008000u);
-  *even = bf16x2_mul(e, m.m1x2);
-  *odd = bf16x2_mul(o, m.m1x2);
+  *even = bf16x2_mul(e, m1x2);
+  *odd = bf16x2_mul(o, m1x2);
 }
 
 // ---- MXFP8 operands: dequantized by the producer warpgroup -----------------------------------
@@ -959,60 +1059,50 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     for (int t = blockIdx.x; t < total_tiles; t += gridDim.x) {
       const TileCoord tc =
           decode_tile<Cfg, kTileCols>(t, s_prefix, s_start, s_end, groups, p.n_tiles);
+      // A half tile (a group of at most 64 rows, the whole group in one tile): both warpgroups
+      // take the same 64 A rows, each against half of the B tile. bf16 operands only (the
+      // dequantizing MXFP8 kernel, kept for comparisons, would spill at its 168 registers).
+      constexpr bool kHalfTiles = Cfg::kOperands == kOpBf16;
+      const bool half_tile = kHalfTiles && p.half_tiles && tc.row_end - tc.m0 <= BM / 2 &&
+                             tc.m0 == s_start[tc.group];
+      // What this warpgroup computes of a half tile: BN / 2 accumulator columns, its output
+      // columns starting half * kTileCols / 2 into the tile's.
+      TileCoord sub = tc;
+      sub.n0 += half * (kTileCols / 2);
       // The tile's bias, loaded now so that the latency hides under the mainloop, and staged in
       // shared memory for the epilogue.
       float bias_pre[BN / 128];
       if constexpr (kEpi != kEpiStore) {
 #pragma unroll
-        for (int u = 0; u < BN / 128; ++u)
-          bias_pre[u] = act_tile_bias<BN, kEpi>(p, tc, wg_tid + 128 * u);
+        for (int u = 0; u < BN / 128; ++u) {
+          const int c = wg_tid + 128 * u;
+          bias_pre[u] = !half_tile ? act_tile_bias<BN, kEpi>(p, tc, c)
+                        : c < BN / 2 ? act_tile_bias<BN / 2, kEpi>(p, sub, c)
+                                     : 0.f;
+        }
       }
       if constexpr (Cfg::kFp8) {
         consume_fp8<Cfg>(acc, p, smem_a, smem_b, smem_scale, full, empty, half, warp, lane, stage,
                          phase);
-      } else {
-        int prev_stage = 0;
-        for (int kb = 0; kb < p.k_blocks; ++kb) {
-          ptx::mbar_wait(&full[stage], phase);
-          const uint32_t a_addr =
-              ptx::smem_addr(smem_a + stage * Cfg::kABytes) + half * (BM / 2) * 128;
-          const uint32_t b_addr = ptx::smem_addr(smem_b + stage * Cfg::kBBytes);
-#pragma unroll
-          for (int i = 0; i < BN / 2; ++i) ptx::wgmma_fence_operand(acc[i]);
-          ptx::wgmma_fence();
-#pragma unroll
-          for (int kk = 0; kk < BK / 16; ++kk) {
-            // k16 step = 32 bytes along the swizzled 128-byte row.
-            ptx::wgmma_m64k16_bf16<BN>(acc, ptx::wgmma_desc_sw128(a_addr + kk * 32),
-                                       ptx::wgmma_desc_sw128(b_addr + kk * 32), (kb | kk) != 0);
-          }
-          ptx::wgmma_commit();
-#pragma unroll
-          for (int i = 0; i < BN / 2; ++i) ptx::wgmma_fence_operand(acc[i]);
-          // The group of the previous k-block is now complete: its stage can be refilled.
-          ptx::wgmma_wait<1>();
-          if (kb > 0 && lane == 0) ptx::mbar_arrive(&empty[prev_stage]);
-          prev_stage = stage;
-          if (++stage == S) {
-            stage = 0;
-            phase ^= 1;
-          }
-        }
-        ptx::wgmma_wait<0>();
-#pragma unroll
-        for (int i = 0; i < BN / 2; ++i) ptx::wgmma_fence_operand(acc[i]);
-        if (lane == 0) ptx::mbar_arrive(&empty[prev_stage]);
+      } else if (!half_tile) {
+        consume_bf16<Cfg, kEpi, false>(acc, smem_a, smem_b, full, empty, p.k_blocks, half, lane,
+                                       stage, phase);
+      } else if constexpr (kHalfTiles) {
+        consume_bf16<Cfg, kEpi, true>(acc, smem_a, smem_b, full, empty, p.k_blocks, half, lane,
+                                      stage, phase);
       }
 
       // ---- epilogue ----
       EpilogueRow er;
       er.q = lane & 3;
-      const int r0 = tc.m0 + half * (BM / 2) + warp * 16 + (lane >> 2);
+      const int r0 = tc.m0 + (half_tile ? 0 : half * (BM / 2)) + warp * 16 + (lane >> 2);
       const int row = r0 + 8 * (er.q >> 1);  // the row of the segment this lane stores
       er.row_ok = row < tc.row_end && (p.row_map == nullptr || p.row_map[row] >= 0);
       er.c_row = p.c + int64_t(row) * p.n;
+      float(&acc_half)[BN / 4] = *reinterpret_cast<float(*)[BN / 4]>(&acc[0]);
       if constexpr (kEpi == kEpiStore) {
-        epilogue_store<BN>(acc, p, tc, er);
+        if (!kHalfTiles || !half_tile) epilogue_store<BN>(acc, p, tc, er);
+        else epilogue_store<BN / 2>(acc_half, p, sub, er);
       } else {
         // Buffer reuse: the buffer written here was last read two tiles ago, before every thread
         // of the warpgroup passed the previous tile's barrier.
@@ -1021,7 +1111,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 #pragma unroll
         for (int u = 0; u < BN / 128; ++u) tile_bias[wg_tid + 128 * u] = bias_pre[u];
         warpgroup_bar_sync(1 + half, 128);
-        epilogue_act<BN, kEpi, kAct>(acc, p, tc, er, tile_bias, lane);
+        if (!kHalfTiles || !half_tile)
+          epilogue_act<BN, kEpi, kAct>(acc, p, tc, er, tile_bias, lane);
+        else
+          epilogue_act<BN / 2, kEpi, kAct>(acc_half, p, sub, er, tile_bias, lane);
       }
     }
   }
@@ -1059,10 +1152,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 //   (16-byte chunks swizzled by token % 8), from where each thread stores 16-byte pieces of token
 //   rows. FC1 (kRoundTrip) rounds each 32-block of the activation through MXFP8 there and writes
 //   it in the k order of FC2: the activation that FC2 reads, with no quantize pass in between.
-// - Issue cost per stage and consumer warp (v1, 256 x 128 tiles, measured by ncu on mixtral
-//   FC1): ~500 instructions (16 words -> 32 bf16x2 and their scales) against 1024 tensor cycles
-//   per SM and stage: issue-bound at half the tensor rate. The 128 x 256 tile converts half the
-//   words per product.
+// - Issue cost per stage and consumer warp (256 x 128 tiles): 355 SASS instructions in v1, 295
+//   with the first multipliers from a table (s_multiplier) and the even bytes placed by one byte
+//   permute; the blocks that need a second multiply are found per stage by a vote, but ptxas
+//   still if-converts their 32 multiplies into predicated ones. ncu (qwen3 FC1, 8192 tokens,
+//   H200): tensor pipe 45%, issue slots 42%, 0.62 eligible of 3 warps per scheduler, 6.8 cycles
+//   per issued instruction: bound by the latency of each warp's conversion chains, not by issue
+//   (bench/NOTES.md v7). The 128 x 256 tile converts half the words per product.
 template <int kMBlocks_>
 struct Sm90MxRegsConfig {
   // Register sets of A fragments: kFragmentSets - 1 k16 steps stay in flight per warpgroup
@@ -1088,8 +1184,9 @@ struct Sm90MxRegsConfig {
   static constexpr int kStagingBytes = 2 * 128 * 64 * 2;  // per warpgroup [128 tokens][64] bf16
   static constexpr int kBarrierBytes = 2 * kStages * 8;
   static constexpr int kTableBytes = (3 * kMaxGroups + 1) * 4;
-  static constexpr int kSmemBytes =
-      1024 + kStages * kStageBytes + kStagingBytes + kBarrierBytes + kTableBytes;
+  static constexpr int kMultiplierBytes = 256 * 4;  // first multiplier of each scale byte
+  static constexpr int kSmemBytes = 1024 + kStages * kStageBytes + kStagingBytes + kBarrierBytes +
+                                    kTableBytes + kMultiplierBytes;
   static_assert(kSmemBytes <= 227 * 1024, "exceeds the 227 KB of shared memory per block");
   static_assert(kProducerRegs * 128 + kConsumerRegs * 256 <= 168 * kThreads, "register pool");
   static_assert(kABytes % 1024 == 0 && kBBytes % 1024 == 0, "tiles start on a swizzle atom");
@@ -1202,8 +1299,9 @@ template <class Cfg, int kEpi>
 __device__ __forceinline__ void consume_mx_regs(MxRegsAcc<Cfg>& acc, const Sm90Params& p,
                                                 const TileCoord& tc, const uint8_t* smem_a,
                                                 const uint8_t* smem_b, const uint32_t* smem_scale,
-                                                uint64_t* full, uint64_t* empty, int h, int warp,
-                                                int lane, int& stage, uint32_t& phase) {
+                                                const uint32_t* s_multiplier, uint64_t* full,
+                                                uint64_t* empty, int h, int warp, int lane,
+                                                int& stage, uint32_t& phase) {
   constexpr int S = Cfg::kStages, MB = Cfg::kMBlocks, kSets = Cfg::kFragmentSets;
   const int g = lane >> 2, c = lane & 3;
   const int b_row = tile_b_row<kEpi>(p, tc);
@@ -1230,15 +1328,28 @@ __device__ __forceinline__ void consume_mx_regs(MxRegsAcc<Cfg>& acc, const Sm90P
     const uint8_t* wt = smem_b + stage * Cfg::kBBytes;
     const uint32_t* words = smem_scale + stage * Cfg::kScaleWords;
     uint4 raw[MB][2];
-    MxMultipliers mul[MB][2];
+    uint32_t m1[MB][2];  // first multipliers, from the table
+    uint32_t sb[MB][2];  // scale bytes
+    bool big = false;    // some block of this thread may need the second multiply
 #pragma unroll
     for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
       for (int rr = 0; rr < 2; ++rr) {
         raw[mb][rr] = *reinterpret_cast<const uint4*>(wt + w_off[mb][rr]);
-        const int at = skew[mb][rr] ^ ((kb & 1) << 1);
-        mul[mb][rr] = mx_multipliers((words[row_of[mb][rr]] >> (8 * at)) & 0xFFu);
+        // Byte `at` of the row's word, zero-extended (selector nibbles 4: zero bytes).
+        const uint32_t at = uint32_t(skew[mb][rr] ^ ((kb & 1) << 1));
+        sb[mb][rr] = __byte_perm(words[row_of[mb][rr]], 0u, 0x4440u | at);
+        m1[mb][rr] = s_multiplier[sb[mb][rr]];
+        big |= m1[mb][rr] == kMxMaxFirstMultiplier;
       }
+    // Blocks of |x| >= 2^15 are rare: the warp takes their second multiply only when one of its
+    // lanes has one (a uniform branch, skipped otherwise).
+    const bool second = __any_sync(0xffffffffu, big);
+    uint32_t m2[MB][2];
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) m2[mb][rr] = second ? mx_multipliers(sb[mb][rr]).m2x2 : 0u;
     const uint32_t b_addr = ptx::smem_addr(smem_a + stage * Cfg::kABytes);
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
@@ -1249,10 +1360,10 @@ __device__ __forceinline__ void consume_mx_regs(MxRegsAcc<Cfg>& acc, const Sm90P
         for (int rr = 0; rr < 2; ++rr) {
           const uint4& v = raw[mb][rr];
           const uint32_t w = kk == 0 ? v.x : kk == 1 ? v.y : kk == 2 ? v.z : v.w;
-          e4m3x4_to_bf16x2(w, mul[mb][rr], &a[mb][rr], &a[mb][2 + rr]);
-          if (mul[mb][rr].second) {
-            a[mb][rr] = bf16x2_mul(a[mb][rr], mul[mb][rr].m2x2);
-            a[mb][2 + rr] = bf16x2_mul(a[mb][2 + rr], mul[mb][rr].m2x2);
+          e4m3x4_to_bf16x2(w, m1[mb][rr], &a[mb][rr], &a[mb][2 + rr]);
+          if (second) {
+            a[mb][rr] = bf16x2_mul(a[mb][rr], m2[mb][rr]);
+            a[mb][2 + rr] = bf16x2_mul(a[mb][2 + rr], m2[mb][rr]);
           }
         }
       fence_acc<Cfg>(acc);
@@ -1376,9 +1487,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   int* s_prefix = reinterpret_cast<int*>(empty + S);
   int* s_start = s_prefix + Cfg::kMaxGroups + 1;
   int* s_end = s_start + Cfg::kMaxGroups;
+  uint32_t* s_multiplier = reinterpret_cast<uint32_t*>(s_end + Cfg::kMaxGroups);  // [256]
 
   const int tid = threadIdx.x;
   const int groups = p.groups;
+  // The first multiplier of every scale byte: a table load instead of its arithmetic in the
+  // consumers' loop (published by build_group_tiles' barriers).
+  for (int i = tid; i < 256; i += Cfg::kThreads) s_multiplier[i] = mx_multipliers(i).m1x2;
   if (tid == 0) {
     for (int s = 0; s < S; ++s) {
       ptx::mbar_init(&full[s], 1 + 128);  // expect_tx + one cp.async arrival per producer thread
@@ -1418,8 +1533,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 #pragma unroll
         for (int rr = 0; rr < 2; ++rr)
           bias[mb][rr] = mx_regs_bias<Cfg, kEpi>(p, tc, h, mb, 16 * warp + g + 8 * rr);
-      consume_mx_regs<Cfg, kEpi>(acc, p, tc, smem_a, smem_b, smem_scale, full, empty, h, warp,
-                                 lane, stage, phase);
+      consume_mx_regs<Cfg, kEpi>(acc, p, tc, smem_a, smem_b, smem_scale, s_multiplier, full,
+                                 empty, h, warp, lane, stage, phase);
       if constexpr (epilogue_gated(kEpi) && MB == 2) {
         mx_regs_store_chunk<kRoundTrip>(
             p, tc, stage_buf, tc.n0 + 64 * h, 0, warp, lane, wg_tid, h, [&](int j, int e) {
@@ -1517,6 +1632,12 @@ Sm90Params sm90_params(const fmoe_grouped_mm_args& a, const ActEpilogue& act, in
   p.k = int(a.k);
   p.k_scales = int(a.k / 32);
   p.b_rows = int(a.groups * a.n);
+  // FMOE_SM90_HALF_TILES=0 computes groups of <= 64 rows as full tiles, for comparisons.
+  static const bool half_tiles = [] {
+    const char* e = std::getenv("FMOE_SM90_HALF_TILES");
+    return e == nullptr || std::strcmp(e, "0") != 0;
+  }();
+  p.half_tiles = half_tiles ? 1 : 0;
   return p;
 }
 

@@ -60,6 +60,26 @@ __device__ __forceinline__ void setmaxnreg_dec() {
   asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs));
 }
 
+// D[64 x 64] (+)= A[64 x 16] * B[64 x 16]^T, A and B K-major bf16 in shared memory (the prefill
+// GEMM's half tiles: a warpgroup's quarter of a wide gated B tile).
+__device__ __forceinline__ void wgmma_m64n64k16_bf16(float (&d)[32], uint64_t desc_a,
+                                                    uint64_t desc_b, int accumulate) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31},"
+      " %32, %33, p, 1, 1, 0, 0;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
+
 // D[64 x 128] (+)= A[64 x 16] * B[128 x 16]^T, A and B K-major bf16 in shared memory.
 __device__ __forceinline__ void wgmma_m64n128k16_bf16(float (&d)[64], uint64_t desc_a,
                                                      uint64_t desc_b, int accumulate) {
@@ -198,15 +218,6 @@ __device__ __forceinline__ void wgmma_m64k16_bf16_rs(float (&d)[N / 2], const ui
   else wgmma_m64n256k16_bf16_rs(d, a, desc_b, accumulate);
 }
 
-// Dispatch on the tile width (the kernels are templated on it).
-template <int N>
-__device__ __forceinline__ void wgmma_m64k16_bf16(float (&d)[N / 2], uint64_t desc_a,
-                                                  uint64_t desc_b, int accumulate) {
-  static_assert(N == 128 || N == 256, "wgmma widths instantiated here: 128, 256");
-  if constexpr (N == 128) wgmma_m64n128k16_bf16(d, desc_a, desc_b, accumulate);
-  else wgmma_m64n256k16_bf16(d, desc_a, desc_b, accumulate);
-}
-
 
 // ---- Narrow-N shapes (swap-AB decode GEMMs: the weights are A, a few token rows are B) --------
 // m64nNk16 (bf16) and m64nNk32 (e4m3 x e4m3, f32 accumulators) for N = 8, 16, 32. Fragment of
@@ -316,6 +327,18 @@ __device__ __forceinline__ void wgmma_m64n32k32_e4m3(float (&d)[16], uint64_t de
       "}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
       : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
+
+// Dispatch on the tile width (the kernels are templated on it; 32 and 64 serve the half tiles).
+template <int N>
+__device__ __forceinline__ void wgmma_m64k16_bf16(float (&d)[N / 2], uint64_t desc_a,
+                                                  uint64_t desc_b, int accumulate) {
+  static_assert(N == 32 || N == 64 || N == 128 || N == 256,
+                "wgmma widths instantiated here: 32, 64, 128, 256");
+  if constexpr (N == 32) wgmma_m64n32k16_bf16(d, desc_a, desc_b, accumulate);
+  else if constexpr (N == 64) wgmma_m64n64k16_bf16(d, desc_a, desc_b, accumulate);
+  else if constexpr (N == 128) wgmma_m64n128k16_bf16(d, desc_a, desc_b, accumulate);
+  else wgmma_m64n256k16_bf16(d, desc_a, desc_b, accumulate);
 }
 
 // Dispatch on N (kernels are templated on the padded token count).
