@@ -534,10 +534,7 @@ __device__ __forceinline__ void consume_bf16(float (&acc)[Cfg::kBlockN / 2], con
     ptx::wgmma_wait<1>();
     if (kb > 0 && lane == 0) ptx::mbar_arrive(&empty[prev_stage]);
     prev_stage = stage;
-    if (++stage == S) {
-      stage = 0;
-      phase ^= 1;
-    }
+    ptx::next_stage<S>(stage, phase);
   }
   ptx::wgmma_wait<0>();
 #pragma unroll
@@ -590,10 +587,7 @@ __device__ __forceinline__ void produce_tma(const Sm90Params& p, const TileTable
       ptx::mbar_arrive_expect_tx(&full[stage], Cfg::kTmaBytes);
       ptx::tma_load_2d(smem_a + stage * Cfg::kABytes, tm_a, &full[stage], kb * BK, tc.m0);
       tma_load_b<Cfg, kEpi>(p, tm_b, smem_b + stage * Cfg::kBBytes, &full[stage], kb * BK, b_row);
-      if (++stage == S) {
-        stage = 0;
-        phase ^= 1;
-      }
+      ptx::next_stage<S>(stage, phase);
     }
   }
 }
@@ -609,12 +603,11 @@ __device__ __forceinline__ void produce_tma(const Sm90Params& p, const TileTable
 // carry scale 0xFF).
 struct MxMultipliers {
   uint32_t m1x2, m2x2;  // bf16x2 of 2^min(s + 120, 127) and 2^max(s - 7, 0), s = scale byte - 127
-  bool second;          // s > 7: m2x2 is not 1
 };
 __device__ __forceinline__ MxMultipliers mx_multipliers(uint32_t sb) {
   const uint32_t m1 = sb == 0xFFu ? 0x7FC0u : min(sb + 120u, 254u) << 7;
   const uint32_t m2 = (max(int(sb) - 134, 0) + 127) << 7;
-  return MxMultipliers{m1 * 0x10001u, m2 * 0x10001u, m2 != 0x3F80u};
+  return MxMultipliers{m1 * 0x10001u, m2 * 0x10001u};
 }
 
 __device__ __forceinline__ uint32_t bf16x2_mul(uint32_t x, uint32_t y) {
@@ -757,10 +750,7 @@ struct MxProducer {
     // Generic-proxy stores -> visible to wgmma (async proxy), then this thread's arrival.
     ptx::fence_proxy_async_smem();
     ptx::mbar_arrive(&full[stage]);
-    if (++stage == Cfg::kStages) {
-      stage = 0;
-      phase ^= 1;
-    }
+    ptx::next_stage<Cfg::kStages>(stage, phase);
   }
 };
 
@@ -892,10 +882,7 @@ __device__ __forceinline__ void produce_fp8(const Sm90Params& p, const TileTable
       } else {
         ptx::mbar_arrive(&full[stage]);
       }
-      if (++stage == S) {
-        stage = 0;
-        phase ^= 1;
-      }
+      ptx::next_stage<S>(stage, phase);
     }
   }
   ptx::cp_async_wait<0>();  // nothing may be in flight into shared memory at exit
@@ -985,10 +972,7 @@ __device__ __forceinline__ void consume_fp8(float (&acc)[Cfg::kBlockN / 2], cons
     // Every wgmma of the stage is complete and its scales are read: release it.
     __syncwarp();
     if (lane == 0) ptx::mbar_arrive(&empty[stage]);
-    if (++stage == S) {
-      stage = 0;
-      phase ^= 1;
-    }
+    ptx::next_stage<S>(stage, phase);
   }
 }
 
@@ -998,7 +982,7 @@ template <class Cfg, int kEpi, int kAct>
 __global__ void __launch_bounds__(Cfg::kThreads, 1)
     grouped_mm_sm90_kernel(const __grid_constant__ CUtensorMap tm_a,
                            const __grid_constant__ CUtensorMap tm_b, const Sm90Params p) {
-  constexpr int BM = Cfg::kBlockM, BN = Cfg::kBlockN, BK = Cfg::kBlockK, S = Cfg::kStages;
+  constexpr int BM = Cfg::kBlockM, BN = Cfg::kBlockN, S = Cfg::kStages;
   constexpr int kTileCols = epilogue_gated(kEpi) ? BN / 2 : BN;
   extern __shared__ uint8_t smem_raw[];
   // TMA with 128-byte swizzle and the wgmma descriptors (base offset 0) need 1024-byte aligned
@@ -1101,7 +1085,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       er.c_row = p.c + int64_t(row) * p.n;
       float(&acc_half)[BN / 4] = *reinterpret_cast<float(*)[BN / 4]>(&acc[0]);
       if constexpr (kEpi == kEpiStore) {
-        if (!kHalfTiles || !half_tile) epilogue_store<BN>(acc, p, tc, er);
+        if (!half_tile) epilogue_store<BN>(acc, p, tc, er);
         else epilogue_store<BN / 2>(acc_half, p, sub, er);
       } else {
         // Buffer reuse: the buffer written here was last read two tiles ago, before every thread
@@ -1111,10 +1095,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 #pragma unroll
         for (int u = 0; u < BN / 128; ++u) tile_bias[wg_tid + 128 * u] = bias_pre[u];
         warpgroup_bar_sync(1 + half, 128);
-        if (!kHalfTiles || !half_tile)
-          epilogue_act<BN, kEpi, kAct>(acc, p, tc, er, tile_bias, lane);
-        else
-          epilogue_act<BN / 2, kEpi, kAct>(acc_half, p, sub, er, tile_bias, lane);
+        if (!half_tile) epilogue_act<BN, kEpi, kAct>(acc, p, tc, er, tile_bias, lane);
+        else epilogue_act<BN / 2, kEpi, kAct>(acc_half, p, sub, er, tile_bias, lane);
       }
     }
   }
@@ -1262,10 +1244,7 @@ __device__ __forceinline__ void produce_mx_regs(const Sm90Params& p, const TileT
       for (int i = 0; i < kRowsPerThread; ++i)
         copy_scale_pair_word(words + tid + 128 * i, p.b_scale, rows[i], p.k_scales, kb, scale_end);
       ptx::cp_async_mbar_arrive_noinc(&full[stage]);
-      if (++stage == S) {
-        stage = 0;
-        phase ^= 1;
-      }
+      ptx::next_stage<S>(stage, phase);
     }
   }
   // Nothing may be in flight into shared memory at exit (the consumers wait for every stage
@@ -1381,10 +1360,7 @@ __device__ __forceinline__ void consume_mx_regs(MxRegsAcc<Cfg>& acc, const Sm90P
       if (kk == kSets - 2 && prev_stage >= 0 && lane == 0) ptx::mbar_arrive(&empty[prev_stage]);
     }
     prev_stage = stage;
-    if (++stage == S) {
-      stage = 0;
-      phase ^= 1;
-    }
+    ptx::next_stage<S>(stage, phase);
   }
   ptx::wgmma_wait<0>();
 #pragma unroll

@@ -317,10 +317,7 @@ __global__ void __launch_bounds__(kThreads)
           }
         }
         ptx::cp_async_mbar_arrive_noinc(&full[stage]);
-        if (++stage == kStages) {
-          stage = 0;
-          phase ^= 1;
-        }
+        ptx::next_stage<kStages>(stage, phase);
       }
       if (S > 1) {  // the consumers' two cluster barriers of this item
         cg::this_cluster().sync();
@@ -427,10 +424,7 @@ __global__ void __launch_bounds__(kThreads)
         __syncwarp();
         if (lane == 0) ptx::mbar_arrive(&empty[stage]);
       }
-      if (++stage == kStages) {
-        stage = 0;
-        phase ^= 1;
-      }
+      ptx::next_stage<kStages>(stage, phase);
     }
     if constexpr (!kFp8) {
       ptx::wgmma_wait<0>();

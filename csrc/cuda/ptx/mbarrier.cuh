@@ -14,6 +14,16 @@
 
 namespace fmoe::ptx {
 
+// Steps a position around a ring of kStages stages: the next stage, and the parity a waiter names
+// flipped each time the ring wraps.
+template <int kStages>
+__device__ __forceinline__ void next_stage(int& stage, uint32_t& phase) {
+  if (++stage == kStages) {
+    stage = 0;
+    phase ^= 1;
+  }
+}
+
 __device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t arrivals) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(arrivals)
                : "memory");
