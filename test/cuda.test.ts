@@ -347,6 +347,52 @@ describe.skipIf(SKIP)("CUDA backend vs host backend", () => {
     }
   }
 
+  seededTest("grouped GEMM mxfp8: scales over e8m0's whole range (2^-127, NaN, 2^-127 x 2^111 pairs)", (rng) => {
+    // Each 32-block kb has a base B (0 for kb % 8 == 0, 238 for kb % 8 == 1, else random); a
+    // row of a gets B + d, a row of b 238 - B + d (d in -1..1, clamped to 0..254), so every
+    // product scale is near 2^-16 and h stays O(100), while the blocks of base 0 and 238 hold
+    // 2^-127 on one side and ~2^111 on the other: decoding 0x00 as zero drops them (~20% of
+    // the terms), and scaling the partial sum by one side first overflows it. A few blocks are
+    // NaN (0xFF) on either side: their rows / columns must come out NaN on both backends.
+    const rows = 40, n = 96, k = 320, ks = k / 32;
+    const offsets = Int32Array.from([0, 17, 17, 40]); // group 1 empty
+    const groups = offsets.length - 1;
+    const e4m3 = (count: number): Uint8Array => Uint8Array.from({ length: count }, () => {
+      const b = rng.int(256);
+      return (b & 0x7f) === 0x7f ? b ^ 1 : b; // no e4m3 NaN
+    });
+    const base = Array.from({ length: ks }, (_, kb) => (kb % 8 === 0 ? 0 : kb % 8 === 1 ? 238 : rng.int(239)));
+    const clamp = (v: number): number => Math.min(254, Math.max(0, v));
+    const aData = e4m3(rows * k), bData = e4m3(groups * n * k);
+    const aScale = Uint8Array.from({ length: rows * ks }, (_, i) => {
+      const r = Math.floor(i / ks), kb = i % ks;
+      return r % 7 === 3 && kb === 2 ? 0xff : clamp(base[kb]! + rng.int(3) - 1);
+    });
+    const bScale = Uint8Array.from({ length: groups * n * ks }, (_, i) => {
+      const j = Math.floor(i / ks) % n, kb = i % ks;
+      return j % 29 === 5 && kb === j % ks ? 0xff : clamp(238 - base[kb]! + rng.int(3) - 1);
+    });
+    const [g, h] = both((x) => {
+      using a = up(x, aData, [rows, k], "e4m3");
+      using as = up(x, aScale, [rows, ks], "e8m0");
+      using b = up(x, bData, [groups, n, k], "e4m3");
+      using bs = up(x, bScale, [groups, n, ks], "e8m0");
+      using off = up(x, offsets, [groups + 1], "i32");
+      using out = x.empty([rows, n], "bf16").fill(0xff);
+      groupedMmMxfp8(x, { a, aScale: as, b, bScale: bs, groupOffsets: off, out });
+      return out.download();
+    });
+    const isNaN16 = (v: number): boolean => (v & 0x7fff) > 0x7f80;
+    const nanMask = (o: Uint16Array): Uint16Array => o.map((v) => (isNaN16(v) ? 1 : 0));
+    const hostNaN = nanMask(h);
+    expect(hostNaN.some((v) => v === 1)).toBe(true);
+    expect(hostNaN.some((v) => v === 0)).toBe(true);
+    expectBitExact(nanMask(g), hostNaN, "NaN positions");
+    const finite = (o: Uint16Array): Uint16Array => o.map((v) => (isNaN16(v) ? 0 : v));
+    expectNonZero(finite(h), "host");
+    expectClose(finite(g), finite(h), TOL.gemm, "mxfp8 GEMM over e8m0's range");
+  });
+
   // ----------------------------------------------------------------------------------------------
   // unpermute
 

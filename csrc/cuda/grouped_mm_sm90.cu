@@ -888,8 +888,8 @@ __device__ __forceinline__ void produce_fp8(const Sm90Params& p, const TileTable
   ptx::cp_async_wait<0>();  // nothing may be in flight into shared memory at exit
 }
 
-// One half-width k32 step of the fp8 consumer promoted: acc[r][c] += t[r][c] * scale_b[c] *
-// scale_a[r] over the tile columns 64 * kHalf + 8i + 2q + {0, 1} (accumulator block 8 kHalf + i)
+// One half-width k32 step of the fp8 consumer promoted: acc[r][c] += t[r][c] * (scale_b[c] *
+// scale_a[r]) over the tile columns 64 * kHalf + 8i + 2q + {0, 1} (accumulator block 8 kHalf + i)
 // of rows r0 and r0 + 8, with the scales of k32 block j of the stage whose scales start at sc.
 template <class Cfg, int kHalf>
 __device__ __forceinline__ void promote_fp8_half(float (&acc)[Cfg::kBlockN / 2],
@@ -902,10 +902,12 @@ __device__ __forceinline__ void promote_fp8_half(float (&acc)[Cfg::kBlockN / 2],
   for (int i = 0; i < 8; ++i) {
     const float2 b = *reinterpret_cast<const float2*>(sb + 8 * i);
     float* a = acc + 4 * (8 * kHalf + i);
-    a[0] = fmaf(t[4 * i + 0] * b.x, sa0, a[0]);
-    a[1] = fmaf(t[4 * i + 1] * b.y, sa0, a[1]);
-    a[2] = fmaf(t[4 * i + 2] * b.x, sa1, a[2]);
-    a[3] = fmaf(t[4 * i + 3] * b.y, sa1, a[3]);
+    // The scales' product first: t (up to 2^22.6) times one extreme scale alone can overflow
+    // where the dequantized products are finite.
+    a[0] = fmaf(t[4 * i + 0], b.x * sa0, a[0]);
+    a[1] = fmaf(t[4 * i + 1], b.y * sa0, a[1]);
+    a[2] = fmaf(t[4 * i + 2], b.x * sa1, a[2]);
+    a[3] = fmaf(t[4 * i + 3], b.y * sa1, a[3]);
   }
 }
 

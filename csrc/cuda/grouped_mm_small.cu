@@ -18,8 +18,10 @@
 //   that group (32 activation columns with a gated epilogue: gate rows and up rows side by side).
 //   Each CTA reads the group offsets once (device side: graph-capturable), builds the unit prefix
 //   of the valid groups in shared memory (as grouped_mm_sm90.cu: a bad group has no units) and
-//   walks items blockIdx, blockIdx + grid, ... (persistent; empty groups cost nothing). Inside a
-//   group the items go tile-major: units sharing a weight tile run side by side.
+//   walks items blockIdx, blockIdx + grid, ... (persistent; empty groups cost nothing). MXFP8
+//   with long items launches a CTA per item of the host's bound instead (kFp8PerItemMinKBlocks):
+//   CTAs past the device-side count exit at once. Inside a group the items go tile-major: units
+//   sharing a weight tile run side by side.
 // - Launch overlap (ptx/griddep.cuh): every CTA lets the next kernel launch at its start; with
 //   weights_before_wait the producer issues the first item's weight stages before waiting for
 //   the kernel ahead, so they load under its tail.
@@ -33,21 +35,24 @@
 //   land (cp.async.mbarrier.arrive.noinc: full expects 1 + 32 arrivals). One consumer warpgroup
 //   (warps 0-3) runs the wgmmas and releases the stage (`empty`, 4 warp arrivals).
 // - MXFP8: e4m3 x e4m3 wgmma (k32 = one scale block) into zeroed temporaries, then promoted:
-//   acc += tmp * scale_w[row] * scale_x[token] in f32. A stage's four k32 blocks go to four
+//   acc += tmp * (scale_w[row] * scale_x[token]) in f32. A stage's four k32 blocks go to four
 //   temporaries in one wgmma group (one wait per stage), and the stage's scales are decoded
 //   before the wgmmas are issued, so their wait covers it. The scales arrive as the two aligned
 //   words that cover the stage's 4 scale bytes of a row (mx_scale_words.cuh: k/32 need not be a
-//   multiple of 4). The token tile stops at 16 for MXFP8 (the promotion costs per token column).
+//   multiple of 4); each row's or token's 4 bytes are decoded together, branch-free. The token
+//   tile is 8 while the groups average at most 6 rows, else at most 16 (the promotion costs per
+//   token column), and the ring is 4 deep, for 4 CTAs per SM: the consumer is latency-bound.
 // - Epilogue: accumulators -> f32 tile in shared memory [token][weight row]; (split-K: cluster
 //   barrier, then each rank finishes a share of the tile, summing the ranks' tiles in order);
 //   + bias, round to bf16; with an activation: widen, activation in f32, round to bf16 (the
 //   formulas of activation.cu); masked 16-byte stores (row in the group, row_map != -1, gather
 //   index valid, column < out_cols).
 //
-// Shared memory per CTA (kStages = 6): a stage is W 64 x 128 B = 8 KB + X token_tile x 128 B
-// (1-4 KB) (+ 1 KB of scale words for MXFP8); 54-78 KB of ring + the f32 tile (2-9 KB) + group
-// tables (6 KB) = 64-94 KB: 2-3 CTAs per SM, 96-144 KB of weights in flight per SM, above the
-// ~40 KB per SM that 3 TB/s needs at ~2 us of loaded memory latency.
+// Shared memory per CTA: a stage is W 64 x 128 B = 8 KB + X token_tile x 128 B (1-4 KB) (+ 1 KB
+// of scale words for MXFP8). bf16: 6 stages, 54-72 KB of ring + the f32 tile (2-9 KB) + group
+// tables (6 KB) = 64-88 KB, 2-3 CTAs per SM; MXFP8: 4 stages, 49-56 KB, 4 CTAs per SM. Either way
+// 96-144 KB of weights in flight per SM, above the ~40 KB per SM that 3 TB/s needs at ~2 us of
+// loaded memory latency.
 //
 // Expected (H100 SXM, ~2.9 TB/s achievable): time = launch and first-byte latency (~3-4 us)
 // + weight bytes / 2.9 TB/s. bench/dev/grouped_mm_small_check.cu prints the achieved GB/s.
@@ -59,6 +64,8 @@
 #include <algorithm>
 #include <climits>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include "core/numerics.h"
 #include "cuda/group_tiles.cuh"
@@ -81,24 +88,40 @@ namespace cg = cooperative_groups;
 // kTileW = 64 weight rows: one wgmma M, one consumer warpgroup; small tiles make many items, so
 //   the grid fills the SMs at T = 1 (e.g. 192 items for qwen3 fc1 with 8 experts).
 // kStageK = 128 bytes of k per stage (64 bf16 or 128 e4m3): one 128-byte swizzle span.
-// kStages = 6: 48 KB of weights in flight per CTA.
+// Stages: bf16 6 (48 KB of weights in flight per CTA, 3 CTAs per SM). MXFP8 4 (32 KB per CTA):
+//   its consumer decodes scales and promotes every k32 block, so a CTA's one warpgroup is
+//   latency-bound; 4 stages fit 4 CTAs per SM (4 consumer warpgroups, 128 KB in flight).
 // kMaxGroups = 512: the group tables (6 KB) stay small next to the ring.
 constexpr int kTileW = 64;
 constexpr int kHalfTileW = kTileW / 2;  // rows per TMA box (gate and up halves of a gated tile)
 constexpr int kStageK = 128;
-constexpr int kStages = 6;
+constexpr int kBf16Stages = 6;
+constexpr int kFp8Stages = 4;
+constexpr int kFp8CtasPerSm = 4;
 constexpr int kMaxGroups = 512;
 constexpr int kConsumerThreads = 128;
 constexpr int kThreads = kConsumerThreads + 32;
 constexpr int kRedStride = kTileW + 4;  // f32 words per token row: +4 makes fragment stores
                                         // conflict-free (bank = 4 * token + row)
 constexpr int kMaxSplits = 4;
-// MXFP8's widest token tile: at T = 32 the 32-wide tile (v1) spent the consumer's time promoting
-// mostly-padding columns (qwen3 at 2x the bf16 time); groups at decode rarely hold 16 rows.
+// MXFP8's token tiles: the promotion costs per token column, padding included. The 32-wide tile
+// (v1) spent the consumer's time on padding (qwen3 T = 32 at 2x the bf16 time), so 16 at most,
+// and 8 while the groups average at most kFp8NarrowRows rows (measured on an H200 at T = 32 and
+// 128: tile 8 faster at 2-6 rows per expert, tile 16 at 8).
 constexpr int kMaxFp8TokenTile = 16;
+constexpr int64_t kFp8NarrowRows = 6;
+// MXFP8's grid: one CTA per item (a CTA that finishes early takes the next item from the block
+// scheduler, so no SM idles behind a few CTAs that drew one item more) once a CTA's share of an
+// item streams at least kFp8PerItemMinKBlocks stages; shorter items stay on the persistent grid,
+// which pays the CTA's set-up (group table, barriers) once. Measured on an H200 (bench/NOTES.md
+// v8): the layer 4-8% faster at T = 8-512 of gpt-oss, mixtral, deepseek and nemotron (T >= 32);
+// with every kernel per item, qwen3 (k = 2048 and 768) was 2-7% slower; bf16 (2-3 CTAs per SM,
+// 6 stages) was slower per item everywhere, up to 29%.
+constexpr int64_t kFp8PerItemMinKBlocks = 20;
 
 template <int NT, bool kFp8>
 struct SmallLayout {
+  static constexpr int kStages = kFp8 ? kFp8Stages : kBf16Stages;
   static constexpr int kWBytes = kTileW * kStageK;
   static constexpr int kXBytes = NT * kStageK;
   // MXFP8 scale words: 64 weight rows x 2 words (512 B), then NT tokens x 2 words (<= 256 B).
@@ -106,11 +129,21 @@ struct SmallLayout {
   static constexpr int kStageBytes = kWBytes + kXBytes + kScaleBytes;
   static constexpr int kRedBytes = NT * kRedStride * 4;
   static constexpr int kBarBytes = 2 * kStages * 8;
+  // MXFP8, in each stage's scale area past the copied words: a pair of words of 0x7F bytes
+  // (scale 1) that padding token columns read.
+  static constexpr int kOneScaleAt = kWBytes + kXBytes + kScaleBytes - 8;
+  static_assert(!kFp8 || kWBytes + kXBytes + 2 * kTileW * 4 + NT * 8 <= kOneScaleAt,
+                "the copied scale words reach the scale-1 words");
   static constexpr int kTableBytes = (3 * kMaxGroups + 1) * 4;
   static constexpr int kSmemBytes =
       1024 + kStages * kStageBytes + kRedBytes + kBarBytes + kTableBytes;
   static_assert(kStageBytes % 1024 == 0, "stage buffers keep the 1024-byte swizzle alignment");
   static_assert(kSmemBytes <= 227 * 1024, "exceeds the 227 KB of shared memory per block");
+  // MXFP8 tiles up to kMaxFp8TokenTile (the widths the host picks) keep kFp8CtasPerSm CTAs per
+  // SM: 228 KB of shared memory per SM, 1 KB of it reserved per CTA.
+  static constexpr int kMinCtasPerSm = kFp8 && NT <= kMaxFp8TokenTile ? kFp8CtasPerSm : 1;
+  static_assert(kMinCtasPerSm * (kSmemBytes + 1024) <= 228 * 1024,
+                "fewer CTAs per SM than planned");
 };
 
 struct SmallParams {
@@ -207,12 +240,13 @@ __device__ __forceinline__ void load_weight_stage(const CUtensorMap* tm_b, uint8
 }
 
 template <int NT, bool kFp8>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, SmallLayout<NT, kFp8>::kMinCtasPerSm)
     grouped_mm_small_kernel(const __grid_constant__ CUtensorMap tm_b, const SmallParams p) {
   using L = SmallLayout<NT, kFp8>;
   constexpr int kAcc = NT / 2;
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024 - (ptx::smem_addr(smem_raw) & 1023)) & 1023);
+  constexpr int kStages = L::kStages;
   float* red = reinterpret_cast<float*>(smem + kStages * L::kStageBytes);  // [NT][kRedStride]
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + kStages * L::kStageBytes + L::kRedBytes);
   uint64_t* empty = full + kStages;
@@ -226,6 +260,10 @@ __global__ void __launch_bounds__(kThreads)
     for (int s = 0; s < kStages; ++s) {
       ptx::mbar_init(&full[s], 1 + 32);  // producer lane 0's expect_tx + 32 cp.async arrivals
       ptx::mbar_init(&empty[s], 4);      // one arrival per consumer warp
+      if constexpr (kFp8) {  // the scale-1 words of padding token columns (never copied over)
+        uint32_t* one = reinterpret_cast<uint32_t*>(smem + s * L::kStageBytes + L::kOneScaleAt);
+        one[0] = one[1] = 0x7F7F7F7Fu;
+      }
     }
     ptx::mbar_fence_init();
   }
@@ -333,25 +371,35 @@ __global__ void __launch_bounds__(kThreads)
   if (p.weights_before_wait) ptx::griddep_wait();
   const int warp = tid / 32, lane = tid & 31, q = lane & 3;
   const int r0 = warp * 16 + lane / 4;  // fragment rows r0, r0 + 8 (weight rows of the tile)
+  // Stage 0's wgmma descriptors; stage s and k step kk add (s * kStageBytes + 32 kk) >> 4 (the
+  // address field counts 16-byte units, and no shared address carries out of its 14 bits).
+  const uint64_t desc_w0 = ptx::wgmma_desc_sw128(ptx::smem_addr(smem));
+  const uint64_t desc_x0 = ptx::wgmma_desc_sw128(ptx::smem_addr(smem + L::kWBytes));
   for (int w = first_item; w < total_items; w += item_stride) {
     const Item it = decode_item<NT>(w, s_prefix, s_start, s_end, groups, p.n_tiles);
     float acc[kAcc];
 #pragma unroll
     for (int i = 0; i < kAcc; ++i) acc[i] = 0.0f;
-    // MXFP8: where each of this thread's rows / tokens finds its scale bytes in the stage.
-    int sw_at[2] = {0, 0}, sx_at[NT / 4];
+    // MXFP8: where each of this thread's weight rows (h = 0, 1) and tokens (j: token
+    // 8 (j / 2) + 2q + (j % 2)) finds its pair of scale words in a stage, and the bit shift of
+    // its first byte in them. Padding tokens read the stage's scale-1 words: their operands are
+    // zero-filled, and a finite scale keeps their products zero.
+    constexpr int kWords = 2 + NT / 4;
+    int word_at[kWords], word_shift[kWords];
     if constexpr (kFp8) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int m = r0 + 8 * h;
         const int64_t row = int64_t(it.group) * p.n + weight_row(p, it.tile, m);
-        sw_at[h] = 8 * m + scale_skew(row, p.ks);
+        word_at[h] = 8 * m;
+        word_shift[h] = 8 * scale_skew(row, p.ks);
       }
 #pragma unroll
-      for (int j = 0; j < NT / 4; ++j) {  // tokens 8 (j / 2) + 2q + (j % 2)
+      for (int j = 0; j < NT / 4; ++j) {
         const int t = 8 * (j / 2) + 2 * q + (j % 2);
         const int s = source_row(p, it.row0 + t, it.row_end);
-        sx_at[j] = 2 * kTileW * 4 + 8 * t + (s < 0 ? 0 : scale_skew(s, p.ks));
+        word_at[2 + j] = s < 0 ? L::kOneScaleAt - L::kWBytes - L::kXBytes : 2 * kTileW * 4 + 8 * t;
+        word_shift[2 + j] = s < 0 ? 0 : 8 * scale_skew(s, p.ks);
       }
     }
     int prev_stage = -1;
@@ -360,16 +408,15 @@ __global__ void __launch_bounds__(kThreads)
       // The token tile was written by cp.async (generic proxy); wgmma reads through the async
       // proxy.
       ptx::fence_proxy_async_smem();
-      uint8_t* st = smem + stage * L::kStageBytes;
-      const uint32_t w_addr = ptx::smem_addr(st), x_addr = ptx::smem_addr(st + L::kWBytes);
+      const uint64_t desc_w = desc_w0 + uint32_t(stage * (L::kStageBytes >> 4));
+      const uint64_t desc_x = desc_x0 + uint32_t(stage * (L::kStageBytes >> 4));
       if constexpr (!kFp8) {
 #pragma unroll
         for (int i = 0; i < kAcc; ++i) ptx::wgmma_fence_operand(acc[i]);
         ptx::wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < kStageK / 32; ++kk)
-          ptx::wgmma_m64k16_bf16_narrow<NT>(acc, ptx::wgmma_desc_sw128(w_addr + kk * 32),
-                                            ptx::wgmma_desc_sw128(x_addr + kk * 32), 1);
+          ptx::wgmma_m64k16_bf16_narrow<NT>(acc, desc_w + 2 * kk, desc_x + 2 * kk, 1);
         ptx::wgmma_commit();
 #pragma unroll
         for (int i = 0; i < kAcc; ++i) ptx::wgmma_fence_operand(acc[i]);
@@ -377,23 +424,42 @@ __global__ void __launch_bounds__(kThreads)
         if (prev_stage >= 0 && lane == 0) ptx::mbar_arrive(&empty[prev_stage]);
         prev_stage = stage;
       } else {
-        const uint8_t* sc = st + L::kWBytes + L::kXBytes;
-        const int nkb = min(kStageK / 32, p.ks - kb * (kStageK / 32));  // scale blocks here
-        // The stage's scales, decoded before its wgmmas so that their wait covers the work; blocks
-        // past k get 0 (their scale bytes belong to the next row).
+        const uint8_t* sc = smem + stage * L::kStageBytes + L::kWBytes + L::kXBytes;
+        // The stage's scales, decoded before its wgmmas so that their wait covers the work: each
+        // row's or token's 4 bytes as one word, then branch-free to f32 (mx_scale_words.cuh).
+        uint32_t word[kWords];
+#pragma unroll
+        for (int i = 0; i < kWords; ++i) {
+          const uint2 pair = *reinterpret_cast<const uint2*>(sc + word_at[i]);
+          word[i] = __funnelshift_r(pair.x, pair.y, word_shift[i]);
+        }
+        const int nkb = p.ks - kb * (kStageK / 32);  // scale blocks left in the row
+        if (nkb < kStageK / 32) {
+          // A last stage past k: its bytes beyond the row's end belong to the next row (possibly
+          // NaN); its operands there are zero-filled, so scale 1 keeps those products zero.
+          const uint32_t keep = (1u << (8 * nkb)) - 1u;
+#pragma unroll
+          for (int i = 0; i < kWords; ++i) word[i] = (word[i] & keep) | (0x7F7F7F7Fu & ~keep);
+        }
         float fw[kStageK / 32][2], fx[kStageK / 32][NT / 4];
 #pragma unroll
-        for (int j4 = 0; j4 < kStageK / 32; ++j4) {
-          const bool in_k = j4 < nkb;
+        for (int i = 0; i < kWords; ++i) {
+          const uint32_t special = e8m0x4_special(word[i]);
+          float f[kStageK / 32];
+          f[0] = e8m0x4_to_f32<0>(word[i], special);
+          f[1] = e8m0x4_to_f32<1>(word[i], special);
+          f[2] = e8m0x4_to_f32<2>(word[i], special);
+          f[3] = e8m0x4_to_f32<3>(word[i], special);
 #pragma unroll
-          for (int h = 0; h < 2; ++h) fw[j4][h] = in_k ? e8m0_to_f32(sc[sw_at[h] + j4]) : 0.f;
-#pragma unroll
-          for (int j = 0; j < NT / 4; ++j) fx[j4][j] = in_k ? e8m0_to_f32(sc[sx_at[j] + j4]) : 0.f;
+          for (int j4 = 0; j4 < kStageK / 32; ++j4) {
+            if (i < 2) fw[j4][i] = f[j4];
+            else fx[j4][i - 2] = f[j4];
+          }
         }
         // The four k32 blocks go to four temporaries in one wgmma group and one wait: waiting
         // after each block (v1) exposed four wgmma latencies per stage. All four run even in a
         // last, partial stage (wgmma inside a branch is serialised by ptxas): past k both
-        // operands were zero-filled, so those temporaries are exact zeros, times scale 0.
+        // operands were zero-filled, so those temporaries are exact zeros, times scale 1.
         float t[kStageK / 32][kAcc];
 #pragma unroll
         for (int j4 = 0; j4 < kStageK / 32; ++j4)
@@ -405,8 +471,7 @@ __global__ void __launch_bounds__(kThreads)
         ptx::wgmma_fence();
 #pragma unroll
         for (int j4 = 0; j4 < kStageK / 32; ++j4)
-          ptx::wgmma_m64k32_e4m3_narrow<NT>(t[j4], ptx::wgmma_desc_sw128(w_addr + j4 * 32),
-                                            ptx::wgmma_desc_sw128(x_addr + j4 * 32), 0);
+          ptx::wgmma_m64k32_e4m3_narrow<NT>(t[j4], desc_w + 2 * j4, desc_x + 2 * j4, 0);
         ptx::wgmma_commit();
         ptx::wgmma_wait<0>();
 #pragma unroll
@@ -416,8 +481,11 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
           for (int j = 0; j < NT / 4; ++j) {
             const int a0 = 4 * (j / 2) + (j % 2);
-            acc[a0] = fmaf(t[j4][a0] * fw[j4][0], fx[j4][j], acc[a0]);
-            acc[a0 + 2] = fmaf(t[j4][a0 + 2] * fw[j4][1], fx[j4][j], acc[a0 + 2]);
+            // The scales' product first: a sum of 32 e4m3 products reaches 2^22.6, and times one
+            // extreme scale alone (2^111 against a token's 2^-127) it overflows where the
+            // dequantized products are finite.
+            acc[a0] = fmaf(t[j4][a0], fw[j4][0] * fx[j4][j], acc[a0]);
+            acc[a0 + 2] = fmaf(t[j4][a0 + 2], fw[j4][1] * fx[j4][j], acc[a0 + 2]);
           }
         }
         // Every wgmma of this stage is complete and the scales were read: release it now.
@@ -536,6 +604,31 @@ int64_t k_bytes(const SmallMmArgs& a) {
   return a.format == FMOE_WEIGHTS_MXFP8 ? a.k : 2 * a.k;
 }
 
+// MXFP8's widest token tile: 8 while the groups average at most kFp8NarrowRows rows, else
+// kMaxFp8TokenTile; FMOE_MX_DECODE_TILE=8|16 forces one (comparisons).
+int fp8_token_tile_cap(const SmallMmArgs& a) {
+  static const int forced = [] {
+    const char* e = std::getenv("FMOE_MX_DECODE_TILE");
+    const int v = e ? std::atoi(e) : 0;
+    return v == 8 || v == 16 ? v : 0;
+  }();
+  if (forced) return forced;
+  return a.rows <= kFp8NarrowRows * a.groups ? 8 : kMaxFp8TokenTile;
+}
+
+// Whether the MXFP8 grid launches one CTA per item (kFp8PerItemMinKBlocks);
+// FMOE_MX_DECODE_GRID=items|persistent forces one (comparisons).
+bool fp8_grid_per_item(const SmallMmArgs& a, int splits) {
+  static const int forced = [] {
+    const char* e = std::getenv("FMOE_MX_DECODE_GRID");
+    if (!e) return 0;
+    return std::strcmp(e, "items") == 0 ? 1 : std::strcmp(e, "persistent") == 0 ? -1 : 0;
+  }();
+  if (forced) return forced > 0;
+  const int64_t k_blocks = (k_bytes(a) + kStageK - 1) / kStageK;
+  return k_blocks / splits >= kFp8PerItemMinKBlocks;
+}
+
 int token_tile_for(int64_t max_rows) { return max_rows <= 8 ? 8 : (max_rows <= 16 ? 16 : 32); }
 
 // Host bound of the unit count: one unit per used group while groups respect the token tile
@@ -649,7 +742,9 @@ void describe(SmallMmConfig* cfg, const SmallMmArgs& a, int num_sms) {
   const int64_t items = units_bound(a, NT) * tiles_per_group(a);
   const int64_t resident =
       std::max<int64_t>(1, int64_t(std::max(cfg->ctas_per_sm, 1)) * num_sms / cfg->splits);
-  cfg->grid = int(std::max<int64_t>(1, std::min(items, resident)) * cfg->splits);
+  const bool per_item = kFp8 && fp8_grid_per_item(a, cfg->splits);
+  cfg->grid =
+      int(std::max<int64_t>(1, per_item ? items : std::min(items, resident)) * cfg->splits);
 }
 
 }  // namespace
@@ -684,11 +779,12 @@ SmallMmConfig grouped_mm_small_config(const SmallMmArgs& a, int num_sms) {
   SmallMmConfig cfg;
   const bool fp8 = a.format == FMOE_WEIGHTS_MXFP8;
   // MXFP8 promotes every k32 block per token column: its consumer's work grows with the token
-  // tile, so it stops at kMaxFp8TokenTile and a larger group takes several units (consecutive
-  // items, the weight tile read again from L2). bf16's consumer is cheap at any width.
-  cfg.token_tile = token_tile_for(std::min<int64_t>(a.max_rows_per_group, fp8 ? kMaxFp8TokenTile : 32));
+  // tile, so it stops at 8 or 16 and a larger group takes several units (consecutive items, the
+  // weight tile read again from L2). bf16's consumer is cheap at any width.
+  cfg.token_tile =
+      token_tile_for(std::min<int64_t>(a.max_rows_per_group, fp8 ? fp8_token_tile_cap(a) : 32));
   // Split-K while the items cannot give every SM two CTAs (the fewest that keep ~100 KB in
-  // flight per SM) and each part keeps >= 8 stages of k (the ring is 6 deep: fewer would
+  // flight per SM) and each part keeps >= 8 stages of k (the ring is 4-6 deep: fewer would
   // leave it half empty at the start and end of every part).
   const int64_t items = units_bound(a, cfg.token_tile) * tiles_per_group(a);
   const int64_t k_blocks = (k_bytes(a) + kStageK - 1) / kStageK;

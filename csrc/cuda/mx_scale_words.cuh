@@ -4,12 +4,14 @@
 // ks % 4 == 0, and cp.async copies aligned words, so a row's bytes arrive as the two aligned
 // words that cover them, plus the skew of the first byte inside them. Used by the decode GEMM
 // (grouped_mm_small.cu) and the fp8-wgmma prefill GEMM (grouped_mm_sm90.cu); the pair form below
-// serves the register-dequantizing prefill GEMM (grouped_mm_sm90.cu).
+// serves the register-dequantizing prefill GEMM (grouped_mm_sm90.cu). Last, the decode GEMM's
+// branch-free conversion of four scale bytes to f32.
 #pragma once
 
 #include <cstdint>
 
 #include "cuda/ptx/cp_async_mbarrier.cuh"
+#include "cuda/ptx/prmt.cuh"
 
 namespace fmoe::cuda {
 
@@ -49,6 +51,30 @@ __device__ __forceinline__ void copy_scale_pair_word(uint32_t* dst, const uint8_
 __device__ __forceinline__ uint8_t scale_byte(const uint32_t (&w)[2], int skew, int j) {
   const uint64_t both = uint64_t(w[0]) | (uint64_t(w[1]) << 32);
   return uint8_t(both >> (8 * (skew + j)));
+}
+
+// ---- Four scale bytes of a word to f32, branch-free ------------------------------------------
+// e8m0_to_f32 (core/numerics.h) per byte costs two compares and two selects for its special
+// bytes (0x00: 2^-127, an f32 subnormal; 0xFF: NaN). Here the special bytes of a word are found
+// once (4 instructions), and each byte then takes 3: its f32 bits are the byte at bits 23-30 and
+// the special flag at bit 22 (0x00400000 = 2^-127; 0x7FC00000 = NaN; the flag of any other byte
+// is 0, and byte << 23 is 2^(byte - 127) exactly).
+
+// Bit 7 of byte j set iff byte j of w is 0x00 or 0xFF (all its bits equal). No carry crosses a
+// byte: each byte of `differ` is at most 0x7F, so adding 0x7F stays below 0x100.
+__device__ __forceinline__ uint32_t e8m0x4_special(uint32_t w) {
+  const uint32_t differ = (w ^ (w >> 1)) & 0x7F7F7F7Fu;  // bit i: byte bits i and i + 1 differ
+  return ~(differ + 0x7F7F7F7Fu) & 0x80808080u;
+}
+
+// 2^(byte j of w - 127) as e8m0_to_f32 gives it; `special` = e8m0x4_special(w).
+template <int J>
+__device__ __forceinline__ float e8m0x4_to_f32(uint32_t w, uint32_t special) {
+  static_assert(J >= 0 && J < 4, "a word holds 4 scale bytes");
+  // Byte 3 of the permute: byte J of w; byte 2: byte J of special (0x80 or 0).
+  constexpr uint32_t kSelector = 0x0000u | (uint32_t(4 + J) << 8) | (uint32_t(J) << 12);
+  const uint32_t v = ptx::prmt<kSelector>(w, special);
+  return __uint_as_float((v >> 1) & 0x7FC00000u);
 }
 
 }  // namespace fmoe::cuda

@@ -552,10 +552,16 @@ __global__ void expand_group_ids_kernel(const int32_t* tokens_per_expert, int nu
 int route_smem_budget(int max_smem_optin) { return max_smem_optin - 1024; }
 
 // Warps of the route block: as many as shared memory holds (the per-warp count table grows
-// with E), at most 32.
-int route_warps(int64_t num_local, int max_smem_optin) {
-  int64_t w = int64_t(route_smem_budget(max_smem_optin)) / (4 * num_local) - 1;
-  return int(std::min<int64_t>(w, kPermuteRouteMaxThreads / 32));
+// with E), at most 32, and no more than the work needs: one warp per 32 slots (a warp steps
+// over 32 at a time) or per 256 rows of the -1 fill of permutation_map, at least one. At decode
+// a few dozen slots keep one or two warps busy; 32 warps would mostly clear, prefix and scan
+// empty per-warp tables, on the critical path of every decode step. 0 when shared memory cannot
+// hold one warp's table.
+int route_warps(int64_t num_local, int64_t num_slots, int64_t max_rows, int max_smem_optin) {
+  const int64_t fit = int64_t(route_smem_budget(max_smem_optin)) / (4 * num_local) - 1;
+  const int64_t need = (std::max(num_slots, max_rows / 8) + 31) / 32;
+  return int(std::max<int64_t>(0, std::min({fit, int64_t(kPermuteRouteMaxThreads / 32),
+                                            std::max<int64_t>(need, 1)})));
 }
 
 }  // namespace
@@ -615,7 +621,7 @@ Status CudaBackend::permute_launch(BackendStream* s, const fmoe_permute_args& a,
     permute_chunk_rank_kernel<<<unsigned(chunks), kChunkThreads, smem, st>>>(rp, chunks);
     FMOE_CHECK_LAUNCH("permute_chunk_rank_kernel");
   } else {
-    const int warps = route_warps(a.num_local_experts, max_smem_optin_);
+    const int warps = route_warps(a.num_local_experts, rp.num_slots, max_rows, max_smem_optin_);
     if (warps < 1)
       return set_error(FMOE_ERR_UNSUPPORTED,
                        "fmoe_permute: num_local_experts = %lld is more than the CUDA backend's "
