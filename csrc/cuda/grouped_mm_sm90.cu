@@ -709,24 +709,14 @@ struct MxProducer {
   // 16 e4m3 bytes with scale byte sb -> bf16 chunks 2c, 2c + 1 of `row` of a swizzled tile.
   __device__ __forceinline__ void convert(const uint4& v, uint32_t sb, uint8_t* tile,
                                           int row) const {
-    // The multipliers and bit operations of mx_multipliers and e4m3x4_to_bf16x2, spelled out
-    // here as this kernel was measured and checked (bench/dev/grouped_mm_sm90_mx_check.cu).
-    const uint32_t m1 = sb == 0xFFu ? 0x7FC0u : min(sb + 120u, 254u) << 7;
-    const uint32_t m2 = (max(int(sb) - 134, 0) + 127) << 7;
-    const uint32_t m1x2 = m1 * 0x10001u, m2x2 = m2 * 0x10001u;
+    const MxMultipliers m = mx_multipliers(sb);
     const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-    uint32_t o[8];
+    uint32_t o[8];  // (k0, k2), (k1, k3) of each word: the order this kernel stores
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      // (k0, k2) and (k1, k3) of the word's bytes, as bf16x2 of value * 2^-120.
-      const uint32_t even = ((w[j] << 4) & 0x07F007F0u) | ((w[j] << 8) & 0x80008000u);
-      const uint32_t odd = ((w[j] >> 4) & 0x07F007F0u) | (w[j] & 0x80008000u);
-      o[2 * j] = bf16x2_mul(even, m1x2);
-      o[2 * j + 1] = bf16x2_mul(odd, m1x2);
-    }
-    if (m2 != 0x3F80u) {  // s > 7
+    for (int j = 0; j < 4; ++j) e4m3x4_to_bf16x2(w[j], m.m1x2, &o[2 * j], &o[2 * j + 1]);
+    if (sb > 134u && sb != 0xFFu) {  // s > 7: a second multiply (mx_multipliers)
 #pragma unroll
-      for (int j = 0; j < 8; ++j) o[j] = bf16x2_mul(o[j], m2x2);
+      for (int j = 0; j < 8; ++j) o[j] = bf16x2_mul(o[j], m.m2x2);
     }
     uint8_t* row_ptr = tile + row * 128;
     const int swz = row & 7;
