@@ -446,6 +446,10 @@ describe.skipIf(SKIP)("CUDA backend vs host backend", () => {
     // Groups of ~66 rows on the wide (256-column) bf16 tiles: the groups of <= 64 rows run as half
     // tiles (each warpgroup against half of the B tile), the others as full tiles, in one launch.
     { name: "prefill: half and full tiles, interleaved silu, wide tiles, T = 4200, 128 experts", T: 4200, H: 64, I: 256, E: 128, topk: 2, activation: "silu", layout: "interleaved", bias: true },
+    // Groups of ~262 rows (two full tiles and a short last one) on the wide bf16 tiles: the fused
+    // layer draws its tiles dynamically and then halves the last tile of every group, here in the
+    // halves layout, whose B tile comes in runs of gate and up rows.
+    { name: "prefill: half last tiles in larger groups, halves silu, wide tiles, T = 4200, 32 experts", T: 4200, H: 64, I: 256, E: 32, topk: 2, activation: "silu", bias: true },
   );
   for (const c of MOE) {
     for (const format of c.formats ?? (["bf16", "mxfp8"] as const)) {

@@ -12,8 +12,9 @@
 // Every case: random bf16 a [rows, k], b [groups, N1, k] (scaled so that h ~ 2 in magnitude:
 // the activations' curved parts and swiglu_oai's clamps are exercised), optional f32 bias; a
 // naive reference kernel computes h = a @ b^T + bias in f32 for the rows that must be written.
-// Then, for each activation and layout and both tile widths (BN = 128, 256), the output [rows, I]
-// (plus a slack tail) is poisoned with 0xFFFF, the fused kernel runs, and on the host:
+// Then, for each activation and layout, both tile widths (BN = 128, 256) and both schedules
+// (static tiles, dynamic tiles from a zeroed counter), the output [rows, I] (plus a slack tail)
+// is poisoned with 0xFFFF, the fused kernel runs, and on the host:
 //  - expected[r, j] = bf16(act(f32(bf16(h_gate)), f32(bf16(h_up)))) with the host backend's
 //    formulas (csrc/host/activation.cpp), for every row that must be written;
 //    |got - expected| <= 1e-2 * (|expected| + 1) everywhere (an indexing, pairing or masking bug
@@ -25,8 +26,9 @@
 //    last group) and the slack tail still hold the poison.
 // The plain kernel (h written) is checked on the same problems too: the two share the mainloop
 // and the store path.
-// Then times, on MoE prefill shapes, the fused kernel against the unfused pair (plain kernel +
-// the library's activation kernel, csrc/cuda/activation.cu, compiled in below).
+// Then times, on MoE prefill shapes, the fused kernel (static and dynamic tiles) against the
+// unfused pair (plain kernel + the library's activation kernel, csrc/cuda/activation.cu,
+// compiled in below).
 // Exit code: 0 = all passed, 1 = a mismatch, 2 = a CUDA error, 3 = a kernel that never finished.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -222,7 +224,7 @@ double neighbour_error(const Problem& p, const DeviceProblem& d, const ActEpilog
 
 // Compares the fused output (out, [rows, I] + slack) with the expected values.
 bool compare_act(const Problem& p, const std::vector<int>& rg, const DeviceProblem& d,
-                 const ActEpilogue& act, int block_n, bool picked) {
+                 const ActEpilogue& act, int block_n, bool picked, bool dynamic) {
   const int64_t I = p.ffn;
   std::vector<uint16_t> got(size_t(p.rows * I + kSlack));
   CHECK_CUDA(cudaMemcpy(got.data(), d.out, got.size() * 2, cudaMemcpyDeviceToHost));
@@ -276,9 +278,9 @@ bool compare_act(const Problem& p, const std::vector<int>& rg, const DeviceProbl
   const double exact_frac = checked ? double(exact) / double(checked) : 1.0;
   const bool ok = mismatches == 0 && clobbered == 0 && exact_frac >= 0.99;
   char label[160];
-  std::snprintf(label, sizeof label, "%s %s%s", act_name(act.activation),
+  std::snprintf(label, sizeof label, "%s %s%s%s", act_name(act.activation),
                 !p.gated ? "" : (act.layout == FMOE_LAYOUT_INTERLEAVED ? "interleaved" : "halves"),
-                picked ? " (picked)" : "");
+                picked ? " (picked)" : "", dynamic ? " dynamic" : "");
   std::printf("  %s %-44s %-28s BN=%d: checked %lld, bit-exact %.4f%%, max err/tol %.3g, "
               "untouched %lld",
               ok ? "PASS" : "FAIL", p.name.c_str(), label, block_n, (long long)checked,
@@ -335,6 +337,13 @@ bool check_plain(const Problem& p, const std::vector<int>& rg, DeviceProblem& d,
   return ok;
 }
 
+// The dynamic scheduler's counter (grouped_mm_sm90.h), zeroed before each launch that takes it.
+int32_t* g_tile_counter = nullptr;
+int32_t* zeroed_counter() {
+  CHECK_CUDA(cudaMemsetAsync(g_tile_counter, 0, sizeof(int32_t), 0));
+  return g_tile_counter;
+}
+
 std::vector<ActEpilogue> activations_for(const Problem& p) {
   std::vector<ActEpilogue> v;
   if (!p.gated) {
@@ -359,18 +368,20 @@ bool run_case(const Problem& p, int num_sms, uint32_t seed) {
       continue;
     }
     const int picked = fmoe::cuda::grouped_mm_sm90_pick_block_n(d.args, num_sms);
-    for (int bn : {128, 256}) {
-      CHECK_CUDA(cudaMemset(d.out, 0xFF, (p.rows * p.ffn + kSlack) * 2));
-      cudaError_t e = fmoe::cuda::grouped_mm_sm90_bf16_act_block_n(d.args, act, num_sms, bn, 0);
-      if (e != cudaSuccess) {
-        std::printf("  FAIL %s %s BN=%d: launch returned %s\n", p.name.c_str(),
-                    act_name(act.activation), bn, cudaGetErrorString(e));
-        ok = false;
-        continue;
+    for (int bn : {128, 256})
+      for (bool dynamic : {false, true}) {
+        CHECK_CUDA(cudaMemset(d.out, 0xFF, (p.rows * p.ffn + kSlack) * 2));
+        cudaError_t e = fmoe::cuda::grouped_mm_sm90_bf16_act_block_n(
+            d.args, act, num_sms, bn, 0, dynamic ? zeroed_counter() : nullptr);
+        if (e != cudaSuccess) {
+          std::printf("  FAIL %s %s BN=%d: launch returned %s\n", p.name.c_str(),
+                      act_name(act.activation), bn, cudaGetErrorString(e));
+          ok = false;
+          continue;
+        }
+        sync_or_die(0, (p.name + " fused kernel").c_str());
+        ok = compare_act(p, rg, d, act, bn, bn == picked, dynamic) && ok;
       }
-      sync_or_die(0, (p.name + " fused kernel").c_str());
-      ok = compare_act(p, rg, d, act, bn, bn == picked) && ok;
-    }
   }
   ok = check_plain(p, rg, d, num_sms) && ok;
   release(d);
@@ -470,7 +481,7 @@ bool bench(const std::string& name, int64_t groups, int64_t rows_per_group, int6
     CHECK_CUDA(cudaMemset(d.out, 0xFF, (p.rows * p.ffn + kSlack) * 2));
     CHECK_CUDA(fmoe::cuda::grouped_mm_sm90_bf16_act_block_n(d.args, act, num_sms, bn, 0));
     sync_or_die(0, (name + " fused kernel").c_str());
-    ok = compare_act(p, rg, d, act, bn, bn == picked) && ok;
+    ok = compare_act(p, rg, d, act, bn, bn == picked, false) && ok;
     const float fused = median_ms(name + " fused", 20, [&] {
       CHECK_CUDA(fmoe::cuda::grouped_mm_sm90_bf16_act_block_n(d.args, act, num_sms, bn, 0));
     });
@@ -492,6 +503,15 @@ bool bench(const std::string& name, int64_t groups, int64_t rows_per_group, int6
   const float fused = median_ms(name + " fused (picked)", 20, [&] {
     CHECK_CUDA(fmoe::cuda::grouped_mm_sm90_bf16_act(d.args, act, num_sms, 0));
   });
+  // The same with dynamic tiles, the counter's memset included (as in the layer).
+  const float fused_dynamic = median_ms(name + " fused (picked, dynamic)", 20, [&] {
+    CHECK_CUDA(fmoe::cuda::grouped_mm_sm90_bf16_act(d.args, act, num_sms, 0, zeroed_counter()));
+  });
+  std::snprintf(label, sizeof label, "%s fused FC1+%s", name.c_str(), act_name(act.activation));
+  std::printf("  TIME %-58s BN=%d (picked): static %.3f ms, %.1f TFLOP/s; dynamic %.3f ms, "
+              "%.1f TFLOP/s\n",
+              label, picked, fused, flops / (fused * 1e-3) / 1e12, fused_dynamic,
+              flops / (fused_dynamic * 1e-3) / 1e12);
   std::printf("  TIME %-58s BN=%d: GEMM %.3f ms (%.1f TFLOP/s) + activation op %.3f ms = %.3f "
               "ms back to back\n",
               (name + " unfused").c_str(), picked, gemm, flops / (gemm * 1e-3) / 1e12, act_ms,
@@ -511,6 +531,7 @@ int main() {
   cudaDeviceProp prop;
   CHECK_CUDA(cudaGetDeviceProperties(&prop, dev));
   const int num_sms = prop.multiProcessorCount;
+  CHECK_CUDA(cudaMalloc(&g_tile_counter, sizeof(int32_t)));
   std::printf("device %s, sm_%d%d, %d SMs, %zu KB smem/block opt-in\n", prop.name, prop.major,
               prop.minor, num_sms, prop.sharedMemPerBlockOptin / 1024);
   if (prop.major != 9) {

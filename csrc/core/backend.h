@@ -25,6 +25,8 @@ struct PlanShape {
   int64_t max_rows;  // fmoe_max_rows(max_tokens, topk, E_local, alignment)
 };
 
+constexpr int kTileCounters = 4;
+
 // Where each intermediate of fused_moe lives inside the workspace. Computed by the core from the
 // plan alone (see plan_workspace_layout), identical for every backend.
 struct WorkspaceLayout {
@@ -38,6 +40,7 @@ struct WorkspaceLayout {
   size_t fc1_out;          // bf16 [max_rows, N1]
   size_t act_out;          // bf16 [max_rows, I], or e4m3 [max_rows, I] (mxfp8)
   size_t act_scale;        // e8m0 [max_rows, I/32] (mxfp8 only)
+  size_t tile_counters;    // i32 [kTileCounters]: a backend's GEMM schedulers (zeroed per call)
   size_t total_bytes;
 };
 WorkspaceLayout plan_workspace_layout(const PlanShape& shape);

@@ -30,6 +30,7 @@ MoeCall::MoeCall(const PlanShape& shape_, const fmoe_moe_args& args_)
   fc1_out = ws + L.fc1_out;
   act_out = ws + L.act_out;
   act_scale = reinterpret_cast<uint8_t*>(ws + L.act_scale);
+  tile_counters = reinterpret_cast<int32_t*>(ws + L.tile_counters);
 }
 
 int64_t MoeCall::rows(int64_t alignment) const {

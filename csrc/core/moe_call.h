@@ -31,6 +31,7 @@ struct MoeCall {
   void* fc1_out;            // bf16 [rows, N1]
   void* act_out;            // bf16 or e4m3 [rows, I]
   uint8_t* act_scale;       // MXFP8 scales of `act_out`
+  int32_t* tile_counters;   // [kTileCounters], for a backend's GEMM schedulers; zeroed by it
 
   // This call's row capacity at `alignment`: only rows this T can fill are computed.
   int64_t rows(int64_t alignment) const;

@@ -42,6 +42,7 @@ bool layout_checked(const PlanShape& shape, WorkspaceLayout* out) {
   L.fc1_out = take(R * N1 * 2);
   L.act_out = take(R * I * (mx ? 1 : 2));
   L.act_scale = take(mx ? R * (I / 32) : 0);
+  L.tile_counters = take(4 * kTileCounters);
   if (off > u128(INT64_MAX)) return false;
   L.total_bytes = size_t(off);
   *out = L;

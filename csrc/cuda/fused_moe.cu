@@ -9,7 +9,8 @@
 //
 // Same workspace layout as the default (plan_workspace_layout; bf16 leaves the fc1_out region
 // unused), same static sizes, no host synchronisation or allocation: graph-capturable like the
-// default.
+// default. The prefill GEMMs draw their tiles from the workspace's tile counters (dynamic
+// scheduling, grouped_mm_sm90.h), zeroed by one memset node per call ahead of them.
 // MXFP8 weights (H % 64 == 0, I % 64 == 0) take the kernels that dequantize the weights into the
 // wgmma registers (grouped_mm_sm90_mx_regs*), whose activations are bf16 holding MXFP8 values in
 // the kernels' k order:
@@ -169,8 +170,10 @@ Status CudaBackend::fused_moe_mx_regs(BackendStream* s, const MoeCall& call, int
   pa.permuted_scale = nullptr;
   FMOE_TRY(permute_launch(s, pa, /*mx_round_trip=*/true));
   const int sms = props_.multiProcessorCount;
-  FMOE_CHECK_CUDA(cuda::grouped_mm_sm90_mx_regs_act(fc1, act, sms, stream_of(s)));
-  FMOE_CHECK_CUDA(cuda::grouped_mm_sm90_mx_regs(fc2, sms, stream_of(s)));
+  int32_t* counters = call.tile_counters;
+  FMOE_CHECK_CUDA(cudaMemsetAsync(counters, 0, 2 * sizeof(int32_t), stream_of(s)));
+  FMOE_CHECK_CUDA(cuda::grouped_mm_sm90_mx_regs_act(fc1, act, sms, stream_of(s), counters));
+  FMOE_CHECK_CUDA(cuda::grouped_mm_sm90_mx_regs(fc2, sms, stream_of(s), counters + 1));
   return unpermute(s, call.unpermute_args(rows));
 }
 
@@ -214,11 +217,17 @@ Status CudaBackend::fused_moe(BackendStream* s, const PlanShape& shape, const fm
     // Rows the GEMM skipped hold stale bf16 here; their quantized bytes are never stored by FC2.
     FMOE_TRY(quantize_mxfp8(s, static_cast<const uint16_t*>(act_bf16), rows, d.ffn,
                             static_cast<uint8_t*>(call.act_out), call.act_scale));
-  } else {
-    FMOE_CHECK_CUDA(cuda::grouped_mm_sm90_bf16_act(fc1, act, sms, stream_of(s)));
+    FMOE_TRY(grouped_mm_mxfp8(s, call.fc2_args(rows)));
+    return unpermute(s, call.unpermute_args(rows));
   }
+  int32_t* counters = call.tile_counters;
+  FMOE_CHECK_CUDA(cudaMemsetAsync(counters, 0, 2 * sizeof(int32_t), stream_of(s)));
+  FMOE_CHECK_CUDA(cuda::grouped_mm_sm90_bf16_act(fc1, act, sms, stream_of(s), counters));
   const fmoe_grouped_mm_args fc2 = call.fc2_args(rows);
-  FMOE_TRY(call.mx ? grouped_mm_mxfp8(s, fc2) : grouped_mm_bf16(s, fc2));
+  if (cuda::grouped_mm_sm90_supported(fc2))
+    FMOE_CHECK_CUDA(cuda::grouped_mm_sm90_bf16(fc2, sms, stream_of(s), counters + 1));
+  else
+    FMOE_TRY(grouped_mm_bf16(s, fc2));
   return unpermute(s, call.unpermute_args(rows));
 }
 

@@ -6,7 +6,8 @@
 //   group (in order), ceil(size_g / 128) m-tiles times ceil(n / BN) n-tiles. A group's m-tiles
 //   start exactly at offsets[g] + i*128 (TMA takes any row coordinate), so a tile may reach into
 //   the next group's rows: it computes them (harmless) and its stores are masked by the group end.
-//   CTA i takes tiles i, i + grid, i + 2*grid, ...
+//   Tiles go to CTAs statically (CTA i takes tiles i, i + grid, i + 2*grid, ...) or, for launches
+//   given a zeroed counter, in the order the CTAs ask for them ("Tile scheduler" below).
 // - The group offsets live on the device (graph capture: no host sync). Each CTA reads them once,
 //   validates them (a group is computed iff 0 <= off[g] <= off[g+1] <= rows, else it has no
 //   tiles: bad offsets never fault) and builds in shared memory the exclusive prefix of m-tile
@@ -41,7 +42,8 @@
 // Shared memory (per CTA, 227 KB usable on H100):
 //   wide   (BN = 256): 4 stages x (A 128x64x2 = 16 KB + B 256x64x2 = 32 KB) = 192 KB
 //   narrow (BN = 128): 6 stages x (A 16 KB + B 16 KB)                     = 192 KB
-//   + barriers 2 x stages x 8 B + group tables (3 x 1024 + 1) x 4 B = 12 KB + 1 KB alignment slack
+//   + barriers 2 x stages x 8 B + the tile queue (80 B) + group tables (3 x 1024 + 1) x 4 B = 12 KB
+//   + 1 KB alignment slack
 //   = ~205 KB. A fifth wide stage (240 KB) does not fit. The fused-activation kernels add the
 //   tile-bias buffers: 2 warpgroups x 2 x BN x 4 B (4 KB wide).
 //
@@ -56,8 +58,10 @@
 // Next steps if more is needed: 2-CTA clusters with TMA multicast of B (halves L2 -> SM traffic),
 // and consumers on alternating tiles so one's epilogue hides under the other's mainloop. In the
 // layer (ncu, qwen3 at 8192 tokens, H200) FC1 + activation reads ~2.05 GB from DRAM against the
-// 1.07 GB of its operands (L2 hit rate 56%; FC2 76%, at its ideal bytes), likely because the CTAs
-// that share a B tile drift apart over a launch (not measured), which clusters would prevent.
+// 1.07 GB of its operands (L2 hit rate 56%; FC2 76%, at its ideal bytes). Dynamic tiles (the
+// tile scheduler below) did not change that kernel's time on equal groups (bench/NOTES.md v9),
+// so the CTAs' drift is not what loses that reuse; where drift does cost (half tiles among full
+// ones) dynamic tiles remove the cost.
 //
 // Fused activation epilogue (FC1 of the fused layer: grouped_mm_sm90_bf16_act)
 // - The unfused pipeline writes h [rows, N1] bf16 and the activation op reads it back and writes
@@ -67,11 +71,13 @@
 //   f32 (cuda/activation.cuh), one rounding to bf16.
 // - A gated activation needs gate and up of the same column in the same thread. The wgmma m64nN
 //   fragment gives thread (warp, lane) columns 8*i + 2*(lane%4) + {0, 1}, i = 0..N/8-1, so:
-//     halves: the stage's BN-row B tile is filled by two TMA copies, gate rows [j0, j0 + BN/2)
-//       and up rows [I + j0, I + j0 + BN/2) of the group; accumulator column c (gate) and
-//       c + BN/2 (up) then sit in the same thread, registers 4i.. and 4(i + BN/16)... A gate box
-//       reaching past I reads up rows, an up box past 2I the next group's rows or zeros past the
-//       tensor: those columns (>= I) are never stored.
+//     halves: the stage's BN-row B tile is filled by four TMA copies of BN/4 rows: gate rows
+//       [j0, j0 + BN/4), their up rows I further, then the same for [j0 + BN/4, j0 + BN/2)
+//       (halves_b_row); accumulator column c of a gate run and c + BN/4 (its up) then sit in the
+//       same thread, registers BN/8 apart. A gate box reaching past I reads up rows, an up box
+//       past 2I the next group's rows or zeros past the tensor: those columns (>= I) are never
+//       stored. (Runs of BN/4 rather than BN/2: a half tile's warpgroup then multiplies one
+//       contiguous run pair, "Half tiles".)
 //     interleaved: B rows [2 j0, 2 j0 + BN) in one copy; gate and up are the thread's adjacent
 //       column pair, and one quad shuffle round regroups the results into the usual fragment.
 //   Either way a tile of 128 x BN accumulators yields 128 x BN/2 outputs, stored with the same
@@ -126,6 +132,55 @@ namespace fmoe::cuda {
 
 namespace {
 
+// ---- Tile scheduler -----------------------------------------------------------------------------
+// Thread 0 of the producer warpgroup draws the CTA's tiles and publishes them through a ring of
+// kTileSlots entries in shared memory; every warp that walks the tiles (the consumers, and the
+// producer threads that need the coordinates) takes them from there.
+// - Static (no counter): CTA i draws tiles i, i + grid, i + 2*grid, ...
+// - Dynamic (a counter, zeroed before the launch): each draw is an atomicAdd on it, so the tiles
+//   start in index order whatever each CTA's pace. Why: the raster puts the m-tiles that share a
+//   B tile next to each other, and they share it through L2 only while they run at the same time.
+//   Statically, a CTA whose tiles are shorter (half tiles) runs ahead of the CTAs it shares B
+//   tiles with, and over a launch of many waves they stop meeting: with every last tile halved,
+//   deepseek-v3 at 8192 tokens took 16.0 ms with static tiles and 12.1 ms with dynamic ones (H200,
+//   bench/NOTES.md v9). On equal tiles the two measure the same. The order of the draws decides
+//   which CTA computes a tile, never what it computes: results are the same in both modes.
+constexpr int kTileSlots = 4;
+struct TileQueue {
+  uint64_t full[kTileSlots];   // one arrival: the producer's, after writing the entry
+  uint64_t empty[kTileSlots];  // one arrival per reading warp
+  int tile[kTileSlots];
+
+  __device__ void init(int reading_warps) {
+    for (int i = 0; i < kTileSlots; ++i) {
+      ptx::mbar_init(&full[i], 1);
+      ptx::mbar_init(&empty[i], reading_warps);
+    }
+  }
+  // The i-th tile this CTA works on (>= total: none left), on the draw of thread 0 of the producer.
+  static __device__ __forceinline__ int draw(int* counter, int i) {
+    return counter != nullptr ? atomicAdd(counter, 1) : int(blockIdx.x + i * gridDim.x);
+  }
+  // Thread 0 of the producer: publishes tile t as the CTA's i-th (t >= total for the last).
+  __device__ __forceinline__ void put(int i, int t) {
+    const int slot = i % kTileSlots;
+    ptx::mbar_wait(&empty[slot], ((i / kTileSlots) & 1) ^ 1);
+    tile[slot] = t;
+    ptx::mbar_arrive(&full[slot]);  // release: the entry is visible to whoever waits on `full`
+  }
+  // Every lane of a reading warp, converged: the CTA's i-th tile.
+  __device__ __forceinline__ int take(int i) {
+    const int slot = i % kTileSlots;
+    ptx::mbar_wait(&full[slot], (i / kTileSlots) & 1);
+    const int t = tile[slot];
+    __syncwarp();
+    if ((threadIdx.x & 31) == 0) ptx::mbar_arrive(&empty[slot]);
+    return t;
+  }
+};
+// Shared memory of the queue, kept a multiple of 16 bytes (what follows it stays aligned).
+constexpr int kTileQueueBytes = (int(sizeof(TileQueue)) + 15) / 16 * 16;
+
 // ---- Tile configurations: the one table ------------------------------------------------------
 // kBlockM = 128: two consumer warpgroups x wgmma's fixed m = 64.
 // kBlockK = 64: 64 bf16 = 128 bytes, exactly one 128-byte swizzle span per row (the widest
@@ -177,12 +232,14 @@ struct Sm90TileConfig {
   static constexpr int kABytes = kBlockM * kBlockK * kElemBytes;
   static constexpr int kBBytes = kBlockN * kBlockK * kElemBytes;
   static constexpr int kTmaBytes = kABytes + kBBytes;  // what the stage's TMA copies deliver
+  static constexpr int kBRows = kBlockN;     // rows of the B tile
+  static constexpr int kHalvesPairs = 2;     // halves layout: (gate, up) run pairs per B tile
   // kOpMxFp8: f32 scales of the stage, A as [BM][4] then B as [4][BN] (k32 block j of row r),
   // and the raw scale words they are made from, [BM + BN][2] (mx_scale_words.cuh).
   static constexpr int kScaleFloats = kFp8 ? 4 * (kBlockM + kBlockN) : 0;
   static constexpr int kRawWords = kFp8 ? 2 * (kBlockM + kBlockN) : 0;
   static constexpr int kStageBytes = kABytes + kBBytes + kScaleFloats * 4 + kRawWords * 4;
-  static constexpr int kBarrierBytes = 2 * kStages * 8;
+  static constexpr int kBarrierBytes = 2 * kStages * 8 + kTileQueueBytes;  // + TileQueue
   static constexpr int kTableBytes = (3 * kMaxGroups + 1) * 4;
   static constexpr int kSmemBytes = 1024 + kStages * kStageBytes + kBarrierBytes + kTableBytes;
   static_assert(kSmemBytes <= 227 * 1024, "exceeds the 227 KB of shared memory per block");
@@ -198,9 +255,9 @@ struct Sm90TileConfig {
   // 1)); it cannot grow it.
   static_assert(kProducerRegs * 128 + kConsumerRegs * 256 <= 168 * kThreads, "register pool");
   static_assert(kProducerRegs % 8 == 0 && kConsumerRegs % 8 == 0, "setmaxnreg granularity");
-  // Halves-layout B tiles are two boxes of BN/2 rows; the second must start on a swizzle atom
-  // (1024 bytes = 8 rows of 128 bytes) so that both land as one BN-row box would.
-  static_assert((kBlockN / 2 * kBlockK * kElemBytes) % 1024 == 0, "half B tile off the swizzle atom");
+  // Halves-layout B tiles are four boxes of BN/4 rows; each must start on a swizzle atom (1024
+  // bytes = 8 rows of 128 bytes) so that all land as one BN-row box would.
+  static_assert((kBlockN / 4 * kBlockK * kElemBytes) % 1024 == 0, "B run off the swizzle atom");
   static_assert(!kFp8 || (kBlockN == 128 && kBlockM == 128), "fp8 producer: one A and one B row per thread");
 };
 using Sm90Wide = Sm90TileConfig<256, 4>;
@@ -213,7 +270,7 @@ using Sm90Fp8 = Sm90TileConfig<128, 5, 56, 224, kOpMxFp8>;
 enum Epilogue : int {
   kEpiStore = 0,       // c = bf16(acc + bias): the plain GEMM, n columns
   kEpiActElementwise,  // c = bf16(act(bf16(acc + bias))), non-gated (squared_relu): I = N1
-  kEpiActHalves,       // gated, gate = B rows [0, I), up = [I, 2I) of each group
+  kEpiActHalves,       // gated, gate = B rows [0, I), up = [I, 2I) of each group (halves_b_row)
   kEpiActInterleaved,  // gated, gate = B row 2j, up = 2j + 1
 };
 __host__ __device__ constexpr bool epilogue_gated(int epi) {
@@ -241,7 +298,8 @@ struct Sm90Params {
   int k;
   int k_scales;
   int b_rows;  // groups * n1: rows of b
-  int half_tiles;  // bf16 mainloop: run a group of <= 64 rows as a half tile ("Half tiles")
+  int half_tiles;  // bf16 mainloop: 64-row tiles ("Half tiles"): 0 none, 1 one-tile groups, 2 all
+  int* tile_counter;  // dynamic tile scheduling when set, zeroed before the launch (TileQueue)
 };
 
 struct TileCoord {
@@ -350,15 +408,16 @@ __device__ __forceinline__ void epilogue_store(const float (&acc)[BN / 2], const
 }
 
 // The bias of the tile's accumulator column c (0 <= c < BN) in the fused epilogues, 0 where there
-// is none or the column is never stored (then no load: it may lie past the bias array).
-template <int BN, int kEpi>
+// is none or the column is never stored (then no load: it may lie past the bias array). Halves:
+// the columns come in runs of kRun gate, then kRun up columns (halves_b_row).
+template <int BN, int kEpi, int kRun>
 __device__ __forceinline__ float act_tile_bias(const Sm90Params& p, const TileCoord& tc, int c) {
   if (p.bias == nullptr) return 0.f;
   const float* bias = p.bias + int64_t(tc.group) * p.n1;
   if constexpr (kEpi == kEpiActHalves) {
-    const bool up = c >= BN / 2;
-    const int col = tc.n0 + (up ? c - BN / 2 : c);
-    return col < p.n ? __ldg(bias + (up ? p.ffn + col : col)) : 0.f;
+    const int run = c / kRun;
+    const int col = tc.n0 + (run >> 1) * kRun + c % kRun;
+    return col < p.n ? __ldg(bias + ((run & 1) ? p.ffn + col : col)) : 0.f;
   } else if constexpr (kEpi == kEpiActInterleaved) {
     const int row = 2 * tc.n0 + c;
     return row < p.n1 ? __ldg(bias + row) : 0.f;
@@ -377,7 +436,7 @@ __device__ __forceinline__ void warpgroup_bar_sync(int id, int count) {
 // tile's kTileCols output columns (I % 8 == 0: an 8-column block is wholly inside I or past it).
 // s_bias[c] = bias of accumulator column c (act_tile_bias), staged in shared memory: per lane the
 // bias of a wide tile is 128 values, which next to 128 accumulators do not fit in registers.
-template <int BN, int kEpi, int kAct>
+template <int BN, int kEpi, int kAct, int kRun>
 __device__ __forceinline__ void epilogue_act(const float (&acc)[BN / 2], const Sm90Params& p,
                                              const TileCoord& tc, const EpilogueRow& er,
                                              const float* s_bias, int lane) {
@@ -403,11 +462,12 @@ __device__ __forceinline__ void epilogue_act(const float (&acc)[BN / 2], const S
         x[jj] = pack_bf16x2(y[0], y[1]);
         x[2 + jj] = pack_bf16x2(y[2], y[3]);
       } else if constexpr (kEpi == kEpiActHalves) {
-        // Gate column c of the tile is accumulator block blk, up column c + BN/2 is block
-        // blk + BN/16: registers kUp further.
-        constexpr int kUp = 4 * (BN / 16);
-        const float2 bg = bias2(blk), bu = bias2(blk + BN / 16);
-        const int a = 4 * blk;
+        // The accumulator columns are runs of kRun gate then kRun up columns (halves_b_row):
+        // output block blk is in run pair blk / kRunBlocks, its up block kRunBlocks further.
+        constexpr int kRunBlocks = kRun / 8, kUp = 4 * kRunBlocks;
+        const int gate_blk = blk / kRunBlocks * 2 * kRunBlocks + blk % kRunBlocks;
+        const float2 bg = bias2(gate_blk), bu = bias2(gate_blk + kRunBlocks);
+        const int a = 4 * gate_blk;
         float y[4];
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
@@ -460,41 +520,31 @@ __device__ __forceinline__ void set_warpgroup_regs() {
 }
 
 // ---- Half tiles ---------------------------------------------------------------------------------
-// A group of at most 64 rows is one half tile: both consumer warpgroups multiply the same 64 A rows
-// (the first of the stage's A tile), warpgroup h against its half of the B tile, so the tile costs
-// half the tensor time of a 128-row tile of mostly padding. The stage's copies are unchanged. Only
-// whole groups, never the last tile of a larger group: the CTAs that share a B tile (the m-tiles of
-// one group and n-tile) read it from L2 only while they run in step, which equal tile durations
-// keep; a shorter last tile lets its CTA run ahead, the step is lost for the rest of the launch and
-// B comes from DRAM again (the reasoning; the times were measured on an H200 with every last tile
-// of <= 64 rows halved: deepseek-v3 at 8192 tokens 12.7 -> 16.6 ms, qwen3 at 2048 502 -> 539 us;
-// with whole groups only: qwen3 at 512 tokens -7.5%, gpt-oss at 2048 -7%, the rest within 2%;
-// bench/NOTES.md v7).
+// A tile of at most 64 rows (the last of its group) is a half tile: both consumer warpgroups
+// multiply the same 64 A rows (the first of the stage's A tile), warpgroup h against its half of
+// the B tile, so the tile costs half the tensor time of a 128-row tile of mostly padding. The
+// stage's copies are unchanged. With static tiles only whole groups are halved, never the last
+// tile of a larger group: a shorter tile lets its CTA run ahead of the CTAs that share its B
+// tile, and over a launch of many waves they no longer read it from L2 together (measured on an
+// H200 with every last tile halved: deepseek-v3 at 8192 tokens 12.7 -> 16.6 ms; with whole
+// groups only: qwen3 at 512 tokens -7.5%, gpt-oss at 2048 -7%; bench/NOTES.md v7). Dynamic tiles
+// start in index order whatever their durations (TileQueue), so there every last tile is halved
+// (bench/NOTES.md v9).
 // Warpgroup h's half of the B tile, as accumulator columns 0..BN/2 of an m64n(BN/2) fragment:
-// B rows [h BN/2, (h + 1) BN/2) (output columns h kTileCols/2 on), except for the halves layout,
-// whose B tile is gate rows [0, BN/2) then up rows [BN/2, BN): there the warpgroup takes gate
-// rows [h BN/4, ..) and up rows [BN/2 + h BN/4, ..) as two m64n(BN/4) products, so that its
-// fragment is the gate-then-up layout of an m64n(BN/2) tile that epilogue_act expects.
-template <int BN, int BK, int kEpi>
+// B rows [h BN/2, (h + 1) BN/2) (output columns h kTileCols/2 on; for halves, run pair h of
+// halves_b_row: its gate then its up columns, the layout of an m64n(BN/2) tile). v7 took the
+// halves layout's gate and up rows as two m64n(BN/4) products into parts of the accumulators;
+// ptxas then serialised every wgmma of those kernels (C7511, "insufficient register resources").
+template <int BN, int BK>
 __device__ __forceinline__ void mma_half_tile(float (&acc)[BN / 2], uint32_t a_addr,
                                               uint32_t b_addr, int h, int kb) {
+  float(&part)[BN / 4] = *reinterpret_cast<float(*)[BN / 4]>(&acc[0]);
 #pragma unroll
   for (int kk = 0; kk < BK / 16; ++kk) {
-    const uint64_t a_desc = ptx::wgmma_desc_sw128(a_addr + kk * 32);
     const int accumulate = (kb | kk) != 0;
-    if constexpr (kEpi == kEpiActHalves) {
-      float(&gate)[BN / 8] = *reinterpret_cast<float(*)[BN / 8]>(&acc[0]);
-      float(&up)[BN / 8] = *reinterpret_cast<float(*)[BN / 8]>(&acc[BN / 8]);
-      // Rows of 128 bytes; BN / 4 rows is a whole number of 1024-byte swizzle atoms.
-      const uint32_t gate_rows = b_addr + h * (BN / 4) * 128 + kk * 32;
-      ptx::wgmma_m64k16_bf16<BN / 4>(gate, a_desc, ptx::wgmma_desc_sw128(gate_rows), accumulate);
-      ptx::wgmma_m64k16_bf16<BN / 4>(up, a_desc, ptx::wgmma_desc_sw128(gate_rows + (BN / 2) * 128),
-                                     accumulate);
-    } else {
-      float(&part)[BN / 4] = *reinterpret_cast<float(*)[BN / 4]>(&acc[0]);
-      ptx::wgmma_m64k16_bf16<BN / 2>(
-          part, a_desc, ptx::wgmma_desc_sw128(b_addr + h * (BN / 2) * 128 + kk * 32), accumulate);
-    }
+    ptx::wgmma_m64k16_bf16<BN / 2>(part, ptx::wgmma_desc_sw128(a_addr + kk * 32),
+                                   ptx::wgmma_desc_sw128(b_addr + h * (BN / 2) * 128 + kk * 32),
+                                   accumulate);
   }
 }
 
@@ -518,7 +568,7 @@ __device__ __forceinline__ void consume_bf16(float (&acc)[Cfg::kBlockN / 2], con
     for (int i = 0; i < BN / 2; ++i) ptx::wgmma_fence_operand(acc[i]);
     ptx::wgmma_fence();
     if constexpr (kHalf) {
-      mma_half_tile<BN, BK, kEpi>(acc, a_addr, b_addr, half, kb);
+      mma_half_tile<BN, BK>(acc, a_addr, b_addr, half, kb);
     } else {
 #pragma unroll
       for (int kk = 0; kk < BK / 16; ++kk) {
@@ -549,23 +599,41 @@ struct TileTables {
   const int* end;
   int groups;
   int total_tiles;
+  TileQueue* queue;
 };
 
-// First row of b (viewed as [groups * n1, k]) of tile tc: the B tile is rows [b_row, b_row + BN),
-// or for halves the two runs of BN/2 rows at b_row (gate) and b_row + I (up).
+// First row of b (viewed as [groups * n1, k]) of tile tc: the B tile is rows [b_row, b_row +
+// kBRows), or for halves the runs of halves_b_row.
 template <int kEpi>
 __device__ __forceinline__ int tile_b_row(const Sm90Params& p, const TileCoord& tc) {
   return tc.group * p.n1 + (kEpi == kEpiActInterleaved ? 2 * tc.n0 : tc.n0);
 }
 
+// Halves layout: the B tile holds kHalvesPairs pairs of runs of kRun = kBRows / (2 kHalvesPairs)
+// rows, the gate rows of kRun output columns, then their up rows (I further on in b): tile row R
+// is row halves_b_row(R) of b. Two pairs in the prefill kernel, so that a half tile's warpgroup
+// finds its gate and up columns next to each other (one m64n(BN/2) product: "Half tiles").
+template <class Cfg>
+__device__ __forceinline__ int halves_b_row(const Sm90Params& p, int b_row, int tile_row) {
+  constexpr int kRun = Cfg::kBRows / (2 * Cfg::kHalvesPairs);
+  const int run = tile_row / kRun;
+  return b_row + (run & 1) * p.ffn + (run >> 1) * kRun + tile_row % kRun;
+}
+
 // The TMA copies of a stage's B tile at k coordinate `k_coord` (in the map's element units): one
-// box, or for halves the gate box and the up box I rows further.
+// box, or for halves one box per run.
 template <class Cfg, int kEpi>
 __device__ __forceinline__ void tma_load_b(const Sm90Params& p, const CUtensorMap* tm_b,
                                            uint8_t* b_dst, uint64_t* bar, int k_coord, int b_row) {
-  ptx::tma_load_2d(b_dst, tm_b, bar, k_coord, b_row);
-  if constexpr (kEpi == kEpiActHalves)
-    ptx::tma_load_2d(b_dst + Cfg::kBBytes / 2, tm_b, bar, k_coord, b_row + p.ffn);
+  if constexpr (kEpi == kEpiActHalves) {
+    constexpr int kRuns = 2 * Cfg::kHalvesPairs, kRun = Cfg::kBRows / kRuns;
+#pragma unroll
+    for (int j = 0; j < kRuns; ++j)
+      ptx::tma_load_2d(b_dst + j * (Cfg::kBBytes / kRuns), tm_b, bar, k_coord,
+                       halves_b_row<Cfg>(p, b_row, j * kRun));
+  } else {
+    ptx::tma_load_2d(b_dst, tm_b, bar, k_coord, b_row);
+  }
 }
 
 // bf16: one thread issues the TMA copies of each k-block.
@@ -578,7 +646,10 @@ __device__ __forceinline__ void produce_tma(const Sm90Params& p, const TileTable
   constexpr int kTileCols = epilogue_gated(kEpi) ? Cfg::kBlockN / 2 : Cfg::kBlockN;
   int stage = 0;
   uint32_t phase = 0;
-  for (int t = blockIdx.x; t < tt.total_tiles; t += gridDim.x) {
+  for (int i = 0;; ++i) {
+    const int t = TileQueue::draw(p.tile_counter, i);
+    tt.queue->put(i, min(t, tt.total_tiles));
+    if (t >= tt.total_tiles) break;
     const TileCoord tc =
         decode_tile<Cfg, kTileCols>(t, tt.prefix, tt.start, tt.end, tt.groups, p.n_tiles);
     const int b_row = tile_b_row<kEpi>(p, tc);
@@ -697,10 +768,14 @@ struct MxProducer {
     const int scol = kb * (Cfg::kBlockK / 32) + (c >> 1);
     load_rows<kA>(p.a8, p.a_scale, a_row0, p.rows, col, scol, blk.v, blk.s);
     if constexpr (kEpi == kEpiActHalves) {
-      // Chunks i >= kB / 2 are the up rows (tile rows BN/2 + ...), I rows further on in b.
-      load_rows<kB / 2>(p.b8, p.b_scale, b_row0, p.b_rows, col, scol, blk.v + kA, blk.s + kA);
-      load_rows<kB / 2>(p.b8, p.b_scale, b_row_up, p.b_rows, col, scol, blk.v + kA + kB / 2,
-                        blk.s + kA + kB / 2);
+      // Chunk i is tile row r + 32 i, in run j = i / (kB / 4): gate or up rows (j odd) of the
+      // run pair's columns (halves_b_row).
+      constexpr int kRun = Cfg::kBlockN / 4;
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+        load_rows<kB / 4>(p.b8, p.b_scale, (j & 1 ? b_row_up : b_row0) + (j >> 1) * kRun,
+                          p.b_rows, col, scol, blk.v + kA + j * (kB / 4),
+                          blk.s + kA + j * (kB / 4));
     } else {
       load_rows<kB>(p.b8, p.b_scale, b_row0, p.b_rows, col, scol, blk.v + kA, blk.s + kA);
     }
@@ -754,7 +829,11 @@ __device__ __forceinline__ void produce_mx(const Sm90Params& p, const TileTables
   int stage = 0;
   uint32_t phase = 0;
   typename Producer::Block x, y;
-  for (int t = blockIdx.x; t < tt.total_tiles; t += gridDim.x) {
+  // Static tiles only (its launches get no counter); thread 0 publishes them to the consumers.
+  for (int i = 0;; ++i) {
+    const int t = TileQueue::draw(nullptr, i);
+    if (tid == 0) tt.queue->put(i, min(t, tt.total_tiles));
+    if (t >= tt.total_tiles) break;
     pr.tile(decode_tile<Cfg, kTileCols>(t, tt.prefix, tt.start, tt.end, tt.groups, p.n_tiles));
     // Two k-blocks in flight: x holds the even ones, y the odd ones.
     pr.load(x, 0);
@@ -809,7 +888,7 @@ __device__ __forceinline__ void produce_fp8(const Sm90Params& p, const TileTable
         decode_tile<Cfg, kTileCols>(t, tt.prefix, tt.start, tt.end, tt.groups, p.n_tiles);
     const int b0 = tile_b_row<kEpi>(p, tc);
     const int a = tc.m0 + tid;
-    const int b = kEpi == kEpiActHalves && tid >= BN / 2 ? b0 + p.ffn + tid - BN / 2 : b0 + tid;
+    const int b = kEpi == kEpiActHalves ? halves_b_row<Cfg>(p, b0, tid) : b0 + tid;
     *a_row = a < p.rows ? a : -1;
     *b_row = b < p.b_rows ? b : -1;
   };
@@ -838,7 +917,12 @@ __device__ __forceinline__ void produce_fp8(const Sm90Params& p, const TileTable
 
   int stage = 0;
   uint32_t phase = 0;
-  for (int t = blockIdx.x; t < tt.total_tiles; t += gridDim.x) {
+  // Static tiles only (the scale words above run ahead along that sequence); thread 0 publishes
+  // them to the consumers.
+  for (int i = 0;; ++i) {
+    const int t = TileQueue::draw(nullptr, i);
+    if (tid == 0) tt.queue->put(i, min(t, tt.total_tiles));
+    if (t >= tt.total_tiles) break;
     const TileCoord tc =
         decode_tile<Cfg, kTileCols>(t, tt.prefix, tt.start, tt.end, tt.groups, p.n_tiles);
     const int b_row = tile_b_row<kEpi>(p, tc);
@@ -976,6 +1060,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
                            const __grid_constant__ CUtensorMap tm_b, const Sm90Params p) {
   constexpr int BM = Cfg::kBlockM, BN = Cfg::kBlockN, S = Cfg::kStages;
   constexpr int kTileCols = epilogue_gated(kEpi) ? BN / 2 : BN;
+  constexpr int kHalvesRun = BN / (2 * Cfg::kHalvesPairs);  // halves: gate / up column runs
   extern __shared__ uint8_t smem_raw[];
   // TMA with 128-byte swizzle and the wgmma descriptors (base offset 0) need 1024-byte aligned
   // stage buffers; dynamic shared memory only promises 16.
@@ -986,7 +1071,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   uint32_t* smem_raw_scale = reinterpret_cast<uint32_t*>(smem_scale + S * Cfg::kScaleFloats);
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + S * Cfg::kStageBytes);
   uint64_t* empty = full + S;
-  int* s_prefix = reinterpret_cast<int*>(empty + S);  // [groups + 1]
+  TileQueue* queue = reinterpret_cast<TileQueue*>(empty + S);
+  int* s_prefix = reinterpret_cast<int*>(reinterpret_cast<uint8_t*>(queue) + kTileQueueBytes);
   int* s_start = s_prefix + Cfg::kMaxGroups + 1;      // [groups]
   int* s_end = s_start + Cfg::kMaxGroups;             // [groups]
 
@@ -998,6 +1084,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       ptx::mbar_init(&full[s], Cfg::kMx || Cfg::kFp8 ? 128 : 1);
       ptx::mbar_init(&empty[s], 8);  // one arrival per consumer warp
     }
+    queue->init(8);  // read by the consumer warps
     ptx::mbar_fence_init();
   }
   if (!Cfg::kMx && tid == 32) {  // bf16 and fp8 operands come by TMA
@@ -1010,7 +1097,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   if (tid < 128) {
     // ---- producer warpgroup ----
     set_warpgroup_regs<Cfg::kProducerRegs>();
-    const TileTables tables{s_prefix, s_start, s_end, groups, total_tiles};
+    const TileTables tables{s_prefix, s_start, s_end, groups, total_tiles, queue};
     if constexpr (Cfg::kMx) {
       produce_mx<Cfg, kEpi>(p, tables, smem_a, smem_b, full, empty, tid);
     } else if constexpr (Cfg::kFp8) {
@@ -1032,15 +1119,17 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     float* s_bias = reinterpret_cast<float*>(smem + Cfg::kBiasOffset) + half * 2 * BN;
     const int wg_tid = tid & 127;
     int tile_parity = 0;
-    for (int t = blockIdx.x; t < total_tiles; t += gridDim.x) {
+    for (int i = 0;; ++i) {
+      const int t = queue->take(i);
+      if (t >= total_tiles) break;
       const TileCoord tc =
           decode_tile<Cfg, kTileCols>(t, s_prefix, s_start, s_end, groups, p.n_tiles);
-      // A half tile (a group of at most 64 rows, the whole group in one tile): both warpgroups
-      // take the same 64 A rows, each against half of the B tile. bf16 operands only (the
-      // dequantizing MXFP8 kernel, kept for comparisons, would spill at its 168 registers).
+      // A half tile (at most 64 rows left in the group; p.half_tiles, "Half tiles"): both
+      // warpgroups take the same 64 A rows, each against half of the B tile. bf16 operands only
+      // (the dequantizing MXFP8 kernel, kept for comparisons, would spill at its 168 registers).
       constexpr bool kHalfTiles = Cfg::kOperands == kOpBf16;
       const bool half_tile = kHalfTiles && p.half_tiles && tc.row_end - tc.m0 <= BM / 2 &&
-                             tc.m0 == s_start[tc.group];
+                             (p.half_tiles == 2 || tc.m0 == s_start[tc.group]);
       // What this warpgroup computes of a half tile: BN / 2 accumulator columns, its output
       // columns starting half * kTileCols / 2 into the tile's.
       TileCoord sub = tc;
@@ -1052,8 +1141,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 #pragma unroll
         for (int u = 0; u < BN / 128; ++u) {
           const int c = wg_tid + 128 * u;
-          bias_pre[u] = !half_tile ? act_tile_bias<BN, kEpi>(p, tc, c)
-                        : c < BN / 2 ? act_tile_bias<BN / 2, kEpi>(p, sub, c)
+          bias_pre[u] = !half_tile ? act_tile_bias<BN, kEpi, kHalvesRun>(p, tc, c)
+                        : c < BN / 2 ? act_tile_bias<BN / 2, kEpi, kHalvesRun>(p, sub, c)
                                      : 0.f;
         }
       }
@@ -1087,8 +1176,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 #pragma unroll
         for (int u = 0; u < BN / 128; ++u) tile_bias[wg_tid + 128 * u] = bias_pre[u];
         warpgroup_bar_sync(1 + half, 128);
-        if (!half_tile) epilogue_act<BN, kEpi, kAct>(acc, p, tc, er, tile_bias, lane);
-        else epilogue_act<BN / 2, kEpi, kAct>(acc_half, p, sub, er, tile_bias, lane);
+        if (!half_tile) epilogue_act<BN, kEpi, kAct, kHalvesRun>(acc, p, tc, er, tile_bias, lane);
+        else epilogue_act<BN / 2, kEpi, kAct, kHalvesRun>(acc_half, p, sub, er, tile_bias, lane);
       }
     }
   }
@@ -1153,10 +1242,12 @@ struct Sm90MxRegsConfig {
   static constexpr int kABytes = kBlockM * kBlockK * 2;  // tokens (bf16)
   static constexpr int kBBytes = kWeightRows * kBlockK;  // weights (e4m3): 64-byte rows
   static constexpr int kTmaBytes = kABytes + kBBytes;
+  static constexpr int kBRows = kWeightRows;  // rows of the B tile
+  static constexpr int kHalvesPairs = 1;      // halves layout: gate rows, then up rows
   static constexpr int kScaleWords = kWeightRows;  // per row, the aligned word of its 2 scale bytes
   static constexpr int kStageBytes = kABytes + kBBytes + kScaleWords * 4;
   static constexpr int kStagingBytes = 2 * 128 * 64 * 2;  // per warpgroup [128 tokens][64] bf16
-  static constexpr int kBarrierBytes = 2 * kStages * 8;
+  static constexpr int kBarrierBytes = 2 * kStages * 8 + kTileQueueBytes;  // + TileQueue
   static constexpr int kTableBytes = (3 * kMaxGroups + 1) * 4;
   static constexpr int kMultiplierBytes = 256 * 4;  // first multiplier of each scale byte
   static constexpr int kSmemBytes = 1024 + kStages * kStageBytes + kStagingBytes + kBarrierBytes +
@@ -1198,8 +1289,7 @@ __device__ __forceinline__ int mx_regs_feature(int h, int mb, int r) {
 // b row is b_row; -1 past the tensor (its bytes are TMA zeros).
 template <class Cfg, int kEpi>
 __device__ __forceinline__ int64_t mx_regs_b_row(const Sm90Params& p, int b_row, int row) {
-  constexpr int kHalf = Cfg::kWeightRows / 2;
-  const int r = kEpi == kEpiActHalves && row >= kHalf ? b_row + p.ffn + row - kHalf : b_row + row;
+  const int r = kEpi == kEpiActHalves ? halves_b_row<Cfg>(p, b_row, row) : b_row + row;
   return r < p.b_rows ? r : -1;
 }
 
@@ -1214,7 +1304,11 @@ __device__ __forceinline__ void produce_mx_regs(const Sm90Params& p, const TileT
   const int64_t scale_end = int64_t(p.b_rows) * p.k_scales;
   int stage = 0;
   uint32_t phase = 0;
-  for (int t = blockIdx.x; t < tt.total_tiles; t += gridDim.x) {
+  for (int i = 0;; ++i) {
+    // Thread 0 draws; every producer thread needs the tile for its scale rows.
+    if (tid == 0) tt.queue->put(i, min(TileQueue::draw(p.tile_counter, i), tt.total_tiles));
+    const int t = tt.queue->take(i);
+    if (t >= tt.total_tiles) break;
     const TileCoord tc = decode_tile<Cfg, mx_regs_tile_cols<Cfg, kEpi>()>(
         t, tt.prefix, tt.start, tt.end, tt.groups, p.n_tiles);
     const int b_row = tile_b_row<kEpi>(p, tc);
@@ -1452,7 +1546,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   uint8_t* staging = smem + S * Cfg::kStageBytes;
   uint64_t* full = reinterpret_cast<uint64_t*>(staging + Cfg::kStagingBytes);
   uint64_t* empty = full + S;
-  int* s_prefix = reinterpret_cast<int*>(empty + S);
+  TileQueue* queue = reinterpret_cast<TileQueue*>(empty + S);
+  int* s_prefix = reinterpret_cast<int*>(reinterpret_cast<uint8_t*>(queue) + kTileQueueBytes);
   int* s_start = s_prefix + Cfg::kMaxGroups + 1;
   int* s_end = s_start + Cfg::kMaxGroups;
   uint32_t* s_multiplier = reinterpret_cast<uint32_t*>(s_end + Cfg::kMaxGroups);  // [256]
@@ -1467,6 +1562,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       ptx::mbar_init(&full[s], 1 + 128);  // expect_tx + one cp.async arrival per producer thread
       ptx::mbar_init(&empty[s], 8);       // one arrival per consumer warp
     }
+    queue->init(12);  // read by every warp: the producers need the tile's scale rows
     ptx::mbar_fence_init();
   }
   if (tid == 32) {
@@ -1478,7 +1574,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 
   if (tid < 128) {
     set_warpgroup_regs<Cfg::kProducerRegs>();
-    const TileTables tables{s_prefix, s_start, s_end, groups, total_tiles};
+    const TileTables tables{s_prefix, s_start, s_end, groups, total_tiles, queue};
     produce_mx_regs<Cfg, kEpi>(p, tables, &tm_a, &tm_b, smem_a, smem_b, smem_scale, full, empty,
                                tid);
   } else {
@@ -1492,7 +1588,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     int stage = 0;
     uint32_t phase = 0;
     MxRegsAcc<Cfg> acc;
-    for (int t = blockIdx.x; t < total_tiles; t += gridDim.x) {
+    for (int i = 0;; ++i) {
+      const int t = queue->take(i);
+      if (t >= total_tiles) break;
       const TileCoord tc =
           decode_tile<Cfg, kTileCols>(t, s_prefix, s_start, s_end, groups, p.n_tiles);
       float bias[MB][2];  // [m block][row g, g + 8], loaded now: the latency hides under the loop
@@ -1578,7 +1676,7 @@ int64_t max_m_tiles(const fmoe_grouped_mm_args& a) { return a.rows / 128 + a.gro
 // The kernel parameters of a launch whose c has `n_out` columns (n plain, I fused) in tiles of
 // tile_cols, over k blocks of block_k. `act` is used by the fused epilogues only.
 Sm90Params sm90_params(const fmoe_grouped_mm_args& a, const ActEpilogue& act, int64_t n_out,
-                       int block_k, int tile_cols) {
+                       int block_k, int tile_cols, int32_t* tile_counter) {
   Sm90Params p;
   p.c = static_cast<__nv_bfloat16*>(a.c);
   p.bias = a.bias;
@@ -1600,18 +1698,30 @@ Sm90Params sm90_params(const fmoe_grouped_mm_args& a, const ActEpilogue& act, in
   p.k = int(a.k);
   p.k_scales = int(a.k / 32);
   p.b_rows = int(a.groups * a.n);
-  // FMOE_SM90_HALF_TILES=0 computes groups of <= 64 rows as full tiles, for comparisons.
-  static const bool half_tiles = [] {
-    const char* e = std::getenv("FMOE_SM90_HALF_TILES");
-    return e == nullptr || std::strcmp(e, "0") != 0;
+  // FMOE_SM90_SCHEDULE=static ignores the counter (static tiles), for comparisons.
+  static const bool force_static = [] {
+    const char* e = std::getenv("FMOE_SM90_SCHEDULE");
+    return e != nullptr && std::strcmp(e, "static") == 0;
   }();
-  p.half_tiles = half_tiles ? 1 : 0;
+  p.tile_counter = force_static ? nullptr : tile_counter;
+  // Half tiles ("Half tiles"): every last tile of <= 64 rows with dynamic tiles, whole groups
+  // only with static ones. FMOE_SM90_HALF_TILES=0|whole|all forces none / whole groups / all,
+  // for comparisons.
+  static const int forced_half_tiles = [] {
+    const char* e = std::getenv("FMOE_SM90_HALF_TILES");
+    if (e == nullptr) return -1;
+    if (std::strcmp(e, "0") == 0) return 0;
+    if (std::strcmp(e, "whole") == 0) return 1;
+    return std::strcmp(e, "all") == 0 ? 2 : -1;
+  }();
+  p.half_tiles = forced_half_tiles >= 0 ? forced_half_tiles : p.tile_counter ? 2 : 1;
   return p;
 }
 
+// tile_counter: dynamic tiles (bf16 operands only; nullptr: static).
 template <class Cfg, int kEpi, int kAct = 0>
 cudaError_t launch(const fmoe_grouped_mm_args& a, const ActEpilogue& act, int num_sms,
-                   cudaStream_t stream) {
+                   cudaStream_t stream, int32_t* tile_counter = nullptr) {
   if (a.rows == 0) return cudaSuccess;  // no row can be written (and a 0-row map is invalid)
   constexpr int kTileCols = epilogue_gated(kEpi) ? Cfg::kBlockN / 2 : Cfg::kBlockN;
   const int64_t n_out = epilogue_gated(kEpi) ? a.n / 2 : a.n;
@@ -1625,13 +1735,16 @@ cudaError_t launch(const fmoe_grouped_mm_args& a, const ActEpilogue& act, int nu
     err = make_tensor_map_bf16_2d_sw128(&tm_a, a.a, inner, uint64_t(a.rows), row_bytes, 64,
                                         Cfg::kBlockM);
     if (err != cudaSuccess) return err;
-    const uint32_t b_box_rows = kEpi == kEpiActHalves ? Cfg::kBlockN / 2 : Cfg::kBlockN;
+    const uint32_t b_box_rows =
+        kEpi == kEpiActHalves ? Cfg::kBRows / (2 * Cfg::kHalvesPairs) : Cfg::kBRows;
     err = make_tensor_map_bf16_2d_sw128(&tm_b, a.b, inner, uint64_t(a.groups * a.n), row_bytes,
                                         64, b_box_rows);
     if (err != cudaSuccess) return err;
   }
 
-  const Sm90Params p = sm90_params(a, act, n_out, Cfg::kBlockK, kTileCols);
+  // The MXFP8 producers walk the static sequence (produce_mx, produce_fp8).
+  const Sm90Params p = sm90_params(a, act, n_out, Cfg::kBlockK, kTileCols,
+                                   Cfg::kOperands == kOpBf16 ? tile_counter : nullptr);
   auto kernel = grouped_mm_sm90_kernel<Cfg, kEpi, kAct>;
   constexpr int kSmem = kEpi == kEpiStore ? Cfg::kSmemBytes : Cfg::kSmemBytesAct;
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
@@ -1664,16 +1777,17 @@ cudaError_t dispatch_act(const ActEpilogue& act, Run&& run) {
 
 template <class Cfg>
 cudaError_t launch_act(const fmoe_grouped_mm_args& a, const ActEpilogue& act, int num_sms,
-                       cudaStream_t stream) {
+                       cudaStream_t stream, int32_t* tile_counter = nullptr) {
   return dispatch_act(act, [&](auto epi, auto activation) {
-    return launch<Cfg, decltype(epi)::value, decltype(activation)::value>(a, act, num_sms, stream);
+    return launch<Cfg, decltype(epi)::value, decltype(activation)::value>(a, act, num_sms, stream,
+                                                                           tile_counter);
   });
 }
 
 // The register-dequantizing MXFP8 kernel ("MXFP8 weights in registers"). a is bf16 here.
 template <class Cfg, int kEpi, int kAct = 0>
 cudaError_t launch_mx_regs_cfg(const fmoe_grouped_mm_args& a, const ActEpilogue& act,
-                               int num_sms, cudaStream_t stream) {
+                               int num_sms, cudaStream_t stream, int32_t* tile_counter) {
   if (a.rows == 0) return cudaSuccess;
   constexpr int kTileCols = mx_regs_tile_cols<Cfg, kEpi>();
   const int64_t n_out = epilogue_gated(kEpi) ? a.n / 2 : a.n;
@@ -1682,11 +1796,12 @@ cudaError_t launch_mx_regs_cfg(const fmoe_grouped_mm_args& a, const ActEpilogue&
                                                   uint64_t(a.k) * 2, 64, Cfg::kBlockM);
   if (err != cudaSuccess) return err;
   // e4m3 weights as bf16 pairs: 32 pairs = one 64-byte row of the tile.
-  const uint32_t b_box_rows = kEpi == kEpiActHalves ? Cfg::kWeightRows / 2 : Cfg::kWeightRows;
+  const uint32_t b_box_rows =
+      kEpi == kEpiActHalves ? Cfg::kBRows / (2 * Cfg::kHalvesPairs) : Cfg::kBRows;
   err = make_tensor_map_bf16_2d_plain(&tm_b, a.b, uint64_t(a.k) / 2, uint64_t(a.groups * a.n),
                                       uint64_t(a.k), 32, b_box_rows);
   if (err != cudaSuccess) return err;
-  const Sm90Params p = sm90_params(a, act, n_out, Cfg::kBlockK, kTileCols);
+  const Sm90Params p = sm90_params(a, act, n_out, Cfg::kBlockK, kTileCols, tile_counter);
   auto kernel = grouped_mm_sm90_mx_regs_kernel<Cfg, kEpi, kAct>;
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
   if (err != cudaSuccess) return err;
@@ -1698,7 +1813,7 @@ cudaError_t launch_mx_regs_cfg(const fmoe_grouped_mm_args& a, const ActEpilogue&
 
 template <int kEpi, int kAct = 0>
 cudaError_t launch_mx_regs(const fmoe_grouped_mm_args& a, const ActEpilogue& act, int num_sms,
-                           cudaStream_t stream) {
+                           cudaStream_t stream, int32_t* tile_counter) {
   // The 128 x 256 tile where groups average 1024 rows or more (a.rows / a.groups: the capacity,
   // an upper bound of the real average). Measured on an H200 (bench/NOTES.md v6): 11% faster on
   // mixtral at T = 8192 (16384 rows per expert), within -4..+4% at 256-640 rows per expert.
@@ -1708,8 +1823,10 @@ cudaError_t launch_mx_regs(const fmoe_grouped_mm_args& a, const ActEpilogue& act
     return e != nullptr ? std::atoi(e) : 0;
   }();
   const bool wide = forced ? forced == 256 : a.rows >= 1024 * a.groups;
-  return wide ? launch_mx_regs_cfg<Sm90MxRegsConfig<1>, kEpi, kAct>(a, act, num_sms, stream)
-              : launch_mx_regs_cfg<Sm90MxRegsConfig<2>, kEpi, kAct>(a, act, num_sms, stream);
+  return wide ? launch_mx_regs_cfg<Sm90MxRegsConfig<1>, kEpi, kAct>(a, act, num_sms, stream,
+                                                                    tile_counter)
+              : launch_mx_regs_cfg<Sm90MxRegsConfig<2>, kEpi, kAct>(a, act, num_sms, stream,
+                                                                    tile_counter);
 }
 
 }  // namespace
@@ -1723,7 +1840,8 @@ bool grouped_mm_sm90_supported(const fmoe_grouped_mm_args& a) {
   if (a.bias && !aligned(a.bias, 4)) return false;
   // TMA coordinates and the kernel's row / tile indices are int32.
   if (a.rows >= INT_MAX || a.k >= INT_MAX || a.groups * a.n >= INT_MAX) return false;
-  if (max_m_tiles(a) * ((a.n + 127) / 128) >= INT_MAX) return false;
+  // Tile indices, and the dynamic scheduler's tickets (up to one past the last tile per CTA).
+  if (max_m_tiles(a) * ((a.n + 127) / 128) >= INT_MAX - 4096) return false;
   return true;
 }
 
@@ -1740,16 +1858,17 @@ int grouped_mm_sm90_pick_block_n(const fmoe_grouped_mm_args& a, int num_sms) {
 }
 
 cudaError_t grouped_mm_sm90_bf16_block_n(const fmoe_grouped_mm_args& a, int num_sms, int block_n,
-                                         cudaStream_t stream) {
+                                         cudaStream_t stream, int32_t* tile_counter) {
   const ActEpilogue none{};
-  if (block_n == 256) return launch<Sm90Wide, kEpiStore>(a, none, num_sms, stream);
-  if (block_n == 128) return launch<Sm90Narrow, kEpiStore>(a, none, num_sms, stream);
+  if (block_n == 256) return launch<Sm90Wide, kEpiStore>(a, none, num_sms, stream, tile_counter);
+  if (block_n == 128) return launch<Sm90Narrow, kEpiStore>(a, none, num_sms, stream, tile_counter);
   return cudaErrorInvalidValue;
 }
 
-cudaError_t grouped_mm_sm90_bf16(const fmoe_grouped_mm_args& a, int num_sms, cudaStream_t stream) {
+cudaError_t grouped_mm_sm90_bf16(const fmoe_grouped_mm_args& a, int num_sms, cudaStream_t stream,
+                                 int32_t* tile_counter) {
   return grouped_mm_sm90_bf16_block_n(a, num_sms, grouped_mm_sm90_pick_block_n(a, num_sms),
-                                      stream);
+                                      stream, tile_counter);
 }
 
 bool grouped_mm_sm90_act_supported(const fmoe_grouped_mm_args& a, const ActEpilogue& act) {
@@ -1764,18 +1883,19 @@ bool grouped_mm_sm90_act_supported(const fmoe_grouped_mm_args& a, const ActEpilo
 }
 
 cudaError_t grouped_mm_sm90_bf16_act_block_n(const fmoe_grouped_mm_args& a, const ActEpilogue& act,
-                                             int num_sms, int block_n, cudaStream_t stream) {
-  if (block_n == 256) return launch_act<Sm90Wide>(a, act, num_sms, stream);
-  if (block_n == 128) return launch_act<Sm90Narrow>(a, act, num_sms, stream);
+                                             int num_sms, int block_n, cudaStream_t stream,
+                                             int32_t* tile_counter) {
+  if (block_n == 256) return launch_act<Sm90Wide>(a, act, num_sms, stream, tile_counter);
+  if (block_n == 128) return launch_act<Sm90Narrow>(a, act, num_sms, stream, tile_counter);
   return cudaErrorInvalidValue;
 }
 
 cudaError_t grouped_mm_sm90_bf16_act(const fmoe_grouped_mm_args& a, const ActEpilogue& act,
-                                     int num_sms, cudaStream_t stream) {
+                                     int num_sms, cudaStream_t stream, int32_t* tile_counter) {
   // A gated tile spans BN accumulator columns of N1 for BN/2 outputs, so the tile count and the
   // waste of a last partial tile are those of the plain FC1 GEMM: the same choice applies.
   return grouped_mm_sm90_bf16_act_block_n(a, act, num_sms, grouped_mm_sm90_pick_block_n(a, num_sms),
-                                          stream);
+                                          stream, tile_counter);
 }
 
 // ---- MXFP8 operands ------------------------------------------------------------------------------
@@ -1832,8 +1952,8 @@ bool grouped_mm_sm90_mx_regs_supported(const fmoe_grouped_mm_args& a) {
 }
 
 cudaError_t grouped_mm_sm90_mx_regs(const fmoe_grouped_mm_args& a, int num_sms,
-                                    cudaStream_t stream) {
-  return launch_mx_regs<kEpiStore>(a, ActEpilogue{}, num_sms, stream);
+                                    cudaStream_t stream, int32_t* tile_counter) {
+  return launch_mx_regs<kEpiStore>(a, ActEpilogue{}, num_sms, stream, tile_counter);
 }
 
 bool grouped_mm_sm90_mx_regs_act_supported(const fmoe_grouped_mm_args& a, const ActEpilogue& act) {
@@ -1843,10 +1963,10 @@ bool grouped_mm_sm90_mx_regs_act_supported(const fmoe_grouped_mm_args& a, const 
 }
 
 cudaError_t grouped_mm_sm90_mx_regs_act(const fmoe_grouped_mm_args& a, const ActEpilogue& act,
-                                        int num_sms, cudaStream_t stream) {
+                                        int num_sms, cudaStream_t stream, int32_t* tile_counter) {
   return dispatch_act(act, [&](auto epi, auto activation) {
     return launch_mx_regs<decltype(epi)::value, decltype(activation)::value>(a, act, num_sms,
-                                                                            stream);
+                                                                            stream, tile_counter);
   });
 }
 

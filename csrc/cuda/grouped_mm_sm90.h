@@ -19,12 +19,16 @@ bool grouped_mm_sm90_supported(const fmoe_grouped_mm_args& a);
 // computed iff 0 <= offsets[g] <= offsets[g+1] <= rows; any other group is skipped (fmoe.h: a bad
 // offset skips its group), rows of no computed group are never written. Returns cudaSuccess when
 // launched (or when there is nothing to do), else the error; call only when supported() holds.
-cudaError_t grouped_mm_sm90_bf16(const fmoe_grouped_mm_args& a, int num_sms, cudaStream_t stream);
+// tile_counter (optional, here and below): one int32 in device memory, zero when the launch
+// starts, that no other launch uses until this one has finished; with it the CTAs draw tiles in
+// order from it (better L2 reuse over long launches, same results). The launch leaves it nonzero.
+cudaError_t grouped_mm_sm90_bf16(const fmoe_grouped_mm_args& a, int num_sms, cudaStream_t stream,
+                                 int32_t* tile_counter = nullptr);
 
 // The same with the tile width forced (block_n = 128 or 256): for tests and benchmarks that
 // exercise both configurations. grouped_mm_sm90_bf16 picks it from the shape.
 cudaError_t grouped_mm_sm90_bf16_block_n(const fmoe_grouped_mm_args& a, int num_sms, int block_n,
-                                         cudaStream_t stream);
+                                         cudaStream_t stream, int32_t* tile_counter = nullptr);
 
 // The tile width grouped_mm_sm90_bf16 would pick (128 or 256).
 int grouped_mm_sm90_pick_block_n(const fmoe_grouped_mm_args& a, int num_sms);
@@ -52,14 +56,16 @@ bool grouped_mm_sm90_act_supported(const fmoe_grouped_mm_args& a, const ActEpilo
 
 // Enqueues the fused FC1 + activation; tile width picked as grouped_mm_sm90_bf16 would for FC1.
 // A gated tile of 128 x BN accumulators yields BN / 2 activation columns: for halves, the B tile
-// is gate rows [j0, j0 + BN/2) and up rows [I + j0, I + j0 + BN/2) (two copies per stage); for
-// interleaved, B rows [2 j0, 2 j0 + BN). Call only when supported() holds.
+// is gate rows [j0, j0 + BN/2) and up rows [I + j0, I + j0 + BN/2) (four copies per stage, in
+// runs of BN/4); for interleaved, B rows [2 j0, 2 j0 + BN). Call only when supported() holds.
 cudaError_t grouped_mm_sm90_bf16_act(const fmoe_grouped_mm_args& a, const ActEpilogue& act,
-                                     int num_sms, cudaStream_t stream);
+                                     int num_sms, cudaStream_t stream,
+                                     int32_t* tile_counter = nullptr);
 
 // The same with the tile width forced (128 or 256), for tests and benchmarks.
 cudaError_t grouped_mm_sm90_bf16_act_block_n(const fmoe_grouped_mm_args& a, const ActEpilogue& act,
-                                             int num_sms, int block_n, cudaStream_t stream);
+                                             int num_sms, int block_n, cudaStream_t stream,
+                                             int32_t* tile_counter = nullptr);
 
 // ---- MXFP8 operands (fmoe_grouped_mm_mxfp8) ---------------------------------------------------
 // The same scheduler and epilogues with a and b in e4m3 ([rows, k], [groups, n, k]) plus their
@@ -95,7 +101,7 @@ cudaError_t grouped_mm_sm90_mxfp8_act_block_n(const fmoe_grouped_mm_args& a,
 // grouped_mm_sm90_bf16. Supported: grouped_mm_sm90_supported(a), b_scale set, k % 64 == 0.
 bool grouped_mm_sm90_mx_regs_supported(const fmoe_grouped_mm_args& a);
 cudaError_t grouped_mm_sm90_mx_regs(const fmoe_grouped_mm_args& a, int num_sms,
-                                    cudaStream_t stream);
+                                    cudaStream_t stream, int32_t* tile_counter = nullptr);
 
 // FC1 with the activation fused, as grouped_mm_sm90_bf16_act, except that c receives the MXFP8
 // round trip of the bf16 activation (fmoe.h: its fused MXFP8 output, dequantized), in the k order
@@ -103,7 +109,8 @@ cudaError_t grouped_mm_sm90_mx_regs(const fmoe_grouped_mm_args& a, int num_sms,
 // grouped_mm_sm90_mx_regs_supported(a), grouped_mm_sm90_act_supported(a, act), I % 64 == 0.
 bool grouped_mm_sm90_mx_regs_act_supported(const fmoe_grouped_mm_args& a, const ActEpilogue& act);
 cudaError_t grouped_mm_sm90_mx_regs_act(const fmoe_grouped_mm_args& a, const ActEpilogue& act,
-                                        int num_sms, cudaStream_t stream);
+                                        int num_sms, cudaStream_t stream,
+                                        int32_t* tile_counter = nullptr);
 
 // False when FMOE_CUDA_GEMM=mma forces the portable mma.sync GEMM (defined in
 // grouped_mm_bf16.cu); fused paths built on this kernel fall back to the op-by-op pipeline then.

@@ -604,6 +604,9 @@ int64_t k_bytes(const SmallMmArgs& a) {
   return a.format == FMOE_WEIGHTS_MXFP8 ? a.k : 2 * a.k;
 }
 
+// Stages of kStageK bytes in a row of b.
+int64_t k_stages(const SmallMmArgs& a) { return (k_bytes(a) + kStageK - 1) / kStageK; }
+
 // MXFP8's widest token tile: 8 while the groups average at most kFp8NarrowRows rows, else
 // kMaxFp8TokenTile; FMOE_MX_DECODE_TILE=8|16 forces one (comparisons).
 int fp8_token_tile_cap(const SmallMmArgs& a) {
@@ -625,8 +628,7 @@ bool fp8_grid_per_item(const SmallMmArgs& a, int splits) {
     return std::strcmp(e, "items") == 0 ? 1 : std::strcmp(e, "persistent") == 0 ? -1 : 0;
   }();
   if (forced) return forced > 0;
-  const int64_t k_blocks = (k_bytes(a) + kStageK - 1) / kStageK;
-  return k_blocks / splits >= kFp8PerItemMinKBlocks;
+  return k_stages(a) / splits >= kFp8PerItemMinKBlocks;
 }
 
 int token_tile_for(int64_t max_rows) { return max_rows <= 8 ? 8 : (max_rows <= 16 ? 16 : 32); }
@@ -637,6 +639,17 @@ int64_t units_bound(const SmallMmArgs& a, int token_tile) {
   int64_t u = std::min(a.groups, a.rows);
   if (a.max_rows_per_group > token_tile) u += a.rows / token_tile;
   return u;
+}
+
+// The grid, in CTAs: one per item where MXFP8 items are long (fp8_grid_per_item), else
+// persistent (as many as stay resident, at most one per item); times the split-K cluster.
+int grid_for(const SmallMmArgs& a, int token_tile, bool fp8, int ctas_per_sm, int splits,
+             int num_sms) {
+  const int64_t items = units_bound(a, token_tile) * tiles_per_group(a);
+  const int64_t resident =
+      std::max<int64_t>(1, int64_t(std::max(ctas_per_sm, 1)) * num_sms / splits);
+  const bool per_item = fp8 && fp8_grid_per_item(a, splits);
+  return int(std::max<int64_t>(1, per_item ? items : std::min(items, resident)) * splits);
 }
 
 template <int NT, bool kFp8>
@@ -666,7 +679,7 @@ cudaError_t launch(const SmallMmArgs& a, SmallMmConfig cfg, int num_sms, cudaStr
   p.ks = kFp8 ? int(a.k / 32) : 0;
   p.groups = int(a.groups);
   p.ldc = int(a.ldc);
-  p.k_blocks = int((kb + kStageK - 1) / kStageK);
+  p.k_blocks = int(k_stages(a));
   p.n_tiles = int(tiles_per_group(a));
   p.out_cols = int(out_cols(a));
   p.activation = int(a.epilogue.activation);
@@ -683,10 +696,7 @@ cudaError_t launch(const SmallMmArgs& a, SmallMmConfig cfg, int num_sms, cudaStr
     int per_sm = 0;
     err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, L::kSmemBytes);
     if (err != cudaSuccess) return err;
-    const int64_t items = units_bound(a, NT) * p.n_tiles;
-    const int64_t resident = std::max<int64_t>(1, int64_t(std::max(per_sm, 1)) * num_sms /
-                                                      cfg.splits);
-    cfg.grid = int(std::max<int64_t>(1, std::min(items, resident)) * cfg.splits);
+    cfg.grid = grid_for(a, NT, kFp8, per_sm, cfg.splits, num_sms);
   }
   cudaLaunchConfig_t lc = {};
   lc.gridDim = dim3(unsigned(cfg.grid));
@@ -739,12 +749,7 @@ void describe(SmallMmConfig* cfg, const SmallMmArgs& a, int num_sms) {
   } else {
     (void)cudaGetLastError();
   }
-  const int64_t items = units_bound(a, NT) * tiles_per_group(a);
-  const int64_t resident =
-      std::max<int64_t>(1, int64_t(std::max(cfg->ctas_per_sm, 1)) * num_sms / cfg->splits);
-  const bool per_item = kFp8 && fp8_grid_per_item(a, cfg->splits);
-  cfg->grid =
-      int(std::max<int64_t>(1, per_item ? items : std::min(items, resident)) * cfg->splits);
+  cfg->grid = grid_for(a, NT, kFp8, cfg->ctas_per_sm, cfg->splits, num_sms);
 }
 
 }  // namespace
@@ -787,7 +792,7 @@ SmallMmConfig grouped_mm_small_config(const SmallMmArgs& a, int num_sms) {
   // flight per SM) and each part keeps >= 8 stages of k (the ring is 4-6 deep: fewer would
   // leave it half empty at the start and end of every part).
   const int64_t items = units_bound(a, cfg.token_tile) * tiles_per_group(a);
-  const int64_t k_blocks = (k_bytes(a) + kStageK - 1) / kStageK;
+  const int64_t k_blocks = k_stages(a);
   while (cfg.splits < kMaxSplits && items * cfg.splits < 2 * int64_t(num_sms) &&
          k_blocks >= 8 * 2 * cfg.splits)
     cfg.splits *= 2;
