@@ -97,6 +97,11 @@ class CudaBackend final : public Backend {
   Status permute_launch(BackendStream* s, const fmoe_permute_args& a, bool mx_round_trip);
   // unpermute, optionally launched as a programmatic dependent of the kernel ahead (decode).
   Status unpermute_launch(BackendStream* s, const fmoe_unpermute_args& a, bool overlap_previous);
+  // grouped_mm_bf16 (the Hopper kernel where it applies, else the mma.sync one); tile_counter, when
+  // set, is handed to the Hopper kernel for dynamic tiles (grouped_mm_sm90.h: one int32, zero when
+  // the launch starts, no other launch using it meanwhile) and unused by the mma.sync kernel.
+  Status grouped_mm_bf16_launch(BackendStream* s, const fmoe_grouped_mm_args& a,
+                                int32_t* tile_counter);
   Status expand_group_ids(BackendStream* s, const int32_t* tokens_per_expert,
                           int64_t num_local_experts, int64_t local_expert_start, int64_t rows,
                           int32_t* routing_rows) override;

@@ -55,6 +55,16 @@ namespace {
 constexpr int64_t kDecodeMaxTokens = 32;
 constexpr int64_t kDecodeRowsPerExpert = 16;
 
+// The prefill paths draw FC1's tiles from tile_counters[0] and FC2's from tile_counters[1]
+// (dynamic scheduling, grouped_mm_sm90.h), which needs each counter zero when its launch starts.
+// One memset node for both, enqueued ahead of FC1, keeps the call graph-capturable: a replay
+// zeroes them again, with no host write and no extra kernel.
+constexpr int kPrefillTileCounters = 2;
+static_assert(kPrefillTileCounters <= kTileCounters, "the workspace holds kTileCounters");
+cudaError_t zero_prefill_tile_counters(int32_t* counters, cudaStream_t stream) {
+  return cudaMemsetAsync(counters, 0, kPrefillTileCounters * sizeof(int32_t), stream);
+}
+
 // A step's grouped GEMM arguments as the decode kernel takes them.
 cuda::SmallMmArgs small_mm_args(const fmoe_grouped_mm_args& g, int64_t ldc, int64_t format,
                                 int64_t max_rows_per_group) {
@@ -171,7 +181,7 @@ Status CudaBackend::fused_moe_mx_regs(BackendStream* s, const MoeCall& call, int
   FMOE_TRY(permute_launch(s, pa, /*mx_round_trip=*/true));
   const int sms = props_.multiProcessorCount;
   int32_t* counters = call.tile_counters;
-  FMOE_CHECK_CUDA(cudaMemsetAsync(counters, 0, 2 * sizeof(int32_t), stream_of(s)));
+  FMOE_CHECK_CUDA(zero_prefill_tile_counters(counters, stream_of(s)));
   FMOE_CHECK_CUDA(cuda::grouped_mm_sm90_mx_regs_act(fc1, act, sms, stream_of(s), counters));
   FMOE_CHECK_CUDA(cuda::grouped_mm_sm90_mx_regs(fc2, sms, stream_of(s), counters + 1));
   return unpermute(s, call.unpermute_args(rows));
@@ -221,13 +231,9 @@ Status CudaBackend::fused_moe(BackendStream* s, const PlanShape& shape, const fm
     return unpermute(s, call.unpermute_args(rows));
   }
   int32_t* counters = call.tile_counters;
-  FMOE_CHECK_CUDA(cudaMemsetAsync(counters, 0, 2 * sizeof(int32_t), stream_of(s)));
+  FMOE_CHECK_CUDA(zero_prefill_tile_counters(counters, stream_of(s)));
   FMOE_CHECK_CUDA(cuda::grouped_mm_sm90_bf16_act(fc1, act, sms, stream_of(s), counters));
-  const fmoe_grouped_mm_args fc2 = call.fc2_args(rows);
-  if (cuda::grouped_mm_sm90_supported(fc2))
-    FMOE_CHECK_CUDA(cuda::grouped_mm_sm90_bf16(fc2, sms, stream_of(s), counters + 1));
-  else
-    FMOE_TRY(grouped_mm_bf16(s, fc2));
+  FMOE_TRY(grouped_mm_bf16_launch(s, call.fc2_args(rows), counters + 1));
   return unpermute(s, call.unpermute_args(rows));
 }
 

@@ -154,6 +154,11 @@ Status grouped_mm_bf16_prepare_device() {
 using namespace cuda;
 
 Status CudaBackend::grouped_mm_bf16(BackendStream* s, const fmoe_grouped_mm_args& a) {
+  return grouped_mm_bf16_launch(s, a, /*tile_counter=*/nullptr);
+}
+
+Status CudaBackend::grouped_mm_bf16_launch(BackendStream* s, const fmoe_grouped_mm_args& a,
+                                           int32_t* tile_counter) {
   FMOE_TRY(activate());
   if (a.rows == 0) return FMOE_OK;  // no group can hold a row
   GroupedMmParams p{};
@@ -166,7 +171,8 @@ Status CudaBackend::grouped_mm_bf16(BackendStream* s, const fmoe_grouped_mm_args
   p.n = a.n;
   p.k = a.k;
   if (sm90_gemm_enabled() && grouped_mm_sm90_supported(a)) {
-    FMOE_CHECK_CUDA(grouped_mm_sm90_bf16(a, props_.multiProcessorCount, stream_of(s)));
+    FMOE_CHECK_CUDA(
+        grouped_mm_sm90_bf16(a, props_.multiProcessorCount, stream_of(s), tile_counter));
     return FMOE_OK;
   }
   const bool fast = a.k % 8 == 0 && aligned_to(a.a, 16) && aligned_to(a.b, 16);

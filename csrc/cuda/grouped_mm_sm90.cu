@@ -55,8 +55,9 @@
 //   qwen3 fc1, 128 groups x 512 rows, n1536 k2048   624 / 552             683 / 659
 //   qwen3 fc2, 128 groups x 512 rows, n2048 k768    419 / 374             578 / 542
 //   dense 16384 x 4096 x 7168, 1 group              718 / 547             790 / 655
-// Next steps if more is needed: 2-CTA clusters with TMA multicast of B (halves L2 -> SM traffic),
-// and consumers on alternating tiles so one's epilogue hides under the other's mainloop. In the
+// 2-CTA clusters sharing B by TMA multicast, both rings in lockstep, measured 4-21% slower than
+// single CTAs on an H200 (bench/NOTES.md v10) and were dropped. Still open: consumers on
+// alternating tiles so that one's epilogue hides under the other's mainloop. In the
 // layer (ncu, qwen3 at 8192 tokens, H200) FC1 + activation reads ~2.05 GB from DRAM against the
 // 1.07 GB of its operands (L2 hit rate 56%; FC2 76%, at its ideal bytes). Dynamic tiles (the
 // tile scheduler below) did not change that kernel's time on equal groups (bench/NOTES.md v9),
@@ -298,8 +299,15 @@ struct Sm90Params {
   int k;
   int k_scales;
   int b_rows;  // groups * n1: rows of b
-  int half_tiles;  // bf16 mainloop: 64-row tiles ("Half tiles"): 0 none, 1 one-tile groups, 2 all
+  int half_tiles;     // HalfTiles: which tiles of <= 64 rows the bf16 mainloop halves
   int* tile_counter;  // dynamic tile scheduling when set, zeroed before the launch (TileQueue)
+};
+
+// Which tiles of at most 64 rows are computed as half tiles ("Half tiles").
+enum HalfTiles : int {
+  kHalfTilesNone = 0,
+  kHalfTilesWholeGroups = 1,  // only groups of one such tile
+  kHalfTilesAll = 2,          // every last tile of a group
 };
 
 struct TileCoord {
@@ -768,14 +776,16 @@ struct MxProducer {
     const int scol = kb * (Cfg::kBlockK / 32) + (c >> 1);
     load_rows<kA>(p.a8, p.a_scale, a_row0, p.rows, col, scol, blk.v, blk.s);
     if constexpr (kEpi == kEpiActHalves) {
-      // Chunk i is tile row r + 32 i, in run j = i / (kB / 4): gate or up rows (j odd) of the
-      // run pair's columns (halves_b_row).
-      constexpr int kRun = Cfg::kBlockN / 4;
+      // Chunk i is tile row r + 32 i, in run j = i / (kB / kRuns): gate or up rows (j odd) of
+      // the run pair's columns (halves_b_row).
+      constexpr int kRuns = 2 * Cfg::kHalvesPairs, kRun = Cfg::kBlockN / kRuns;
+      constexpr int kRunChunks = kB / kRuns;
+      static_assert(kRunChunks * kRuns == kB, "a run is whole 32-row chunk sets");
 #pragma unroll
-      for (int j = 0; j < 4; ++j)
-        load_rows<kB / 4>(p.b8, p.b_scale, (j & 1 ? b_row_up : b_row0) + (j >> 1) * kRun,
-                          p.b_rows, col, scol, blk.v + kA + j * (kB / 4),
-                          blk.s + kA + j * (kB / 4));
+      for (int j = 0; j < kRuns; ++j)
+        load_rows<kRunChunks>(p.b8, p.b_scale, (j & 1 ? b_row_up : b_row0) + (j >> 1) * kRun,
+                              p.b_rows, col, scol, blk.v + kA + j * kRunChunks,
+                              blk.s + kA + j * kRunChunks);
     } else {
       load_rows<kB>(p.b8, p.b_scale, b_row0, p.b_rows, col, scol, blk.v + kA, blk.s + kA);
     }
@@ -1128,8 +1138,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       // warpgroups take the same 64 A rows, each against half of the B tile. bf16 operands only
       // (the dequantizing MXFP8 kernel, kept for comparisons, would spill at its 168 registers).
       constexpr bool kHalfTiles = Cfg::kOperands == kOpBf16;
-      const bool half_tile = kHalfTiles && p.half_tiles && tc.row_end - tc.m0 <= BM / 2 &&
-                             (p.half_tiles == 2 || tc.m0 == s_start[tc.group]);
+      const bool half_tile = kHalfTiles && p.half_tiles != kHalfTilesNone &&
+                             tc.row_end - tc.m0 <= BM / 2 &&
+                             (p.half_tiles == kHalfTilesAll || tc.m0 == s_start[tc.group]);
       // What this warpgroup computes of a half tile: BN / 2 accumulator columns, its output
       // columns starting half * kTileCols / 2 into the tile's.
       TileCoord sub = tc;
@@ -1146,6 +1157,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
                                      : 0.f;
         }
       }
+      // The row this lane stores in the epilogue, and whether it is written: the row_map load is
+      // issued here so that its latency hides under the mainloop rather than ahead of the stores.
+      EpilogueRow er;
+      er.q = lane & 3;
+      const int r0 = tc.m0 + (half_tile ? 0 : half * (BM / 2)) + warp * 16 + (lane >> 2);
+      const int row = r0 + 8 * (er.q >> 1);  // the row of the segment this lane stores
+      er.row_ok = row < tc.row_end && (p.row_map == nullptr || p.row_map[row] >= 0);
       if constexpr (Cfg::kFp8) {
         consume_fp8<Cfg>(acc, p, smem_a, smem_b, smem_scale, full, empty, half, warp, lane, stage,
                          phase);
@@ -1158,11 +1176,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       }
 
       // ---- epilogue ----
-      EpilogueRow er;
-      er.q = lane & 3;
-      const int r0 = tc.m0 + (half_tile ? 0 : half * (BM / 2)) + warp * 16 + (lane >> 2);
-      const int row = r0 + 8 * (er.q >> 1);  // the row of the segment this lane stores
-      er.row_ok = row < tc.row_end && (p.row_map == nullptr || p.row_map[row] >= 0);
       er.c_row = p.c + int64_t(row) * p.n;
       float(&acc_half)[BN / 4] = *reinterpret_cast<float(*)[BN / 4]>(&acc[0]);
       if constexpr (kEpi == kEpiStore) {
@@ -1484,13 +1497,30 @@ __device__ __forceinline__ float mx_regs_output(float x, float bx, float up, flo
     return activation_value<kAct>(bf16_rounded(x + bx), bf16_rounded(up + bu), p.alpha, p.limit);
 }
 
+// The token rows a consumer thread stores in mx_regs_store_chunk: tc.m0 + 128 hh + 16 i +
+// wg_tid / 8 for token half hh and i < 8. Bit 8 hh + i of the mask: that row is written (inside
+// the group, row_map kept). Read once per tile, before the mainloop: read in the store loop
+// instead, each row_map load stood between a staged chunk and its store, for every chunk.
+template <class Cfg>
+__device__ __forceinline__ uint32_t mx_regs_row_mask(const Sm90Params& p, const TileCoord& tc,
+                                                     int wg_tid) {
+  uint32_t mask = 0;
+#pragma unroll
+  for (int b = 0; b < Cfg::kBlockM / 16; ++b) {
+    const int row = tc.m0 + 16 * b + (wg_tid >> 3);
+    if (row < tc.row_end && (p.row_map == nullptr || p.row_map[row] >= 0)) mask |= 1u << b;
+  }
+  return mask;
+}
+
 // 128 tokens (token0 ..) x 64 features (col0 ..) of the output: y(j, e) is the output of
 // accumulator element 4j + e of this thread's 16 token blocks (rows g, g + 8 of the warp's 16
-// features: e = 0, 1 on row g, 2, 3 on row g + 8).
+// features: e = 0, 1 on row g, 2, 3 on row g + 8). row_mask: mx_regs_row_mask.
 template <bool kRoundTrip, class Y>
 __device__ __forceinline__ void mx_regs_store_chunk(const Sm90Params& p, const TileCoord& tc,
                                                     uint8_t* stage_buf, int col0, int token0,
-                                                    int warp, int lane, int wg_tid, int h, Y y) {
+                                                    uint32_t row_mask, int warp, int lane,
+                                                    int wg_tid, int h, Y y) {
   // Swizzled staging: token row t (128 bytes), 16-byte chunk q at ((q ^ (t % 8)) * 16).
   auto at = [&](int t, int q) { return stage_buf + t * 128 + ((q ^ (t & 7)) << 4); };
   warpgroup_bar_sync(1 + h, 128);  // the previous chunk's reads are done
@@ -1525,7 +1555,7 @@ __device__ __forceinline__ void mx_regs_store_chunk(const Sm90Params& p, const T
     }
     const int row = tc.m0 + token0 + t;
     const int col = col0 + 8 * q;
-    if (row < tc.row_end && col < p.n && (p.row_map == nullptr || p.row_map[row] >= 0))
+    if (((row_mask >> (token0 / 16 + i)) & 1u) && col < p.n)
       *reinterpret_cast<uint4*>(p.c + int64_t(row) * p.n + col) = v;
   }
 }
@@ -1599,11 +1629,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 #pragma unroll
         for (int rr = 0; rr < 2; ++rr)
           bias[mb][rr] = mx_regs_bias<Cfg, kEpi>(p, tc, h, mb, 16 * warp + g + 8 * rr);
+      const uint32_t row_mask = mx_regs_row_mask<Cfg>(p, tc, wg_tid);
       consume_mx_regs<Cfg, kEpi>(acc, p, tc, smem_a, smem_b, smem_scale, s_multiplier, full,
                                  empty, h, warp, lane, stage, phase);
       if constexpr (epilogue_gated(kEpi) && MB == 2) {
         mx_regs_store_chunk<kRoundTrip>(
-            p, tc, stage_buf, tc.n0 + 64 * h, 0, warp, lane, wg_tid, h, [&](int j, int e) {
+            p, tc, stage_buf, tc.n0 + 64 * h, 0, row_mask, warp, lane, wg_tid, h,
+            [&](int j, int e) {
               return mx_regs_output<kEpi, kAct>(acc[0][4 * j + e], bias[0][e >> 1],
                                                 acc[1][4 * j + e], bias[1][e >> 1], p);
             });
@@ -1638,7 +1670,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
         auto finish = [&](auto h_const) {
           constexpr int H = decltype(h_const)::value;
           mx_regs_store_chunk<kRoundTrip>(
-              p, tc, stage_buf, tc.n0, 128 * H, warp, lane, wg_tid, H, [&](int j, int e) {
+              p, tc, stage_buf, tc.n0, 128 * H, row_mask, warp, lane, wg_tid, H,
+              [&](int j, int e) {
                 const int i = 4 * j + e;  // accumulator element of the token half
                 const uint32_t w = partner[i >> 1];
                 const float x = __uint_as_float(i & 1 ? w & 0xFFFF0000u : w << 16);
@@ -1655,8 +1688,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 #pragma unroll
           for (int half = 0; half < 3 - MB; ++half)  // token halves of the n256 tile
             mx_regs_store_chunk<kRoundTrip>(
-                p, tc, stage_buf, tc.n0 + mx_regs_feature<Cfg, kEpi>(h, mb, 0), 128 * half, warp,
-                lane, wg_tid, h, [&](int j, int e) {
+                p, tc, stage_buf, tc.n0 + mx_regs_feature<Cfg, kEpi>(h, mb, 0), 128 * half,
+                row_mask, warp, lane, wg_tid, h, [&](int j, int e) {
                   return mx_regs_output<kEpi, kAct>(acc[mb][64 * half + 4 * j + e],
                                                     bias[mb][e >> 1], 0.f, 0.f, p);
                 });
@@ -1710,11 +1743,13 @@ Sm90Params sm90_params(const fmoe_grouped_mm_args& a, const ActEpilogue& act, in
   static const int forced_half_tiles = [] {
     const char* e = std::getenv("FMOE_SM90_HALF_TILES");
     if (e == nullptr) return -1;
-    if (std::strcmp(e, "0") == 0) return 0;
-    if (std::strcmp(e, "whole") == 0) return 1;
-    return std::strcmp(e, "all") == 0 ? 2 : -1;
+    if (std::strcmp(e, "0") == 0) return int(kHalfTilesNone);
+    if (std::strcmp(e, "whole") == 0) return int(kHalfTilesWholeGroups);
+    return std::strcmp(e, "all") == 0 ? int(kHalfTilesAll) : -1;
   }();
-  p.half_tiles = forced_half_tiles >= 0 ? forced_half_tiles : p.tile_counter ? 2 : 1;
+  p.half_tiles = forced_half_tiles >= 0 ? forced_half_tiles
+                 : p.tile_counter       ? int(kHalfTilesAll)
+                                        : int(kHalfTilesWholeGroups);
   return p;
 }
 

@@ -118,6 +118,9 @@ constexpr int64_t kFp8NarrowRows = 6;
 // with every kernel per item, qwen3 (k = 2048 and 768) was 2-7% slower; bf16 (2-3 CTAs per SM,
 // 6 stages) was slower per item everywhere, up to 29%.
 constexpr int64_t kFp8PerItemMinKBlocks = 20;
+// Four e8m0 scale bytes of 0x7F (2^0: scale 1.0 each), the finite scale of the bytes no real
+// scale covers (padding token columns, k blocks past a row's end), whose operands are zero.
+constexpr uint32_t kScaleOneWord = 0x7F7F7F7Fu;
 
 template <int NT, bool kFp8>
 struct SmallLayout {
@@ -262,7 +265,7 @@ __global__ void __launch_bounds__(kThreads, SmallLayout<NT, kFp8>::kMinCtasPerSm
       ptx::mbar_init(&empty[s], 4);      // one arrival per consumer warp
       if constexpr (kFp8) {  // the scale-1 words of padding token columns (never copied over)
         uint32_t* one = reinterpret_cast<uint32_t*>(smem + s * L::kStageBytes + L::kOneScaleAt);
-        one[0] = one[1] = 0x7F7F7F7Fu;
+        one[0] = one[1] = kScaleOneWord;
       }
     }
     ptx::mbar_fence_init();
@@ -439,7 +442,7 @@ __global__ void __launch_bounds__(kThreads, SmallLayout<NT, kFp8>::kMinCtasPerSm
           // NaN); its operands there are zero-filled, so scale 1 keeps those products zero.
           const uint32_t keep = (1u << (8 * nkb)) - 1u;
 #pragma unroll
-          for (int i = 0; i < kWords; ++i) word[i] = (word[i] & keep) | (0x7F7F7F7Fu & ~keep);
+          for (int i = 0; i < kWords; ++i) word[i] = (word[i] & keep) | (kScaleOneWord & ~keep);
         }
         float fw[kStageK / 32][2], fx[kStageK / 32][NT / 4];
 #pragma unroll
