@@ -4,7 +4,10 @@
 // - bf16 weights: TOLERANCE.bf16 (1e-2) against the bf16 reference;
 // - mxfp8 weights: TOLERANCE.mxfp8 (2e-2) against the MXFP8 reference (same quantization rule; a
 //   flipped bf16 rounding before a quantization moves an e4m3 code), and TOLERANCE.mxfp8VsBf16
-//   against the bf16 reference (the quantization error itself);
+//   against the bf16 reference (the quantization error itself). That error is statistical: few
+//   output rows and a short FC2 k (one or two scale blocks, where a few activations dominate) give
+//   it a long tail over seeds, so the cases with only 1-3 tokens take H and I large enough to
+//   keep it well under the tolerance;
 // - the three ways to give MXFP8 weights (bf16 quantized on the device, pre-quantized with linear
 //   or swizzled scales) hold the same bytes, so their outputs are compared bit for bit.
 // Outputs are poisoned with 0xFF first: every row of the output is written (zeros for tokens
@@ -68,12 +71,12 @@ for (const act of ACTIVATIONS) {
 CASES.push(
   { name: "swiglu_oai alpha 1.3, limit 2, interleaved, biases", T: 12, H: 64, I: 32, E: 6, topk: 3, activation: "swiglu_oai", layout: "interleaved", alpha: 1.3, limit: 2, bias: true },
   { name: "T = 0", T: 0, H: 64, I: 32, E: 4, topk: 2, activation: "silu" },
-  { name: "T = 1, topk = 8 of 16 experts", T: 1, H: 64, I: 32, E: 16, topk: 8, activation: "silu" },
+  { name: "T = 1, topk = 8 of 16 experts", T: 1, H: 128, I: 128, E: 16, topk: 8, activation: "silu" },
   { name: "topk = 8, T = 6, alignment 1", T: 6, H: 32, I: 32, E: 12, topk: 8, activation: "gelu", alignment: 1 },
   { name: "topk = 1, alignment 128", T: 25, H: 64, I: 32, E: 4, topk: 1, activation: "squared_relu", alignment: 128 },
   { name: "odd H = 33, I = 17 (bf16)", T: 7, H: 33, I: 17, E: 3, topk: 2, activation: "silu", bias: true, formats: ["bf16"] },
-  { name: "H = 2880, T = 2, 2 experts, topk = 1", T: 2, H: 2880, I: 32, E: 2, topk: 1, activation: "swiglu_oai", bias: true },
-  { name: "experts with no tokens (3 tokens over 32 experts)", T: 3, H: 64, I: 32, E: 32, topk: 2, activation: "silu" },
+  { name: "H = 2880, T = 2, 2 experts, topk = 1", T: 2, H: 2880, I: 64, E: 2, topk: 1, activation: "swiglu_oai", bias: true },
+  { name: "experts with no tokens (3 tokens over 32 experts)", T: 3, H: 128, I: 64, E: 32, topk: 2, activation: "silu" },
   { name: "all tokens on one expert", T: 24, H: 64, I: 32, E: 6, topk: 1, activation: "silu", pattern: "one-expert", hot: 4 },
   { name: "skewed routing with repeated ids per token", T: 20, H: 32, I: 32, E: 5, topk: 3, activation: "squared_relu", pattern: "skewed" },
   {
