@@ -317,6 +317,13 @@ struct TileCoord {
   int n0;       // first column of c
 };
 
+// Whether the epilogue stores row `row` of tile tc: inside the group, and not a padding row
+// (row_map -1). Read before the mainloop by both prefill kernels, so the load's latency hides.
+__device__ __forceinline__ bool tile_row_stored(const Sm90Params& p, const TileCoord& tc,
+                                                int row) {
+  return row < tc.row_end && (p.row_map == nullptr || p.row_map[row] >= 0);
+}
+
 // Group tables in shared memory: prefix[g] = m-tiles of groups < g; start/end = valid row range.
 // kTileCols: columns of c per tile (BN, or BN/2 for the gated epilogues).
 template <class Cfg, int kTileCols>
@@ -1163,7 +1170,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       er.q = lane & 3;
       const int r0 = tc.m0 + (half_tile ? 0 : half * (BM / 2)) + warp * 16 + (lane >> 2);
       const int row = r0 + 8 * (er.q >> 1);  // the row of the segment this lane stores
-      er.row_ok = row < tc.row_end && (p.row_map == nullptr || p.row_map[row] >= 0);
+      er.row_ok = tile_row_stored(p, tc, row);
       if constexpr (Cfg::kFp8) {
         consume_fp8<Cfg>(acc, p, smem_a, smem_b, smem_scale, full, empty, half, warp, lane, stage,
                          phase);
@@ -1508,7 +1515,7 @@ __device__ __forceinline__ uint32_t mx_regs_row_mask(const Sm90Params& p, const 
 #pragma unroll
   for (int b = 0; b < Cfg::kBlockM / 16; ++b) {
     const int row = tc.m0 + 16 * b + (wg_tid >> 3);
-    if (row < tc.row_end && (p.row_map == nullptr || p.row_map[row] >= 0)) mask |= 1u << b;
+    if (tile_row_stored(p, tc, row)) mask |= 1u << b;
   }
   return mask;
 }
