@@ -11,6 +11,7 @@
 // them into FMAs: the sum is then the same sequence of f32 operations as the host's loop, bit for
 // bit.
 #include <algorithm>
+#include <type_traits>
 
 #include "cuda/backend.h"
 #include "cuda/configs.h"
@@ -32,9 +33,13 @@ struct UnpermuteParams {
   int64_t pieces;         // column pieces per token: ceil(units / blockDim.x)
 };
 
-// kWidth columns per thread step: 8 (16-byte vectors) or 1.
+// kWidth columns per thread step: 8 (16-byte vectors) or 1. Launch bounds of four 256-thread
+// blocks per SM (64 registers; ptxas spills 28 bytes): at prefill sizes the kernel is bound by the
+// row loads it keeps in flight. With the 127 registers it took unbounded, two blocks fit: the op
+// ran at ~2.5 TB/s, now ~3.5 (H200, 8192 tokens of qwen3 and deepseek-v3: 26-28% less time;
+// three blocks, 80 registers, measured between; bench/NOTES.md v11).
 template <int kWidth>
-__global__ void unpermute_kernel(UnpermuteParams p) {
+__global__ void __launch_bounds__(kRowThreadsMax, 4) unpermute_kernel(UnpermuteParams p) {
   // Launched as a programmatic dependent of the decode FC2 (fused_moe.cu), it starts under FC2's
   // tail; every read of the input follows the wait (a no-op for a plain launch).
   ptx::griddep_wait();
@@ -58,23 +63,24 @@ __global__ void unpermute_kernel(UnpermuteParams p) {
         row[j] = (r >= 0 && r < p.rows) ? r : -1;
         w[j] = (row[j] >= 0 && p.probs) ? p.probs[t * p.topk + k] : 1.0f;
       }
-      uint16_t x[kSlotBatch][kWidth];
+      // The batch's row pieces stay packed until they are summed: a uint4 is 4 registers, its
+      // 8 unpacked halves 8 (the register budget above).
+      using Piece = std::conditional_t<kWidth == 8, uint4, uint16_t>;
+      Piece x[kSlotBatch];
 #pragma unroll
       for (int j = 0; j < kSlotBatch; ++j) {
         if (row[j] < 0) continue;
-        const uint16_t* src = p.input + int64_t(row[j]) * p.H + u * kWidth;
-        if constexpr (kWidth == 8) {
-          unpack8(*reinterpret_cast<const uint4*>(src), x[j]);
-        } else {
-          x[j][0] = src[0];
-        }
+        x[j] = *reinterpret_cast<const Piece*>(p.input + int64_t(row[j]) * p.H + u * kWidth);
       }
 #pragma unroll
       for (int j = 0; j < kSlotBatch; ++j) {
         if (row[j] < 0) continue;
+        uint16_t v[kWidth];
+        if constexpr (kWidth == 8) unpack8(x[j], v);
+        else v[0] = x[j];
 #pragma unroll
         for (int i = 0; i < kWidth; ++i)
-          acc[i] = __fadd_rn(acc[i], __fmul_rn(w[j], bf16_to_f32(x[j][i])));
+          acc[i] = __fadd_rn(acc[i], __fmul_rn(w[j], bf16_to_f32(v[i])));
       }
     }
     uint16_t y[kWidth];
