@@ -3,7 +3,11 @@
  * bun run bench: times the fused MoE layer on the CUDA backend against the floor of each cell.
  *
  *   bun run bench [--cases a,b] [--tokens 1,8,...] [--dtype bf16|mxfp8] [--json FILE]
- *                 [--iters N] [--backend cuda|host] [--breakdown]
+ *                 [--iters N] [--backend cuda|host] [--breakdown] [--compare OLD.json]
+ *
+ * --compare also prints this run beside an earlier `--json` file, cell by cell, with the
+ * geometric mean of the time quotients and this run's times against both runs' floors
+ * (scripts/bench-compare.ts: the floors move with each run's measured copy bandwidth).
  *
  * --breakdown also times each step of the layer as its own op (permute, FC1, activation, FC2,
  * unpermute) on the first input set, to show where a cell's time goes.
@@ -31,6 +35,7 @@ import {
 } from "../lib/index.ts";
 import { f32ToBf16 } from "../lib/dtype.ts";
 import { randomRouting, Rng } from "../lib/random.ts";
+import { type BenchRun, compareRuns, formatComparison, markdownTable, readBenchRun } from "./bench-compare.ts";
 
 const { values } = parseArgs({
   options: {
@@ -42,6 +47,7 @@ const { values } = parseArgs({
     sets: { type: "string", default: "4" },
     backend: { type: "string", default: "cuda" },
     breakdown: { type: "boolean", default: false },
+    compare: { type: "string" },
   },
 });
 
@@ -53,6 +59,16 @@ const cases = values.cases
   ? values.cases.split(",").map((name) => BENCH_CASES.find((c) => c.name === name) ?? fail(`unknown case ${name}`))
   : BENCH_CASES;
 const tokens = values.tokens ? values.tokens.split(",").map(Number) : BENCH_TOKENS;
+// Read before the run, so that a bad file fails in a second rather than after the benchmark.
+const previousRun = values.compare !== undefined ? readPrevious(values.compare) : undefined;
+
+function readPrevious(path: string): BenchRun {
+  try {
+    return readBenchRun(path);
+  } catch (e) {
+    fail(`--compare: ${(e as Error).message}`);
+  }
+}
 
 function fail(msg: string): never {
   console.error(`bench: ${msg}`);
@@ -251,9 +267,7 @@ function table(rs: Row[]): string {
     r.case, String(r.T), r.us.toFixed(1), r.tflops.toFixed(1), r.gbps.toFixed(0), r.floor_us.toFixed(1),
     r.ratio.toFixed(2), ...(dtype === "mxfp8" ? [(r.us / r.bf16_floor_us).toFixed(2)] : []),
   ]);
-  const widths = head.map((h, i) => Math.max(h.length, ...lines.map((l) => l[i]!.length)));
-  const fmt = (cells: string[]): string => "| " + cells.map((x, i) => x.padStart(widths[i]!)).join(" | ") + " |";
-  return [fmt(head), "|" + widths.map((w) => "-".repeat(w + 2)).join("|") + "|", ...lines.map(fmt)].join("\n");
+  return markdownTable(head, lines);
 }
 
 const geomean = Math.exp(rows.reduce((a, r) => a + Math.log(r.ratio), 0) / Math.max(1, rows.length));
@@ -266,5 +280,14 @@ if (values.json) {
     matmul_peak_source: peak.source, geomean_ratio: geomean, rows,
   }, null, 2));
   console.log(`bench: wrote ${values.json}`);
+}
+if (previousRun) {
+  const current: BenchRun = { device, dtype, copy_bandwidth_bytes_per_s: copyBw, rows };
+  try {
+    const cmp = compareRuns(current, previousRun);
+    console.log("\n" + formatComparison(cmp, current, previousRun, { current: "this run", previous: values.compare! }));
+  } catch (e) {
+    console.error(`bench: --compare: ${(e as Error).message}`);
+  }
 }
 stream.dispose();
