@@ -236,6 +236,7 @@ struct Sm90TileConfig {
   static constexpr int kTmaBytes = kABytes + kBBytes;  // what the stage's TMA copies deliver
   static constexpr int kBRows = kBlockN;     // rows of the B tile
   static constexpr int kHalvesPairs = 2;     // halves layout: (gate, up) run pairs per B tile
+  static constexpr int kHalvesRun = kBRows / (2 * kHalvesPairs);  // rows per run (halves_b_row)
   // kOpMxFp8: f32 scales of the stage, A as [BM][4] then B as [4][BN] (k32 block j of row r),
   // and the raw scale words they are made from, [BM + BN][2] (mx_scale_words.cuh).
   static constexpr int kScaleFloats = kFp8 ? 4 * (kBlockM + kBlockN) : 0;
@@ -625,13 +626,13 @@ __device__ __forceinline__ int tile_b_row(const Sm90Params& p, const TileCoord& 
   return tc.group * p.n1 + (kEpi == kEpiActInterleaved ? 2 * tc.n0 : tc.n0);
 }
 
-// Halves layout: the B tile holds kHalvesPairs pairs of runs of kRun = kBRows / (2 kHalvesPairs)
-// rows, the gate rows of kRun output columns, then their up rows (I further on in b): tile row R
-// is row halves_b_row(R) of b. Two pairs in the prefill kernel, so that a half tile's warpgroup
+// Halves layout: the B tile holds kHalvesPairs pairs of runs of kRun = kHalvesRun rows, the gate
+// rows of kRun output columns, then their up rows (I further on in b): tile row R is row
+// halves_b_row(R) of b. Two pairs in the prefill kernel, so that a half tile's warpgroup
 // finds its gate and up columns next to each other (one m64n(BN/2) product: "Half tiles").
 template <class Cfg>
 __device__ __forceinline__ int halves_b_row(const Sm90Params& p, int b_row, int tile_row) {
-  constexpr int kRun = Cfg::kBRows / (2 * Cfg::kHalvesPairs);
+  constexpr int kRun = Cfg::kHalvesRun;
   const int run = tile_row / kRun;
   return b_row + (run & 1) * p.ffn + (run >> 1) * kRun + tile_row % kRun;
 }
@@ -642,7 +643,7 @@ template <class Cfg, int kEpi>
 __device__ __forceinline__ void tma_load_b(const Sm90Params& p, const CUtensorMap* tm_b,
                                            uint8_t* b_dst, uint64_t* bar, int k_coord, int b_row) {
   if constexpr (kEpi == kEpiActHalves) {
-    constexpr int kRuns = 2 * Cfg::kHalvesPairs, kRun = Cfg::kBRows / kRuns;
+    constexpr int kRuns = 2 * Cfg::kHalvesPairs, kRun = Cfg::kHalvesRun;
 #pragma unroll
     for (int j = 0; j < kRuns; ++j)
       ptx::tma_load_2d(b_dst + j * (Cfg::kBBytes / kRuns), tm_b, bar, k_coord,
@@ -786,7 +787,7 @@ struct MxProducer {
     if constexpr (kEpi == kEpiActHalves) {
       // Chunk i is tile row r + 32 i, in run j = i / (kB / kRuns): gate or up rows (j odd) of
       // the run pair's columns (halves_b_row).
-      constexpr int kRuns = 2 * Cfg::kHalvesPairs, kRun = Cfg::kBlockN / kRuns;
+      constexpr int kRuns = 2 * Cfg::kHalvesPairs, kRun = Cfg::kHalvesRun;
       constexpr int kRunChunks = kB / kRuns;
       static_assert(kRunChunks * kRuns == kB, "a run is whole 32-row chunk sets");
 #pragma unroll
@@ -1078,7 +1079,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
                            const __grid_constant__ CUtensorMap tm_b, const Sm90Params p) {
   constexpr int BM = Cfg::kBlockM, BN = Cfg::kBlockN, S = Cfg::kStages;
   constexpr int kTileCols = epilogue_gated(kEpi) ? BN / 2 : BN;
-  constexpr int kHalvesRun = BN / (2 * Cfg::kHalvesPairs);  // halves: gate / up column runs
+  constexpr int kHalvesRun = Cfg::kHalvesRun;  // halves: gate / up column runs
   extern __shared__ uint8_t smem_raw[];
   // TMA with 128-byte swizzle and the wgmma descriptors (base offset 0) need 1024-byte aligned
   // stage buffers; dynamic shared memory only promises 16.
@@ -1265,6 +1266,7 @@ struct Sm90MxRegsConfig {
   static constexpr int kTmaBytes = kABytes + kBBytes;
   static constexpr int kBRows = kWeightRows;  // rows of the B tile
   static constexpr int kHalvesPairs = 1;      // halves layout: gate rows, then up rows
+  static constexpr int kHalvesRun = kBRows / (2 * kHalvesPairs);  // rows per run (halves_b_row)
   static constexpr int kScaleWords = kWeightRows;  // per row, the aligned word of its 2 scale bytes
   static constexpr int kStageBytes = kABytes + kBBytes + kScaleWords * 4;
   static constexpr int kStagingBytes = 2 * 128 * 64 * 2;  // per warpgroup [128 tokens][64] bf16
@@ -1779,7 +1781,7 @@ cudaError_t launch(const fmoe_grouped_mm_args& a, const ActEpilogue& act, int nu
                                         Cfg::kBlockM);
     if (err != cudaSuccess) return err;
     const uint32_t b_box_rows =
-        kEpi == kEpiActHalves ? Cfg::kBRows / (2 * Cfg::kHalvesPairs) : Cfg::kBRows;
+        kEpi == kEpiActHalves ? Cfg::kHalvesRun : Cfg::kBRows;
     err = make_tensor_map_bf16_2d_sw128(&tm_b, a.b, inner, uint64_t(a.groups * a.n), row_bytes,
                                         64, b_box_rows);
     if (err != cudaSuccess) return err;
@@ -1840,7 +1842,7 @@ cudaError_t launch_mx_regs_cfg(const fmoe_grouped_mm_args& a, const ActEpilogue&
   if (err != cudaSuccess) return err;
   // e4m3 weights as bf16 pairs: 32 pairs = one 64-byte row of the tile.
   const uint32_t b_box_rows =
-      kEpi == kEpiActHalves ? Cfg::kBRows / (2 * Cfg::kHalvesPairs) : Cfg::kBRows;
+      kEpi == kEpiActHalves ? Cfg::kHalvesRun : Cfg::kBRows;
   err = make_tensor_map_bf16_2d_plain(&tm_b, a.b, uint64_t(a.k) / 2, uint64_t(a.groups * a.n),
                                       uint64_t(a.k), 32, b_box_rows);
   if (err != cudaSuccess) return err;
