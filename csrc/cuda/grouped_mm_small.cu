@@ -49,10 +49,11 @@
 //   index valid, column < out_cols).
 //
 // Shared memory per CTA: a stage is W 64 x 128 B = 8 KB + X token_tile x 128 B (1-4 KB) (+ 1 KB
-// of scale words for MXFP8). bf16: 6 stages, 54-72 KB of ring + the f32 tile (2-9 KB) + group
-// tables (6 KB) = 64-88 KB, 2-3 CTAs per SM; MXFP8: 4 stages, 49-56 KB, 4 CTAs per SM. Either way
-// 96-144 KB of weights in flight per SM, above the ~40 KB per SM that 3 TB/s needs at ~2 us of
-// loaded memory latency.
+// of scale words for MXFP8). bf16: 7, 6 or 8 stages at token tiles 8, 16, 32 (63-96 KB of ring)
+// + the f32 tile (2-9 KB) + group tables (6 KB) = 72-111 KB, 3, 3 and 2 CTAs per SM; MXFP8: 4
+// stages, 49-56 KB, 4 CTAs per SM. Either way 128-168 KB of weights in flight per SM, above the
+// ~40 KB per SM that 3 TB/s needs at ~2 us of loaded memory latency; yet at 2 CTAs per SM each
+// stage more measured faster (bench/NOTES.md v12).
 //
 // Expected (H100 SXM, ~2.9 TB/s achievable): time = launch and first-byte latency (~3-4 us)
 // + weight bytes / 2.9 TB/s. bench/dev/grouped_mm_small_check.cu prints the achieved GB/s.
@@ -88,14 +89,21 @@ namespace cg = cooperative_groups;
 // kTileW = 64 weight rows: one wgmma M, one consumer warpgroup; small tiles make many items, so
 //   the grid fills the SMs at T = 1 (e.g. 192 items for qwen3 fc1 with 8 experts).
 // kStageK = 128 bytes of k per stage (64 bf16 or 128 e4m3): one 128-byte swizzle span.
-// Stages: bf16 6 (48 KB of weights in flight per CTA, 3 CTAs per SM). MXFP8 4 (32 KB per CTA):
-//   its consumer decodes scales and promotes every k32 block, so a CTA's one warpgroup is
-//   latency-bound; 4 stages fit 4 CTAs per SM (4 consumer warpgroups, 128 KB in flight).
+// Stages: bf16 as deep as keeps the CTAs per SM of a 6-stage ring (bf16_stages: 3 CTAs at token
+//   tiles 8 and 16, 2 at 32), since weights in flight set a decode kernel's bandwidth: 7, 6 and
+//   8 stages (56, 48 and 64 KB of weights per CTA). MXFP8 4 (32 KB per CTA): its consumer
+//   decodes scales and promotes every k32 block, so a CTA's one warpgroup is latency-bound; 4
+//   stages fit 4 CTAs per SM (4 consumer warpgroups, 128 KB in flight).
 // kMaxGroups = 512: the group tables (6 KB) stay small next to the ring.
 constexpr int kTileW = 64;
 constexpr int kHalfTileW = kTileW / 2;  // rows per TMA box (gate and up halves of a gated tile)
 constexpr int kStageK = 128;
-constexpr int kBf16Stages = 6;
+// Measured on an H200 (bench/NOTES.md v12): at tile 32 (T = 32 and 128) 7 stages 0-3% faster
+// than 6, and 8 another 0-2%; at tile 8 (T = 1 and 8) 7 within the noise.
+constexpr int bf16_stages(int token_tile) {
+  return token_tile == 8 ? 7 : token_tile == 16 ? 6 : 8;
+}
+constexpr int kBf16CtasPerSm[3] = {3, 3, 2};  // at token tiles 8, 16, 32
 constexpr int kFp8Stages = 4;
 constexpr int kFp8CtasPerSm = 4;
 constexpr int kMaxGroups = 512;
@@ -124,7 +132,7 @@ constexpr uint32_t kScaleOneWord = 0x7F7F7F7Fu;
 
 template <int NT, bool kFp8>
 struct SmallLayout {
-  static constexpr int kStages = kFp8 ? kFp8Stages : kBf16Stages;
+  static constexpr int kStages = kFp8 ? kFp8Stages : bf16_stages(NT);
   static constexpr int kWBytes = kTileW * kStageK;
   static constexpr int kXBytes = NT * kStageK;
   // MXFP8 scale words: 64 weight rows x 2 words (512 B), then NT tokens x 2 words (<= 256 B).
@@ -147,6 +155,8 @@ struct SmallLayout {
   static constexpr int kMinCtasPerSm = kFp8 && NT <= kMaxFp8TokenTile ? kFp8CtasPerSm : 1;
   static_assert(kMinCtasPerSm * (kSmemBytes + 1024) <= 228 * 1024,
                 "fewer CTAs per SM than planned");
+  static_assert(kFp8 || kBf16CtasPerSm[NT / 16] * (kSmemBytes + 1024) <= 228 * 1024,
+                "the bf16 ring costs a CTA per SM");
 };
 
 struct SmallParams {
