@@ -89,21 +89,21 @@ namespace cg = cooperative_groups;
 // kTileW = 64 weight rows: one wgmma M, one consumer warpgroup; small tiles make many items, so
 //   the grid fills the SMs at T = 1 (e.g. 192 items for qwen3 fc1 with 8 experts).
 // kStageK = 128 bytes of k per stage (64 bf16 or 128 e4m3): one 128-byte swizzle span.
-// Stages: bf16 as deep as keeps the CTAs per SM of a 6-stage ring (bf16_stages: 3 CTAs at token
-//   tiles 8 and 16, 2 at 32), since weights in flight set a decode kernel's bandwidth: 7, 6 and
-//   8 stages (56, 48 and 64 KB of weights per CTA). MXFP8 4 (32 KB per CTA): its consumer
+// Stages: bf16 as deep as keeps the CTAs per SM of a 6-stage ring (bf16_ctas_per_sm: 3 CTAs at
+//   token tiles 8 and 16, 2 at 32), since weights in flight set a decode kernel's bandwidth: 7,
+//   6 and 8 stages (56, 48 and 64 KB of weights per CTA). MXFP8 4 (32 KB per CTA): its consumer
 //   decodes scales and promotes every k32 block, so a CTA's one warpgroup is latency-bound; 4
 //   stages fit 4 CTAs per SM (4 consumer warpgroups, 128 KB in flight).
 // kMaxGroups = 512: the group tables (6 KB) stay small next to the ring.
 constexpr int kTileW = 64;
 constexpr int kHalfTileW = kTileW / 2;  // rows per TMA box (gate and up halves of a gated tile)
 constexpr int kStageK = 128;
-// Measured on an H200 (bench/NOTES.md v12): at tile 32 (T = 32 and 128) 7 stages 0-3% faster
-// than 6, and 8 another 0-2%; at tile 8 (T = 1 and 8) 7 within the noise.
-constexpr int bf16_stages(int token_tile) {
-  return token_tile == 8 ? 7 : token_tile == 16 ? 6 : 8;
-}
-constexpr int kBf16CtasPerSm[3] = {3, 3, 2};  // at token tiles 8, 16, 32
+// bf16 CTAs per SM: what a 6-stage ring fits, kept while the ring takes the rest of the shared
+// memory (SmallLayout::kStages). Measured on an H200 (bench/NOTES.md v12): at tile 32 (T = 32 and
+// 128) 7 stages 0-3% faster than 6, and 8 another 0-2%; at tile 8 (T = 1 and 8) 7 within noise.
+constexpr int bf16_ctas_per_sm(int token_tile) { return token_tile == 32 ? 2 : 3; }
+constexpr int kSmemPerSm = 228 * 1024;     // shared memory of an SM (H100, H200)
+constexpr int kSmemReservedPerCta = 1024;  // of it, reserved for each resident CTA
 constexpr int kFp8Stages = 4;
 constexpr int kFp8CtasPerSm = 4;
 constexpr int kMaxGroups = 512;
@@ -132,30 +132,36 @@ constexpr uint32_t kScaleOneWord = 0x7F7F7F7Fu;
 
 template <int NT, bool kFp8>
 struct SmallLayout {
-  static constexpr int kStages = kFp8 ? kFp8Stages : bf16_stages(NT);
   static constexpr int kWBytes = kTileW * kStageK;
   static constexpr int kXBytes = NT * kStageK;
   // MXFP8 scale words: 64 weight rows x 2 words (512 B), then NT tokens x 2 words (<= 256 B).
   static constexpr int kScaleBytes = kFp8 ? 1024 : 0;
   static constexpr int kStageBytes = kWBytes + kXBytes + kScaleBytes;
   static constexpr int kRedBytes = NT * kRedStride * 4;
+  static constexpr int kTableBytes = (3 * kMaxGroups + 1) * 4;
+  // What does not grow with the ring: alignment slack, the f32 tile, the group tables.
+  static constexpr int kFixedBytes = 1024 + kRedBytes + kTableBytes;
+  // bf16: the deepest ring (a stage: its buffer and two barriers) that leaves
+  // bf16_ctas_per_sm(NT) CTAs per SM room for the rest: 7, 6 and 8 stages at tiles 8, 16, 32.
+  static constexpr int kStages =
+      kFp8 ? kFp8Stages
+           : (kSmemPerSm / bf16_ctas_per_sm(NT) - kSmemReservedPerCta - kFixedBytes) /
+                 (kStageBytes + 2 * 8);
   static constexpr int kBarBytes = 2 * kStages * 8;
   // MXFP8, in each stage's scale area past the copied words: a pair of words of 0x7F bytes
   // (scale 1) that padding token columns read.
   static constexpr int kOneScaleAt = kWBytes + kXBytes + kScaleBytes - 8;
   static_assert(!kFp8 || kWBytes + kXBytes + 2 * kTileW * 4 + NT * 8 <= kOneScaleAt,
                 "the copied scale words reach the scale-1 words");
-  static constexpr int kTableBytes = (3 * kMaxGroups + 1) * 4;
-  static constexpr int kSmemBytes =
-      1024 + kStages * kStageBytes + kRedBytes + kBarBytes + kTableBytes;
+  static constexpr int kSmemBytes = kFixedBytes + kStages * kStageBytes + kBarBytes;
   static_assert(kStageBytes % 1024 == 0, "stage buffers keep the 1024-byte swizzle alignment");
   static_assert(kSmemBytes <= 227 * 1024, "exceeds the 227 KB of shared memory per block");
   // MXFP8 tiles up to kMaxFp8TokenTile (the widths the host picks) keep kFp8CtasPerSm CTAs per
   // SM: 228 KB of shared memory per SM, 1 KB of it reserved per CTA.
   static constexpr int kMinCtasPerSm = kFp8 && NT <= kMaxFp8TokenTile ? kFp8CtasPerSm : 1;
-  static_assert(kMinCtasPerSm * (kSmemBytes + 1024) <= 228 * 1024,
+  static_assert(kMinCtasPerSm * (kSmemBytes + kSmemReservedPerCta) <= kSmemPerSm,
                 "fewer CTAs per SM than planned");
-  static_assert(kFp8 || kBf16CtasPerSm[NT / 16] * (kSmemBytes + 1024) <= 228 * 1024,
+  static_assert(kFp8 || bf16_ctas_per_sm(NT) * (kSmemBytes + kSmemReservedPerCta) <= kSmemPerSm,
                 "the bf16 ring costs a CTA per SM");
 };
 
