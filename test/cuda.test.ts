@@ -437,6 +437,10 @@ describe.skipIf(SKIP)("CUDA backend vs host backend", () => {
     // The decode path past 32 tokens (T * topk <= 16 E): groups over the token tile take several tiles.
     { name: "decode path, T = 96: all 192 rows on one expert", T: 96, H: 128, I: 64, E: 128, topk: 2, activation: "silu", pattern: "one-expert", bias: true },
     { name: "decode path, T = 100: skewed routing, out-of-range ids", T: 100, H: 64, I: 32, E: 64, topk: 2, activation: "gelu", pattern: "skewed", invalid: 15 },
+    // bf16 FC1 lays out its rows from the routing map itself up to 256 entries: at the limit, with
+    // groups over the token tile and experts repeated in a token; and an expert slice.
+    { name: "decode, 256 routing entries: T = 32, topk 8, skewed, out-of-range ids", T: 32, H: 128, I: 64, E: 24, topk: 8, activation: "silu", pattern: "skewed", invalid: 30, bias: true },
+    { name: "decode, expert slice [5, 13) of 16, T = 3, topk 6, out-of-range ids", T: 3, H: 64, I: 32, E: 16, start: 5, local: 8, topk: 6, activation: "gelu", invalid: 4 },
     // Prefill with H % 64 == 0 and I % 64 == 0: MXFP8 takes the weights-in-registers kernels. Last
     // feature tiles partly past I and H (FC1 gated tiles are 128 features, FC2 and squared_relu 256).
     { name: "prefill: interleaved swiglu_oai, biases, H = 320, I = 192", T: 160, H: 320, I: 192, E: 4, topk: 2, activation: "swiglu_oai", layout: "interleaved", alpha: 1.702, limit: 7, bias: true },
@@ -758,30 +762,45 @@ describe.skipIf(SKIP)("CUDA backend vs host backend", () => {
     return Math.ceil(rows / 128) * 128;
   }
 
+  // Prefill (T = 96: forward and forwardGrouped) and the decode path. The decode chain launches
+  // each kernel under the tail of the one ahead, and FC2 builds its tile table from the routing
+  // kernel's offsets before its own wait: replays with new routing catch a table read from the
+  // previous call's offsets. Decode with FC1's rows laid out from the routing map itself
+  // (T * topk <= 256) and read from permutation_map (512 entries).
+  const REPLAYS = [
+    { name: "forward and forwardGrouped", T: 96, H: 512, I: 256, E: 16, topk: 4, grouped: true, passes: 1 },
+    { name: "decode path (T = 8, topk 4) forward", T: 8, H: 256, I: 128, E: 16, topk: 4, grouped: false, passes: 2 },
+    { name: "decode path (T = 64, topk 8) forward", T: 64, H: 256, I: 128, E: 64, topk: 8, grouped: false, passes: 2 },
+  ];
   for (const format of ["bf16", "mxfp8"] as const) {
-    seededTest(`graphs: FusedMoE ${format} forward and forwardGrouped replayed with new routing == eager, bit for bit`, (rng) => {
-      const x = gpu();
-      using stream = x.createStream();
-      const T = 96, H = 512, I = 256, E = 16, topk = 4;
-      using f1 = x.upload(randWeights(rng, E, 2 * I, H), [E, 2 * I, H], "bf16");
-      using f2 = x.upload(randWeights(rng, E, H, I), [E, H, I], "bf16");
-      using moe = new FusedMoE(x, { hidden: H, ffn: I, numExperts: E, topk, activation: "silu", weightFormat: format, maxTokens: T }, { fc1: f1, fc2: f2 });
-      using hT = x.empty([T, H], "bf16");
-      using rT = x.empty([T, topk], "i32");
-      using pT = x.empty([T, topk], "f32");
-      using o = x.empty([T, H], "bf16");
-      checkReplay(x, stream, [[hT, () => randBf16(rng, T * H)], [rT, () => makeRouting(rng, T, E, topk, rng.uniform() < 0.5 ? "random" : "skewed").routingMap], [pT, () => makeRouting(rng, T, E, topk).probs]], [o], (st) => {
-        moe.forward({ hidden: hT, routingMap: rT, probs: pT, out: o, stream: st });
+    for (const c of REPLAYS) {
+      seededTest(`graphs: FusedMoE ${format} ${c.name} replayed with new routing == eager, bit for bit`, (rng) => {
+        const x = gpu();
+        using stream = x.createStream();
+        const { T, H, I, E, topk } = c;
+        using f1 = x.upload(randWeights(rng, E, 2 * I, H), [E, 2 * I, H], "bf16");
+        using f2 = x.upload(randWeights(rng, E, H, I), [E, H, I], "bf16");
+        using moe = new FusedMoE(x, { hidden: H, ffn: I, numExperts: E, topk, activation: "silu", weightFormat: format, maxTokens: T }, { fc1: f1, fc2: f2 });
+        using hT = x.empty([T, H], "bf16");
+        using rT = x.empty([T, topk], "i32");
+        using pT = x.empty([T, topk], "f32");
+        using o = x.empty([T, H], "bf16");
+        for (let pass = 0; pass < c.passes; ++pass) {
+          checkReplay(x, stream, [[hT, () => randBf16(rng, T * H)], [rT, () => makeRouting(rng, T, E, topk, rng.uniform() < 0.5 ? "random" : "skewed").routingMap], [pT, () => makeRouting(rng, T, E, topk).probs]], [o], (st) => {
+            moe.forward({ hidden: hT, routingMap: rT, probs: pT, out: o, stream: st });
+          });
+        }
+        if (!c.grouped) return;
+        const rows = T * topk;
+        using gh = x.empty([rows, H], "bf16");
+        using tT = x.empty([E], "i32");
+        using gp = x.empty([rows], "f32");
+        using go = x.empty([rows, H], "bf16");
+        checkReplay(x, stream, [[gh, () => randBf16(rng, rows * H)], [tT, () => Int32Array.from({ length: E }, () => rng.int(2 * rows / E))], [gp, () => Float32Array.from({ length: rows }, () => rng.uniform())]], [go], (st) => {
+          moe.forwardGrouped({ hidden: gh, tokensPerExpert: tT, probs: gp, out: go, stream: st });
+        });
       });
-      const rows = T * topk;
-      using gh = x.empty([rows, H], "bf16");
-      using tT = x.empty([E], "i32");
-      using gp = x.empty([rows], "f32");
-      using go = x.empty([rows, H], "bf16");
-      checkReplay(x, stream, [[gh, () => randBf16(rng, rows * H)], [tT, () => Int32Array.from({ length: E }, () => rng.int(2 * rows / E))], [gp, () => Float32Array.from({ length: rows }, () => rng.uniform())]], [go], (st) => {
-        moe.forwardGrouped({ hidden: gh, tokensPerExpert: tT, probs: gp, out: go, stream: st });
-      });
-    });
+    }
   }
 
   seededTest("two FusedMoE plans on two streams at once give the results of each run alone", (rng) => {

@@ -27,8 +27,9 @@
 // a little slower), so the weights-as-M "swap-AB" kernel of grouped_mm_small.cu streams each
 // routed expert's weights once over a grid large enough to pull full bandwidth:
 //   route (permute without its copy: FC1 gathers its rows from `hidden` through
-//   permutation_map) -> FC1 + activation (small kernel) -> [MXFP8: quantize the activation]
-//   -> FC2 (small kernel) -> unpermute.
+//   permutation_map, or, up to 256 routing entries, through the same layout built from the
+//   routing map in each CTA, beside the routing kernel instead of after it) -> FC1 + activation
+//   (small kernel) -> [MXFP8: quantize the activation] -> FC2 (small kernel) -> unpermute.
 // The routing uses alignment 1 internally: padding changes no output of the fused op, and groups
 // without padding rows never ask the small kernel for more tiles of token rows than they need.
 // The choice between decode and prefill is made on the host from T, topk and E alone (static
@@ -114,19 +115,27 @@ Status CudaBackend::fused_moe_decode(BackendStream* s, const PlanShape& shape,
   // of at least [rows, I]), from where it is quantized into act_out / act_scale.
   void* act_bf16 = call.mx ? call.fc1_out : call.act_out;
   cuda::SmallMmArgs fc1 = small_mm_args(call.fc1_args(rows, act_bf16), d.ffn, d.weight_format, bound);
-  if (gather) {
-    fc1.a = a.hidden;
-    fc1.a_row_index = call.permutation_map;
-    fc1.a_rows = call.tokens;
-  }
   fc1.epilogue.activation = d.activation;
   fc1.epilogue.layout = d.layout;
   fc1.epilogue.alpha = d.alpha;
   fc1.epilogue.limit = d.limit;
+  if (gather) {
+    fc1.a = a.hidden;
+    fc1.a_rows = call.tokens;
+    // Small batches: FC1 lays the rows out from the routing map itself (the routing kernel's
+    // layout), so it does not wait for the routing kernel; else it reads its permutation_map.
+    cuda::SmallMmArgs routed = fc1;
+    routed.routing_map = a.routing_map;
+    routed.topk = call.topk;
+    routed.expert_start = d.local_expert_start;
+    if (!call.skip_permute && cuda::grouped_mm_small_supported(routed)) fc1 = routed;
+    else fc1.a_row_index = call.permutation_map;
+  }
   // The chain overlaps each launch with the tail of the kernel ahead (ptx/griddep.cuh): FC1 sets
-  // up under the routing and waits for it; FC2's offsets and weights were ready before FC1 (or
-  // the quantize) started, so its first weight stages load under FC1's tail and only its token
-  // rows wait; unpermute starts under FC2's tail.
+  // up under the routing and waits for it (routed: streams beside it, waiting only before its
+  // stores); FC2's offsets and weights were ready before FC1 (or the quantize) let it launch (a
+  // small-kernel CTA does so only once it has waited for the kernel ahead), so its first weight
+  // stages load under FC1's tail and only its token rows wait; unpermute starts under FC2's tail.
   fc1.overlap_previous = true;
   cuda::SmallMmArgs fc2 = small_mm_args(call.fc2_args(rows), d.hidden_size, d.weight_format, bound);
   fc2.overlap_previous = true;

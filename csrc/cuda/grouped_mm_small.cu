@@ -22,9 +22,16 @@
 //   with long items launches a CTA per item of the host's bound instead (kFp8PerItemMinKBlocks):
 //   CTAs past the device-side count exit at once. Inside a group the items go tile-major: units
 //   sharing a weight tile run side by side.
-// - Launch overlap (ptx/griddep.cuh): every CTA lets the next kernel launch at its start; with
+// - Routed (bf16, up to kMaxRoutedSlots routing entries): each CTA builds the same table, and the
+//   row -> token gather, from the routing map itself, in permute's layout at alignment 1. The
+//   routing kernel ahead writes the offsets and maps the later steps read, but this kernel needs
+//   nothing from it: at decode its weights no longer wait for the routing's launch, run and
+//   write-back (bench/NOTES.md v13).
+// - Launch overlap (ptx/griddep.cuh): every CTA lets the next kernel launch once it has waited
+//   for the kernel ahead (the next one reads the routing's offsets before its own wait); with
 //   weights_before_wait the producer issues the first item's weight stages before waiting for
-//   the kernel ahead, so they load under its tail.
+//   the kernel ahead, so they load under its tail; routed, only the consumers wait, before their
+//   first store.
 // - Split-K (splits = 2 or 4) when items are too few to give every SM two: a thread-block cluster
 //   of `splits` CTAs shares an item, CTA rank s reduces k-blocks [s*KB/S, (s+1)*KB/S), and the
 //   partial tiles are summed through distributed shared memory in rank order (deterministic).
@@ -69,6 +76,7 @@
 #include <cstring>
 
 #include "core/numerics.h"
+#include "cuda/block_scan.cuh"
 #include "cuda/group_tiles.cuh"
 #include "cuda/mx_scale_words.cuh"
 #include "cuda/ptx/cp_async.cuh"
@@ -107,6 +115,11 @@ constexpr int kSmemReservedPerCta = 1024;  // of it, reserved for each resident 
 constexpr int kFp8Stages = 4;
 constexpr int kFp8CtasPerSm = 4;
 constexpr int kMaxGroups = 512;
+// Routing entries (T * topk) up to which the bf16 kernel may build its group table from the
+// routing itself (SmallMmArgs::routing_map): its row -> token table (1 KB) fits beside the ring
+// without costing a stage at any token tile. (MXFP8 reads permute's quantized copy, whose rows
+// the routing kernel writes: it has no routed mode, and its 4 CTAs per SM no room for the table.)
+constexpr int kMaxRoutedSlots = 256;
 constexpr int kConsumerThreads = 128;
 constexpr int kThreads = kConsumerThreads + 32;
 constexpr int kRedStride = kTileW + 4;  // f32 words per token row: +4 makes fragment stores
@@ -130,7 +143,9 @@ constexpr int64_t kFp8PerItemMinKBlocks = 20;
 // scale covers (padding token columns, k blocks past a row's end), whose operands are zero.
 constexpr uint32_t kScaleOneWord = 0x7F7F7F7Fu;
 
-template <int NT, bool kFp8>
+// kRouted: the kernel builds its group table from the routing map (SmallMmArgs::routing_map),
+// with a row -> token table of kMaxRoutedSlots entries; bf16 only.
+template <int NT, bool kFp8, bool kRouted = false>
 struct SmallLayout {
   static constexpr int kWBytes = kTileW * kStageK;
   static constexpr int kXBytes = NT * kStageK;
@@ -138,7 +153,8 @@ struct SmallLayout {
   static constexpr int kScaleBytes = kFp8 ? 1024 : 0;
   static constexpr int kStageBytes = kWBytes + kXBytes + kScaleBytes;
   static constexpr int kRedBytes = NT * kRedStride * 4;
-  static constexpr int kTableBytes = (3 * kMaxGroups + 1) * 4;
+  // Group tables: prefix, start, end; routed, then the row -> token table.
+  static constexpr int kTableBytes = (3 * kMaxGroups + 1 + (kRouted ? kMaxRoutedSlots : 0)) * 4;
   // What does not grow with the ring: alignment slack, the f32 tile, the group tables.
   static constexpr int kFixedBytes = 1024 + kRedBytes + kTableBytes;
   // bf16: the deepest ring (a stage: its buffer and two barriers) that leaves
@@ -155,6 +171,8 @@ struct SmallLayout {
                 "the copied scale words reach the scale-1 words");
   static constexpr int kSmemBytes = kFixedBytes + kStages * kStageBytes + kBarBytes;
   static_assert(kStageBytes % 1024 == 0, "stage buffers keep the 1024-byte swizzle alignment");
+  static_assert(!kRouted || (!kFp8 && kRedBytes >= 2 * kMaxRoutedSlots * 4),
+                "routed: bf16, and the f32 tile holds the set-up's scratch");
   static_assert(kSmemBytes <= 227 * 1024, "exceeds the 227 KB of shared memory per block");
   // MXFP8 tiles up to kMaxFp8TokenTile (the widths the host picks) keep kFp8CtasPerSm CTAs per
   // SM: 228 KB of shared memory per SM, 1 KB of it reserved per CTA.
@@ -183,6 +201,13 @@ struct SmallParams {
   float alpha, limit;
   int splits;
   int weights_before_wait;  // SmallMmArgs::weights_before_wait
+};
+
+// SmallMmArgs::routing_map and its two numbers, a kernel parameter of its own: growing SmallParams
+// moved ptxas's register allocation in the unchanged MXFP8 kernels (16-token: a spill).
+struct SmallRouting {
+  const int32_t* map;  // or null
+  int topk, expert_start;
 };
 
 // Global weight row (inside the group) of tile row m: gate rows then up rows for the halves
@@ -239,12 +264,79 @@ __device__ __forceinline__ Item decode_item(int w, const int* prefix, const int*
   return Item{lo, row0, min(end[lo], row0 + NT), tile};
 }
 
-// Source row of token row `row` (or -1: not computed, not written).
-__device__ __forceinline__ int source_row(const SmallParams& p, int row, int row_end) {
+// Source row of token row `row` (or -1: not computed, not written). s_token: the routed table.
+__device__ __forceinline__ int source_row(const SmallParams& p, bool routed, const int* s_token,
+                                          int row, int row_end) {
   if (row >= row_end) return -1;
+  if (routed) return s_token[row];
   if (p.a_row_index == nullptr) return row;
   const int s = p.a_row_index[row];
   return (s >= 0 && s < p.a_rows) ? s : -1;
+}
+
+// build_group_tiles (group_tiles.cuh) from the routing instead of the offsets, for
+// SmallMmArgs::routing_map: the groups and rows that permute lays out at alignment 1 (local group
+// g = id - expert_start of each of `slots` entries, groups in order, a group's rows in slot
+// order), and s_token[row] = the token (slot / topk) whose row it is. Every thread of the block
+// calls this (it ends with a __syncthreads). scratch: 2 * slots ints.
+__device__ __forceinline__ void build_routed_group_tiles(const SmallParams& p,
+                                                         const SmallRouting& r, int tile_rows,
+                                                         int* s_start, int* s_end, int* s_prefix,
+                                                         int* s_token, int* scratch) {
+  const int tid = threadIdx.x, lane = tid & 31;
+  const int slots = p.a_rows * r.topk, groups = p.groups;
+  int* slot_group = scratch;
+  int* slot_rank = scratch + slots;
+  for (int g = tid; g < groups; g += blockDim.x) s_end[g] = 0;  // rows per group, counted below
+  for (int s = tid; s < slots; s += blockDim.x) {
+    // Unsigned: ids below expert_start wrap past the groups, and nothing overflows. The plan keeps
+    // the local experts inside [0, num_experts), so this is permute's rule for ids out of range.
+    const unsigned g = unsigned(r.map[s]) - unsigned(r.expert_start);
+    slot_group[s] = g < unsigned(groups) ? int(g) : -1;
+  }
+  __syncthreads();
+  if (tid < 32) {  // warp 0 walks the slots in order: a slot's rank is its group's rows so far
+    for (int base = 0; base < slots; base += 32) {
+      const int s = base + lane;
+      const int g = s < slots ? slot_group[s] : -1;
+      const unsigned peers = __match_any_sync(0xffffffffu, g);
+      if (g >= 0) slot_rank[s] = s_end[g] + __popc(peers & ((1u << lane) - 1u));
+      __syncwarp();
+      if (g >= 0 && lane == __ffs(peers) - 1) s_end[g] += __popc(peers);
+      __syncwarp();
+    }
+  }
+  __syncthreads();
+  for (int g = tid; g < groups; g += blockDim.x)
+    s_prefix[g + 1] = (s_end[g] + tile_rows - 1) / tile_rows;
+  __syncthreads();
+  if (tid < 32) {
+    // Warp 0, one pass over both: units -> the unit prefix (as build_group_tiles), rows -> each
+    // group's end row. A lane takes a contiguous run of groups.
+    const int run = (groups + 31) / 32;
+    const int g0 = min(groups, lane * run), g1 = min(groups, g0 + run);
+    int units = 0, rows = 0;
+    for (int g = g0; g < g1; ++g) {
+      units += s_prefix[g + 1];
+      rows += s_end[g];
+    }
+    int units_before = warp_inclusive_scan(units) - units;
+    int rows_before = warp_inclusive_scan(rows) - rows;
+    for (int g = g0; g < g1; ++g) {
+      units_before += s_prefix[g + 1];
+      s_prefix[g + 1] = units_before;
+      rows_before += s_end[g];
+      s_end[g] = rows_before;
+    }
+    if (lane == 0) s_prefix[0] = 0;
+  }
+  __syncthreads();
+  for (int g = tid; g < groups; g += blockDim.x) s_start[g] = g > 0 ? s_end[g - 1] : 0;
+  for (int s = tid; s < slots; s += blockDim.x) {
+    const int g = slot_group[s];
+    if (g >= 0) s_token[(g > 0 ? s_end[g - 1] : 0) + slot_rank[s]] = s / r.topk;
+  }
+  __syncthreads();
 }
 
 // One stage of an item's weight tile by TMA: k-block kb of weight rows b_row0.. (first 32 tile
@@ -258,10 +350,11 @@ __device__ __forceinline__ void load_weight_stage(const CUtensorMap* tm_b, uint8
   ptx::tma_load_2d(st + kWBytes / 2, tm_b, bar, kb * (kStageK / 2), b_row1);
 }
 
-template <int NT, bool kFp8>
-__global__ void __launch_bounds__(kThreads, SmallLayout<NT, kFp8>::kMinCtasPerSm)
-    grouped_mm_small_kernel(const __grid_constant__ CUtensorMap tm_b, const SmallParams p) {
-  using L = SmallLayout<NT, kFp8>;
+template <int NT, bool kFp8, bool kRouted>
+__global__ void __launch_bounds__(kThreads, SmallLayout<NT, kFp8, kRouted>::kMinCtasPerSm)
+    grouped_mm_small_kernel(const __grid_constant__ CUtensorMap tm_b, const SmallParams p,
+                            const SmallRouting routing) {
+  using L = SmallLayout<NT, kFp8, kRouted>;
   constexpr int kAcc = NT / 2;
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024 - (ptx::smem_addr(smem_raw) & 1023)) & 1023);
@@ -272,6 +365,7 @@ __global__ void __launch_bounds__(kThreads, SmallLayout<NT, kFp8>::kMinCtasPerSm
   int* s_prefix = reinterpret_cast<int*>(empty + kStages);  // [groups + 1]
   int* s_start = s_prefix + kMaxGroups + 1;
   int* s_end = s_start + kMaxGroups;
+  int* s_token = s_end + kMaxGroups;  // kRouted: [kMaxRoutedSlots]
 
   const int tid = threadIdx.x;
   const int groups = p.groups;
@@ -287,11 +381,25 @@ __global__ void __launch_bounds__(kThreads, SmallLayout<NT, kFp8>::kMinCtasPerSm
     ptx::mbar_fence_init();
   }
   if (tid == kConsumerThreads) ptx::tma_prefetch_map(&tm_b);
-  // The next kernel (FC2 after FC1, unpermute after FC2) may start as SMs free up; it waits for
-  // this one before reading what it writes.
-  ptx::griddep_launch_dependents();
-  if (!p.weights_before_wait) ptx::griddep_wait();  // the offsets may come from the kernel ahead
-  build_group_tiles(p.offsets, groups, p.rows, NT, s_start, s_end, s_prefix);
+  // Launch overlap. The next kernel (FC2 after FC1, unpermute after FC2) may start as SMs free
+  // up once every CTA of this one has let it (griddep_launch_dependents) or exited. It reads
+  // before its own wait what it takes to have been complete before this kernel started (FC2:
+  // the routing kernel's offsets and row map), yet this kernel may itself have started before
+  // the kernel ahead completed. So a CTA lets the next kernel launch only after one of its
+  // threads has waited for the kernel ahead, and a routed CTA, which reads nothing from it,
+  // still waits before it exits.
+  // Routed: nothing this kernel reads comes from the kernel ahead, so its weights and tokens load
+  // from the start; the consumers wait before their first store.
+  if constexpr (kRouted) {
+    build_routed_group_tiles(p, routing, NT, s_start, s_end, s_prefix, s_token,
+                             reinterpret_cast<int*>(red));
+  } else {
+    if (!p.weights_before_wait) {  // the offsets may come from the kernel ahead
+      ptx::griddep_wait();
+      ptx::griddep_launch_dependents();
+    }
+    build_group_tiles(p.offsets, groups, p.rows, NT, s_start, s_end, s_prefix);
+  }
 
   const int S = p.splits;
   const int rank = S > 1 ? int(cg::this_cluster().block_rank()) : 0;
@@ -327,7 +435,7 @@ __global__ void __launch_bounds__(kThreads, SmallLayout<NT, kFp8>::kMinCtasPerSm
       int64_t src_off[NT / 4];
 #pragma unroll
       for (int i = 0; i < NT / 4; ++i) {
-        const int s = source_row(p, it.row0 + lane / 8 + 4 * i, it.row_end);
+        const int s = source_row(p, kRouted, s_token, it.row0 + lane / 8 + 4 * i, it.row_end);
         src_off[i] = s < 0 ? -1 : int64_t(s) * p.k_bytes;
       }
       // MXFP8: the source row of the token whose scale word wd = lane + 32 i this lane copies.
@@ -335,7 +443,7 @@ __global__ void __launch_bounds__(kThreads, SmallLayout<NT, kFp8>::kMinCtasPerSm
 #pragma unroll
       for (int i = 0; i < (2 * NT + 31) / 32; ++i) {
         const int t = (lane + 32 * i) >> 1;
-        sx_row[i] = t < NT ? source_row(p, it.row0 + t, it.row_end) : -1;
+        sx_row[i] = t < NT ? source_row(p, kRouted, s_token, it.row0 + t, it.row_end) : -1;
       }
       const int b_row0 = it.group * p.n + weight_row(p, it.tile, 0);
       const int b_row1 = it.group * p.n + weight_row(p, it.tile, kHalfTileW);
@@ -387,7 +495,10 @@ __global__ void __launch_bounds__(kThreads, SmallLayout<NT, kFp8>::kMinCtasPerSm
   // ---- consumer warpgroup ----
   // Nothing before the first full stage needs the kernel ahead; waiting here keeps every global
   // store of this kernel after it (the producer's tokens arrive after its own wait anyway).
-  if (p.weights_before_wait) ptx::griddep_wait();
+  if (p.weights_before_wait) {
+    ptx::griddep_wait();
+    ptx::griddep_launch_dependents();
+  }
   const int warp = tid / 32, lane = tid & 31, q = lane & 3;
   const int r0 = warp * 16 + lane / 4;  // fragment rows r0, r0 + 8 (weight rows of the tile)
   // Stage 0's wgmma descriptors; stage s and k step kk add (s * kStageBytes + 32 kk) >> 4 (the
@@ -416,7 +527,7 @@ __global__ void __launch_bounds__(kThreads, SmallLayout<NT, kFp8>::kMinCtasPerSm
 #pragma unroll
       for (int j = 0; j < NT / 4; ++j) {
         const int t = 8 * (j / 2) + 2 * q + (j % 2);
-        const int s = source_row(p, it.row0 + t, it.row_end);
+        const int s = source_row(p, kRouted, s_token, it.row0 + t, it.row_end);
         word_at[2 + j] = s < 0 ? L::kOneScaleAt - L::kWBytes - L::kXBytes : 2 * kTileW * 4 + 8 * t;
         word_shift[2 + j] = s < 0 ? 0 : 8 * scale_skew(s, p.ks);
       }
@@ -521,6 +632,12 @@ __global__ void __launch_bounds__(kThreads, SmallLayout<NT, kFp8>::kMinCtasPerSm
     }
 
     // ---- epilogue ----
+    // Routed: the kernel ahead completes before this one's first store, and before the next
+    // kernel launches (above). Free after the first item.
+    if constexpr (kRouted) {
+      ptx::griddep_wait();
+      ptx::griddep_launch_dependents();
+    }
     // Fragment -> red[token][weight row] (f32).
 #pragma unroll
     for (int j = 0; j < NT / 8; ++j) {
@@ -543,7 +660,7 @@ __global__ void __launch_bounds__(kThreads, SmallLayout<NT, kFp8>::kMinCtasPerSm
       const int t = v / vec_per_token, o0 = (v - t * vec_per_token) * 8;
       const int row = it.row0 + t;
       const int col = col_base + o0;
-      if (col >= p.out_cols || source_row(p, row, it.row_end) < 0) continue;
+      if (col >= p.out_cols || source_row(p, kRouted, s_token, row, it.row_end) < 0) continue;
       if (p.row_map != nullptr && p.row_map[row] == -1) continue;
       // Tile rows feeding the 8 outputs: m(o) = o (plain), o and 32 + o (halves), 2o and 2o + 1
       // (interleaved).
@@ -605,6 +722,7 @@ __global__ void __launch_bounds__(kThreads, SmallLayout<NT, kFp8>::kMinCtasPerSm
     if (S > 1) cg::this_cluster().sync();
     else asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");
   }
+  if constexpr (kRouted) ptx::griddep_wait();  // a CTA without items: done after the kernel ahead
 }
 
 bool aligned(const void* ptr, uintptr_t bytes) {
@@ -671,9 +789,9 @@ int grid_for(const SmallMmArgs& a, int token_tile, bool fp8, int ctas_per_sm, in
   return int(std::max<int64_t>(1, per_item ? items : std::min(items, resident)) * splits);
 }
 
-template <int NT, bool kFp8>
+template <int NT, bool kFp8, bool kRouted>
 cudaError_t launch(const SmallMmArgs& a, SmallMmConfig cfg, int num_sms, cudaStream_t stream) {
-  using L = SmallLayout<NT, kFp8>;
+  using L = SmallLayout<NT, kFp8, kRouted>;
   const int64_t kb = k_bytes(a);
   CUtensorMap tm_b;
   // An e4m3 tensor is mapped as bf16 pairs: a plain tile copy moves bytes whatever their type.
@@ -690,9 +808,9 @@ cudaError_t launch(const SmallMmArgs& a, SmallMmConfig cfg, int num_sms, cudaStr
   p.bias = a.bias;
   p.c = static_cast<__nv_bfloat16*>(a.c);
   p.offsets = a.group_offsets;
-  p.row_map = a.row_map;
+  p.row_map = a.routing_map ? nullptr : a.row_map;
   p.rows = int(a.rows);
-  p.a_rows = int(a.a_row_index ? a.a_rows : a.rows);
+  p.a_rows = int(a.a_row_index || a.routing_map ? a.a_rows : a.rows);
   p.n = int(a.n);
   p.k_bytes = int(kb);
   p.ks = kFp8 ? int(a.k / 32) : 0;
@@ -708,7 +826,7 @@ cudaError_t launch(const SmallMmArgs& a, SmallMmConfig cfg, int num_sms, cudaStr
   p.splits = cfg.splits;
   p.weights_before_wait = a.overlap_previous && a.weights_before_wait;
 
-  auto kernel = grouped_mm_small_kernel<NT, kFp8>;
+  auto kernel = grouped_mm_small_kernel<NT, kFp8, kRouted>;
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kSmemBytes);
   if (err != cudaSuccess) return err;
   if (cfg.grid <= 0) {
@@ -738,18 +856,19 @@ cudaError_t launch(const SmallMmArgs& a, SmallMmConfig cfg, int num_sms, cudaStr
   }
   lc.attrs = num_attrs ? attr : nullptr;
   lc.numAttrs = num_attrs;
-  err = cudaLaunchKernelEx(&lc, kernel, tm_b, p);
+  SmallRouting routing{a.routing_map, int(a.topk), int(a.expert_start)};
+  err = cudaLaunchKernelEx(&lc, kernel, tm_b, p, routing);
   if (err != cudaSuccess) return err;
   return cudaGetLastError();
 }
 
-template <bool kFp8>
+template <bool kFp8, bool kRouted>
 cudaError_t launch_tile(const SmallMmArgs& a, SmallMmConfig cfg, int num_sms,
                         cudaStream_t stream) {
   switch (cfg.token_tile) {
-    case 8: return launch<8, kFp8>(a, cfg, num_sms, stream);
-    case 16: return launch<16, kFp8>(a, cfg, num_sms, stream);
-    case 32: return launch<32, kFp8>(a, cfg, num_sms, stream);
+    case 8: return launch<8, kFp8, kRouted>(a, cfg, num_sms, stream);
+    case 16: return launch<16, kFp8, kRouted>(a, cfg, num_sms, stream);
+    case 32: return launch<32, kFp8, kRouted>(a, cfg, num_sms, stream);
     default: return cudaErrorInvalidValue;
   }
 }
@@ -757,7 +876,7 @@ cudaError_t launch_tile(const SmallMmArgs& a, SmallMmConfig cfg, int num_sms,
 template <int NT, bool kFp8>
 void describe(SmallMmConfig* cfg, const SmallMmArgs& a, int num_sms) {
   using L = SmallLayout<NT, kFp8>;
-  auto kernel = grouped_mm_small_kernel<NT, kFp8>;
+  auto kernel = grouped_mm_small_kernel<NT, kFp8, false>;
   cfg->smem_bytes = L::kSmemBytes;
   int per_sm = 0;
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kSmemBytes) ==
@@ -776,7 +895,11 @@ void describe(SmallMmConfig* cfg, const SmallMmArgs& a, int num_sms) {
 bool grouped_mm_small_supported(const SmallMmArgs& a) {
   const bool fp8 = a.format == FMOE_WEIGHTS_MXFP8;
   if (a.format != FMOE_WEIGHTS_BF16 && !fp8) return false;
-  if (!a.a || !a.b || !a.c || !a.group_offsets) return false;
+  if (!a.a || !a.b || !a.c || (!a.group_offsets && !a.routing_map)) return false;
+  // Routed: slots = a_rows * topk entries, each at most one row of c.
+  if (a.routing_map && (fp8 || a.topk < 1 || a.a_rows < 0 || a.expert_start < 0 ||
+                        a.a_rows * a.topk > std::min<int64_t>(kMaxRoutedSlots, a.rows)))
+    return false;
   if (fp8 && (!a.a_scale || !a.b_scale)) return false;
   if (a.rows < 0 || a.n < 8 || a.k < 8 || a.groups < 1 || a.groups > kMaxGroups) return false;
   if (a.max_rows_per_group < 1) return false;
@@ -828,8 +951,9 @@ cudaError_t grouped_mm_small_with(const SmallMmArgs& a, SmallMmConfig cfg, int n
   if (cfg.splits != 1 && cfg.splits != 2 && cfg.splits != 4) return cudaErrorInvalidValue;
   if (cfg.grid > 0 && cfg.grid % cfg.splits != 0) return cudaErrorInvalidValue;
   if (a.rows == 0) return cudaSuccess;  // no row can be written
-  if (a.format == FMOE_WEIGHTS_MXFP8) return launch_tile<true>(a, cfg, num_sms, stream);
-  return launch_tile<false>(a, cfg, num_sms, stream);
+  if (a.format == FMOE_WEIGHTS_MXFP8) return launch_tile<true, false>(a, cfg, num_sms, stream);
+  if (a.routing_map) return launch_tile<false, true>(a, cfg, num_sms, stream);
+  return launch_tile<false, false>(a, cfg, num_sms, stream);
 }
 
 cudaError_t grouped_mm_small(const SmallMmArgs& a, int num_sms, cudaStream_t stream) {

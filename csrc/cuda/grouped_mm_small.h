@@ -42,6 +42,17 @@ struct SmallMmArgs {
   const int32_t* group_offsets = nullptr;  // required: device i32 [groups + 1] (checked on the
                                            // device as in fmoe.h: a bad group is skipped)
   const int32_t* row_map = nullptr;  // optional i32 [rows]: rows with -1 are not written
+  // Optional, instead of group_offsets, a_row_index and row_map (all three ignored): the routing
+  // itself, i32 [a_rows, topk] expert ids, in the layout permute gives it at alignment 1: local
+  // group g = id - expert_start when in [0, groups) (other ids have no row), groups in order, a
+  // group's rows in (token, slot) order, row r reading a[token of r]. For a_rows * topk <= 256
+  // and <= rows. Each CTA builds its group table from it, so with overlap_previous the kernel
+  // reads nothing from the kernel ahead (the routing kernel that writes the offsets the next
+  // steps read): its weights and tokens load from its start; it waits for the kernel ahead before
+  // its first store only, so that it still completes after it.
+  const int32_t* routing_map = nullptr;
+  int64_t topk = 0;
+  int64_t expert_start = 0;
   int64_t rows = 0;                  // static capacity of c (and of a without a_row_index)
   int64_t n = 0;                     // weight rows per group (N1 for FC1, H for FC2)
   int64_t k = 0;                     // reduction size
@@ -53,10 +64,12 @@ struct SmallMmArgs {
   SmallMmEpilogue epilogue;
   // Launch as a programmatic dependent of the kernel ahead on the stream (ptx/griddep.cuh): the
   // CTAs start while it finishes and wait for it before reading anything it may have written.
+  // This kernel lets the next one launch only after waiting for the kernel ahead itself.
   bool overlap_previous = false;
   // With overlap_previous: group_offsets, row_map, a_row_index, b, b_scale and bias were complete
-  // before the kernel ahead started (only a / a_scale come from it), so each CTA's first weight
-  // stages are loaded before the wait, under the previous kernel's tail.
+  // before the kernel ahead let this one launch (only a / a_scale come from it; this kernel's
+  // rule above makes that hold of a chain of them), so each CTA's first weight stages are loaded
+  // before the wait, under the previous kernel's tail.
   bool weights_before_wait = false;
 };
 
@@ -73,7 +86,8 @@ struct SmallMmConfig {
 // Whether the kernel handles these arguments: n % 8 == 0 (n % 16 with a gated activation), k % 8
 // == 0 (k % 32 for mxfp8), ldc % 8 == 0 and >= out_cols, 1 <= groups <= 512,
 // max_rows_per_group >= 1, a / b / c 16-byte aligned, bias 4-byte aligned, scales 4-byte aligned
-// (mxfp8), sizes within int32 indexing. False means the caller falls back; nothing is enqueued.
+// (mxfp8), sizes within int32 indexing; with routing_map: bf16, topk >= 1, expert_start >= 0,
+// a_rows * topk <= min(256, rows). False means the caller falls back; nothing is enqueued.
 bool grouped_mm_small_supported(const SmallMmArgs& a);
 
 // The configuration grouped_mm_small would launch on a device with `num_sms` SMs.

@@ -165,7 +165,8 @@ __device__ __forceinline__ int exclusive_over_warps(int32_t* warp_base, int warp
 // its expert) and expert_row0 [E].
 __global__ void permute_route_kernel(RouteParams p) {
   // The decode FC1 is launched as a programmatic dependent (fused_moe.cu): it may set up while
-  // this block ranks, and waits for it before reading the offsets.
+  // this block ranks (routed, stream its weights), and waits for it before reading the offsets
+  // and before letting FC2 launch.
   ptx::griddep_launch_dependents();
   extern __shared__ int32_t route_smem[];
   const int warps = blockDim.x / 32, warp = threadIdx.x / 32;
