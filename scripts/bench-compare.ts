@@ -6,7 +6,8 @@
  * and that measurement moves between boots of the same machine (4.00 and 4.18 TB/s on one H200),
  * so two runs' ratios differ even where their times agree. This prints, for the cells both runs
  * have (same case, T and dtype), both times, their quotient, and the new time against both runs'
- * floors; then the geometric means of each. `bun run bench --compare OLD.json` does the same
+ * floors; then the geometric means of each (and a warning where the runs' devices or --timing
+ * differ). `bun run bench --compare OLD.json` does the same
  * for the run it has just made (checking OLD.json before it starts).
  */
 import { readFileSync } from "node:fs";
@@ -25,6 +26,8 @@ export interface BenchCell {
 export interface BenchRun {
   device: string;
   dtype: string;
+  /** bench --timing: "back-to-back", or "isolated" (also files written before the option). */
+  timing: string;
   copy_bandwidth_bytes_per_s: number;
   rows: BenchCell[];
 }
@@ -99,7 +102,7 @@ export function markdownTable(head: string[], lines: string[][]): string {
 }
 
 const runLabel = (r: BenchRun): string =>
-  `${r.device}, ${r.dtype}, copy ${(r.copy_bandwidth_bytes_per_s / 1e12).toFixed(2)} TB/s`;
+  `${r.device}, ${r.dtype}, ${r.timing} timing, copy ${(r.copy_bandwidth_bytes_per_s / 1e12).toFixed(2)} TB/s`;
 
 /** The comparison as lines of text: a header, a table, the geometric means. names: how the
  * header calls the two runs. */
@@ -115,6 +118,10 @@ export function formatComparison(cmp: Comparison, current: BenchRun, previous: B
       `${cmp.cells.length} cell${cmp.cells.length === 1 ? "" : "s"} in common`,
   ];
   if (current.device !== previous.device) out.push("compare: the runs are from different devices: their times do not compare");
+  if (current.timing !== previous.timing) {
+    out.push(`compare: the runs were timed differently (${current.timing}, ${previous.timing}): an isolated ` +
+      "replay's time also holds the host's graph submission, a few microseconds (visible at decode)");
+  }
   out.push("", markdownTable(head, lines), "");
   out.push(`compare: geometric means: time ratio ${cmp.timeRatio.toFixed(3)} (${names.current} / ${names.previous}); ` +
     `time/floor ${cmp.ratio.toFixed(3)} with ${names.current}'s floors, ${cmp.ratioPreviousFloor.toFixed(3)} with ` +
@@ -145,7 +152,10 @@ export function readBenchRun(path: string): BenchRun {
       [c.us, c.floor_us, c.ratio].every((x) => typeof x === "number" && x > 0 && Number.isFinite(x));
     if (!ok) throw new Error(`${path}: rows[${i}] is not a bench cell (case, T, dtype, us, floor_us, ratio expected)`);
   });
-  return { device: run.device, dtype: String(run.dtype ?? ""), copy_bandwidth_bytes_per_s: run.copy_bandwidth_bytes_per_s, rows: run.rows };
+  return {
+    device: run.device, dtype: String(run.dtype ?? ""), timing: typeof run.timing === "string" ? run.timing : "isolated",
+    copy_bandwidth_bytes_per_s: run.copy_bandwidth_bytes_per_s, rows: run.rows,
+  };
 }
 
 if (import.meta.main) {

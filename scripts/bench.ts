@@ -294,7 +294,7 @@ if (values.json) {
   console.log(`bench: wrote ${values.json}`);
 }
 if (previousRun) {
-  const current: BenchRun = { device, dtype, copy_bandwidth_bytes_per_s: copyBw, rows };
+  const current: BenchRun = { device, dtype, timing: values.timing!, copy_bandwidth_bytes_per_s: copyBw, rows };
   try {
     const cmp = compareRuns(current, previousRun);
     console.log("\n" + formatComparison(cmp, current, previousRun, { current: "this run", previous: values.compare! }));

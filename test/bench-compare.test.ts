@@ -14,8 +14,8 @@ import { seededTest } from "./helpers.ts";
 const cell = (name: string, T: number, us: number, floor: number, dtype = "bf16"): BenchCell => ({
   case: name, T, dtype, us, floor_us: floor, ratio: us / floor,
 });
-const run = (rows: BenchCell[], copy = 4e12): BenchRun => ({
-  device: "NVIDIA H200", dtype: "bf16", copy_bandwidth_bytes_per_s: copy, rows,
+const run = (rows: BenchCell[], copy = 4e12, timing = "back-to-back"): BenchRun => ({
+  device: "NVIDIA H200", dtype: "bf16", timing, copy_bandwidth_bytes_per_s: copy, rows,
 });
 
 describe("bench compare", () => {
@@ -39,6 +39,8 @@ describe("bench compare", () => {
     expect(text).toContain("only in new.json: b 1 bf16");
     expect(text).toContain("only in old.json: c 1 bf16");
     expect(text).not.toContain("different devices");
+    expect(text).toContain("back-to-back timing");
+    expect(text).not.toContain("timed differently");
   });
 
   seededTest("random runs: each cell's quotients, and time/prev-floor = time ratio x previous ratio", (rng) => {
@@ -66,6 +68,9 @@ describe("bench compare", () => {
     const other = { ...run([cell("a", 1, 12, 5)]), device: "NVIDIA H100 80GB HBM3" };
     const text = formatComparison(compareRuns(bf16, other), bf16, other, { current: "x", previous: "y" });
     expect(text).toContain("different devices");
+    const isolated = run([cell("a", 1, 11, 5)], 4e12, "isolated");
+    const mixed = formatComparison(compareRuns(bf16, isolated), bf16, isolated, { current: "x", previous: "y" });
+    expect(mixed).toContain("timed differently (back-to-back, isolated)");
   });
 
   test("readBenchRun reads a bench file and names what is wrong with a bad one", () => {
@@ -78,6 +83,9 @@ describe("bench compare", () => {
       };
       const good = run([cell("a", 1, 10, 5)]);
       expect(readBenchRun(write("good.json", JSON.stringify({ ...good, geomean_ratio: 2 })))).toEqual(good);
+      // Files from before --timing: their replays were timed on an idle stream.
+      const { timing: _, ...older } = good;
+      expect(readBenchRun(write("older.json", JSON.stringify(older)))).toEqual({ ...good, timing: "isolated" });
       expect(() => readBenchRun(join(dir, "missing.json"))).toThrow(/missing\.json: cannot read a JSON file/);
       expect(() => readBenchRun(write("text.json", "not json"))).toThrow(/text\.json: cannot read a JSON file/);
       expect(() => readBenchRun(write("rows.json", JSON.stringify({ device: "d", copy_bandwidth_bytes_per_s: 1 }))))
