@@ -66,7 +66,7 @@ import {
   seededTest,
   suiteContext,
 } from "./helpers.ts";
-import { f32ToBf16 } from "../lib/dtype.ts";
+import { bf16ToF32, f32ToBf16 } from "../lib/dtype.ts";
 
 const TOL = {
   activation: 1e-2,
@@ -490,6 +490,46 @@ describe.skipIf(SKIP)("CUDA backend vs host backend", () => {
       });
     }
   }
+
+  // The MXFP8 decode kernel multiplies two scales by adding their f32 exponent fields while every
+  // scale byte a thread holds is in [64, 191], and decodes and multiplies them otherwise. FC2's
+  // weights are scaled here by 2^-60 (scale bytes near 56: the second way) on output features
+  // f % 8 < 4 and by 2^-48 (near 68: the first way) on the others, so both ways run side by side
+  // in one warp. Each set of features is compared on its own: the two differ 4096-fold in size.
+  seededTest("FusedMoE mxfp8 decode: FC2 weight scales inside and outside the exponent-add range", (rng) => {
+    const T = 6, H = 256, I = 128, E = 8, topk = 2;
+    const fc1 = randWeights(rng, E, 2 * I, H);
+    const fc2 = randWeights(rng, E, H, I);
+    const low = (f: number): boolean => f % 8 < 4;
+    for (let i = 0; i < fc2.length; ++i) {
+      const f = Math.floor(i / I) % H;
+      fc2[i] = f32ToBf16(bf16ToF32(fc2[i]!) * (low(f) ? 2 ** -60 : 2 ** -48));
+    }
+    const hidden = randBf16(rng, T * H);
+    const { routingMap, probs } = makeRouting(rng, T, E, topk);
+    const [g, h] = both((x) => {
+      using f1 = up(x, fc1, [E, 2 * I, H], "bf16");
+      using f2 = up(x, fc2, [E, H, I], "bf16");
+      using moe = new FusedMoE(x, { hidden: H, ffn: I, numExperts: E, topk, activation: "silu", weightFormat: "mxfp8", maxTokens: T }, { fc1: f1, fc2: f2 });
+      using hT = up(x, hidden, [T, H], "bf16");
+      using rT = up(x, routingMap, [T, topk], "i32");
+      using pT = up(x, probs, [T, topk], "f32");
+      using out = x.empty([T, H], "bf16").fill(0xff);
+      moe.forward({ hidden: hT, routingMap: rT, probs: pT, out });
+      return out.download();
+    });
+    expectNoNaNBf16(g, "gpu output");
+    for (const want of [true, false]) {
+      const cols = (o: Uint16Array): Uint16Array => o.filter((_, i) => low(i % H) === want);
+      const scale = want ? 2 ** -60 : 2 ** -48;
+      const hostCols = bf16ToF32(cols(h));
+      // The outputs are of their weights' size, so neither comparison is against ~zero.
+      const rms = Math.sqrt(hostCols.reduce((a, v) => a + v * v, 0) / hostCols.length);
+      expect(rms).toBeGreaterThan(scale * 1e-2);
+      expect(rms).toBeLessThan(scale * 1e2);
+      expectClose(cols(g), cols(h), TOL.moeMxfp8, `features scaled by ${want ? "2^-60" : "2^-48"}`);
+    }
+  });
 
   for (const format of ["bf16", "mxfp8"] as const) {
     seededTest(`FusedMoE ${format} forwardGrouped: rows beyond sum(tokens_per_expert) zero, excess ignored`, (rng) => {

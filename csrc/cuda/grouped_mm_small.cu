@@ -43,12 +43,15 @@
 //   (warps 0-3) runs the wgmmas and releases the stage (`empty`, 4 warp arrivals).
 // - MXFP8: e4m3 x e4m3 wgmma (k32 = one scale block) into zeroed temporaries, then promoted:
 //   acc += tmp * (scale_w[row] * scale_x[token]) in f32. A stage's four k32 blocks go to four
-//   temporaries in one wgmma group (one wait per stage), and the stage's scales are decoded
-//   before the wgmmas are issued, so their wait covers it. The scales arrive as the two aligned
+//   temporaries in one wgmma group (one wait per stage). The scales arrive as the two aligned
 //   words that cover the stage's 4 scale bytes of a row (mx_scale_words.cuh: k/32 need not be a
-//   multiple of 4); each row's or token's 4 bytes are decoded together, branch-free. The token
-//   tile is 8 while the groups average at most 6 rows, else at most 16 (the promotion costs per
-//   token column), and the ring is 4 deep, for 4 CTAs per SM: the consumer is latency-bound.
+//   multiple of 4); while a thread's scale bytes are all in [64, 191] (any but extreme scales)
+//   a product of two scales is one integer add of their f32 exponent fields, else the bytes are
+//   decoded and multiplied: the same bits either way. The token tile is 8 while the groups
+//   average at most 6 rows, else at most 16 (the promotion costs per token column), and the
+//   ring is 4 deep, for 4 CTAs per SM. Both warps' per-stage work is kept small: at 4 CTAs per
+//   SM the producer warp's and the consumers' instructions per stage, not the memory, set the
+//   pace (bench/NOTES.md v14).
 // - Epilogue: accumulators -> f32 tile in shared memory [token][weight row]; (split-K: cluster
 //   barrier, then each rank finishes a share of the tile, summing the ranks' tiles in order);
 //   + bias, round to bf16; with an activation: widen, activation in f32, round to bf16 (the
@@ -135,10 +138,10 @@ constexpr int64_t kFp8NarrowRows = 6;
 // scheduler, so no SM idles behind a few CTAs that drew one item more) once a CTA's share of an
 // item streams at least kFp8PerItemMinKBlocks stages; shorter items stay on the persistent grid,
 // which pays the CTA's set-up (group table, barriers) once. Measured on an H200 (bench/NOTES.md
-// v8): the layer 4-8% faster at T = 8-512 of gpt-oss, mixtral, deepseek and nemotron (T >= 32);
-// with every kernel per item, qwen3 (k = 2048 and 768) was 2-7% slower; bf16 (2-3 CTAs per SM,
-// 6 stages) was slower per item everywhere, up to 29%.
-constexpr int64_t kFp8PerItemMinKBlocks = 20;
+// v8, v14): per item, mixtral (32 and 112 stages) and deepseek (56) run 2-7% faster at T = 32
+// and 128; nemotron (21) and gpt-oss (23) 3-7% slower since v14's cheaper producer; qwen3
+// (16 and 6) 2-21% slower; bf16 (2-3 CTAs per SM) slower per item everywhere, up to 29%.
+constexpr int64_t kFp8PerItemMinKBlocks = 32;
 // Four e8m0 scale bytes of 0x7F (2^0: scale 1.0 each), the finite scale of the bytes no real
 // scale covers (padding token columns, k blocks past a row's end), whose operands are zero.
 constexpr uint32_t kScaleOneWord = 0x7F7F7F7Fu;
@@ -432,18 +435,33 @@ __global__ void __launch_bounds__(kThreads, SmallLayout<NT, kFp8, kRouted>::kMin
     for (int w = first_item; w < total_items; w += item_stride) {
       const Item it = decode_item<NT>(w, s_prefix, s_start, s_end, groups, p.n_tiles);
       // Token chunk i of this lane: token lane / 8 + 4 i, 16-byte chunk lane % 8 of the k slice.
-      int64_t src_off[NT / 4];
+      // What a stage copies is an item's address plus the stage's offset: the per-row address
+      // work is done here, once per item (MXFP8 decode measured its single producer warp at ~290
+      // instructions per stage with it in the k loop; bench/NOTES.md v14).
+      const int chunk = lane & 7;
+      const uint8_t* x_src[NT / 4];
 #pragma unroll
       for (int i = 0; i < NT / 4; ++i) {
         const int s = source_row(p, kRouted, s_token, it.row0 + lane / 8 + 4 * i, it.row_end);
-        src_off[i] = s < 0 ? -1 : int64_t(s) * p.k_bytes;
+        x_src[i] = s < 0 ? nullptr : p.a + int64_t(s) * p.k_bytes + chunk * 16;
       }
-      // MXFP8: the source row of the token whose scale word wd = lane + 32 i this lane copies.
-      int sx_row[(2 * NT + 31) / 32];
+      // MXFP8: the scale words this lane copies, wd = lane + 32 i: weight rows wd / 2 of the
+      // tile, then the tokens' (padding tokens read as zero, then get the scale-1 words).
+      constexpr int kWWords = kFp8 ? 2 * kTileW / 32 : 1, kXWords = kFp8 ? (2 * NT + 31) / 32 : 1;
+      ScaleWordCursor w_scale[kWWords], x_scale[kXWords];
+      if constexpr (kFp8) {
 #pragma unroll
-      for (int i = 0; i < (2 * NT + 31) / 32; ++i) {
-        const int t = (lane + 32 * i) >> 1;
-        sx_row[i] = t < NT ? source_row(p, kRouted, s_token, it.row0 + t, it.row_end) : -1;
+        for (int i = 0; i < kWWords; ++i) {
+          const int wd = lane + 32 * i;
+          const int64_t row = int64_t(it.group) * p.n + weight_row(p, it.tile, wd >> 1);
+          w_scale[i] = scale_word_cursor(p.b_scale, row, p.ks, b_scale_end, wd & 1);
+        }
+#pragma unroll
+        for (int i = 0; i < kXWords; ++i) {
+          const int wd = lane + 32 * i, t = wd >> 1;
+          const int s = t < NT ? source_row(p, kRouted, s_token, it.row0 + t, it.row_end) : -1;
+          x_scale[i] = scale_word_cursor(p.a_scale, s, p.ks, a_scale_end, wd & 1);
+        }
       }
       const int b_row0 = it.group * p.n + weight_row(p, it.tile, 0);
       const int b_row1 = it.group * p.n + weight_row(p, it.tile, kHalfTileW);
@@ -456,30 +474,23 @@ __global__ void __launch_bounds__(kThreads, SmallLayout<NT, kFp8, kRouted>::kMin
           load_weight_stage<L::kWBytes>(&tm_b, st, &full[stage], kb, b_row0, b_row1);
         }
         uint8_t* xs = st + L::kWBytes;
-        const int chunk = lane & 7;
-        const int kbyte = kb * kStageK + chunk * 16;
+        const bool k_in = kb * kStageK + chunk * 16 < p.k_bytes;
 #pragma unroll
         for (int i = 0; i < NT / 4; ++i) {
           const int t = lane / 8 + 4 * i;
-          const bool ok = src_off[i] >= 0 && kbyte < p.k_bytes;
+          const bool ok = x_src[i] != nullptr && k_in;
           // 128-byte swizzle, as TMA writes it: chunk c of row t lands at chunk c ^ (t % 8).
           ptx::cp_async_16_zfill(xs + t * 128 + ((chunk ^ (t & 7)) * 16),
-                                 ok ? p.a + src_off[i] + kbyte : p.a, ok);
+                                 ok ? x_src[i] + kb * kStageK : p.a, ok);
         }
         if constexpr (kFp8) {
           uint32_t* sw = reinterpret_cast<uint32_t*>(xs + L::kXBytes);  // [64][2]
           uint32_t* sx = sw + 2 * kTileW;                                // [NT][2]
 #pragma unroll
-          for (int i = 0; i < (2 * kTileW) / 32; ++i) {
-            const int wd = lane + 32 * i, m = wd >> 1;
-            const int64_t row = int64_t(it.group) * p.n + weight_row(p, it.tile, m);
-            copy_scale_words(sw + 2 * m, p.b_scale, row, p.ks, kb, b_scale_end, wd & 1);
-          }
+          for (int i = 0; i < kWWords; ++i) copy_scale_word_at(sw + lane + 32 * i, w_scale[i], kb);
 #pragma unroll
-          for (int i = 0; i < (2 * NT + 31) / 32; ++i) {
-            const int wd = lane + 32 * i, t = wd >> 1;
-            if (t < NT) copy_scale_words(sx + 2 * t, p.a_scale, sx_row[i], p.ks, kb, a_scale_end, wd & 1);
-          }
+          for (int i = 0; i < kXWords; ++i)
+            if (lane + 32 * i < 2 * NT) copy_scale_word_at(sx + lane + 32 * i, x_scale[i], kb);
         }
         ptx::cp_async_mbar_arrive_noinc(&full[stage]);
         ptx::next_stage<kStages>(stage, phase);
@@ -538,9 +549,9 @@ __global__ void __launch_bounds__(kThreads, SmallLayout<NT, kFp8, kRouted>::kMin
       // The token tile was written by cp.async (generic proxy); wgmma reads through the async
       // proxy.
       ptx::fence_proxy_async_smem();
-      const uint64_t desc_w = desc_w0 + uint32_t(stage * (L::kStageBytes >> 4));
-      const uint64_t desc_x = desc_x0 + uint32_t(stage * (L::kStageBytes >> 4));
       if constexpr (!kFp8) {
+        const uint64_t desc_w = desc_w0 + uint32_t(stage * (L::kStageBytes >> 4));
+        const uint64_t desc_x = desc_x0 + uint32_t(stage * (L::kStageBytes >> 4));
 #pragma unroll
         for (int i = 0; i < kAcc; ++i) ptx::wgmma_fence_operand(acc[i]);
         ptx::wgmma_fence();
@@ -555,8 +566,7 @@ __global__ void __launch_bounds__(kThreads, SmallLayout<NT, kFp8, kRouted>::kMin
         prev_stage = stage;
       } else {
         const uint8_t* sc = smem + stage * L::kStageBytes + L::kWBytes + L::kXBytes;
-        // The stage's scales, decoded before its wgmmas so that their wait covers the work: each
-        // row's or token's 4 bytes as one word, then branch-free to f32 (mx_scale_words.cuh).
+        // The stage's scales, each row's or token's 4 bytes as one word (mx_scale_words.cuh).
         uint32_t word[kWords];
 #pragma unroll
         for (int i = 0; i < kWords; ++i) {
@@ -571,25 +581,19 @@ __global__ void __launch_bounds__(kThreads, SmallLayout<NT, kFp8, kRouted>::kMin
 #pragma unroll
           for (int i = 0; i < kWords; ++i) word[i] = (word[i] & keep) | (kScaleOneWord & ~keep);
         }
-        float fw[kStageK / 32][2], fx[kStageK / 32][NT / 4];
+        // Whether every scale byte of the thread's words is in [64, 191], as all but extreme
+        // scales are: then a product of two scales is one integer add of their f32 exponent
+        // fields (mx_scale_words.cuh), else the bytes are decoded and multiplied.
+        uint32_t in_range = ~0u;
 #pragma unroll
-        for (int i = 0; i < kWords; ++i) {
-          const uint32_t special = e8m0x4_special(word[i]);
-          float f[kStageK / 32];
-          f[0] = e8m0x4_to_f32<0>(word[i], special);
-          f[1] = e8m0x4_to_f32<1>(word[i], special);
-          f[2] = e8m0x4_to_f32<2>(word[i], special);
-          f[3] = e8m0x4_to_f32<3>(word[i], special);
-#pragma unroll
-          for (int j4 = 0; j4 < kStageK / 32; ++j4) {
-            if (i < 2) fw[j4][i] = f[j4];
-            else fx[j4][i - 2] = f[j4];
-          }
-        }
+        for (int i = 0; i < kWords; ++i) in_range &= e8m0x4_in_product_range(word[i]);
         // The four k32 blocks go to four temporaries in one wgmma group and one wait: waiting
         // after each block (v1) exposed four wgmma latencies per stage. All four run even in a
         // last, partial stage (wgmma inside a branch is serialised by ptxas): past k both
         // operands were zero-filled, so those temporaries are exact zeros, times scale 1.
+        // The descriptors step in their low word (ptx::wgmma_desc_sw128_lo), in 32 bits.
+        const uint32_t lo_w = uint32_t(desc_w0) + uint32_t(stage * (L::kStageBytes >> 4));
+        const uint32_t lo_x = uint32_t(desc_x0) + uint32_t(stage * (L::kStageBytes >> 4));
         float t[kStageK / 32][kAcc];
 #pragma unroll
         for (int j4 = 0; j4 < kStageK / 32; ++j4)
@@ -601,22 +605,54 @@ __global__ void __launch_bounds__(kThreads, SmallLayout<NT, kFp8, kRouted>::kMin
         ptx::wgmma_fence();
 #pragma unroll
         for (int j4 = 0; j4 < kStageK / 32; ++j4)
-          ptx::wgmma_m64k32_e4m3_narrow<NT>(t[j4], desc_w + 2 * j4, desc_x + 2 * j4, 0);
+          ptx::wgmma_m64k32_e4m3_narrow<NT>(t[j4], ptx::wgmma_desc_sw128_lo(lo_w + 2 * j4),
+                                            ptx::wgmma_desc_sw128_lo(lo_x + 2 * j4), 0);
         ptx::wgmma_commit();
         ptx::wgmma_wait<0>();
 #pragma unroll
-        for (int j4 = 0; j4 < kStageK / 32; ++j4) {
+        for (int j4 = 0; j4 < kStageK / 32; ++j4)
 #pragma unroll
           for (int i = 0; i < kAcc; ++i) ptx::wgmma_fence_operand(t[j4][i]);
+        // acc += t * (scale_w * scale_x): the scales' product first, since a sum of 32 e4m3
+        // products reaches 2^22.6, and times one extreme scale alone (2^111 against a token's
+        // 2^-127) it overflows where the dequantized products are finite. Both branches give
+        // that product's f32 bits, so the same sums.
+        if ((in_range & 0x80808080u) == 0x80808080u) {
+          uint32_t field[kWords][kStageK / 32];
 #pragma unroll
-          for (int j = 0; j < NT / 4; ++j) {
-            const int a0 = 4 * (j / 2) + (j % 2);
-            // The scales' product first: a sum of 32 e4m3 products reaches 2^22.6, and times one
-            // extreme scale alone (2^111 against a token's 2^-127) it overflows where the
-            // dequantized products are finite.
-            acc[a0] = fmaf(t[j4][a0], fw[j4][0] * fx[j4][j], acc[a0]);
-            acc[a0 + 2] = fmaf(t[j4][a0 + 2], fw[j4][1] * fx[j4][j], acc[a0 + 2]);
+          for (int i = 0; i < kWords; ++i) {
+            field[i][0] = e8m0_exponent_field<0>(word[i]);
+            field[i][1] = e8m0_exponent_field<1>(word[i]);
+            field[i][2] = e8m0_exponent_field<2>(word[i]);
+            field[i][3] = e8m0_exponent_field<3>(word[i]);
           }
+#pragma unroll
+          for (int j4 = 0; j4 < kStageK / 32; ++j4)
+#pragma unroll
+            for (int j = 0; j < NT / 4; ++j) {
+              const int a0 = 4 * (j / 2) + (j % 2);
+              const uint32_t x = field[2 + j][j4] - kE8m0BiasField;
+              acc[a0] = fmaf(t[j4][a0], __uint_as_float(field[0][j4] + x), acc[a0]);
+              acc[a0 + 2] = fmaf(t[j4][a0 + 2], __uint_as_float(field[1][j4] + x), acc[a0 + 2]);
+            }
+        } else {
+          float f[kWords][kStageK / 32];
+#pragma unroll
+          for (int i = 0; i < kWords; ++i) {
+            const uint32_t special = e8m0x4_special(word[i]);
+            f[i][0] = e8m0x4_to_f32<0>(word[i], special);
+            f[i][1] = e8m0x4_to_f32<1>(word[i], special);
+            f[i][2] = e8m0x4_to_f32<2>(word[i], special);
+            f[i][3] = e8m0x4_to_f32<3>(word[i], special);
+          }
+#pragma unroll
+          for (int j4 = 0; j4 < kStageK / 32; ++j4)
+#pragma unroll
+            for (int j = 0; j < NT / 4; ++j) {
+              const int a0 = 4 * (j / 2) + (j % 2);
+              acc[a0] = fmaf(t[j4][a0], f[0][j4] * f[2 + j][j4], acc[a0]);
+              acc[a0 + 2] = fmaf(t[j4][a0 + 2], f[1][j4] * f[2 + j][j4], acc[a0 + 2]);
+            }
         }
         // Every wgmma of this stage is complete and the scales were read: release it now.
         __syncwarp();

@@ -4,10 +4,13 @@
 // ks % 4 == 0, and cp.async copies aligned words, so a row's bytes arrive as the two aligned
 // words that cover them, plus the skew of the first byte inside them. Used by the decode GEMM
 // (grouped_mm_small.cu) and the fp8-wgmma prefill GEMM (grouped_mm_sm90.cu); the pair form below
-// serves the register-dequantizing prefill GEMM (grouped_mm_sm90.cu). Last, the decode GEMM's
-// branch-free conversion of four scale bytes to f32.
+// serves the register-dequantizing prefill GEMM (grouped_mm_sm90.cu); the cursor form, the
+// decode GEMM's copies with the row's address work done once per item. Last, the decode GEMM's
+// branch-free conversion of four scale bytes to f32, and two scales' product from their exponent
+// fields.
 #pragma once
 
+#include <climits>
 #include <cstdint>
 
 #include "cuda/ptx/cp_async_mbarrier.cuh"
@@ -35,6 +38,28 @@ __device__ __forceinline__ void copy_scale_words(uint32_t* dst, const uint8_t* b
   const int64_t at =
       row >= 0 ? ((row * ks + int64_t(kb) * 4) & ~int64_t(3)) + 4 * half : end_bytes;
   copy_scale_word(dst + half, base, at, end_bytes);
+}
+
+// copy_scale_words with the row's part hoisted out of a loop over k-blocks: the aligned word
+// `half` of k-block kb sits 4 kb bytes past that of k-block 0, so a cursor keeps the word's
+// address at kb = 0 and the bytes of the array from there (saturated at INT_MAX; 0 for rows < 0).
+struct ScaleWordCursor {
+  const uint8_t* src;
+  int left;
+};
+
+__device__ __forceinline__ ScaleWordCursor scale_word_cursor(const uint8_t* base, int64_t row,
+                                                             int ks, int64_t end_bytes, int half) {
+  const int64_t at = row >= 0 ? ((row * ks) & ~int64_t(3)) + 4 * half : end_bytes;
+  const int64_t left = end_bytes - at;
+  return {left > 0 ? base + at : base, int(left > 0 ? (left < INT_MAX ? left : INT_MAX) : 0)};
+}
+
+// The copy copy_scale_words(dst, ..., kb, ..., half) issues, from the cursor of its row and half.
+__device__ __forceinline__ void copy_scale_word_at(uint32_t* dst, ScaleWordCursor c, int kb) {
+  const int left = c.left - 4 * kb;
+  const uint32_t bytes = left <= 0 ? 0u : (left >= 4 ? 4u : uint32_t(left));
+  ptx::cp_async_4_partial(dst, bytes ? c.src + 4 * kb : c.src, bytes);
 }
 
 // Kernels that stage 64 bytes of k per stage need the 2 scale bytes [row * ks + kb * 2, +2) of a
@@ -76,5 +101,26 @@ __device__ __forceinline__ float e8m0x4_to_f32(uint32_t w, uint32_t special) {
   const uint32_t v = ptx::prmt<kSelector>(w, special);
   return __uint_as_float((v >> 1) & 0x7FC00000u);
 }
+
+// ---- Two scales' product from exponent fields --------------------------------------------------
+// An e8m0 byte a in [1, 254] is the f32 2^(a - 127), whose exponent field (bits 23-30) is a.
+// So the f32 product of two scales a and b has the field a + b - 127, while that is in [1, 254]
+// (a normal f32) or 255 (infinity, as the multiplication overflows); bytes in [64, 191] keep it
+// there (a + b - 127 in [1, 255]). Then the product's bits are field(a) + field(b) -
+// kE8m0BiasField, modulo 2^32: integer adds in place of two decodes and a multiplication.
+
+// Byte J of w at bits 23-30, the rest zero.
+template <int J>
+__device__ __forceinline__ uint32_t e8m0_exponent_field(uint32_t w) {
+  static_assert(J >= 0 && J < 4, "a word holds 4 scale bytes");
+  constexpr int kLeft = 23 - 8 * J;  // 23, 15, 7, -1
+  return (kLeft >= 0 ? w << (kLeft & 31) : w >> 1) & 0x7F800000u;
+}
+
+constexpr uint32_t kE8m0BiasField = 127u << 23;
+
+// Bit 7 of byte j (the other bits are not meaningful) set iff byte j of w is in [64, 191]: its
+// bits 7 and 6 differ. AND the words' results, then mask with 0x80808080.
+__device__ __forceinline__ uint32_t e8m0x4_in_product_range(uint32_t w) { return w ^ (w << 1); }
 
 }  // namespace fmoe::cuda

@@ -20,9 +20,20 @@ namespace fmoe::ptx {
 // elements inside the span is done by adding 32 bytes to the start address.
 //   bits 0-13: start address >> 4, 16-29: leading byte offset >> 4, 32-45: stride byte offset
 //   >> 4, 49-51: base offset, 62-63: swizzle mode (1 = 128-byte).
+// The descriptor's high word: stride 1024 bytes (bits 32-45, in 16-byte units), 128-byte swizzle
+// (bit 62).
+constexpr uint32_t kDescSw128Hi = (1024 >> 4) | (1u << 30);
+
 __device__ __forceinline__ uint64_t wgmma_desc_sw128(uint32_t smem_byte_addr) {
   return uint64_t((smem_byte_addr & 0x3FFFF) >> 4) | (uint64_t(1) << 16) |
-         (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
+         (uint64_t(kDescSw128Hi) << 32);
+}
+
+// A wgmma_desc_sw128 descriptor from its low word (address and leading offset): the high word
+// (stride, swizzle) is the same for every address, so a kernel stepping a descriptor through
+// shared memory adds to the low word alone, in 32 bits.
+__device__ __forceinline__ uint64_t wgmma_desc_sw128_lo(uint32_t lo) {
+  return (uint64_t(kDescSw128Hi) << 32) | lo;
 }
 
 // Orders earlier register and shared-memory accesses of the warpgroup before the wgmma that
