@@ -61,8 +61,9 @@ export interface Comparison {
 
 const cellKey = (c: BenchCell): string => `${c.case} ${c.T} ${c.dtype}`;
 
-function geomean(xs: number[]): number {
-  return Math.exp(xs.reduce((a, x) => a + Math.log(x), 0) / xs.length);
+/** The geometric mean of xs (1 for none). */
+export function geomean(xs: number[]): number {
+  return Math.exp(xs.reduce((a, x) => a + Math.log(x), 0) / Math.max(1, xs.length));
 }
 
 /** Throws (naming the problem) where the runs have no cell in common. */

@@ -43,7 +43,7 @@ import {
 } from "../lib/index.ts";
 import { f32ToBf16 } from "../lib/dtype.ts";
 import { randomRouting, Rng } from "../lib/random.ts";
-import { type BenchRun, compareRuns, formatComparison, markdownTable, readBenchRun } from "./bench-compare.ts";
+import { type BenchRun, compareRuns, formatComparison, geomean, markdownTable, readBenchRun } from "./bench-compare.ts";
 
 const { values } = parseArgs({
   options: {
@@ -282,14 +282,14 @@ function table(rs: Row[]): string {
   return markdownTable(head, lines);
 }
 
-const geomean = Math.exp(rows.reduce((a, r) => a + Math.log(r.ratio), 0) / Math.max(1, rows.length));
+const geomeanRatio = geomean(rows.map((r) => r.ratio));
 console.log(`\n${device}, ${dtype}, ${values.timing} timing, copy ${(copyBw / 1e12).toFixed(2)} TB/s, peak ${peak.tflops.toFixed(0)} TFLOP/s\n`);
 console.log(table(rows));
-console.log(`\ngeometric mean of time/floor over ${rows.length} cells: ${geomean.toFixed(3)} (worst ${Math.max(...rows.map((r) => r.ratio)).toFixed(2)})`);
+console.log(`\ngeometric mean of time/floor over ${rows.length} cells: ${geomeanRatio.toFixed(3)} (worst ${Math.max(...rows.map((r) => r.ratio)).toFixed(2)})`);
 if (values.json) {
   writeFileSync(values.json, JSON.stringify({
     device, backend, dtype, timing: values.timing, copy_bandwidth_bytes_per_s: copyBw, matmul_peak_tflops: peak.tflops,
-    matmul_peak_source: peak.source, geomean_ratio: geomean, rows,
+    matmul_peak_source: peak.source, geomean_ratio: geomeanRatio, rows,
   }, null, 2));
   console.log(`bench: wrote ${values.json}`);
 }
