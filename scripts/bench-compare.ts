@@ -102,7 +102,8 @@ export function markdownTable(head: string[], lines: string[][]): string {
   return [fmt(head), "|" + widths.map((w) => "-".repeat(w + 2)).join("|") + "|", ...lines.map(fmt)].join("\n");
 }
 
-const runLabel = (r: BenchRun): string =>
+/** A run in one line: device, dtype, timing and measured copy rate (bench prints it too). */
+export const runLabel = (r: BenchRun): string =>
   `${r.device}, ${r.dtype}, ${r.timing} timing, copy ${(r.copy_bandwidth_bytes_per_s / 1e12).toFixed(2)} TB/s`;
 
 /** The comparison as lines of text: a header, a table, the geometric means. names: how the

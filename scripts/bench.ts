@@ -43,7 +43,7 @@ import {
 } from "../lib/index.ts";
 import { f32ToBf16 } from "../lib/dtype.ts";
 import { randomRouting, Rng } from "../lib/random.ts";
-import { type BenchRun, compareRuns, formatComparison, geomean, markdownTable, readBenchRun } from "./bench-compare.ts";
+import { type BenchRun, compareRuns, formatComparison, geomean, markdownTable, readBenchRun, runLabel } from "./bench-compare.ts";
 
 const { values } = parseArgs({
   options: {
@@ -283,7 +283,8 @@ function table(rs: Row[]): string {
 }
 
 const geomeanRatio = geomean(rows.map((r) => r.ratio));
-console.log(`\n${device}, ${dtype}, ${values.timing} timing, copy ${(copyBw / 1e12).toFixed(2)} TB/s, peak ${peak.tflops.toFixed(0)} TFLOP/s\n`);
+const current: BenchRun = { device, dtype, timing: values.timing!, copy_bandwidth_bytes_per_s: copyBw, rows };
+console.log(`\n${runLabel(current)}, peak ${peak.tflops.toFixed(0)} TFLOP/s\n`);
 console.log(table(rows));
 console.log(`\ngeometric mean of time/floor over ${rows.length} cells: ${geomeanRatio.toFixed(3)} (worst ${Math.max(...rows.map((r) => r.ratio)).toFixed(2)})`);
 if (values.json) {
@@ -294,7 +295,6 @@ if (values.json) {
   console.log(`bench: wrote ${values.json}`);
 }
 if (previousRun) {
-  const current: BenchRun = { device, dtype, timing: values.timing!, copy_bandwidth_bytes_per_s: copyBw, rows };
   try {
     const cmp = compareRuns(current, previousRun);
     console.log("\n" + formatComparison(cmp, current, previousRun, { current: "this run", previous: values.compare! }));
