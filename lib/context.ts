@@ -2,7 +2,7 @@
  * Context: one backend (host or CUDA device) with its memory, streams, graphs and plans.
  */
 import type { DType, ElementArray } from "./dtype.ts";
-import { FmoeError, Status } from "./errors.ts";
+import { checkOptions, FmoeError, optionNames, Status } from "./errors.ts";
 import * as ffi from "./ffi.ts";
 import { Graph } from "./graph.ts";
 import { ContextState, registerFinalizer, unregisterFinalizer } from "./lifetime.ts";
@@ -14,6 +14,7 @@ export type BackendChoice = "auto" | "host" | "cuda";
 export type BackendKind = "host" | "cuda";
 
 const BACKEND_CODE: Record<BackendChoice, number> = { auto: 0, host: 1, cuda: 2 };
+const CONTEXT_OPTIONS = optionNames<ContextOptions>({ backend: true, device: true });
 
 export interface ContextOptions {
   /** Default "auto". */
@@ -94,15 +95,22 @@ export class Context {
   }
 
   /**
-   * Creates a context. `backend: "cuda"` without a CUDA build or device throws
-   * FmoeError(UNSUPPORTED); "auto" falls back to host.
+   * Creates a context: `Context.create()`, `Context.create("cuda")` or
+   * `Context.create({ backend: "cuda", device: 1 })`. `backend: "cuda"` without a CUDA build or
+   * device throws FmoeError(UNSUPPORTED); "auto" falls back to host.
    */
-  static create(options: ContextOptions = {}): Context {
-    const backend = options.backend ?? "auto";
-    if (!(backend in BACKEND_CODE)) {
+  static create(options: ContextOptions | BackendChoice = {}): Context {
+    const o = typeof options === "string" ? { backend: options } : options;
+    checkOptions("Context.create", "options", o, CONTEXT_OPTIONS);
+    const backend = o.backend ?? "auto";
+    if (!Object.hasOwn(BACKEND_CODE, backend)) {
       throw new FmoeError(Status.INVALID_ARGUMENT, `Context.create: backend must be auto, host or cuda, got ${String(backend)}`);
     }
-    const handle = ffi.contextCreate(BACKEND_CODE[backend], options.device ?? 0);
+    const device = o.device ?? 0;
+    if (!Number.isSafeInteger(device) || device < 0) {
+      throw new FmoeError(Status.INVALID_ARGUMENT, `Context.create: device must be an integer >= 0, got ${String(device)}`);
+    }
+    const handle = ffi.contextCreate(BACKEND_CODE[backend], device);
     return new Context(handle);
   }
 

@@ -50,3 +50,28 @@ export class FmoeError extends Error {
 export function ensureArg(cond: boolean, fn: string, message: string): asserts cond {
   if (!cond) throw new FmoeError(Status.INVALID_ARGUMENT, `${fn}: ${message}`);
 }
+
+/**
+ * The option names of an options type, each listed once. The record must name every key of T
+ * and no other (TypeScript rejects it otherwise), so the list cannot drift from the interface.
+ */
+export function optionNames<T>(names: { [K in keyof Required<T>]: true }): readonly string[] {
+  return Object.keys(names);
+}
+
+/**
+ * Throws FmoeError(INVALID_ARGUMENT) unless `options` is an object whose keys are all in `names`.
+ * Bun runs TypeScript without type-checking it, so a misspelt optional key (`weightsFormat` for
+ * `weightFormat`, `rowmap` for `rowMap`) would otherwise be dropped without a word and the call
+ * would run with the default instead.
+ */
+export function checkOptions(fn: string, what: string, options: unknown, names: readonly string[]): void {
+  if (options === null || typeof options !== "object" || Array.isArray(options)) {
+    throw new FmoeError(Status.INVALID_ARGUMENT, `${fn}: ${what} must be an object, got ${options === null ? "null" : Array.isArray(options) ? "an array" : typeof options}`);
+  }
+  for (const key of Object.keys(options)) {
+    if (!names.includes(key)) {
+      throw new FmoeError(Status.INVALID_ARGUMENT, `${fn}: ${what} has no option "${key}" (its options: ${names.join(", ")})`);
+    }
+  }
+}

@@ -20,7 +20,7 @@ import {
 } from "./config.ts";
 import type { Context, Stream } from "./context.ts";
 import { MX_BLOCK } from "./dtype.ts";
-import { FmoeError, Status } from "./errors.ts";
+import { checkOptions, FmoeError, optionNames, Status } from "./errors.ts";
 import * as ffi from "./ffi.ts";
 import type { Graph } from "./graph.ts";
 import { registerFinalizer, unregisterFinalizer } from "./lifetime.ts";
@@ -107,6 +107,16 @@ export interface ForwardGroupedArgs {
   stream?: Stream;
 }
 
+const CONFIG_OPTIONS = optionNames<FusedMoEConfig>({
+  hidden: true, ffn: true, numExperts: true, numLocalExperts: true, localExpertStart: true, topk: true, activation: true,
+  layout: true, alpha: true, limit: true, weightFormat: true, alignment: true, maxTokens: true, applyRouterWeightOnInput: true,
+});
+const WEIGHT_OPTIONS = optionNames<FusedMoEWeights>({
+  fc1: true, fc2: true, fc1Scale: true, fc2Scale: true, scaleLayout: true, fc1Bias: true, fc2Bias: true,
+});
+const FORWARD_OPTIONS = optionNames<ForwardArgs>({ hidden: true, routingMap: true, probs: true, out: true, stream: true });
+const FORWARD_GROUPED_OPTIONS = optionNames<ForwardGroupedArgs>({ hidden: true, tokensPerExpert: true, probs: true, out: true, stream: true });
+
 function fail(message: string): never {
   throw new FmoeError(Status.INVALID_ARGUMENT, `FusedMoE: ${message}`);
 }
@@ -128,6 +138,7 @@ function checkTensor(name: string, t: Tensor | undefined, dtype: string, dims: r
 
 /** Fills defaults and checks the ranges TypeScript can check (the library checks the rest). */
 export function resolveConfig(config: FusedMoEConfig): ResolvedFusedMoEConfig {
+  checkOptions("FusedMoE", "config", config, CONFIG_OPTIONS);
   const start = config.localExpertStart ?? 0;
   const resolved: ResolvedFusedMoEConfig = {
     hidden: checkInt("hidden", config.hidden, 1),
@@ -196,6 +207,7 @@ export class FusedMoE {
     this.fc1Outputs = N1;
     this.maxRows = maxRowsFor(c.maxTokens, c.topk, E, c.alignment);
 
+    checkOptions("FusedMoE", "weights", weights, WEIGHT_OPTIONS);
     try {
       this.weights = this.#prepareWeights(weights, E, N1, H, I);
       if (weights.fc1Bias !== undefined) checkTensor("fc1Bias", weights.fc1Bias, "f32", [E, N1], "[E_local, N1]");
@@ -316,6 +328,7 @@ export class FusedMoE {
    * [T, H] (tokens with no local slot get zeros). Asynchronous on `stream`.
    */
   forward(args: ForwardArgs): Tensor<"bf16"> {
+    checkOptions("FusedMoE.forward", "args", args, FORWARD_OPTIONS);
     const c = this.config;
     const hidden = checkTensor("hidden", args.hidden, "bf16", [null, c.hidden], "[T, H]");
     const T = hidden.shape[0]!;
@@ -338,6 +351,7 @@ export class FusedMoE {
    * the sum of tokensPerExpert are zeros.
    */
   forwardGrouped(args: ForwardGroupedArgs): Tensor<"bf16"> {
+    checkOptions("FusedMoE.forwardGrouped", "args", args, FORWARD_GROUPED_OPTIONS);
     const c = this.config;
     const hidden = checkTensor("hidden", args.hidden, "bf16", [null, c.hidden], "[rows, H]");
     const rows = hidden.shape[0]!;
@@ -360,6 +374,7 @@ export class FusedMoE {
    * contents: write new tokens / routing / probs into the same tensors and launch again.
    */
   capture(args: (ForwardArgs | ForwardGroupedArgs) & { out: Tensor; stream?: Stream }): Graph {
+    checkOptions("FusedMoE.capture", "args", args, [...new Set([...FORWARD_OPTIONS, ...FORWARD_GROUPED_OPTIONS])]);
     if (args.out === undefined) fail("capture needs a preallocated `out`");
     return this.ctx.capture(args.stream, () => {
       if ("tokensPerExpert" in args) this.forwardGrouped(args);

@@ -25,7 +25,7 @@ import {
 } from "./config.ts";
 import type { Context, Stream } from "./context.ts";
 import { type DType, MX_BLOCK } from "./dtype.ts";
-import { FmoeError, Status } from "./errors.ts";
+import { checkOptions, FmoeError, optionNames, Status } from "./errors.ts";
 import * as ffi from "./ffi.ts";
 import { describe, type Tensor } from "./tensor.ts";
 
@@ -182,8 +182,18 @@ export interface PermuteResult extends Partial<PermuteOutputs> {
  * Groups the token copies of local slots by local expert (stable in (token, slot) order) and
  * pads each group to a multiple of `alignment` rows (fmoe_permute).
  */
+const PERMUTE_OPTIONS = optionNames<PermuteOptions>({
+  hidden: true, routingMap: true, probs: true, numExperts: true, localExpertStart: true, numLocalExperts: true,
+  alignment: true, quantize: true, invalidCount: true, out: true, stream: true,
+});
+const PERMUTE_OUTPUTS = optionNames<PermuteOutputs>({
+  permuted: true, permutedQ: true, permutedScale: true, expertOffsets: true, permutationMap: true, inverseMap: true,
+});
+
 export function permute(ctx: Context, o: PermuteOptions): PermuteResult {
   const fn = "permute";
+  checkOptions(fn, "options", o, PERMUTE_OPTIONS);
+  if (o.out !== undefined) checkOptions(fn, "out", o.out, PERMUTE_OUTPUTS);
   const hidden = expectTensor(fn, "hidden", o.hidden, "bf16", [null, null], "[T, H]");
   const [T, H] = hidden.shape as [number, number];
   const routing = expectTensor(fn, "routingMap", o.routingMap, "i32", [T, null], "[T, topk]");
@@ -276,6 +286,12 @@ export interface ActivationMxfp8Options extends ActivationOptionsBase {
   out?: Partial<Mxfp8Tensors>;
 }
 
+const ACTIVATION_OPTIONS = optionNames<ActivationMxfp8Options>({
+  input: true, activation: true, layout: true, alpha: true, limit: true, rowMap: true, nUsed: true, stream: true,
+  quantize: true, out: true,
+});
+const MXFP8_TENSORS = optionNames<Mxfp8Tensors>({ data: true, scale: true });
+
 /**
  * out[r] = act(input[r]) for the rows not skipped: widened to f32, activation in f32, rounded
  * once to bf16 (fmoe_activation_quant). Returns bf16 [rows, I], or with `quantize: true` the
@@ -285,6 +301,8 @@ export function activation(ctx: Context, o: ActivationBf16Options): Tensor<"bf16
 export function activation(ctx: Context, o: ActivationMxfp8Options): Mxfp8Tensors;
 export function activation(ctx: Context, o: ActivationBf16Options | ActivationMxfp8Options): Tensor | Mxfp8Tensors {
   const fn = "activation";
+  checkOptions(fn, "options", o, ACTIVATION_OPTIONS);
+  if (o.quantize === true && o.out !== undefined) checkOptions(fn, "out", o.out, MXFP8_TENSORS);
   if (!isActivation(o.activation)) fail(fn, `activation must be squared_relu, silu, gelu or swiglu_oai, got ${String(o.activation)}`);
   const layout = o.layout ?? "halves";
   if (!isGatedLayout(layout)) fail(fn, `layout must be halves or interleaved, got ${String(layout)}`);
@@ -343,8 +361,12 @@ export interface QuantizeOptions {
  * MXFP8 of bf16 `x` [..., K] (K % 32 == 0): data e4m3 [..., K], scale e8m0 [..., K/32]
  * (fmoe_quantize_mxfp8; the rule of fmoe.h, bit for bit on every backend).
  */
+const QUANTIZE_OPTIONS = optionNames<QuantizeOptions>({ out: true, stream: true });
+
 export function quantizeMxfp8(ctx: Context, x: Tensor, o: QuantizeOptions = {}): Mxfp8Tensors {
   const fn = "quantizeMxfp8";
+  checkOptions(fn, "options", o, QUANTIZE_OPTIONS);
+  if (o.out !== undefined) checkOptions(fn, "out", o.out, MXFP8_TENSORS);
   x.assertAlive(`${fn}: x`);
   if (x.dtype !== "bf16" || x.shape.length < 1) fail(fn, `x must be [..., K] bf16, got ${describe(x.shape, x.dtype)}`);
   const k = x.shape[x.shape.length - 1]!;
@@ -367,8 +389,11 @@ export interface DequantizeOptions {
 }
 
 /** f32 [..., K] = e4m3 data [..., K] * 2^scale (scale e8m0 [..., K/32]) (fmoe_dequantize_mxfp8). */
+const OUT_STREAM_OPTIONS = optionNames<DequantizeOptions>({ out: true, stream: true });
+
 export function dequantizeMxfp8(ctx: Context, data: Tensor, scale: Tensor, o: DequantizeOptions = {}): Tensor<"f32"> {
   const fn = "dequantizeMxfp8";
+  checkOptions(fn, "options", o, OUT_STREAM_OPTIONS);
   data.assertAlive(`${fn}: data`);
   if (data.dtype !== "e4m3" || data.shape.length < 1) fail(fn, `data must be [..., K] e4m3, got ${describe(data.shape, data.dtype)}`);
   const k = data.shape[data.shape.length - 1]!;
@@ -400,6 +425,7 @@ function roundUp(x: number, m: number): number {
  */
 export function swizzleScales(ctx: Context, linear: Tensor, o: SwizzleOptions = {}): Tensor<"e8m0"> {
   const fn = "swizzleScales";
+  checkOptions(fn, "options", o, OUT_STREAM_OPTIONS);
   linear.assertAlive(`${fn}: linear`);
   if (linear.dtype !== "e8m0" || (linear.shape.length !== 2 && linear.shape.length !== 3)) {
     fail(fn, `linear must be [rows, scaleCols] or [batch, rows, scaleCols] e8m0, got ${describe(linear.shape, linear.dtype)}`);
@@ -428,8 +454,11 @@ export interface UnswizzleOptions {
 }
 
 /** The inverse of swizzleScales: swizzled e8m0 (any shape of the right byte count) -> linear. */
+const UNSWIZZLE_OPTIONS = optionNames<UnswizzleOptions>({ rows: true, scaleCols: true, batch: true, out: true, stream: true });
+
 export function unswizzleScales(ctx: Context, swizzled: Tensor, o: UnswizzleOptions): Tensor<"e8m0"> {
   const fn = "unswizzleScales";
+  checkOptions(fn, "options", o, UNSWIZZLE_OPTIONS);
   swizzled.assertAlive(`${fn}: swizzled`);
   if (swizzled.dtype !== "e8m0") fail(fn, `swizzled must be e8m0, got ${describe(swizzled.shape, swizzled.dtype)}`);
   const rows = expectInt(fn, "rows", o.rows, 0);
@@ -482,7 +511,15 @@ export interface GroupedMmMxfp8Options extends GroupedMmCommon {
   bScale: Tensor;
 }
 
+const GROUPED_MM_BF16_OPTIONS = optionNames<GroupedMmBf16Options>({
+  a: true, b: true, bias: true, groupOffsets: true, rowMap: true, out: true, stream: true,
+});
+const GROUPED_MM_MXFP8_OPTIONS = optionNames<GroupedMmMxfp8Options>({
+  a: true, aScale: true, b: true, bScale: true, bias: true, groupOffsets: true, rowMap: true, out: true, stream: true,
+});
+
 function groupedMm(ctx: Context, fn: string, o: GroupedMmBf16Options | GroupedMmMxfp8Options, mx: boolean): Tensor<"bf16"> {
+  checkOptions(fn, "options", o, mx ? GROUPED_MM_MXFP8_OPTIONS : GROUPED_MM_BF16_OPTIONS);
   const dt: DType = mx ? "e4m3" : "bf16";
   const a = expectTensor(fn, "a", o.a, dt, [null, null], "[rows, k]");
   const [rows, k] = a.shape as [number, number];
@@ -560,8 +597,11 @@ export interface UnpermuteOptions {
  * summed in f32 in slot order (fmoe_unpermute). A token with no local slot gets zeros.
  * Returns bf16 [T, H].
  */
+const UNPERMUTE_OPTIONS = optionNames<UnpermuteOptions>({ input: true, inverseMap: true, probs: true, out: true, stream: true });
+
 export function unpermute(ctx: Context, o: UnpermuteOptions): Tensor<"bf16"> {
   const fn = "unpermute";
+  checkOptions(fn, "options", o, UNPERMUTE_OPTIONS);
   const input = expectTensor(fn, "input", o.input, "bf16", [null, null], "[rows, H]");
   const [rows, H] = input.shape as [number, number];
   const inv = expectTensor(fn, "inverseMap", o.inverseMap, "i32", [null, null], "[T, topk]");

@@ -101,6 +101,67 @@ describe("errors: contexts, tensors, the FmoeError class", () => {
   });
 });
 
+describe("errors: option names (Bun runs TypeScript unchecked, so a misspelt key must not be dropped)", () => {
+  const ctx = suiteContext("host");
+
+  seededTest("Context.create: a backend name alone, an unknown option, a bad device, options that are not an object", () => {
+    using host = Context.create("host");
+    expect(host.backend).toBe("host");
+    expectFmoe(() => Context.create("tpu" as never), INVALID, "backend", "tpu");
+    expectFmoe(() => Context.create({ backnd: "host" } as never), INVALID, "Context.create", "\"backnd\"", "backend, device");
+    expectFmoe(() => Context.create({ backend: "host", device: -1 }), INVALID, "device", "-1");
+    expectFmoe(() => Context.create({ backend: "host", device: 0.5 }), INVALID, "device", "0.5");
+    expectFmoe(() => Context.create(null as never), INVALID, "options", "null");
+    expectFmoe(() => Context.create({ backend: "toString" as never }), INVALID, "backend", "toString");
+  });
+
+  seededTest("FusedMoE: misspelt config, weight and forward keys name the key and the options", (rng) => {
+    const x = ctx();
+    const E = 4, H = 64, I = 32, T = 4;
+    using fc1 = x.upload(randWeights(rng, E, 2 * I, H), [E, 2 * I, H], "bf16");
+    using fc2 = x.upload(randWeights(rng, E, H, I), [E, H, I], "bf16");
+    const base = { hidden: H, ffn: I, numExperts: E, topk: 2, activation: "silu" as const, maxTokens: T };
+    const before = x.liveAllocations().count;
+    // Without the check, weightsFormat would build a bf16 layer and fc1_bias would drop the bias.
+    expectFmoe(() => new FusedMoE(x, { ...base, weightsFormat: "mxfp8" } as never, { fc1, fc2 }), INVALID, "config", "\"weightsFormat\"", "weightFormat");
+    expectFmoe(() => new FusedMoE(x, base, { fc1, fc2, fc1_bias: fc1 } as never), INVALID, "weights", "\"fc1_bias\"", "fc1Bias");
+    expectFmoe(() => new FusedMoE(x, "silu" as never, { fc1, fc2 }), INVALID, "config", "string");
+    expect(x.liveAllocations().count).toBe(before);
+    using moe = new FusedMoE(x, base, { fc1, fc2 });
+    using h = x.upload(randBf16(rng, T * H), [T, H], "bf16");
+    using r = x.upload(makeRouting(rng, T, E, 2).routingMap, [T, 2]);
+    using p = x.zeros([T, 2], "f32");
+    using tpe = x.zeros([E], "i32");
+    using out = x.empty([T, H], "bf16");
+    expectFmoe(() => moe.forward({ hidden: h, routing: r, probs: p } as never), INVALID, "forward", "\"routing\"", "routingMap");
+    expectFmoe(() => moe.forwardGrouped({ hidden: h, tokensPerExpert: tpe, probs: p, routingMap: r } as never), INVALID, "forwardGrouped", "\"routingMap\"");
+    expectFmoe(() => moe.capture({ hidden: h, routingMap: r, probs: p, out, strem: undefined } as never), INVALID, "capture", "\"strem\"");
+    expect(x.liveAllocations().count).toBe(before + 6);
+  });
+
+  seededTest("ops: misspelt option and output keys name the key", (rng) => {
+    const x = ctx();
+    const T = 4, H = 64, E = 4;
+    using h = x.upload(randBf16(rng, T * H), [T, H], "bf16");
+    using r = x.upload(makeRouting(rng, T, E, 2).routingMap, [T, 2]);
+    expectFmoe(() => permute(x, { hidden: h, routingMap: r, numExperts: E, alignement: 8 } as never), INVALID, "permute", "\"alignement\"", "alignment");
+    expectFmoe(() => permute(x, { hidden: h, routingMap: r, numExperts: E, out: { inverse: r } } as never), INVALID, "permute", "out", "\"inverse\"", "inverseMap");
+    using map = x.zeros([T], "i32");
+    expectFmoe(() => activation(x, { input: h, activation: "silu", rowmap: map } as never), INVALID, "activation", "\"rowmap\"", "rowMap");
+    using b = x.upload(randBf16(rng, 2 * 16 * H), [2, 16, H], "bf16");
+    using off = x.zeros([3], "i32");
+    expectFmoe(() => groupedMmBf16(x, { a: h, b, groupOffsets: off, aScale: map } as never), INVALID, "groupedMmBf16", "\"aScale\"");
+    expectFmoe(() => unpermute(x, { input: h, inverseMap: r, prob: map } as never), INVALID, "unpermute", "\"prob\"", "probs");
+    expectFmoe(() => quantizeMxfp8(x, h, { out: { date: h } } as never), INVALID, "quantizeMxfp8", "out", "\"date\"");
+    using sc = x.zeros([T, 2], "e8m0");
+    expectFmoe(() => swizzleScales(x, sc, { steam: undefined } as never), INVALID, "swizzleScales", "\"steam\"");
+    expectFmoe(() => unswizzleScales(x, sc, { rows: 1, scalecols: 2 } as never), INVALID, "unswizzleScales", "\"scalecols\"", "scaleCols");
+    using q = x.zeros([T, H], "e4m3");
+    expectFmoe(() => dequantizeMxfp8(x, q, sc, [] as never), INVALID, "dequantizeMxfp8", "array");
+    expect(x.liveAllocations().count).toBe(7); // nothing allocated by the refused calls
+  });
+});
+
 describe("errors: op arguments (typed API)", () => {
   const ctx = suiteContext("host");
 
