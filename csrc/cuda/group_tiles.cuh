@@ -5,6 +5,8 @@
 
 #include <cstdint>
 
+#include "cuda/block_scan.cuh"
+
 namespace fmoe::cuda {
 
 // Every thread of the block calls this (it has a __syncthreads at the end). For group g:
@@ -29,12 +31,7 @@ __device__ __forceinline__ void build_group_tiles(const int32_t* offsets, int gr
     const int lo = min(groups, tid * chunk), hi = min(groups, lo + chunk);
     int sum = 0;
     for (int i = lo; i < hi; ++i) sum += s_prefix[i + 1];
-    int incl = sum;
-    for (int d = 1; d < 32; d <<= 1) {
-      const int v = __shfl_up_sync(0xffffffffu, incl, d);
-      if (tid >= d) incl += v;
-    }
-    int run = incl - sum;
+    int run = warp_inclusive_scan(sum) - sum;
     for (int i = lo; i < hi; ++i) {
       run += s_prefix[i + 1];
       s_prefix[i + 1] = run;

@@ -22,12 +22,18 @@ namespace fmoe::cuda {
 // words start at the aligned-down address and the buffers are 4-byte aligned.
 __device__ __forceinline__ int scale_skew(int64_t row, int ks) { return int((row * ks) & 3); }
 
+// The bytes of a 4-byte scale word that lie inside the array, given the array's bytes `left` from
+// the word's start (none when left <= 0).
+template <class T>
+__device__ __forceinline__ uint32_t scale_word_bytes(T left) {
+  return left <= 0 ? 0u : (left >= 4 ? 4u : uint32_t(left));
+}
+
 // Copies the aligned 4-byte scale word at byte offset `at` of `base` into *dst with cp.async;
 // bytes past `end_bytes` (all of them when at >= end_bytes) read as zero.
 __device__ __forceinline__ void copy_scale_word(uint32_t* dst, const uint8_t* base, int64_t at,
                                                 int64_t end_bytes) {
-  const int64_t left = end_bytes - at;
-  const uint32_t bytes = left <= 0 ? 0u : (left >= 4 ? 4u : uint32_t(left));
+  const uint32_t bytes = scale_word_bytes(end_bytes - at);
   ptx::cp_async_4_partial(dst, bytes ? base + at : base, bytes);
 }
 
@@ -57,8 +63,7 @@ __device__ __forceinline__ ScaleWordCursor scale_word_cursor(const uint8_t* base
 
 // The copy copy_scale_words(dst, ..., kb, ..., half) issues, from the cursor of its row and half.
 __device__ __forceinline__ void copy_scale_word_at(uint32_t* dst, ScaleWordCursor c, int kb) {
-  const int left = c.left - 4 * kb;
-  const uint32_t bytes = left <= 0 ? 0u : (left >= 4 ? 4u : uint32_t(left));
+  const uint32_t bytes = scale_word_bytes(c.left - 4 * kb);
   ptx::cp_async_4_partial(dst, bytes ? c.src + 4 * kb : c.src, bytes);
 }
 
