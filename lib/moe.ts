@@ -116,6 +116,8 @@ const WEIGHT_OPTIONS = optionNames<FusedMoEWeights>({
 });
 const FORWARD_OPTIONS = optionNames<ForwardArgs>({ hidden: true, routingMap: true, probs: true, out: true, stream: true });
 const FORWARD_GROUPED_OPTIONS = optionNames<ForwardGroupedArgs>({ hidden: true, tokensPerExpert: true, probs: true, out: true, stream: true });
+// capture() takes either call's arguments; forward / forwardGrouped then check their own.
+const CAPTURE_OPTIONS = [...new Set([...FORWARD_OPTIONS, ...FORWARD_GROUPED_OPTIONS])];
 
 function fail(message: string): never {
   throw new FmoeError(Status.INVALID_ARGUMENT, `FusedMoE: ${message}`);
@@ -374,7 +376,7 @@ export class FusedMoE {
    * contents: write new tokens / routing / probs into the same tensors and launch again.
    */
   capture(args: (ForwardArgs | ForwardGroupedArgs) & { out: Tensor; stream?: Stream }): Graph {
-    checkOptions("FusedMoE.capture", "args", args, [...new Set([...FORWARD_OPTIONS, ...FORWARD_GROUPED_OPTIONS])]);
+    checkOptions("FusedMoE.capture", "args", args, CAPTURE_OPTIONS);
     if (args.out === undefined) fail("capture needs a preallocated `out`");
     return this.ctx.capture(args.stream, () => {
       if ("tokensPerExpert" in args) this.forwardGrouped(args);
