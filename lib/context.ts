@@ -15,12 +15,24 @@ export type BackendKind = "host" | "cuda";
 
 const BACKEND_CODE: Record<BackendChoice, number> = { auto: 0, host: 1, cuda: 2 };
 const CONTEXT_OPTIONS = optionNames<ContextOptions>({ backend: true, device: true });
+const WAIT_OPTIONS = optionNames<WaitOptions>({ spinMs: true });
+const DEFAULT_SPIN_MS = 5;
 
 export interface ContextOptions {
   /** Default "auto". */
   backend?: BackendChoice;
   /** CUDA device ordinal (ignored by host). Default 0. */
   device?: number;
+}
+
+/** How the `...Async` waits poll for the device without blocking the event loop. */
+export interface WaitOptions {
+  /**
+   * Milliseconds to poll on every turn of the event loop (a few microseconds apart) before
+   * polling once per millisecond. Default 5: a decode step is seen as soon as it ends, a long
+   * prefill costs no busy core. 0 polls once per millisecond from the start.
+   */
+  spinMs?: number;
 }
 
 /** Device properties (fmoe_device_props). */
@@ -71,6 +83,8 @@ export class Context {
   // Tensors touched by ops on a capturing stream (keyed by stream handle): the graph keeps them
   // alive, since replaying over a freed buffer would corrupt memory.
   readonly #captures = new Map<number, Set<Tensor>>();
+  // Created on the first downloadAsync (see _downloadStream).
+  #downloadStream: Stream | undefined;
 
   private constructor(handle: number) {
     this._state = new ContextState(handle);
@@ -144,9 +158,38 @@ export class Context {
     if (!this._state.alive) throw new FmoeError(Status.INVALID_STATE, `context (${this.deviceName}) is disposed`);
   }
 
-  /** Waits for all work of the context (every stream). */
+  /** Waits for all work of the context (every stream). Blocks the calling thread. */
   synchronize(): void {
     ffi.contextSynchronize(this._handle);
+  }
+
+  /**
+   * Resolves once the work queued so far on every stream of the context has finished, as
+   * synchronize() waits for, without blocking the event loop (it polls events; see WaitOptions).
+   * Work queued after the call (another request's) is not waited for.
+   */
+  async synchronizeAsync(options?: WaitOptions): Promise<void> {
+    const handles = [0, ...this._state.streams];
+    const events: Event[] = [];
+    try {
+      for (const stream of handles) {
+        const event = this.createEvent();
+        events.push(event);
+        ffi.eventRecord(this._handle, event.handle, stream);
+      }
+      for (const event of events) await event.synchronizeAsync(options);
+    } finally {
+      for (const event of events) event.dispose();
+    }
+  }
+
+  /**
+   * @internal The stream the async downloads copy on: no op ever runs there, so a copy waits for
+   * nothing queued after the work it waited for.
+   */
+  _downloadStream(): Stream {
+    this.#downloadStream ??= this.createStream();
+    return this.#downloadStream;
   }
 
   /** Count and bytes of live buffers allocated on this context (leak checks). */
@@ -159,7 +202,7 @@ export class Context {
     return new Stream(this, ffi.streamCreate(this._handle));
   }
 
-  /** A new event (timing). */
+  /** A new event (timing, waiting). */
   createEvent(): Event {
     return new Event(this, ffi.eventCreate(this._handle));
   }
@@ -332,20 +375,35 @@ abstract class ContextChild {
 export class Stream extends ContextChild {
   /** @internal Use ctx.createStream(). */
   constructor(ctx: Context, handle: number) {
-    super(ctx, handle, ffi.streamDestroy);
+    const streams = ctx._state.streams;
+    streams.add(handle);
+    super(ctx, handle, (c, h) => {
+      streams.delete(h);
+      ffi.streamDestroy(c, h);
+    });
   }
 
   protected get kind(): string {
     return "stream";
   }
 
-  /** Waits for all work on this stream. */
+  /** Waits for all work on this stream. Blocks the calling thread. */
   synchronize(): void {
     ffi.streamSynchronize(this.ctx._handle, this.handle);
   }
+
+  /**
+   * Resolves once the work queued so far on this stream has finished, without blocking the event
+   * loop (see WaitOptions).
+   */
+  async synchronizeAsync(options?: WaitOptions): Promise<void> {
+    using event = this.ctx.createEvent();
+    event.record(this);
+    await event.synchronizeAsync(options);
+  }
 }
 
-/** A timestamp on a stream. */
+/** A marker on a stream: for timing (elapsedMs) and for waiting (query, synchronizeAsync). */
 export class Event extends ContextChild {
   /** @internal Use ctx.createEvent(). */
   constructor(ctx: Context, handle: number) {
@@ -365,6 +423,31 @@ export class Event extends ContextChild {
   /** Milliseconds from this event to `end`; waits for `end`. Both must have been recorded. */
   elapsedMs(end: Event): number {
     return ffi.eventElapsedMs(this.ctx._handle, this.handle, end.handle);
+  }
+
+  /**
+   * Whether the work queued before the last record() has finished (true if never recorded).
+   * Never blocks. Always true on the host backend, whose streams run synchronously.
+   */
+  query(): boolean {
+    return ffi.eventQuery(this.ctx._handle, this.handle);
+  }
+
+  /**
+   * Resolves once query() is true, polling without blocking the event loop (see WaitOptions).
+   * Rejects with FmoeError if the event or its context is disposed meanwhile.
+   */
+  async synchronizeAsync(options: WaitOptions = {}): Promise<void> {
+    checkOptions("synchronizeAsync", "options", options, WAIT_OPTIONS);
+    const spinMs = options.spinMs ?? DEFAULT_SPIN_MS;
+    if (typeof spinMs !== "number" || !(spinMs >= 0)) {
+      throw new FmoeError(Status.INVALID_ARGUMENT, `synchronizeAsync: spinMs must be a number >= 0, got ${String(spinMs)}`);
+    }
+    const start = performance.now();
+    while (!this.query()) {
+      if (performance.now() - start < spinMs) await new Promise<void>((resolve) => setImmediate(resolve));
+      else await new Promise<void>((resolve) => setTimeout(resolve, 1));
+    }
   }
 }
 

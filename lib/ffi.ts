@@ -49,6 +49,7 @@ const SYMBOLS = {
   fmoe_event_destroy: { args: ["ptr", "ptr"], returns: "i32" },
   fmoe_event_record: { args: ["ptr", "ptr", "ptr"], returns: "i32" },
   fmoe_event_elapsed_ms: { args: ["ptr", "ptr", "ptr", "ptr"], returns: "i32" },
+  fmoe_event_query: { args: ["ptr", "ptr", "ptr"], returns: "i32" },
 
   fmoe_max_rows: { args: ["i64", "i64", "i64", "i64", "ptr"], returns: "i32" },
   fmoe_permute: { args: ["ptr", "ptr", "ptr"], returns: "i32" },
@@ -466,6 +467,12 @@ export function eventElapsedMs(ctx: number, start: number, end: number): number 
   const out = new Float64Array(1);
   check(lib().fmoe_event_elapsed_ms(p(ctx), p(start), p(end), out), "fmoe_event_elapsed_ms");
   return out[0]!;
+}
+
+export function eventQuery(ctx: number, event: number): boolean {
+  const out = outI64();
+  check(lib().fmoe_event_query(p(ctx), p(event), out), "fmoe_event_query");
+  return out[0] !== 0n;
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@
  *   using moe = new FusedMoE(ctx, config, { fc1, fc2 });
  *   using out = moe.forward({ hidden, routingMap, probs });
  */
-export { Context, Event, Stream, type BackendChoice, type BackendKind, type ContextOptions, type DeviceProps } from "./context.ts";
+export { Context, Event, Stream, type BackendChoice, type BackendKind, type ContextOptions, type DeviceProps, type WaitOptions } from "./context.ts";
 export { Tensor, shapeNumel, type HostData } from "./tensor.ts";
 export { Graph } from "./graph.ts";
 export {

@@ -14,6 +14,8 @@ export class ContextState {
   /** The fmoe_context_t, 0 once destroyed. */
   handle: number;
   alive = true;
+  /** Handles of the live streams created on the context (not the default stream). */
+  readonly streams = new Set<number>();
 
   constructor(handle: number) {
     this.handle = handle;

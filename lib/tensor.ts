@@ -4,7 +4,7 @@
  * Shapes are row-major and dense. Element counts may pass 2^31 (a DeepSeek-V3 fc1 holds 7.5e9
  * elements): all size arithmetic is in Number, exact up to 2^53.
  */
-import type { Context, Stream } from "./context.ts";
+import type { Context, Stream, WaitOptions } from "./context.ts";
 import {
   allocArray,
   arrayMatchesDType,
@@ -173,6 +173,27 @@ export class Tensor<D extends DType = DType> {
   /** Downloads and widens to f32 (bf16/e4m3 exact, e8m0 as powers of two, i32 converted). */
   toFloat32(stream?: Stream): Float32Array {
     return toFloat32Array(this.download(stream), this.dtype);
+  }
+
+  /**
+   * download() without blocking the event loop: resolves once the work queued so far on `stream`
+   * (without one: on every stream of the context) has finished, then copies on a stream of its
+   * own, so that work queued meanwhile (another request's layer) does not delay the copy.
+   */
+  async downloadAsync(stream?: Stream, options?: WaitOptions): Promise<DTypeArrayMap[D]> {
+    this.assertAlive("downloadAsync");
+    if (stream !== undefined && stream.ctx !== this.ctx) {
+      throw new FmoeError(Status.INVALID_ARGUMENT, "downloadAsync: stream belongs to another context");
+    }
+    if (stream === undefined) await this.ctx.synchronizeAsync(options);
+    else await stream.synchronizeAsync(options);
+    this.assertAlive("downloadAsync");
+    return this.download(this.ctx._downloadStream());
+  }
+
+  /** toFloat32() without blocking the event loop, as downloadAsync(). */
+  async toFloat32Async(stream?: Stream, options?: WaitOptions): Promise<Float32Array> {
+    return toFloat32Array(await this.downloadAsync(stream, options), this.dtype);
   }
 
   /**

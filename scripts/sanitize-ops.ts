@@ -7,7 +7,7 @@
  *
  * Shapes are small (a few seconds natively) but cover the paths that index memory differently:
  * padding rows, empty experts, skipped rows, out-of-range routing ids, MXFP8 on both operands,
- * skip-permute mode and a graph replay. Prints one line per op; exit 1 on a mismatch, exit 0 with
+ * skip-permute mode, a graph replay and a download awaited without blocking. Prints one line per op; exit 1 on a mismatch, exit 0 with
  * a message when no CUDA device is present.
  * Tolerances (relative Frobenius): bit-exact for permute, quantization, swizzling, unpermute and
  * graph replay vs eager; 1e-2 for activation and GEMMs; 2e-2 / 3e-2 for the bf16 / mxfp8 layer.
@@ -53,11 +53,11 @@ let failures = 0;
 type Arr = Uint16Array | Uint8Array | Int32Array | Float32Array;
 
 /** Runs `body` on both contexts and compares each named result (tol 0 = bit-exact). */
-function check(name: string, body: (x: Context) => Record<string, Arr>, tol: number | Record<string, number> = 0): void {
+async function check(name: string, body: (x: Context) => Record<string, Arr> | Promise<Record<string, Arr>>, tol: number | Record<string, number> = 0): Promise<void> {
   let line: string;
   try {
-    const g = body(gpu);
-    const h = body(cpu);
+    const g = await body(gpu);
+    const h = await body(cpu);
     const worst: string[] = [];
     let ok = true;
     for (const key of Object.keys(h)) {
@@ -107,7 +107,7 @@ routingMap[3] = -4;
 routingMap[10] = E + 2;
 const rows = maxRows(T, topk, local, alignment);
 
-check("permute + MXFP8 copy (EP slice, invalid ids)", (x) => {
+await check("permute + MXFP8 copy (EP slice, invalid ids)", (x) => {
   using hT = x.upload(hidden, [T, H], "bf16");
   using rT = x.upload(routingMap, [T, topk]);
   using pT = x.upload(probs, [T, topk]);
@@ -131,7 +131,7 @@ const rowMap = Int32Array.from({ length: actRows }, (_, r) => (r % 5 === 2 ? -1 
 for (const act of ACTIVATIONS) {
   const n1 = fc1Outputs(act, I);
   const input = rng.bf16Normal(actRows * n1, 2);
-  check(`activation ${act} (bf16 and fused MXFP8, row map, n_used)`, (x) => {
+  await check(`activation ${act} (bf16 and fused MXFP8, row map, n_used)`, (x) => {
     using inT = x.upload(input, [actRows, n1], "bf16");
     using mapT = x.upload(rowMap);
     using nT = x.upload(Int32Array.of(33));
@@ -149,7 +149,7 @@ for (const act of ACTIVATIONS) {
   }, { bf16: 1e-2, mxfp8: 3e-2 });
 }
 
-check("quantize / dequantize / swizzle / unswizzle", (x) => {
+await check("quantize / dequantize / swizzle / unswizzle", (x) => {
   using inT = x.upload(hiddenWithSpecials(), [T, H], "bf16");
   const q = quantizeMxfp8(x, inT);
   try {
@@ -180,7 +180,7 @@ const b = rng.bf16Normal(5 * n * k, 1 / Math.sqrt(k));
 const bias = rng.f32Normal(5 * n, 0.3);
 const mmMap = Int32Array.from({ length: mmRows }, (_, r) => (r % 7 === 3 ? -1 : r));
 for (const format of ["bf16", "mxfp8"] as const) {
-  check(`grouped GEMM ${format} (empty groups, row map, bias)`, (x) => {
+  await check(`grouped GEMM ${format} (empty groups, row map, bias)`, (x) => {
     using aT = x.upload(a, [mmRows, k], "bf16");
     using bT = x.upload(b, [5, n, k], "bf16");
     using biasT = x.upload(bias, [5, n]);
@@ -204,7 +204,7 @@ for (const format of ["bf16", "mxfp8"] as const) {
 const unRows = 90;
 const unInput = rng.bf16Normal(unRows * H);
 const inv = Int32Array.from({ length: T * topk }, (_, i) => (i % 6 === 0 ? -1 : i % 11 === 0 ? unRows + 5 : (i * 7) % unRows));
-check("unpermute (probs, -1 and out-of-range entries)", (x) => {
+await check("unpermute (probs, -1 and out-of-range entries)", (x) => {
   using inT = x.upload(unInput, [unRows, H], "bf16");
   using invT = x.upload(inv, [T, topk]);
   using pT = x.upload(probs, [T, topk]);
@@ -217,7 +217,7 @@ const bigT = 2100, bigH = 64;
 const bigRouting = randomRouting(rng, bigT, E, topk);
 bigRouting.routingMap[7] = E + 5;
 const bigHidden = rng.bf16Normal(bigT * bigH);
-check("permute, 4200 slots (multi-block routing)", (x) => {
+await check("permute, 4200 slots (multi-block routing)", (x) => {
   const r = bigRouting;
   using hT = x.upload(bigHidden, [bigT, bigH], "bf16");
   using rT = x.upload(r.routingMap, [bigT, topk]);
@@ -243,7 +243,7 @@ for (const [format, n] of [["bf16", T], ["mxfp8", T], ["bf16", 6], ["mxfp8", 6]]
   const nHidden = hidden.subarray(0, n * H);
   const nRouting = routingMap.subarray(0, n * topk);
   const nProbs = probs.subarray(0, n * topk);
-  check(`FusedMoE ${format}, T = ${n}: forward, forwardGrouped, graph replay`, (x) => {
+  await check(`FusedMoE ${format}, T = ${n}: forward, forwardGrouped, graph replay`, async (x) => {
     using f1 = x.upload(fc1, [local, 2 * I, H], "bf16");
     using f2 = x.upload(fc2, [local, H, I], "bf16");
     using moe = new FusedMoE(x, { hidden: H, ffn: I, numExperts: E, numLocalExperts: local, localExpertStart: start, topk, activation: "silu", weightFormat: format, alignment, maxTokens: Math.max(n, gRows / topk) }, { fc1: f1, fc2: f2 });
@@ -251,7 +251,7 @@ for (const [format, n] of [["bf16", T], ["mxfp8", T], ["bf16", 6], ["mxfp8", 6]]
     using rT = x.upload(nRouting, [n, topk]);
     using pT = x.upload(nProbs, [n, topk]);
     using out = moe.forward({ hidden: hT, routingMap: rT, probs: pT });
-    const eager = out.download();
+    const eager = await out.downloadAsync();
     using gh = x.upload(gHidden, [gRows, H], "bf16");
     using tT = x.upload(tpe);
     using gp = x.upload(gProbs);

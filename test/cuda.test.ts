@@ -47,6 +47,7 @@ import * as ffi from "../lib/ffi.ts";
 import {
   CUDA_DEVICES,
   checkReplay,
+  countEventLoopTurns,
   expectBitExact,
   expectClose,
   expectFmoe,
@@ -877,6 +878,44 @@ describe.skipIf(SKIP)("CUDA backend vs host backend", () => {
     } finally {
       for (const s of setups) for (const o of [s.moe, s.f1, s.f2, s.hT, s.rT, s.pT, s.out, s.stream]) o.dispose();
     }
+  });
+
+  seededTest("waits without blocking: long queued work is awaited while the event loop turns; 'not ready' leaves no error behind", async (rng) => {
+    const x = gpu();
+    const rows = 8192, n = 4096, k = 4096, groups = 4;
+    using aT = x.upload(randBf16(rng, rows * k), [rows, k], "bf16");
+    using bT = x.upload(randWeights(rng, groups, n, k), [groups, n, k], "bf16");
+    using off = x.upload(Int32Array.of(0, 1000, 4096, 6000, rows));
+    using stream = x.createStream();
+    using side = x.createStream();
+    using out = x.empty([rows, n], "bf16").fill(0xff, stream);
+    using sideOut = x.empty([64, n], "bf16").fill(0xff, side);
+    // 2.7e11 FLOP a product, ~0.4 ms on a Hopper part: 30 keep the stream busy for ~12 ms, far
+    // longer than the host takes to launch them and query.
+    for (let i = 0; i < 30; ++i) groupedMmBf16(x, { a: aT, b: bT, groupOffsets: off, out, stream });
+    using done = x.createEvent().record(stream);
+    expect(done.query()).toBe(false);
+    // The runtime leaves the query's "not ready" as the thread's last error; a launcher that read it
+    // as its own launch's failure would throw here.
+    using sideOff = x.upload(Int32Array.of(0, 10, 20, 40, 64));
+    groupedMmBf16(x, { a: aT.view(0, [64, k]), b: bT, groupOffsets: sideOff, out: sideOut, stream: side });
+
+    const turns = countEventLoopTurns();
+    const awaited = await out.downloadAsync(stream);
+    expect(turns()).toBeGreaterThan(0);
+    expect(done.query()).toBe(true);
+    expectBitExact(awaited, out.download(stream), "downloadAsync after 30 queued products");
+    expectNonZero(bf16ToF32(awaited), "the products");
+
+    // Every stream at once: queued work on two streams, one wait.
+    for (let i = 0; i < 10; ++i) groupedMmBf16(x, { a: aT, b: bT, groupOffsets: off, out, stream });
+    groupedMmBf16(x, { a: aT.view(0, [64, k]), b: bT, groupOffsets: sideOff, out: sideOut, stream: side });
+    using onStream = x.createEvent().record(stream);
+    using onSide = x.createEvent().record(side);
+    await x.synchronizeAsync();
+    expect(onStream.query()).toBe(true);
+    expect(onSide.query()).toBe(true);
+    expectBitExact(await sideOut.toFloat32Async(), sideOut.toFloat32(), "toFloat32Async of the side stream's product");
   });
 
   // ----------------------------------------------------------------------------------------------

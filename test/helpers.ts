@@ -241,26 +241,59 @@ export function expectPoisoned(a: NumArray, width: number, rows: readonly number
   }
 }
 
+function asFmoe(err: unknown): FmoeError {
+  if (err instanceof FmoeError) return err;
+  throw new Error(`expected an FmoeError, got ${err instanceof Error ? `${err.name}: ${err.message}` : String(err)}`);
+}
+
 /** Runs `fn` and returns the FmoeError it throws (fails when it does not throw one). */
 export function catchFmoe(fn: () => unknown): FmoeError {
   try {
     fn();
   } catch (err) {
-    if (err instanceof FmoeError) return err;
-    throw new Error(`expected an FmoeError, got ${err instanceof Error ? `${err.name}: ${err.message}` : String(err)}`);
+    return asFmoe(err);
   }
   throw new Error("expected an FmoeError, nothing was thrown");
 }
 
 /** Throws unless `fn` throws FmoeError with `code` and a message matching every `names`. */
 export function expectFmoe(fn: () => unknown, code: Status, ...names: (string | RegExp)[]): FmoeError {
-  const err = catchFmoe(fn);
+  return checkFmoe(catchFmoe(fn), code, names);
+}
+
+/** expectFmoe for a promise: it must reject with FmoeError `code` naming every `names`. */
+export async function expectFmoeRejects(promise: Promise<unknown>, code: Status, ...names: (string | RegExp)[]): Promise<FmoeError> {
+  try {
+    await promise;
+  } catch (err) {
+    return checkFmoe(asFmoe(err), code, names);
+  }
+  throw new Error("expected a rejection with an FmoeError, the promise resolved");
+}
+
+function checkFmoe(err: FmoeError, code: Status, names: readonly (string | RegExp)[]): FmoeError {
   if (err.code !== code) throw new Error(`expected status ${Status[code]}, got ${err.statusName}: ${err.message}`);
   for (const n of names) {
     const ok = typeof n === "string" ? err.message.includes(n) : n.test(err.message);
     if (!ok) throw new Error(`error message does not name ${String(n)}: "${err.message}"`);
   }
   return err;
+}
+
+/** Counts turns of the event loop from now; the returned function stops counting and says how many. */
+export function countEventLoopTurns(): () => number {
+  let turns = 0;
+  let counting = true;
+  const turn = (): void => {
+    if (!counting) return;
+    ++turns;
+    setImmediate(turn);
+  };
+  setImmediate(turn);
+  return () => {
+    counting = false;
+    return turns;
+  };
 }
 
 /** Downloads a tensor after filling it with the 0xFF poison first: convenience for outputs. */

@@ -439,6 +439,24 @@ extern "C" FMOE_API int fmoe_event_elapsed_ms(fmoe_context_t ctx, fmoe_event_t s
   });
 }
 
+extern "C" FMOE_API int fmoe_event_query(fmoe_context_t ctx, fmoe_event_t event,
+                                         int64_t* out_complete) {
+  return abi_call("fmoe_event_query", [&]() -> Status {
+    FMOE_CHECK_CTX("fmoe_event_query");
+    std::lock_guard<std::mutex> lock(ctx->mu);
+    Check c(ctx, "fmoe_event_query");
+    c.not_null(event, "event")
+        .not_null(out_complete, "out_complete")
+        .that(event == nullptr || ctx->events.count(event) != 0,
+              "event %p is not a live event of this context", static_cast<void*>(event));
+    FMOE_TRY(c.status());
+    bool complete = false;
+    FMOE_TRY(ctx->backend->event_query(event->impl, &complete));
+    *out_complete = complete ? 1 : 0;
+    return FMOE_OK;
+  });
+}
+
 // ---------------------------------------------------------------------------------------------
 // Ops
 // ---------------------------------------------------------------------------------------------

@@ -72,11 +72,12 @@ class Backend {
   // True while `stream` (nullptr = default) is capturing; memcpy to/from the host is refused then.
   virtual bool is_capturing(BackendStream* stream) = 0;
 
-  // Events (timing). Defaults report FMOE_ERR_UNSUPPORTED.
+  // Events (timing, waiting). Defaults report FMOE_ERR_UNSUPPORTED.
   virtual Status event_create(BackendEvent** out);
   virtual Status event_destroy(BackendEvent* event);
   virtual Status event_record(BackendEvent* event, BackendStream* stream);
   virtual Status event_elapsed_ms(BackendEvent* start, BackendEvent* end, double* out_ms);
+  virtual Status event_query(BackendEvent* event, bool* out_complete);
 
   // Ops. Arguments are validated (see api.cpp); semantics are those of fmoe.h.
   virtual Status permute(BackendStream* s, const fmoe_permute_args& a) = 0;

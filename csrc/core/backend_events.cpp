@@ -15,5 +15,8 @@ Status Backend::event_record(BackendEvent*, BackendStream*) {
 Status Backend::event_elapsed_ms(BackendEvent*, BackendEvent*, double*) {
   return set_error(FMOE_ERR_UNSUPPORTED, "fmoe_event_elapsed_ms: this backend has no events");
 }
+Status Backend::event_query(BackendEvent*, bool*) {
+  return set_error(FMOE_ERR_UNSUPPORTED, "fmoe_event_query: this backend has no events");
+}
 
 }  // namespace fmoe

@@ -280,4 +280,19 @@ Status CudaBackend::event_elapsed_ms(BackendEvent* start, BackendEvent* end, dou
   return FMOE_OK;
 }
 
+Status CudaBackend::event_query(BackendEvent* event, bool* out_complete) {
+  FMOE_TRY(activate());
+  cudaError_t err = cudaEventQuery(as_event(event)->event);
+  if (err == cudaErrorNotReady) {
+    // "Not ready" is an answer, not a failure, but the runtime also leaves it as the thread's last
+    // error, where the next launch's cudaGetLastError would report it as that launch's failure.
+    if (cudaPeekAtLastError() == cudaErrorNotReady) (void)cudaGetLastError();
+    *out_complete = false;
+    return FMOE_OK;
+  }
+  FMOE_CHECK_CUDA(err);
+  *out_complete = true;
+  return FMOE_OK;
+}
+
 }  // namespace fmoe

@@ -75,6 +75,7 @@ class CudaBackend final : public Backend {
   Status event_destroy(BackendEvent* event) override;
   Status event_record(BackendEvent* event, BackendStream* stream) override;
   Status event_elapsed_ms(BackendEvent* start, BackendEvent* end, double* out_ms) override;
+  Status event_query(BackendEvent* event, bool* out_complete) override;
 
   // Ops: each defined in its own .cu file.
   Status permute(BackendStream* s, const fmoe_permute_args& a) override;

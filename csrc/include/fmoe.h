@@ -204,8 +204,8 @@ FMOE_API int fmoe_graph_launch(fmoe_context_t ctx, fmoe_graph_t graph, fmoe_stre
 FMOE_API int fmoe_graph_destroy(fmoe_context_t ctx, fmoe_graph_t graph);
 
 /* ---------------------------------------------------------------------------------------------
- * Events: timestamps on a stream, for timing (CUDA events on cuda; a host clock read when the
- * synchronous host stream reaches the record).
+ * Events: markers on a stream, for timing and for waiting without blocking (CUDA events on cuda;
+ * a host clock read when the synchronous host stream reaches the record).
  * ------------------------------------------------------------------------------------------- */
 typedef struct fmoe_event_s* fmoe_event_t;
 FMOE_API int fmoe_event_create(fmoe_context_t ctx, fmoe_event_t* out_event);
@@ -214,6 +214,12 @@ FMOE_API int fmoe_event_record(fmoe_context_t ctx, fmoe_event_t event, fmoe_stre
 /* Milliseconds from `start` to `end`; waits for `end` to complete. Both must have been recorded. */
 FMOE_API int fmoe_event_elapsed_ms(fmoe_context_t ctx, fmoe_event_t start, fmoe_event_t end,
                                    double* out_ms);
+/* Never blocks: *out_complete = 1 when the work queued on the stream before the event's most
+ * recent record has completed (also when the event was never recorded), 0 while it runs. A caller
+ * with an event loop polls this instead of blocking its thread in a synchronize. Host streams are
+ * synchronous, so on the host backend it is always 1. An event recorded inside a capture cannot
+ * be queried until the capture ends (CUDA reports an error). */
+FMOE_API int fmoe_event_query(fmoe_context_t ctx, fmoe_event_t event, int64_t* out_complete);
 
 /* ---------------------------------------------------------------------------------------------
  * Enumerations shared by ops and plans

@@ -1,0 +1,116 @@
+// Waiting for the device without blocking the event loop (Event.query, the synchronizeAsync
+// family, Tensor.downloadAsync) on the host backend: the results are download()'s bits, the
+// bookkeeping of streams holds up, the poll loop lets other callbacks run, and bad calls reject
+// with an FmoeError naming the argument. test/cuda.test.ts checks the same waits where the device
+// really runs behind the caller.
+import { describe, expect } from "bun:test";
+import { Context, FusedMoE, randomRouting, Status } from "../lib/index.ts";
+import { countEventLoopTurns, expectBitExact, expectFmoeRejects, randBf16, randWeights, seededTest, suiteContext } from "./helpers.ts";
+
+const ARG = Status.INVALID_ARGUMENT;
+const STATE = Status.INVALID_STATE;
+
+describe("waiting without blocking (host)", () => {
+  const ctx = suiteContext("host");
+
+  seededTest("downloadAsync and toFloat32Async give download()'s bits, on a stream and on all of them", async (rng) => {
+    const x = ctx();
+    const [T, H, I, E, topk] = [1 + rng.int(40), 64, 96, 6, 2];
+    using fc1 = x.upload(randWeights(rng, E, 2 * I, H), [E, 2 * I, H], "bf16");
+    using fc2 = x.upload(randWeights(rng, E, H, I), [E, H, I], "bf16");
+    using moe = new FusedMoE(x, { hidden: H, ffn: I, numExperts: E, topk, activation: "silu", maxTokens: 64 }, { fc1, fc2 });
+    const routing = randomRouting(rng, T, E, topk);
+    using hidden = x.upload(randBf16(rng, T * H), [T, H], "bf16");
+    using routingMap = x.upload(routing.routingMap, [T, topk], "i32");
+    using probs = x.upload(routing.probs, [T, topk], "f32");
+    using stream = x.createStream();
+    using out = moe.forward({ hidden, routingMap, probs, stream });
+    const blocking = out.download(stream);
+    expectBitExact(await out.downloadAsync(stream), blocking, "downloadAsync(stream)");
+    expectBitExact(await out.downloadAsync(), blocking, "downloadAsync()");
+    expectBitExact(await out.toFloat32Async(stream, { spinMs: 0 }), out.toFloat32(), "toFloat32Async");
+    // A view downloads only its elements.
+    const row = out.view(H * (T - 1), [H]);
+    expectBitExact(await row.downloadAsync(), blocking.subarray(H * (T - 1)), "a view's last row");
+  });
+
+  seededTest("a never-recorded or recorded event is complete at once on the host", async () => {
+    const x = ctx();
+    using e = x.createEvent();
+    expect(e.query()).toBe(true);
+    await e.synchronizeAsync();
+    using s = x.createStream();
+    using t = x.zeros([1000], "f32", s);
+    e.record(s);
+    expect(e.query()).toBe(true);
+    await e.synchronizeAsync({ spinMs: 0 });
+    await s.synchronizeAsync();
+    expect(Array.from(await t.downloadAsync(s)).every((v) => v === 0)).toBe(true);
+  });
+
+  seededTest("Context.synchronizeAsync waits on the live streams only: disposed ones are forgotten", async () => {
+    // A stream left in the context's set after dispose would make the next wait record an event on
+    // a destroyed stream, which the library refuses ("not a live stream").
+    using x = Context.create("host");
+    const a = x.createStream();
+    const b = x.createStream();
+    const c = x.createStream();
+    await x.synchronizeAsync();
+    b.dispose();
+    await x.synchronizeAsync();
+    a.dispose();
+    c.dispose();
+    await x.synchronizeAsync();
+    using d = x.createStream();
+    using t = x.zeros([8], "i32", d);
+    expect(Array.from(await t.downloadAsync())).toEqual(new Array(8).fill(0));
+  });
+
+  seededTest("synchronizeAsync polls until the event completes and lets other callbacks run meanwhile", async (rng) => {
+    // The host's events are always complete, so this event reports "not yet" for its first polls,
+    // as a CUDA event does while its work runs.
+    const x = ctx();
+    for (const spinMs of [5, 0]) {
+      using e = x.createEvent();
+      const polls = 3 + rng.int(6);
+      let calls = 0;
+      e.query = () => ++calls > polls;
+      const turns = countEventLoopTurns();
+      await e.synchronizeAsync({ spinMs });
+      expect(turns()).toBeGreaterThan(0);
+      expect(calls).toBe(polls + 1);
+    }
+  });
+
+  seededTest("bad waits reject with FmoeError naming the argument", async (rng) => {
+    const x = ctx();
+    using e = x.createEvent();
+    await expectFmoeRejects(e.synchronizeAsync({ spinMs: -1 }), ARG, "spinMs", "-1");
+    await expectFmoeRejects(e.synchronizeAsync({ spinMs: Number.NaN }), ARG, "spinMs");
+    await expectFmoeRejects(e.synchronizeAsync({ spinms: 1 } as never), ARG, '"spinms"', "spinMs");
+    await expectFmoeRejects(x.synchronizeAsync({ poll: 1 } as never), ARG, '"poll"');
+    using t = x.upload(randBf16(rng, 16), [16], "bf16");
+    using other = Context.create("host");
+    using foreign = other.createStream();
+    await expectFmoeRejects(t.downloadAsync(foreign), ARG, "downloadAsync", "another context");
+
+    const gone = x.createEvent();
+    gone.dispose();
+    expect(() => gone.query()).toThrow("event is disposed");
+    await expectFmoeRejects(gone.synchronizeAsync(), STATE, "event is disposed");
+    const s = x.createStream();
+    s.dispose();
+    await expectFmoeRejects(s.synchronizeAsync(), STATE, "stream is disposed");
+    // Disposed before the wait ends: the copy is refused, not made from freed memory.
+    const u = x.upload(randBf16(rng, 16), [16], "bf16");
+    const pending = u.downloadAsync();
+    u.dispose();
+    await expectFmoeRejects(pending, STATE, "downloadAsync");
+    // The context itself disposed while a wait is pending.
+    const y = Context.create("host");
+    using v = y.zeros([4], "f32");
+    const waiting = v.downloadAsync();
+    y.dispose();
+    await expectFmoeRejects(waiting, STATE, "disposed");
+  });
+});
