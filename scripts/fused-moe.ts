@@ -1,8 +1,9 @@
 #!/usr/bin/env bun
 /**
- * fused-moe CLI: runs one MoE layer on tensors from a safetensors file.
+ * fused-moe CLI: one MoE layer on tensors from safetensors files.
  *
- *   bun run fused-moe run --input in.safetensors --output out.safetensors [options]
+ *   bun run fused-moe run --input in.safetensors --output out.safetensors [layer options]
+ *   bun run fused-moe serve --layer layer.safetensors --topk K [--port P] [layer options]
  *
  * Exit codes: 0 ok, 1 the library failed (FmoeError), 2 bad usage or bad input file.
  */
@@ -17,16 +18,29 @@ import {
   type HostTensor,
   isActivation,
   isGatedLayout,
+  parseSafetensors,
   readSafetensors,
   SafetensorsError,
+  serializeSafetensors,
+  type Tensor,
   writeSafetensors,
 } from "../lib/index.ts";
 
-const USAGE = `usage: bun run fused-moe run --input IN.safetensors --output OUT.safetensors [options]
+const USAGE = `usage: bun run fused-moe run --input IN.safetensors --output OUT.safetensors [layer options]
+       bun run fused-moe serve --layer LAYER.safetensors --topk K [serve options] [layer options]
 
-Computes out = MoE(hidden) with one fused layer and writes it to OUT as tensor "out" [T, H] BF16.
+run: computes out = MoE(hidden) with one fused layer and writes it to OUT as tensor "out" [T, H]
+BF16.
 
-Input tensors (safetensors):
+serve: an HTTP server over one layer whose weights are loaded once from LAYER (fc1, fc2 and the
+optional biases, as below). Requests take turns on one set of device buffers of --max-tokens rows,
+allocated at start; each awaits its output without blocking the server.
+  GET  /health    the layer and the backend, as JSON
+  POST /forward   body: safetensors with hidden, routing_map and probs -> safetensors with out
+  Errors answer JSON {"error": "..."}: 400 a bad body, 413 more tokens than --max-tokens, 500 the
+  library failed.
+
+Tensors (safetensors):
   hidden      [T, H]            BF16   tokens
   routing_map [T, topk]         I32    global expert ids
   probs       [T, topk]         F32    router weights
@@ -35,7 +49,7 @@ Input tensors (safetensors):
   fc1_bias    [E_local, N1]     F32 or BF16 (optional)
   fc2_bias    [E_local, H]      F32 or BF16 (optional)
 
-Options:
+Layer options:
   --backend auto|host|cuda           default auto (cuda when a GPU is present)
   --activation squared_relu|silu|gelu|swiglu_oai   default silu
   --layout halves|interleaved        gated layout of fc1's outputs, default halves
@@ -44,10 +58,28 @@ Options:
   --weights bf16|mxfp8               compute format, default bf16 (mxfp8 quantizes on the device)
   --alignment A                      rows per expert group padded to a multiple of A, default 16
   --alpha X, --limit X               swiglu_oai parameters (defaults 1.702, 7.0)
+
+Serve options:
+  --layer LAYER.safetensors          the weights (required)
+  --topk K                           experts per token (required)
+  --max-tokens N                     most tokens in one request, default 4096
+  --port P                           default 8000 (0: any free port)
+  --hostname NAME                    default 127.0.0.1
+
   -h, --help                         this text`;
 
 /** A usage or input-file problem: one line on stderr, exit 2. */
 class UsageError extends Error {}
+
+/** A bad request body: answered 400 (or `status`), the server keeps running. */
+class RequestError extends Error {
+  constructor(
+    message: string,
+    readonly status = 400,
+  ) {
+    super(message);
+  }
+}
 
 function intFlag(name: string, value: string | undefined, fallback: number, min: number): number {
   if (value === undefined) return fallback;
@@ -63,27 +95,297 @@ function numFlag(name: string, value: string | undefined): number | undefined {
   return n;
 }
 
-function main(argv: string[]): number {
+const OPTIONS = {
+  input: { type: "string", short: "i" },
+  output: { type: "string", short: "o" },
+  weights: { type: "string", default: "bf16" },
+  backend: { type: "string", default: "auto" },
+  activation: { type: "string", default: "silu" },
+  layout: { type: "string", default: "halves" },
+  "num-experts": { type: "string" },
+  "local-expert-start": { type: "string" },
+  alignment: { type: "string" },
+  alpha: { type: "string" },
+  limit: { type: "string" },
+  layer: { type: "string" },
+  topk: { type: "string" },
+  "max-tokens": { type: "string" },
+  port: { type: "string" },
+  hostname: { type: "string" },
+  help: { type: "boolean", short: "h" },
+} as const;
+
+function parseFlags(argv: string[]) {
+  return parseArgs({ args: argv, allowPositionals: true, options: OPTIONS });
+}
+type Flags = ReturnType<typeof parseFlags>["values"];
+
+/** The tensors of one safetensors image, read with checks that name the file and the tensor. */
+class TensorSet {
+  constructor(
+    readonly tensors: Map<string, HostTensor>,
+    readonly what: string,
+    readonly fail: (message: string) => Error,
+  ) {}
+
+  get(name: string, dtypes: readonly DType[], rank: number): HostTensor {
+    const t = this.optional(name, dtypes, rank);
+    if (t === undefined) throw this.fail(`${this.what}: missing tensor "${name}"`);
+    return t;
+  }
+
+  optional(name: string, dtypes: readonly DType[], rank: number): HostTensor | undefined {
+    const t = this.tensors.get(name);
+    if (t === undefined) return undefined;
+    if (!dtypes.includes(t.dtype)) throw this.fail(`${this.what}: tensor "${name}" is ${t.dtype}, expected ${dtypes.join(" or ")}`);
+    if (t.shape.length !== rank) throw this.fail(`${this.what}: tensor "${name}" has shape [${t.shape.join(", ")}], expected rank ${rank}`);
+    return t;
+  }
+
+  expectShape(name: string, t: HostTensor, shape: number[]): void {
+    if (t.shape.length !== shape.length || t.shape.some((d, i) => d !== shape[i])) {
+      throw this.fail(`${this.what}: tensor "${name}" has shape [${t.shape.join(", ")}], expected [${shape.join(", ")}]`);
+    }
+  }
+}
+
+function readTensorFile(path: string): TensorSet {
+  try {
+    return new TensorSet(readSafetensors(path).tensors, path, (m) => new UsageError(m));
+  } catch (err) {
+    if (err instanceof SafetensorsError) throw new UsageError(err.message);
+    throw err;
+  }
+}
+
+/** The tokens of one call: hidden [T, H], routing_map [T, topk], probs [T, topk]. */
+function readTokens(set: TensorSet, H: number, topk?: number): { T: number; topk: number; hidden: HostTensor; routing: HostTensor; probs: HostTensor } {
+  const hidden = set.get("hidden", ["bf16"], 2);
+  const T = hidden.shape[0]!;
+  set.expectShape("hidden", hidden, [T, H]);
+  const routing = set.get("routing_map", ["i32"], 2);
+  const k = topk ?? routing.shape[1]!;
+  set.expectShape("routing_map", routing, [T, k]);
+  const probs = set.get("probs", ["f32"], 2);
+  set.expectShape("probs", probs, [T, k]);
+  return { T, topk: k, hidden, routing, probs };
+}
+
+/** The layer's flags, checked before any file is read. */
+function layerFlags(flags: Flags) {
+  const backend = flags.backend;
+  if (backend !== "auto" && backend !== "host" && backend !== "cuda") throw new UsageError(`--backend must be auto, host or cuda, got ${backend}`);
+  const activation = flags.activation;
+  if (!isActivation(activation)) throw new UsageError(`--activation must be squared_relu, silu, gelu or swiglu_oai, got ${activation}`);
+  const layout = flags.layout;
+  if (!isGatedLayout(layout)) throw new UsageError(`--layout must be halves or interleaved, got ${layout}`);
+  const weightFormat = flags.weights;
+  if (weightFormat !== "bf16" && weightFormat !== "mxfp8") throw new UsageError(`--weights must be bf16 or mxfp8, got ${weightFormat}`);
+  return {
+    backend,
+    activation,
+    layout,
+    weightFormat,
+    start: intFlag("local-expert-start", flags["local-expert-start"], 0, 0),
+    numExperts: flags["num-experts"] === undefined ? undefined : intFlag("num-experts", flags["num-experts"], 0, 1),
+    alignment: intFlag("alignment", flags.alignment, 16, 1),
+    alpha: numFlag("alpha", flags.alpha),
+    limit: numFlag("limit", flags.limit),
+  } as const;
+}
+type LayerFlags = ReturnType<typeof layerFlags>;
+
+/** The layer from the flags and the weight tensors of `set`, its weights uploaded to `ctx`. */
+function buildLayer(ctx: Context, flags: LayerFlags, set: TensorSet, topk: number, maxTokens: number): { moe: FusedMoE; H: number; ffn: number; E: number; numExperts: number } {
+  const { activation, layout, weightFormat, start } = flags;
+  const fc1 = set.get("fc1", ["bf16"], 3);
+  const [E, N1, H] = fc1.shape as [number, number, number];
+  const gated = activation !== "squared_relu";
+  if (gated && N1 % 2 !== 0) throw new UsageError(`${set.what}: fc1 has ${N1} outputs: a gated activation needs an even count`);
+  const ffn = gated ? N1 / 2 : N1;
+  const fc2 = set.get("fc2", ["bf16"], 3);
+  set.expectShape("fc2", fc2, [E, H, ffn]);
+  if (fc1Outputs(activation, ffn) !== N1) throw new UsageError("internal: fc1 outputs mismatch");
+  // Biases: f32 in the ABI; BF16 files are widened (exact).
+  const bias = (name: string, shape: number[]): Float32Array | undefined => {
+    const t = set.optional(name, ["f32", "bf16"], 2);
+    if (t === undefined) return undefined;
+    set.expectShape(name, t, shape);
+    return t.dtype === "bf16" ? bf16ToF32(t.data as Uint16Array) : (t.data as Float32Array);
+  };
+  const fc1Bias = bias("fc1_bias", [E, N1]);
+  const fc2Bias = bias("fc2_bias", [E, H]);
+
+  const numExperts = flags.numExperts ?? start + E;
+  if (start + E > numExperts) throw new UsageError(`--local-expert-start ${start} + ${E} local experts exceeds --num-experts ${numExperts}`);
+  const config = {
+    hidden: H,
+    ffn,
+    numExperts,
+    numLocalExperts: E,
+    localExpertStart: start,
+    topk,
+    activation,
+    layout,
+    alpha: flags.alpha,
+    limit: flags.limit,
+    weightFormat,
+    alignment: flags.alignment,
+    maxTokens,
+  } as const;
+  // The layer borrows these tensors (they live as long as `ctx`), except that an mxfp8 layer
+  // quantizes fc1 and fc2 into copies of its own: their bf16 uploads are freed at once.
+  const fc1T = ctx.upload(fc1.data, fc1.shape, "bf16");
+  const fc2T = ctx.upload(fc2.data, fc2.shape, "bf16");
+  const fc1BiasT = fc1Bias && ctx.upload(fc1Bias, [E, N1], "f32");
+  const fc2BiasT = fc2Bias && ctx.upload(fc2Bias, [E, H], "f32");
+  const moe = new FusedMoE(ctx, config, { fc1: fc1T, fc2: fc2T, fc1Bias: fc1BiasT, fc2Bias: fc2BiasT });
+  if (weightFormat === "mxfp8") for (const t of [fc1T, fc2T]) t.dispose();
+  return { moe, H, ffn, E, numExperts };
+}
+
+/** Refuses the flags of the other command (parseArgs knows them all). */
+function refuseFlags(flags: Flags, command: string, names: readonly (keyof Flags)[]): void {
+  for (const name of names) if (flags[name] !== undefined) throw new UsageError(`--${name} is not an option of ${command} (see --help)`);
+}
+
+function run(flags: Flags): number {
+  refuseFlags(flags, "run", ["layer", "topk", "max-tokens", "port", "hostname"]);
+  if (flags.input === undefined) throw new UsageError("--input is required");
+  if (flags.output === undefined) throw new UsageError("--output is required");
+  const layerOptions = layerFlags(flags);
+  const set = readTensorFile(flags.input);
+  const fc1 = set.get("fc1", ["bf16"], 3);
+  const tokens = readTokens(set, fc1.shape[2]!);
+  const { T, topk } = tokens;
+
+  using ctx = Context.create({ backend: layerOptions.backend });
+  const layer = buildLayer(ctx, layerOptions, set, topk, Math.max(1, T));
+  using moe = layer.moe;
+  const H = layer.H;
+  using hidden = ctx.upload(tokens.hidden.data, [T, H], "bf16");
+  using routingMap = ctx.upload(tokens.routing.data, [T, topk], "i32");
+  using probs = ctx.upload(tokens.probs.data, [T, topk], "f32");
+  using out = moe.forward({ hidden, routingMap, probs });
+  const result = out.download();
+  const invalid = moe.invalidCount();
+  writeSafetensors(flags.output, { out: { dtype: "bf16", shape: [T, H], data: result } }, {
+    backend: ctx.backend,
+    device: ctx.deviceName,
+    activation: flags.activation,
+    weights: flags.weights,
+  });
+  const note = invalid > 0 ? `; ${invalid} routing ids outside [0, ${layer.numExperts}) were dropped` : "";
+  console.error(`fused-moe: wrote out [${T}, ${H}] bf16 to ${flags.output} (${ctx.backend}: ${ctx.deviceName}${note})`);
+  return 0;
+}
+
+function jsonResponse(body: unknown, status = 200): Response {
+  return new Response(JSON.stringify(body), { status, headers: { "content-type": "application/json" } });
+}
+
+async function serve(flags: Flags): Promise<number> {
+  refuseFlags(flags, "serve", ["input", "output"]);
+  if (flags.layer === undefined) throw new UsageError("--layer is required");
+  if (flags.topk === undefined) throw new UsageError("--topk is required");
+  const layerOptions = layerFlags(flags);
+  const topk = intFlag("topk", flags.topk, 0, 1);
+  const maxTokens = intFlag("max-tokens", flags["max-tokens"], 4096, 1);
+  const port = intFlag("port", flags.port, 8000, 0);
+  if (port > 65535) throw new UsageError(`--port must be at most 65535, got ${port}`);
+  const set = readTensorFile(flags.layer);
+
+  using ctx = Context.create({ backend: layerOptions.backend });
+  const layer = buildLayer(ctx, layerOptions, set, topk, maxTokens);
+  using moe = layer.moe;
+  const { H, numExperts } = layer;
+  // Allocated once: on CUDA, allocating or freeing device memory waits for the whole device.
+  using stream = ctx.createStream();
+  using hiddenBuffer = ctx.empty([maxTokens, H], "bf16");
+  using routingBuffer = ctx.empty([maxTokens, topk], "i32");
+  using probsBuffer = ctx.empty([maxTokens, topk], "f32");
+  using outBuffer = ctx.empty([maxTokens, H], "bf16");
+  const rows = <D extends DType>(buffer: Tensor<D>, T: number, width: number): Tensor<D> => buffer.view(0, [T, width]);
+
+  const forward = async (tokens: ReturnType<typeof readTokens>): Promise<Uint16Array> => {
+    const T = tokens.T;
+    const hidden = rows(hiddenBuffer, T, H).copyFrom(tokens.hidden.data as Uint16Array, stream);
+    const routingMap = rows(routingBuffer, T, topk).copyFrom(tokens.routing.data as Int32Array, stream);
+    const probs = rows(probsBuffer, T, topk).copyFrom(tokens.probs.data as Float32Array, stream);
+    const out = rows(outBuffer, T, H);
+    moe.forward({ hidden, routingMap, probs, out, stream });
+    return await out.downloadAsync(stream);
+  };
+  // The requests take turns with the buffers: each starts once the previous one's output is copied.
+  let turn: Promise<unknown> = Promise.resolve();
+  const inTurn = <R>(body: () => Promise<R>): Promise<R> => {
+    const mine = turn.then(body);
+    turn = mine.catch(() => undefined);
+    return mine;
+  };
+
+  const health = {
+    backend: ctx.backend,
+    device: ctx.deviceName,
+    hidden: H,
+    ffn: layer.ffn,
+    numExperts,
+    numLocalExperts: layer.E,
+    localExpertStart: layerOptions.start,
+    topk,
+    activation: flags.activation,
+    weights: flags.weights,
+    maxTokens,
+  };
+  const answer = async (req: Request): Promise<Response> => {
+    const path = new URL(req.url).pathname;
+    if (path === "/health" && req.method === "GET") return jsonResponse(health);
+    if (path !== "/forward") return jsonResponse({ error: `no route ${req.method} ${path} (GET /health, POST /forward)` }, 404);
+    if (req.method !== "POST") return jsonResponse({ error: `/forward takes POST, got ${req.method}` }, 405);
+    try {
+      let tensors;
+      try {
+        tensors = parseSafetensors(new Uint8Array(await req.arrayBuffer()), "request body").tensors;
+      } catch (err) {
+        if (err instanceof SafetensorsError) throw new RequestError(err.message);
+        throw err;
+      }
+      const tokens = readTokens(new TensorSet(tensors, "request body", (m) => new RequestError(m)), H, topk);
+      if (tokens.T > maxTokens) throw new RequestError(`request body: ${tokens.T} tokens exceed --max-tokens ${maxTokens}`, 413);
+      // The library drops routing ids outside [0, num-experts); the answer says how many it dropped.
+      const ids = tokens.routing.data as Int32Array;
+      let invalid = 0;
+      for (const id of ids) if (id < 0 || id >= numExperts) ++invalid;
+      const out = await inTurn(() => forward(tokens));
+      const body = serializeSafetensors({ out: { dtype: "bf16", shape: [tokens.T, H], data: out } }, { invalid_ids: String(invalid) });
+      return new Response(body, { headers: { "content-type": "application/octet-stream" } });
+    } catch (err) {
+      if (err instanceof RequestError) return jsonResponse({ error: err.message }, err.status);
+      if (err instanceof FmoeError) return jsonResponse({ error: err.message }, 500);
+      throw err;
+    }
+  };
+  const server = Bun.serve({
+    port,
+    hostname: flags.hostname ?? "127.0.0.1",
+    // A full request of --max-tokens rows, and room for the safetensors header.
+    maxRequestBodySize: maxTokens * (2 * H + 8 * topk) + (1 << 20),
+    fetch: answer,
+  });
+  console.log(`fused-moe: serving a ${layer.E}-expert layer (H ${H}, ffn ${layer.ffn}, top-${topk}) on ${server.url.href} (${ctx.backend}: ${ctx.deviceName})`);
+  await new Promise<void>((resolve) => {
+    process.once("SIGINT", resolve);
+    process.once("SIGTERM", resolve);
+  });
+  await server.stop();
+  console.error("fused-moe: stopped");
+  return 0;
+}
+
+async function main(argv: string[]): Promise<number> {
   let parsed;
   try {
-    parsed = parseArgs({
-      args: argv,
-      allowPositionals: true,
-      options: {
-        input: { type: "string", short: "i" },
-        output: { type: "string", short: "o" },
-        backend: { type: "string", default: "auto" },
-        activation: { type: "string", default: "silu" },
-        layout: { type: "string", default: "halves" },
-        "num-experts": { type: "string" },
-        "local-expert-start": { type: "string" },
-        weights: { type: "string", default: "bf16" },
-        alignment: { type: "string" },
-        alpha: { type: "string" },
-        limit: { type: "string" },
-        help: { type: "boolean", short: "h" },
-      },
-    });
+    parsed = parseFlags(argv);
   } catch (err) {
     throw new UsageError(err instanceof Error ? err.message : String(err));
   }
@@ -92,118 +394,13 @@ function main(argv: string[]): number {
     console.log(USAGE);
     return 0;
   }
-  if (positionals.length !== 1 || positionals[0] !== "run") throw new UsageError(`expected the command "run" (see --help)`);
-  if (values.input === undefined) throw new UsageError("--input is required");
-  if (values.output === undefined) throw new UsageError("--output is required");
-  const backend = values.backend;
-  if (backend !== "auto" && backend !== "host" && backend !== "cuda") throw new UsageError(`--backend must be auto, host or cuda, got ${backend}`);
-  const activation = values.activation;
-  if (!isActivation(activation)) throw new UsageError(`--activation must be squared_relu, silu, gelu or swiglu_oai, got ${activation}`);
-  const layout = values.layout;
-  if (!isGatedLayout(layout)) throw new UsageError(`--layout must be halves or interleaved, got ${layout}`);
-  const weightFormat = values.weights;
-  if (weightFormat !== "bf16" && weightFormat !== "mxfp8") throw new UsageError(`--weights must be bf16 or mxfp8, got ${weightFormat}`);
-
-  let file;
-  try {
-    file = readSafetensors(values.input);
-  } catch (err) {
-    if (err instanceof SafetensorsError) throw new UsageError(err.message);
-    throw err;
-  }
-  const tensors = file.tensors;
-  const get = (name: string, dtypes: readonly DType[], rank: number, optional = false): HostTensor | undefined => {
-    const t = tensors.get(name);
-    if (t === undefined) {
-      if (optional) return undefined;
-      throw new UsageError(`${values.input}: missing tensor "${name}"`);
-    }
-    if (!dtypes.includes(t.dtype)) throw new UsageError(`${values.input}: tensor "${name}" is ${t.dtype}, expected ${dtypes.join(" or ")}`);
-    if (t.shape.length !== rank) throw new UsageError(`${values.input}: tensor "${name}" has shape [${t.shape.join(", ")}], expected rank ${rank}`);
-    return t;
-  };
-  const expectShape = (name: string, t: HostTensor, shape: number[]): void => {
-    if (t.shape.length !== shape.length || t.shape.some((d, i) => d !== shape[i])) {
-      throw new UsageError(`${values.input}: tensor "${name}" has shape [${t.shape.join(", ")}], expected [${shape.join(", ")}]`);
-    }
-  };
-
-  const hidden = get("hidden", ["bf16"], 2)!;
-  const [T, H] = hidden.shape as [number, number];
-  const routing = get("routing_map", ["i32"], 2)!;
-  const topk = routing.shape[1]!;
-  expectShape("routing_map", routing, [T, topk]);
-  const probs = get("probs", ["f32"], 2)!;
-  expectShape("probs", probs, [T, topk]);
-  const fc1 = get("fc1", ["bf16"], 3)!;
-  const [E, N1] = fc1.shape as [number, number];
-  expectShape("fc1", fc1, [E, N1, H]);
-  const gated = activation !== "squared_relu";
-  if (gated && N1 % 2 !== 0) throw new UsageError(`${values.input}: fc1 has ${N1} outputs: a gated activation needs an even count`);
-  const ffn = gated ? N1 / 2 : N1;
-  const fc2 = get("fc2", ["bf16"], 3)!;
-  expectShape("fc2", fc2, [E, H, ffn]);
-  if (fc1Outputs(activation, ffn) !== N1) throw new UsageError("internal: fc1 outputs mismatch");
-  // Biases: f32 in the ABI; BF16 files are widened (exact).
-  const bias = (name: string, shape: number[]): Float32Array | undefined => {
-    const t = get(name, ["f32", "bf16"], 2, true);
-    if (t === undefined) return undefined;
-    expectShape(name, t, shape);
-    return t.dtype === "bf16" ? bf16ToF32(t.data as Uint16Array) : (t.data as Float32Array);
-  };
-  const fc1Bias = bias("fc1_bias", [E, N1]);
-  const fc2Bias = bias("fc2_bias", [E, H]);
-
-  const start = intFlag("local-expert-start", values["local-expert-start"], 0, 0);
-  const numExperts = intFlag("num-experts", values["num-experts"], start + E, 1);
-  if (start + E > numExperts) throw new UsageError(`--local-expert-start ${start} + ${E} local experts exceeds --num-experts ${numExperts}`);
-  const alignment = intFlag("alignment", values.alignment, 16, 1);
-
-  using ctx = Context.create({ backend });
-  using moe = new FusedMoE(
-    ctx,
-    {
-      hidden: H,
-      ffn,
-      numExperts,
-      numLocalExperts: E,
-      localExpertStart: start,
-      topk,
-      activation,
-      layout,
-      alpha: numFlag("alpha", values.alpha),
-      limit: numFlag("limit", values.limit),
-      weightFormat,
-      alignment,
-      maxTokens: Math.max(1, T),
-    },
-    {
-      fc1: ctx.upload(fc1.data, fc1.shape, "bf16"),
-      fc2: ctx.upload(fc2.data, fc2.shape, "bf16"),
-      fc1Bias: fc1Bias && ctx.upload(fc1Bias, [E, N1], "f32"),
-      fc2Bias: fc2Bias && ctx.upload(fc2Bias, [E, H], "f32"),
-    },
-  );
-  using out = moe.forward({
-    hidden: ctx.upload(hidden.data, [T, H], "bf16"),
-    routingMap: ctx.upload(routing.data, [T, topk], "i32"),
-    probs: ctx.upload(probs.data, [T, topk], "f32"),
-  });
-  const result = out.download();
-  const invalid = moe.invalidCount();
-  writeSafetensors(values.output, { out: { dtype: "bf16", shape: [T, H], data: result } }, {
-    backend: ctx.backend,
-    device: ctx.deviceName,
-    activation,
-    weights: weightFormat,
-  });
-  const note = invalid > 0 ? `; ${invalid} routing ids outside [0, ${numExperts}) were dropped` : "";
-  console.error(`fused-moe: wrote out [${T}, ${H}] bf16 to ${values.output} (${ctx.backend}: ${ctx.deviceName}${note})`);
-  return 0;
+  if (positionals.length === 1 && positionals[0] === "run") return run(values);
+  if (positionals.length === 1 && positionals[0] === "serve") return await serve(values);
+  throw new UsageError(`expected the command "run" or "serve" (see --help)`);
 }
 
 try {
-  process.exitCode = main(process.argv.slice(2));
+  process.exitCode = await main(process.argv.slice(2));
 } catch (err) {
   if (err instanceof UsageError) {
     console.error(`fused-moe: ${err.message}`);

@@ -1,0 +1,152 @@
+// The HTTP server of the CLI (`fused-moe serve`), run as its own process on a free port: requests
+// sent at once, of different token counts (0 to --max-tokens, invalid routing ids among them), each
+// answered with its own layer output, compared with lib/reference.ts (TOLERANCE.bf16 / .mxfp8,
+// relative Frobenius); bad requests answered 400 / 404 / 405 / 413 with a JSON error naming what
+// is wrong; SIGTERM stops it with exit 0. On the host backend always, on CUDA where a device is.
+import { afterAll, beforeAll, describe, expect } from "bun:test";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { type HostTensor, parseSafetensors, reference as R, type Rng, serializeSafetensors, TOLERANCE, writeSafetensors } from "../lib/index.ts";
+import { CUDA_DEVICES, expectClose, expectNonZero, injectInvalidIds, makeRouting, randBf16, randWeights, seededTest } from "./helpers.ts";
+
+const ROOT = join(import.meta.dir, "..");
+const [H, I, E, topk, maxTokens] = [64, 32, 6, 2, 24];
+
+interface Server {
+  url: string;
+  stop(): Promise<{ code: number; stderr: string }>;
+}
+
+/** Starts `fused-moe serve` and waits for the line that names its address. */
+async function startServer(layer: string, ...flags: string[]): Promise<Server> {
+  const proc = Bun.spawn(
+    [process.execPath, join(ROOT, "scripts", "fused-moe.ts"), "serve", "--layer", layer, "--topk", String(topk), "--max-tokens", String(maxTokens), "--port", "0", ...flags],
+    { cwd: ROOT, stdout: "pipe", stderr: "pipe" },
+  );
+  const reader = proc.stdout.getReader();
+  const decoder = new TextDecoder();
+  let text = "";
+  for (;;) {
+    const found = /serving .* on (http:\/\/\S+)/.exec(text);
+    if (found !== null) {
+      reader.releaseLock();
+      const url = found[1]!;
+      return {
+        url,
+        async stop() {
+          proc.kill("SIGTERM");
+          const code = await proc.exited;
+          return { code, stderr: await new Response(proc.stderr).text() };
+        },
+      };
+    }
+    const { value, done } = await reader.read();
+    if (done) throw new Error(`fused-moe serve exited before listening (code ${await proc.exited}): ${text}${await new Response(proc.stderr).text()}`);
+    text += decoder.decode(value);
+  }
+}
+
+function tokens(rng: Rng, T: number, invalid = 0): { hidden: Uint16Array; routingMap: Int32Array; probs: Float32Array; invalid: number } {
+  const { routingMap, probs } = makeRouting(rng, T, E, topk);
+  injectInvalidIds(rng, routingMap, E, invalid);
+  return { hidden: randBf16(rng, T * H), routingMap, probs, invalid: Math.min(invalid, T * topk) };
+}
+
+function body(t: { hidden: Uint16Array; routingMap: Int32Array; probs: Float32Array }, T: number, drop?: string): Uint8Array {
+  const tensors: Record<string, HostTensor> = {
+    hidden: { dtype: "bf16", shape: [T, H], data: t.hidden },
+    routing_map: { dtype: "i32", shape: [T, topk], data: t.routingMap },
+    probs: { dtype: "f32", shape: [T, topk], data: t.probs },
+  };
+  if (drop !== undefined) delete tensors[drop];
+  return serializeSafetensors(tensors);
+}
+
+async function expectError(res: Response, status: number, ...names: string[]): Promise<void> {
+  expect(res.status).toBe(status);
+  const { error } = (await res.json()) as { error: string };
+  for (const n of names) expect(error).toContain(n);
+}
+
+describe("fused-moe serve", () => {
+  let dir = "";
+  beforeAll(() => {
+    dir = mkdtempSync(join(tmpdir(), "fused-moe-serve-"));
+  });
+  afterAll(() => {
+    if (dir !== "") rmSync(dir, { recursive: true, force: true });
+  });
+
+  const runs: ["host" | "cuda", "bf16" | "mxfp8"][] = [["host", "bf16"], ["host", "mxfp8"]];
+  if (CUDA_DEVICES > 0) runs.push(["cuda", "bf16"], ["cuda", "mxfp8"]);
+  for (const [backend, weights] of runs) {
+    seededTest(`${backend}, ${weights} weights: requests sent at once each get their own layer output`, async (rng) => {
+      const fc1 = randWeights(rng, E, 2 * I, H);
+      const fc2 = randWeights(rng, E, H, I);
+      const layer = join(dir, `layer-${backend}-${weights}.safetensors`);
+      writeSafetensors(layer, { fc1: { dtype: "bf16", shape: [E, 2 * I, H], data: fc1 }, fc2: { dtype: "bf16", shape: [E, H, I], data: fc2 } });
+      const server = await startServer(layer, "--backend", backend, "--weights", weights);
+      try {
+        const health = (await (await fetch(`${server.url}health`)).json()) as Record<string, unknown>;
+        expect(health).toMatchObject({ backend, hidden: H, ffn: I, numExperts: E, topk, weights, maxTokens });
+
+        const counts = [0, 1, 7, maxTokens, 1 + rng.int(maxTokens), 3];
+        const sent = counts.map((T, i) => ({ T, ...tokens(rng, T, i === 2 ? 3 : 0) }));
+        const answers = await Promise.all(sent.map((t) => fetch(`${server.url}forward`, { method: "POST", body: body(t, t.T) })));
+        const cfg = { hidden: H, ffn: I, numExperts: E, topk, activation: "silu" as const, weightFormat: weights };
+        for (const [i, res] of answers.entries()) {
+          const t = sent[i]!;
+          expect(res.status).toBe(200);
+          const { tensors, metadata } = parseSafetensors(new Uint8Array(await res.arrayBuffer()), "answer");
+          const out = tensors.get("out")!;
+          expect(out.dtype).toBe("bf16");
+          expect(out.shape).toEqual([t.T, H]);
+          expect(metadata.invalid_ids).toBe(String(t.invalid));
+          if (t.T === 0) continue;
+          const ref = R.fusedMoe(cfg, { fc1, fc2 }, { hidden: t.hidden, numTokens: t.T, routingMap: t.routingMap, probs: t.probs });
+          expectNonZero(ref.out, "reference");
+          expectClose(out.data as Uint16Array, ref.out, weights === "bf16" ? TOLERANCE.bf16 : TOLERANCE.mxfp8, `request ${i} (T = ${t.T})`);
+        }
+      } finally {
+        const { code, stderr } = await server.stop();
+        expect(code).toBe(0);
+        expect(stderr).toContain("stopped");
+      }
+    }, 60_000);
+  }
+
+  seededTest("bad requests get a JSON error naming what is wrong, and the server keeps serving", async (rng) => {
+    const layer = join(dir, "layer-errors.safetensors");
+    writeSafetensors(layer, { fc1: { dtype: "bf16", shape: [E, 2 * I, H], data: randWeights(rng, E, 2 * I, H) }, fc2: { dtype: "bf16", shape: [E, H, I], data: randWeights(rng, E, H, I) } });
+    const server = await startServer(layer, "--backend", "host");
+    try {
+      const post = (b: Uint8Array | string) => fetch(`${server.url}forward`, { method: "POST", body: b });
+      const ok = tokens(rng, 4);
+      await expectError(await post(body(tokens(rng, maxTokens + 1), maxTokens + 1)), 413, `${maxTokens + 1} tokens`, "--max-tokens");
+      await expectError(await post(body(ok, 4, "probs")), 400, 'missing tensor "probs"');
+      const wrongK = serializeSafetensors({
+        hidden: { dtype: "bf16", shape: [4, H], data: ok.hidden },
+        routing_map: { dtype: "i32", shape: [2, 4], data: ok.routingMap },
+        probs: { dtype: "f32", shape: [4, topk], data: ok.probs },
+      });
+      await expectError(await post(wrongK), 400, '"routing_map"', "[2, 4]", `[4, ${topk}]`);
+      const wrongH = serializeSafetensors({
+        hidden: { dtype: "bf16", shape: [8, H / 2], data: ok.hidden },
+        routing_map: { dtype: "i32", shape: [4, topk], data: ok.routingMap },
+        probs: { dtype: "f32", shape: [4, topk], data: ok.probs },
+      });
+      await expectError(await post(wrongH), 400, '"hidden"', `[8, ${H / 2}]`);
+      const wrongType = serializeSafetensors({ hidden: { dtype: "bf16", shape: [4, H], data: ok.hidden }, routing_map: { dtype: "f32", shape: [4, topk], data: ok.probs }, probs: { dtype: "f32", shape: [4, topk], data: ok.probs } });
+      await expectError(await post(wrongType), 400, '"routing_map" is f32', "i32");
+      await expectError(await post("not a safetensors body"), 400, "request body");
+      await expectError(await fetch(`${server.url}forward`), 405, "POST");
+      await expectError(await fetch(`${server.url}nowhere`), 404, "/nowhere");
+      const res = await post(body(ok, 4));
+      expect(res.status).toBe(200);
+      expect(parseSafetensors(new Uint8Array(await res.arrayBuffer())).tensors.get("out")!.shape).toEqual([4, H]);
+    } finally {
+      expect((await server.stop()).code).toBe(0);
+    }
+  }, 60_000);
+});
