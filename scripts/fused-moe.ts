@@ -299,7 +299,7 @@ async function serve(flags: Flags): Promise<number> {
   const layer = buildLayer(ctx, layerOptions, set, topk, maxTokens);
   using moe = layer.moe;
   const { H, numExperts } = layer;
-  // Allocated once: on CUDA, allocating or freeing device memory waits for the whole device.
+  // Allocated once, at start: a first allocation of a size may wait for the whole device (cudaMalloc).
   using stream = ctx.createStream();
   using hiddenBuffer = ctx.empty([maxTokens, H], "bf16");
   using routingBuffer = ctx.empty([maxTokens, topk], "i32");

@@ -4,6 +4,7 @@
 // Also the basic Tensor contract (upload/download round trips, views) that every suite relies on.
 import { describe, expect } from "bun:test";
 import { Context, FmoeError, FusedMoE, permute, quantizeMxfp8, Status, type DType } from "../lib/index.ts";
+import * as ffi from "../lib/ffi.ts";
 import { expectBitExact, expectFmoe, randBf16, randWeights, seededTest, suiteContext } from "./helpers.ts";
 
 const STATE = Status.INVALID_STATE;
@@ -208,5 +209,56 @@ describe("lifetimes", () => {
     t.dispose();
     expectFmoe(() => g.launch(stream), STATE, "graph launch", "disposed");
     expect(g.tensors.length).toBe(1);
+  });
+});
+
+// Freed buffers go to the context's cache (csrc/core/buffer_cache.h) and come back to the next
+// allocation of their size class once the work queued before the free has finished: on the host
+// at once. Each test uses a fresh context, so the cache starts empty.
+describe("freed buffers are reused", () => {
+  seededTest("by the next allocation of the same size class, once, oldest first", () => {
+    using x = Context.create("host");
+    const a = x.empty([1000], "f32");
+    const pa = a.ptr;
+    a.dispose();
+    using b = x.empty([1010], "f32"); // 4040 bytes: the 4096-byte class of 4000
+    expect(b.ptr).toBe(pa);
+    using c = x.empty([1000], "f32"); // b holds the block
+    expect(c.ptr).not.toBe(pa);
+    using d = x.empty([3000], "f32"); // another class
+    expect(d.ptr).not.toBe(pa);
+    expect(x.liveAllocations()).toEqual({ count: 3, bytes: 4040 + 4000 + 12000 });
+    // Ops may touch the bytes asked for, not the class's rounding.
+    expectFmoe(() => ffi.memset(x._handle, b.ptr, 0, 4096, 0), Status.INVALID_ARGUMENT, "needs 4096 bytes", "holds 4040");
+    ffi.memset(x._handle, b.ptr, 0, 4040, 0);
+  });
+
+  seededTest("at most 1024 blocks are kept: the oldest are freed first", () => {
+    using x = Context.create("host");
+    const first = Array.from({ length: 1100 }, () => x.empty([64], "i32"));
+    const freed = first.map((t) => t.ptr);
+    for (const t of first) t.dispose();
+    const again = Array.from({ length: 1024 }, () => x.empty([64], "i32"));
+    expect(again.map((t) => t.ptr)).toEqual(freed.slice(1100 - 1024));
+    for (const t of again) t.dispose();
+    expect(x.liveAllocations()).toEqual({ count: 0, bytes: 0 });
+  });
+
+  seededTest("not while a stream captures: then allocations and frees go straight to the backend", () => {
+    using x = Context.create("host");
+    using out = x.zeros([4], "f32");
+    const a = x.empty([256], "bf16");
+    const pa = a.ptr;
+    a.dispose();
+    using s = x.createStream();
+    let inCapture = 0;
+    using g = x.capture(s, () => {
+      using t = x.empty([256], "bf16");
+      inCapture = t.ptr;
+      out.fill(1, s);
+    });
+    expect(inCapture).not.toBe(pa);
+    using b = x.empty([256], "bf16");
+    expect(b.ptr).toBe(pa);
   });
 });

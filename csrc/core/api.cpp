@@ -1,10 +1,12 @@
 // The C ABI (include/fmoe.h): contexts, memory, streams, graphs, events and the single ops.
 // Every entry point validates its arguments here, once for all backends, before the backend is
 // called; plans and the fused op live in plan.cpp and fused_moe.cpp.
+#include <algorithm>
 #include <cinttypes>
 #include <cmath>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include "core/context.h"
 
@@ -76,7 +78,14 @@ extern "C" FMOE_API int fmoe_context_create(int64_t backend, int64_t device,
       FMOE_TRY(make_cuda_backend(device, &impl));
     else
       FMOE_TRY(make_host_backend(&impl));
+    fmoe_device_props props{};
+    props.size = sizeof props;
+    FMOE_TRY(impl->device_props(&props));
+    // At most 2 GiB of freed buffers, and a sixteenth of the memory (of a small host's RAM).
+    const size_t cache_bytes =
+        std::min(size_t(2) << 30, size_t(std::max<int64_t>(props.global_memory_bytes, 0)) / 16);
     auto* ctx = new fmoe_context_s;
+    ctx->buffer_cache = std::make_unique<BufferCache>(impl.get(), cache_bytes);
     ctx->backend = std::move(impl);
     *out_ctx = ctx;
     return FMOE_OK;
@@ -114,6 +123,8 @@ extern "C" FMOE_API int fmoe_context_destroy(fmoe_context_t ctx) {
       ctx->streams.clear();
       for (auto& kv : ctx->allocations) keep(b.free(reinterpret_cast<void*>(kv.first)));
       ctx->allocations.clear();
+      keep(ctx->buffer_cache->release_all());
+      ctx->buffer_cache.reset();
       ctx->backend.reset();
     }
     delete ctx;
@@ -191,6 +202,15 @@ extern "C" FMOE_API int fmoe_context_synchronize(fmoe_context_t ctx) {
 // Memory
 // ---------------------------------------------------------------------------------------------
 
+namespace {
+bool any_stream_capturing(fmoe_context_s* ctx) {
+  if (ctx->backend->is_capturing(nullptr)) return true;
+  for (fmoe_stream_s* s : ctx->streams)
+    if (ctx->backend->is_capturing(s->impl)) return true;
+  return false;
+}
+}  // namespace
+
 extern "C" FMOE_API int fmoe_alloc(fmoe_context_t ctx, int64_t bytes, void** out_ptr) {
   return abi_call("fmoe_alloc", [&]() -> Status {
     FMOE_CHECK_CTX("fmoe_alloc");
@@ -198,9 +218,18 @@ extern "C" FMOE_API int fmoe_alloc(fmoe_context_t ctx, int64_t bytes, void** out
     FMOE_TRY(c.not_null(out_ptr, "out_ptr").at_least(bytes, 0, "bytes").status());
     *out_ptr = nullptr;
     std::lock_guard<std::mutex> lock(ctx->mu);
-    void* p = nullptr;
-    FMOE_TRY(ctx->backend->alloc(size_t(bytes), &p));
-    ctx->allocations[reinterpret_cast<uintptr_t>(p)] = bytes;
+    const size_t capacity = BufferCache::size_class(size_t(bytes));
+    const bool capturing = any_stream_capturing(ctx);
+    void* p = capturing ? nullptr : ctx->buffer_cache->take(capacity);
+    if (p == nullptr) {
+      Status st = ctx->backend->alloc(capacity, &p);
+      if (st == FMOE_ERR_OUT_OF_MEMORY && !capturing && ctx->buffer_cache->cached_bytes() > 0) {
+        FMOE_TRY(ctx->buffer_cache->release_all());
+        st = ctx->backend->alloc(capacity, &p);
+      }
+      FMOE_TRY(st);
+    }
+    ctx->allocations[reinterpret_cast<uintptr_t>(p)] = {bytes, capacity};
     ctx->live_bytes += bytes;
     *out_ptr = p;
     return FMOE_OK;
@@ -215,12 +244,15 @@ extern "C" FMOE_API int fmoe_free(fmoe_context_t ctx, void* ptr) {
     auto it = ctx->allocations.find(reinterpret_cast<uintptr_t>(ptr));
     FMOE_CHECK_ARG(it != ctx->allocations.end(), "fmoe_free",
                    "ptr %p is not a live allocation of this context", ptr);
-    // The backend's free waits for the work that may still use the buffer (cudaFree does;
-    // host work is synchronous).
-    FMOE_TRY(ctx->backend->free(ptr));
-    ctx->live_bytes -= it->second;
+    const fmoe_context_s::Allocation a = it->second;
+    ctx->live_bytes -= a.bytes;
     ctx->allocations.erase(it);
-    return FMOE_OK;
+    // Event queries are not allowed while a stream captures: then the backend's free, which waits
+    // for the work that may still use the buffer (cudaFree does; host work is synchronous).
+    if (any_stream_capturing(ctx)) return ctx->backend->free(ptr);
+    std::vector<BackendStream*> streams{nullptr};
+    for (fmoe_stream_s* s : ctx->streams) streams.push_back(s->impl);
+    return ctx->buffer_cache->give(ptr, a.capacity, streams);
   });
 }
 

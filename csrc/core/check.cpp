@@ -79,7 +79,7 @@ Check& Check::buffer_bytes(const void* p, const char* name, int64_t bytes) {
   if (it == ctx_->allocations.begin()) return *this;
   --it;
   const uintptr_t base = it->first;
-  const int64_t size = it->second;
+  const int64_t size = it->second.bytes;
   // A zero-byte allocation still owns its (unique) base address.
   const uint64_t span = size > 0 ? uint64_t(size) : 1;
   if (addr - base >= span) return *this;  // caller-owned memory

@@ -12,6 +12,7 @@
 #include <stdexcept>
 
 #include "core/backend.h"
+#include "core/buffer_cache.h"
 #include "core/status.h"
 #include "fmoe.h"
 
@@ -40,8 +41,14 @@ struct fmoe_context_s {
   // Held for the whole of every ABI call on this context: the tables below and the backend are
   // used by one thread at a time.
   std::mutex mu;
-  std::map<uintptr_t, int64_t> allocations;  // base address -> bytes requested
+  struct Allocation {
+    int64_t bytes;    // requested: what ops may touch
+    size_t capacity;  // allocated (BufferCache::size_class of bytes)
+  };
+  std::map<uintptr_t, Allocation> allocations;  // by base address
   int64_t live_bytes = 0;
+  // Buffers freed by fmoe_free, for fmoe_alloc to reuse without waiting for the device.
+  std::unique_ptr<fmoe::BufferCache> buffer_cache;
   std::set<fmoe_stream_s*> streams;
   std::set<fmoe_graph_s*> graphs;
   std::set<fmoe_event_s*> events;

@@ -159,10 +159,17 @@ FMOE_API int fmoe_context_synchronize(fmoe_context_t ctx);
 /* ---------------------------------------------------------------------------------------------
  * Memory
  * ------------------------------------------------------------------------------------------- */
-/* Allocates `bytes` (>= 0; 0 gives a valid unique pointer) of device memory, 256-byte aligned. */
+/* Allocates `bytes` (>= 0; 0 gives a valid unique pointer) of device memory, 256-byte aligned.
+ * Contents are unspecified: the buffer may be one this context freed before (see fmoe_free). */
 FMOE_API int fmoe_alloc(fmoe_context_t ctx, int64_t bytes, void** out_ptr);
 /* Frees a buffer from fmoe_alloc on this context. NULL is a no-op; any other pointer that is not
- * a live allocation of this context is FMOE_ERR_INVALID_ARGUMENT. Waits for the context's work. */
+ * a live allocation of this context is FMOE_ERR_INVALID_ARGUMENT. Work queued before the free
+ * (on any stream) may still use the buffer: a buffer of up to 256 MiB goes to the context's cache
+ * (at most 2 GiB, and a sixteenth of the device's memory) without waiting, and fmoe_alloc hands
+ * it out again, for a request of the same size class (a quarter of a power of two), only once
+ * that work has finished. A larger buffer, or one freed while a stream captures, is released at
+ * once, which waits for the device's work (cudaFree). The cache is released with the context, or
+ * when an allocation runs out of memory. */
 FMOE_API int fmoe_free(fmoe_context_t ctx, void* ptr);
 
 typedef enum fmoe_memcpy_kind {
