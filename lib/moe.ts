@@ -18,7 +18,7 @@ import {
   WEIGHT_FORMAT_CODE,
   type WeightFormat,
 } from "./config.ts";
-import type { Context, Stream } from "./context.ts";
+import type { Context, Stream, WaitOptions } from "./context.ts";
 import { MX_BLOCK } from "./dtype.ts";
 import { checkOptions, FmoeError, optionNames, Status } from "./errors.ts";
 import * as ffi from "./ffi.ts";
@@ -389,10 +389,23 @@ export class FusedMoE {
    * Waits for all work of the context.
    */
   invalidCount(): number {
-    const counter = ffi.planInvalidCount(this.#handle());
-    const host = new Int32Array(1);
+    this.#handle();
     this.ctx.synchronize();
-    ffi.memcpy(this.ctx._handle, host, counter, 4, ffi.MemcpyKind.DeviceToHost, 0);
+    return this.#readInvalidCount(0);
+  }
+
+  /** invalidCount() without blocking the event loop (see Context.synchronizeAsync). */
+  async invalidCountAsync(options?: WaitOptions): Promise<number> {
+    this.#handle();
+    await this.ctx.synchronizeAsync(options);
+    return this.#readInvalidCount(this.ctx._downloadStream().handle);
+  }
+
+  // The counter's value, copied on `stream` once the work that adds to it has finished.
+  #readInvalidCount(stream: number): number {
+    const counter = ffi.planInvalidCount(this.#handle()); // throws if disposed meanwhile
+    const host = new Int32Array(1);
+    ffi.memcpy(this.ctx._handle, host, counter, 4, ffi.MemcpyKind.DeviceToHost, stream);
     return host[0]!;
   }
 

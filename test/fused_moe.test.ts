@@ -136,7 +136,7 @@ describe("FusedMoE forward (host backend vs reference)", () => {
     }
   }
 
-  function runCase(c: Case, format: WeightFormat, rng: Rng): void {
+  async function runCase(c: Case, format: WeightFormat, rng: Rng): Promise<void> {
     const x = ctx();
     const E = c.local ?? c.E - (c.start ?? 0);
     const N1 = fc1Outputs(c.activation, c.I);
@@ -178,7 +178,9 @@ describe("FusedMoE forward (host backend vs reference)", () => {
     if (injected > 0) {
       moe.forward({ hidden: hT, routingMap: rT, probs: pT, out });
       expect(moe.invalidCount()).toBe(2 * injected);
+      expect(await moe.invalidCountAsync()).toBe(2 * injected);
       moe.resetInvalidCount();
+      expect(await moe.invalidCountAsync({ spinMs: 0 })).toBe(0);
       expect(moe.invalidCount()).toBe(0);
     }
   }

@@ -106,6 +106,14 @@ describe("waiting without blocking (host)", () => {
     const pending = u.downloadAsync();
     u.dispose();
     await expectFmoeRejects(pending, STATE, "downloadAsync");
+    // A layer disposed while its counter is awaited: refused, not read from its freed plan.
+    const fc1 = x.upload(randWeights(rng, 2, 32, 32), [2, 32, 32], "bf16");
+    const fc2 = x.upload(randWeights(rng, 2, 32, 32), [2, 32, 32], "bf16");
+    const moe = new FusedMoE(x, { hidden: 32, ffn: 32, numExperts: 2, topk: 1, activation: "squared_relu", maxTokens: 4 }, { fc1, fc2 });
+    const count = moe.invalidCountAsync();
+    moe.dispose();
+    await expectFmoeRejects(count, STATE, "FusedMoE is disposed");
+    for (const t of [fc1, fc2]) t.dispose();
     // The context itself disposed while a wait is pending.
     const y = Context.create("host");
     using v = y.zeros([4], "f32");
