@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cinttypes>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -81,9 +82,12 @@ extern "C" FMOE_API int fmoe_context_create(int64_t backend, int64_t device,
     fmoe_device_props props{};
     props.size = sizeof props;
     FMOE_TRY(impl->device_props(&props));
-    // At most 2 GiB of freed buffers, and a sixteenth of the memory (of a small host's RAM).
-    const size_t cache_bytes =
+    // At most 2 GiB of freed buffers, and a sixteenth of the memory (of a small host's RAM);
+    // FMOE_BUFFER_CACHE=0 frees every buffer at once (for comparisons).
+    size_t cache_bytes =
         std::min(size_t(2) << 30, size_t(std::max<int64_t>(props.global_memory_bytes, 0)) / 16);
+    const char* cache_env = std::getenv("FMOE_BUFFER_CACHE");
+    if (cache_env != nullptr && std::strcmp(cache_env, "0") == 0) cache_bytes = 0;
     auto* ctx = new fmoe_context_s;
     ctx->buffer_cache = std::make_unique<BufferCache>(impl.get(), cache_bytes);
     ctx->backend = std::move(impl);
