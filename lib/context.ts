@@ -83,8 +83,8 @@ export class Context {
   // Tensors touched by ops on a capturing stream (keyed by stream handle): the graph keeps them
   // alive, since replaying over a freed buffer would corrupt memory.
   readonly #captures = new Map<number, Set<Tensor>>();
-  // Created on the first downloadAsync (see _downloadStream).
-  #downloadStream: Stream | undefined;
+  // Created on the first upload or downloadAsync (see _transferStream).
+  #transferStream: Stream | undefined;
 
   private constructor(handle: number) {
     this._state = new ContextState(handle);
@@ -184,12 +184,12 @@ export class Context {
   }
 
   /**
-   * @internal The stream the async downloads copy on: no op ever runs there, so a copy waits for
-   * nothing queued after the work it waited for.
+   * @internal The stream upload() and the async downloads copy on, each copy waited for at once:
+   * no op ever runs there, so a copy waits for nothing but itself.
    */
-  _downloadStream(): Stream {
-    this.#downloadStream ??= this.createStream();
-    return this.#downloadStream;
+  _transferStream(): Stream {
+    this.#transferStream ??= this.createStream();
+    return this.#transferStream;
   }
 
   /** Count and bytes of live buffers allocated on this context (leak checks). */
@@ -223,6 +223,7 @@ export class Context {
    * bf16, Uint8Array for e4m3/e8m0) or, for bf16, a Float32Array that is rounded to nearest
    * even. `shape` defaults to [data.length]; `dtype` defaults from the array type (Uint16Array
    * -> bf16, Float32Array -> f32, Int32Array -> i32; a Uint8Array needs an explicit dtype).
+   * The tensor is ready for every stream when upload returns.
    */
   upload(data: Uint16Array | Float32Array, shape: readonly number[] | undefined, dtype: "bf16"): Tensor<"bf16">;
   upload(data: Uint8Array, shape: readonly number[] | undefined, dtype: "e4m3"): Tensor<"e4m3">;
@@ -241,7 +242,11 @@ export class Context {
     }
     const t = this.empty(dims, dt);
     try {
-      t.copyFrom(host);
+      // Ready for every stream on return: the copy runs on a stream of its own and is waited for
+      // (a copy on the default stream would be ordered before that stream's later work only).
+      const transfer = this._transferStream();
+      t.copyFrom(host, transfer);
+      transfer.synchronize();
     } catch (err) {
       t.dispose();
       throw err;
@@ -371,7 +376,7 @@ abstract class ContextChild {
   }
 }
 
-/** An ordered queue of work (a CUDA stream; synchronous on the host backend). */
+/** An ordered queue of work (a CUDA stream; on the host backend, a thread of its own). */
 export class Stream extends ContextChild {
   /** @internal Use ctx.createStream(). */
   constructor(ctx: Context, handle: number) {
@@ -427,7 +432,7 @@ export class Event extends ContextChild {
 
   /**
    * Whether the work queued before the last record() has finished (true if never recorded).
-   * Never blocks. Always true on the host backend, whose streams run synchronously.
+   * Never blocks.
    */
   query(): boolean {
     return ffi.eventQuery(this.ctx._handle, this.handle);

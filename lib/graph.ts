@@ -34,7 +34,7 @@ export class Graph {
     return this.#disposed || this.ctx.disposed;
   }
 
-  /** Replays the graph on `stream` (default stream when omitted); asynchronous on CUDA. */
+  /** Replays the graph on `stream` (default stream when omitted); asynchronous. */
   launch(stream?: Stream): void {
     if (this.disposed) throw new FmoeError(Status.INVALID_STATE, "graph is disposed");
     for (const t of this.tensors) t.assertAlive("graph launch");

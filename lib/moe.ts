@@ -212,6 +212,9 @@ export class FusedMoE {
     checkOptions("FusedMoE", "weights", weights, WEIGHT_OPTIONS);
     try {
       this.weights = this.#prepareWeights(weights, E, N1, H, I);
+      // The layer may run on any stream: weights it prepared on the default stream (quantized,
+      // unswizzled) must be ready first.
+      if (this.#owned.length > 0) ffi.streamSynchronize(ctx._handle, 0);
       if (weights.fc1Bias !== undefined) checkTensor("fc1Bias", weights.fc1Bias, "f32", [E, N1], "[E_local, N1]");
       if (weights.fc2Bias !== undefined) checkTensor("fc2Bias", weights.fc2Bias, "f32", [E, H], "[E_local, H]");
       this.#plan = ffi.planCreate(ctx._handle, {
@@ -398,7 +401,7 @@ export class FusedMoE {
   async invalidCountAsync(options?: WaitOptions): Promise<number> {
     this.#handle();
     await this.ctx.synchronizeAsync(options);
-    return this.#readInvalidCount(this.ctx._downloadStream().handle);
+    return this.#readInvalidCount(this.ctx._transferStream().handle);
   }
 
   // The counter's value, copied on `stream` once the work that adds to it has finished.

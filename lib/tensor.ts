@@ -188,7 +188,7 @@ export class Tensor<D extends DType = DType> {
     if (stream === undefined) await this.ctx.synchronizeAsync(options);
     else await stream.synchronizeAsync(options);
     this.assertAlive("downloadAsync");
-    return this.download(this.ctx._downloadStream());
+    return this.download(this.ctx._transferStream());
   }
 
   /** toFloat32() without blocking the event loop, as downloadAsync(). */

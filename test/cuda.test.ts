@@ -46,8 +46,10 @@ import {
 import * as ffi from "../lib/ffi.ts";
 import {
   CUDA_DEVICES,
+  checkFreedBufferWaitsForItsWork,
   checkReplay,
   countEventLoopTurns,
+  queueLongWork,
   expectBitExact,
   expectClose,
   expectFmoe,
@@ -882,35 +884,28 @@ describe.skipIf(SKIP)("CUDA backend vs host backend", () => {
 
   seededTest("waits without blocking: long queued work is awaited while the event loop turns; 'not ready' leaves no error behind", async (rng) => {
     const x = gpu();
-    const rows = 8192, n = 4096, k = 4096, groups = 4;
-    using aT = x.upload(randBf16(rng, rows * k), [rows, k], "bf16");
-    using bT = x.upload(randWeights(rng, groups, n, k), [groups, n, k], "bf16");
-    using off = x.upload(Int32Array.of(0, 1000, 4096, 6000, rows));
-    using stream = x.createStream();
-    using side = x.createStream();
-    using out = x.empty([rows, n], "bf16").fill(0xff, stream);
-    using sideOut = x.empty([64, n], "bf16").fill(0xff, side);
-    // 2.7e11 FLOP a product, ~0.4 ms on a Hopper part: 30 keep the stream busy for ~12 ms, far
-    // longer than the host takes to launch them and query.
-    for (let i = 0; i < 30; ++i) groupedMmBf16(x, { a: aT, b: bT, groupOffsets: off, out, stream });
-    using done = x.createEvent().record(stream);
-    expect(done.query()).toBe(false);
+    const [rows, n, k] = [8192, 4096, 4096];
+    // 30 products of 2.7e11 FLOP: ~12 ms on a Hopper part, far longer than queueing them and looking.
+    using work = queueLongWork(x, rng, rows, n, k, 30);
+    expect(work.done.query()).toBe(false);
     // The runtime leaves the query's "not ready" as the thread's last error; a launcher that read it
     // as its own launch's failure would throw here.
+    using side = x.createStream();
+    using sideOut = x.empty([64, n], "bf16").fill(0xff, side);
     using sideOff = x.upload(Int32Array.of(0, 10, 20, 40, 64));
-    groupedMmBf16(x, { a: aT.view(0, [64, k]), b: bT, groupOffsets: sideOff, out: sideOut, stream: side });
+    groupedMmBf16(x, { a: work.a.view(0, [64, k]), b: work.b, groupOffsets: sideOff, out: sideOut, stream: side });
 
     const turns = countEventLoopTurns();
-    const awaited = await out.downloadAsync(stream);
+    const awaited = await work.out.downloadAsync(work.stream);
     expect(turns()).toBeGreaterThan(0);
-    expect(done.query()).toBe(true);
-    expectBitExact(awaited, out.download(stream), "downloadAsync after 30 queued products");
+    expect(work.done.query()).toBe(true);
+    expectBitExact(awaited, work.out.download(work.stream), "downloadAsync after 30 queued products");
     expectNonZero(bf16ToF32(awaited), "the products");
 
-    // Every stream at once: queued work on two streams, one wait.
-    for (let i = 0; i < 10; ++i) groupedMmBf16(x, { a: aT, b: bT, groupOffsets: off, out, stream });
-    groupedMmBf16(x, { a: aT.view(0, [64, k]), b: bT, groupOffsets: sideOff, out: sideOut, stream: side });
-    using onStream = x.createEvent().record(stream);
+    // Every stream at once: work queued on two streams, one wait.
+    for (let i = 0; i < 10; ++i) groupedMmBf16(x, { a: work.a, b: work.b, groupOffsets: sideOff, out: work.out, stream: work.stream });
+    groupedMmBf16(x, { a: work.a.view(0, [64, k]), b: work.b, groupOffsets: sideOff, out: sideOut, stream: side });
+    using onStream = x.createEvent().record(work.stream);
     using onSide = x.createEvent().record(side);
     await x.synchronizeAsync();
     expect(onStream.query()).toBe(true);
@@ -920,26 +915,10 @@ describe.skipIf(SKIP)("CUDA backend vs host backend", () => {
 
   // FMOE_BUFFER_CACHE=0 turns the cache off (a comparison run), and this test with it.
   describe.skipIf(process.env.FMOE_BUFFER_CACHE === "0")("the buffer cache", () => {
-    seededTest("a freed buffer comes back only after the work queued before its free, and the free does not wait", async (rng) => {
+    seededTest("a freed buffer comes back only after the work queued before its free, and the free does not wait", (rng) => {
       using x = Context.create("cuda"); // its own context: an empty buffer cache
-      const rows = 8192, n = 4096, k = 4096, groups = 4;
-      using aT = x.upload(randBf16(rng, rows * k), [rows, k], "bf16");
-      using bT = x.upload(randWeights(rng, groups, n, k), [groups, n, k], "bf16");
-      using off = x.upload(Int32Array.of(0, 1000, 4096, 6000, rows));
-      using stream = x.createStream();
-      const out = x.empty([rows, n], "bf16");
-      const freed = out.ptr;
-      for (let i = 0; i < 30; ++i) groupedMmBf16(x, { a: aT, b: bT, groupOffsets: off, out, stream });
-      using done = x.createEvent().record(stream);
-      out.dispose();
-      // cudaFree would have waited for the 30 products (~12 ms); the cache's free returns at once.
-      expect(done.query()).toBe(false);
-      using early = x.empty([rows, n], "bf16");
-      expect(early.ptr).not.toBe(freed);
-      await done.synchronizeAsync();
-      early.dispose();
-      using late = x.empty([rows, n], "bf16");
-      expect(late.ptr).toBe(freed);
+      // 30 products of 2.7e11 FLOP: ~12 ms on a Hopper part.
+      checkFreedBufferWaitsForItsWork(x, rng, 8192, 4096, 4096, 30);
     });
   });
 

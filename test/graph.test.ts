@@ -250,9 +250,9 @@ describe("graph capture and replay (host backend)", () => {
       expect(new Uint8Array(o.download().buffer).every((b) => b === 0xff)).toBe(true);
       for (let round = 0; round < 3; ++round) {
         const tpe = Int32Array.from({ length: E }, () => rng.int(7));
-        tT.copyFrom(tpe);
-        hT.copyFrom(randBf16(rng, rows * H));
-        o.fill(0xff);
+        tT.copyFrom(tpe, stream);
+        hT.copyFrom(randBf16(rng, rows * H), stream);
+        o.fill(0xff, stream);
         graph.launch(stream);
         stream.synchronize();
         const replayed = o.download();
@@ -277,8 +277,8 @@ describe("graph capture and replay (host backend)", () => {
       let previous: Uint16Array | undefined;
       for (let round = 0; round < 4; ++round) {
         const r = makeRouting(rng, T, E, topk, round === 2 ? "one-expert" : "random", 1);
-        rT.copyFrom(r.routingMap);
-        pT.copyFrom(r.probs);
+        rT.copyFrom(r.routingMap, stream);
+        pT.copyFrom(r.probs, stream);
         graph.launch(stream);
         stream.synchronize();
         const replayed = o.download();
@@ -317,7 +317,7 @@ describe("graph capture and replay (host backend)", () => {
   seededTest("capturing a stream that is already capturing is INVALID_STATE; a capture that throws ends it", () => {
     const x = ctx();
     using stream = x.createStream();
-    using t = x.zeros([4], "f32");
+    using t = x.zeros([4], "f32", stream);
     expectFmoe(() => x.capture(stream, () => { x.capture(stream, () => t.fill(1, stream)); }), Status.INVALID_STATE, "already capturing");
     expect(() => x.capture(stream, () => { throw new Error("body failed"); })).toThrow("body failed");
     using g = x.capture(stream, () => t.fill(2, stream));

@@ -11,7 +11,9 @@ import { afterAll, beforeAll, expect, test } from "bun:test";
 import {
   Context,
   type BackendChoice,
+  type Event,
   FmoeError,
+  groupedMmBf16,
   randomRouting,
   relFrobenius,
   Rng,
@@ -280,6 +282,51 @@ function checkFmoe(err: FmoeError, code: Status, names: readonly (string | RegEx
   return err;
 }
 
+/**
+ * Work that keeps a new stream of `x` busy for a while: `reps` grouped products of rows x n x k
+ * (four groups) into `out`, and `done` recorded after them. The shapes are chosen per backend so
+ * that the work lasts far longer than the host takes to queue it and look (milliseconds).
+ */
+export function queueLongWork(x: Context, rng: Rng, rows: number, n: number, k: number, reps: number): { a: Tensor<"bf16">; b: Tensor<"bf16">; stream: Stream; out: Tensor<"bf16">; done: Event; [Symbol.dispose](): void } {
+  const a = x.upload(randBf16(rng, rows * k), [rows, k], "bf16");
+  const b = x.upload(randWeights(rng, 4, n, k), [4, n, k], "bf16");
+  const offsets = x.upload(Int32Array.of(0, rows >> 3, rows >> 1, rows - (rows >> 2), rows));
+  const stream = x.createStream();
+  const out = x.empty([rows, n], "bf16");
+  for (let i = 0; i < reps; ++i) groupedMmBf16(x, { a, b, groupOffsets: offsets, out, stream });
+  const done = x.createEvent().record(stream);
+  return {
+    a,
+    b,
+    stream,
+    out,
+    done,
+    [Symbol.dispose]() {
+      stream.synchronize();
+      for (const t of [a, b, offsets, out, stream, done]) t.dispose();
+    },
+  };
+}
+
+/**
+ * The buffer cache's contract (csrc/core/buffer_cache.h), on a stream kept busy by
+ * queueLongWork: freeing the buffer its work writes does not wait for that work, the buffer is not
+ * handed out again before the work has finished, and then it is.
+ */
+export function checkFreedBufferWaitsForItsWork(x: Context, rng: Rng, rows: number, n: number, k: number, reps: number): void {
+  using work = queueLongWork(x, rng, rows, n, k, reps);
+  const freed = work.out.ptr;
+  work.out.dispose();
+  expect(work.done.query()).toBe(false); // a free that waited (cudaFree) would have seen it done
+  using early = x.empty([rows, n], "bf16");
+  expect(early.ptr).not.toBe(freed);
+  work.stream.synchronize();
+  early.dispose();
+  x.synchronize(); // the fences recorded at the two frees have passed
+  using late = x.empty([rows, n], "bf16");
+  expect(late.ptr).toBe(freed);
+}
+
 /** Counts turns of the event loop from now; the returned function stops counting and says how many. */
 export function countEventLoopTurns(): () => number {
   let turns = 0;
@@ -323,6 +370,8 @@ export function checkReplay(x: Context, stream: Stream, inputs: [Tensor, Fill][]
   for (let round = 0; round < 2; ++round) {
     for (const [t, fill] of inputs) t.copyFrom(fill() as never, stream);
     for (const o of outputs) o.fill(0xff, stream);
+    // Round 1 replays on the default stream, which is not ordered after `stream`'s copies.
+    if (round === 1) stream.synchronize();
     graph.launch(round === 0 ? stream : undefined);
     stream.synchronize();
     const replayed = outputs.map((o) => new Uint8Array(o.download().buffer));

@@ -5,7 +5,7 @@
 import { describe, expect } from "bun:test";
 import { Context, FmoeError, FusedMoE, permute, quantizeMxfp8, Status, type DType } from "../lib/index.ts";
 import * as ffi from "../lib/ffi.ts";
-import { expectBitExact, expectFmoe, randBf16, randWeights, seededTest, suiteContext } from "./helpers.ts";
+import { checkFreedBufferWaitsForItsWork, expectBitExact, expectFmoe, randBf16, randWeights, seededTest, suiteContext } from "./helpers.ts";
 
 const STATE = Status.INVALID_STATE;
 
@@ -213,15 +213,16 @@ describe("lifetimes", () => {
 });
 
 // Freed buffers go to the context's cache (csrc/core/buffer_cache.h) and come back to the next
-// allocation of their size class once the work queued before the free has finished: on the host
-// at once. Each test uses a fresh context, so the cache starts empty. FMOE_BUFFER_CACHE=0 turns the
-// cache off (a comparison run), and these tests with it.
+// allocation of their size class once the work queued before the free has finished (which
+// synchronize() makes sure of here). Each test uses a fresh context, so the cache starts empty.
+// FMOE_BUFFER_CACHE=0 turns the cache off (a comparison run), and these tests with it.
 describe.skipIf(process.env.FMOE_BUFFER_CACHE === "0")("freed buffers are reused", () => {
   seededTest("by the next allocation of the same size class, once, oldest first", () => {
     using x = Context.create("host");
     const a = x.empty([1000], "f32");
     const pa = a.ptr;
     a.dispose();
+    x.synchronize();
     using b = x.empty([1010], "f32"); // 4040 bytes: the 4096-byte class of 4000
     expect(b.ptr).toBe(pa);
     using c = x.empty([1000], "f32"); // b holds the block
@@ -239,6 +240,7 @@ describe.skipIf(process.env.FMOE_BUFFER_CACHE === "0")("freed buffers are reused
     const first = Array.from({ length: 1100 }, () => x.empty([64], "i32"));
     const freed = first.map((t) => t.ptr);
     for (const t of first) t.dispose();
+    x.synchronize();
     const again = Array.from({ length: 1024 }, () => x.empty([64], "i32"));
     expect(again.map((t) => t.ptr)).toEqual(freed.slice(1100 - 1024));
     for (const t of again) t.dispose();
@@ -251,6 +253,7 @@ describe.skipIf(process.env.FMOE_BUFFER_CACHE === "0")("freed buffers are reused
     const a = x.empty([256], "bf16");
     const pa = a.ptr;
     a.dispose();
+    x.synchronize();
     using s = x.createStream();
     let inCapture = 0;
     using g = x.capture(s, () => {
@@ -261,5 +264,11 @@ describe.skipIf(process.env.FMOE_BUFFER_CACHE === "0")("freed buffers are reused
     expect(inCapture).not.toBe(pa);
     using b = x.empty([256], "bf16");
     expect(b.ptr).toBe(pa);
+  });
+
+  seededTest("not before the work queued before the free has finished, and the free does not wait for it", (rng) => {
+    using x = Context.create("host");
+    // Four products of 512^3 (~0.1 s on two cores): far longer than queueing them and looking.
+    checkFreedBufferWaitsForItsWork(x, rng, 512, 512, 512, 4);
   });
 });

@@ -2,7 +2,9 @@
 // sent at once, of different token counts (0 to --max-tokens, invalid routing ids among them), each
 // answered with its own layer output, compared with lib/reference.ts (TOLERANCE.bf16 / .mxfp8,
 // relative Frobenius); bad requests answered 400 / 404 / 405 / 413 with a JSON error naming what
-// is wrong; SIGTERM stops it with exit 0. On the host backend always, on CUDA where a device is.
+// is wrong; SIGTERM stops it with exit 0. On the host backend always (its streams run behind the
+// server as a device does, so requests that did not take turns with the buffers would read each
+// other's outputs), on CUDA where a device is.
 import { afterAll, beforeAll, describe, expect } from "bun:test";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";

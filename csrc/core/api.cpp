@@ -252,7 +252,7 @@ extern "C" FMOE_API int fmoe_free(fmoe_context_t ctx, void* ptr) {
     ctx->live_bytes -= a.bytes;
     ctx->allocations.erase(it);
     // Event queries are not allowed while a stream captures: then the backend's free, which waits
-    // for the work that may still use the buffer (cudaFree does; host work is synchronous).
+    // for the work that may still use the buffer (cudaFree does; so does the host backend's).
     if (any_stream_capturing(ctx)) return ctx->backend->free(ptr);
     std::vector<BackendStream*> streams{nullptr};
     for (fmoe_stream_s* s : ctx->streams) streams.push_back(s->impl);

@@ -1,9 +1,12 @@
-// HostBackend: memory, synchronous streams, recorded graphs, clock events, and the dispatch of
-// each op either to its implementation (now) or into the capturing stream's recording (later).
+// HostBackend: memory, streams that run their work on threads of their own, recorded graphs,
+// clock events, and the dispatch of each op either to its stream or into the capturing stream's
+// recording.
 #include <unistd.h>
 
 #include <cstdlib>
 #include <cstring>
+#include <memory>
+#include <set>
 #include <string>
 
 #include "host/host_backend.h"
@@ -42,7 +45,20 @@ class HostBackend final : public Backend {
     return FMOE_OK;
   }
 
-  Status synchronize() override { return FMOE_OK; }  // host work is done when a call returns
+  ~HostBackend() override {
+    // The core destroys its streams first; any left are joined here, while the pool they use is
+    // still alive (the default stream's thread is joined by its own destructor, before the pool's).
+    for (HostStream* s : streams_) delete s;
+  }
+
+  Status synchronize() override {
+    Status first = default_stream_.synchronize();
+    for (HostStream* s : streams_) {
+      Status st = s->synchronize();
+      if (first == FMOE_OK) first = st;
+    }
+    return first;
+  }
 
   Status alloc(size_t bytes, void** out) override {
     // At least one aligned block, so a zero-byte buffer still has a unique address.
@@ -58,12 +74,34 @@ class HostBackend final : public Backend {
   }
 
   Status free(void* ptr) override {
+    // As cudaFree: the work queued on any stream may still use the buffer.
+    Status st = synchronize();
     std::free(ptr);
-    return FMOE_OK;
+    return st;
   }
 
-  Status memcpy(void* dst, const void* src, size_t bytes, fmoe_memcpy_kind,
+  Status memcpy(void* dst, const void* src, size_t bytes, fmoe_memcpy_kind kind,
                 BackendStream* s) override {
+    HostStream* hs = stream(s);
+    if (kind == FMOE_MEMCPY_DEVICE_TO_HOST) {
+      // The caller reads `dst` on return: the stream's work before the copy comes first.
+      FMOE_TRY(hs->synchronize());
+      std::memmove(dst, src, bytes);
+      return FMOE_OK;
+    }
+    if (kind == FMOE_MEMCPY_HOST_TO_DEVICE && !hs->capturing && hs->idle()) {
+      std::memmove(dst, src, bytes);  // nothing queued to order it after
+      return FMOE_OK;
+    }
+    if (kind == FMOE_MEMCPY_HOST_TO_DEVICE) {
+      // The caller may reuse `src` on return: the copy runs in order, from a copy of its own.
+      auto staged = std::make_shared<std::vector<uint8_t>>(static_cast<const uint8_t*>(src),
+                                                           static_cast<const uint8_t*>(src) + bytes);
+      return submit(s, [dst, staged]() -> Status {
+        std::memmove(dst, staged->data(), staged->size());
+        return FMOE_OK;
+      });
+    }
     return submit(s, [dst, src, bytes]() -> Status {
       std::memmove(dst, src, bytes);
       return FMOE_OK;
@@ -78,14 +116,19 @@ class HostBackend final : public Backend {
   }
 
   Status stream_create(BackendStream** out) override {
-    *out = as_backend(new HostStream);
+    auto* s = new HostStream;
+    streams_.insert(s);
+    *out = as_backend(s);
     return FMOE_OK;
   }
   Status stream_destroy(BackendStream* s) override {
-    delete as_host(s);
-    return FMOE_OK;
+    HostStream* hs = as_host(s);
+    Status st = hs->synchronize();
+    streams_.erase(hs);
+    delete hs;
+    return st;
   }
-  Status stream_synchronize(BackendStream*) override { return FMOE_OK; }
+  Status stream_synchronize(BackendStream* s) override { return stream(s)->synchronize(); }
 
   Status capture_begin(BackendStream* s) override {
     HostStream* hs = stream(s);
@@ -117,7 +160,11 @@ class HostBackend final : public Backend {
       hs->recorded.insert(hs->recorded.end(), g->ops.begin(), g->ops.end());
       return FMOE_OK;
     }
-    for (const Work& w : g->ops) FMOE_TRY(w());
+    // The graph may be destroyed before its ops run: the closure holds copies of them.
+    hs->enqueue([ops = g->ops]() -> Status {
+      for (const Work& w : ops) FMOE_TRY(w());
+      return FMOE_OK;
+    });
     return FMOE_OK;
   }
 
@@ -133,14 +180,22 @@ class HostBackend final : public Backend {
     return FMOE_OK;
   }
   Status event_destroy(BackendEvent* e) override {
-    delete as_host(e);
-    return FMOE_OK;
+    HostEvent* he = as_host(e);
+    // A record still queued would write the event after its deletion (CUDA defers the release).
+    Status st = he->complete.load(std::memory_order_acquire) ? FMOE_OK : synchronize();
+    delete he;
+    return st;
   }
   Status event_record(BackendEvent* e, BackendStream* s) override {
     HostEvent* he = as_host(e);
+    if (!stream(s)->capturing) {
+      he->recorded = true;
+      he->complete.store(false, std::memory_order_relaxed);
+    }
+    // The store releases what the stream's work wrote before it to whoever sees it complete.
     return submit(s, [he]() -> Status {
       he->at = std::chrono::steady_clock::now();
-      he->recorded = true;
+      he->complete.store(true, std::memory_order_release);
       return FMOE_OK;
     });
   }
@@ -150,11 +205,12 @@ class HostBackend final : public Backend {
       return set_error(FMOE_ERR_INVALID_STATE,
                        "fmoe_event_elapsed_ms: %s has not been recorded",
                        !a->recorded ? "start" : "end");
+    FMOE_TRY(synchronize());
     *out_ms = std::chrono::duration<double, std::milli>(b->at - a->at).count();
     return FMOE_OK;
   }
-  Status event_query(BackendEvent*, bool* out_complete) override {
-    *out_complete = true;  // a host record runs inside fmoe_event_record, after the work before it
+  Status event_query(BackendEvent* e, bool* out_complete) override {
+    *out_complete = as_host(e)->complete.load(std::memory_order_acquire);
     return FMOE_OK;
   }
 
@@ -201,17 +257,19 @@ class HostBackend final : public Backend {
  private:
   HostStream* stream(BackendStream* s) { return s == nullptr ? &default_stream_ : as_host(s); }
 
-  // Runs `work` now, or appends it to the recording of a capturing stream.
+  // Queues `work` on its stream, or appends it to the recording of a capturing stream.
   Status submit(BackendStream* s, Work work) {
     HostStream* hs = stream(s);
-    if (hs->capturing) {
+    if (hs->capturing)
       hs->recorded.push_back(std::move(work));
-      return FMOE_OK;
-    }
-    return work();
+    else
+      hs->enqueue(std::move(work));
+    return FMOE_OK;
   }
 
+  // Declared before the streams: their threads use it until they are joined.
   ThreadPool pool_;
+  std::set<HostStream*> streams_;  // created ones; the default stream is not among them
   HostStream default_stream_;
 };
 

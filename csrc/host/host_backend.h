@@ -1,13 +1,20 @@
 // The host (CPU) backend: the reference semantics of every op, and the fallback where no GPU is
-// present. Memory is host memory; streams are synchronous; graph capture records closures.
+// present. Memory is host memory; each stream runs its work in order on a thread of its own;
+// graph capture records closures.
 //
 // The handle types are the host's own (HostStream, ...) and cross the Backend interface as
 // reinterpret_cast'ed BackendStream* etc.: defining fmoe::BackendStream here would give the
 // library two definitions of one class once the CUDA backend defines its own.
 #pragma once
 
+#include <atomic>
 #include <chrono>
+#include <condition_variable>
+#include <deque>
 #include <functional>
+#include <mutex>
+#include <string>
+#include <thread>
 #include <vector>
 
 #include "core/backend.h"
@@ -17,9 +24,38 @@ namespace fmoe::host {
 
 using Work = std::function<Status()>;
 
-struct HostStream {
+// A stream: its work runs in order on a thread of its own, started with the first work, so an op
+// returns at once and the caller's thread (a server's event loop) stays free, as with a CUDA
+// stream. While the stream captures, work is recorded instead (by the backend, on the caller's
+// thread: `capturing` and `recorded` are the caller's alone).
+class HostStream {
+ public:
+  HostStream() = default;
+  HostStream(const HostStream&) = delete;
+  HostStream& operator=(const HostStream&) = delete;
+  ~HostStream();  // runs what is queued, then joins the thread
+
+  void enqueue(Work work);
+  // True when nothing is queued or running.
+  bool idle();
+  // Waits until the stream is idle. Returns the first failure of the work run since the last
+  // synchronize (its message as the caller's fmoe_last_error), and forgets it.
+  Status synchronize();
+
   bool capturing = false;
   std::vector<Work> recorded;
+
+ private:
+  void run_queue();
+
+  std::mutex mu_;
+  std::condition_variable wake_, idle_;
+  std::deque<Work> queue_;
+  bool running_ = false;
+  bool stop_ = false;
+  std::thread thread_;
+  Status error_ = FMOE_OK;
+  std::string error_message_;
 };
 
 struct HostGraph {
@@ -27,7 +63,8 @@ struct HostGraph {
 };
 
 struct HostEvent {
-  bool recorded = false;
+  bool recorded = false;                 // record() was called (outside a capture)
+  std::atomic<bool> complete{true};      // the stream has reached the record
   std::chrono::steady_clock::time_point at;
 };
 

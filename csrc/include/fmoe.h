@@ -27,8 +27,8 @@
  *   buffers. Sizes that the host must know (max_rows, workspace bytes) depend only on static
  *   arguments; what routing decides lives in device buffers (expert_offsets, permutation_map,
  *   inverse_map).
- * - On the host backend streams are synchronous (ops run before the call returns) and graph
- *   capture records the op sequence, which fmoe_graph_launch replays.
+ * - On the host backend each stream runs its work in order on a thread of its own, so ops return
+ *   at once there too; graph capture records the op sequence, which fmoe_graph_launch replays.
  *
  * Routing and the permuted layout
  * - routing_map [T, topk] i32 holds global expert ids. The context's layer owns the local experts
@@ -212,7 +212,7 @@ FMOE_API int fmoe_graph_destroy(fmoe_context_t ctx, fmoe_graph_t graph);
 
 /* ---------------------------------------------------------------------------------------------
  * Events: markers on a stream, for timing and for waiting without blocking (CUDA events on cuda;
- * a host clock read when the synchronous host stream reaches the record).
+ * a host clock read when the host stream reaches the record).
  * ------------------------------------------------------------------------------------------- */
 typedef struct fmoe_event_s* fmoe_event_t;
 FMOE_API int fmoe_event_create(fmoe_context_t ctx, fmoe_event_t* out_event);
@@ -223,9 +223,8 @@ FMOE_API int fmoe_event_elapsed_ms(fmoe_context_t ctx, fmoe_event_t start, fmoe_
                                    double* out_ms);
 /* Never blocks: *out_complete = 1 when the work queued on the stream before the event's most
  * recent record has completed (also when the event was never recorded), 0 while it runs. A caller
- * with an event loop polls this instead of blocking its thread in a synchronize. Host streams are
- * synchronous, so on the host backend it is always 1. An event recorded inside a capture cannot
- * be queried until the capture ends (CUDA reports an error). */
+ * with an event loop polls this instead of blocking its thread in a synchronize. An event recorded
+ * inside a capture cannot be queried until the capture ends (CUDA reports an error). */
 FMOE_API int fmoe_event_query(fmoe_context_t ctx, fmoe_event_t event, int64_t* out_complete);
 
 /* ---------------------------------------------------------------------------------------------
