@@ -53,6 +53,18 @@ describe("waiting without blocking (host)", () => {
     expect(again.query()).toBe(true);
   });
 
+  seededTest("an event's newest record decides whether it is complete, as on CUDA", async (rng) => {
+    const x = ctx();
+    using work = queueLongWork(x, rng, 512, 512, 512, 4);
+    using idle = x.createStream();
+    using e = x.createEvent();
+    e.record(idle).record(work.stream);
+    expect(e.query()).toBe(false); // the newest record waits behind the work
+    e.record(idle);
+    await e.synchronizeAsync(); // the newest record is on an idle stream
+    expect(work.done.query()).toBe(false); // ~0.1 s of products still running
+  });
+
   seededTest("Context.synchronizeAsync waits on the live streams only: disposed ones are forgotten", async () => {
     // A stream left in the context's set after dispose would make the next wait record an event on
     // a destroyed stream, which the library refuses ("not a live stream").

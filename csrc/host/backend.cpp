@@ -182,20 +182,25 @@ class HostBackend final : public Backend {
   Status event_destroy(BackendEvent* e) override {
     HostEvent* he = as_host(e);
     // A record still queued would write the event after its deletion (CUDA defers the release).
-    Status st = he->complete.load(std::memory_order_acquire) ? FMOE_OK : synchronize();
+    Status st = he->complete() ? FMOE_OK : synchronize();
     delete he;
     return st;
   }
   Status event_record(BackendEvent* e, BackendStream* s) override {
     HostEvent* he = as_host(e);
+    uint64_t number = 0;  // a record inside a capture completes nothing when replayed
     if (!stream(s)->capturing) {
       he->recorded = true;
-      he->complete.store(false, std::memory_order_relaxed);
+      number = ++he->records;
     }
-    // The store releases what the stream's work wrote before it to whoever sees it complete.
-    return submit(s, [he]() -> Status {
-      he->at = std::chrono::steady_clock::now();
-      he->complete.store(true, std::memory_order_release);
+    // The raise releases what the stream's work wrote before it to whoever sees it complete.
+    return submit(s, [he, number]() -> Status {
+      he->at_ns.store(std::chrono::steady_clock::now().time_since_epoch().count(),
+                      std::memory_order_relaxed);
+      uint64_t seen = he->reached.load(std::memory_order_relaxed);
+      while (seen < number &&
+             !he->reached.compare_exchange_weak(seen, number, std::memory_order_release)) {
+      }
       return FMOE_OK;
     });
   }
@@ -206,11 +211,13 @@ class HostBackend final : public Backend {
                        "fmoe_event_elapsed_ms: %s has not been recorded",
                        !a->recorded ? "start" : "end");
     FMOE_TRY(synchronize());
-    *out_ms = std::chrono::duration<double, std::milli>(b->at - a->at).count();
+    using Ticks = std::chrono::steady_clock::duration;
+    const Ticks elapsed = Ticks(b->at_ns.load()) - Ticks(a->at_ns.load());
+    *out_ms = std::chrono::duration<double, std::milli>(elapsed).count();
     return FMOE_OK;
   }
   Status event_query(BackendEvent* e, bool* out_complete) override {
-    *out_complete = as_host(e)->complete.load(std::memory_order_acquire);
+    *out_complete = as_host(e)->complete();
     return FMOE_OK;
   }
 

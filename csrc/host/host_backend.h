@@ -10,6 +10,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstdint>
 #include <deque>
 #include <functional>
 #include <mutex>
@@ -62,10 +63,14 @@ struct HostGraph {
   std::vector<Work> ops;
 };
 
+// An event's records are numbered (on the caller's thread); its streams' threads raise `reached`
+// to the number of each record they pass, so the newest record decides completion, as on CUDA.
 struct HostEvent {
-  bool recorded = false;                 // record() was called (outside a capture)
-  std::atomic<bool> complete{true};      // the stream has reached the record
-  std::chrono::steady_clock::time_point at;
+  bool recorded = false;            // record() was called outside a capture
+  uint64_t records = 0;             // records made outside a capture
+  std::atomic<uint64_t> reached{0};
+  std::atomic<int64_t> at_ns{0};    // steady_clock time of the last record reached
+  bool complete() const { return reached.load(std::memory_order_acquire) >= records; }
 };
 
 // The ops, run immediately (each in its own file).
