@@ -18,8 +18,9 @@ HostStream::~HostStream() {
 void HostStream::enqueue(Work work) {
   {
     std::lock_guard<std::mutex> lock(mu_);
-    queue_.push_back(std::move(work));
+    // The thread first: if it cannot be started, nothing is queued that no one would run.
     if (!thread_.joinable()) thread_ = std::thread([this] { run_queue(); });
+    queue_.push_back(std::move(work));
   }
   wake_.notify_one();
 }
