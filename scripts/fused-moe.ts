@@ -22,7 +22,6 @@ import {
   readSafetensors,
   SafetensorsError,
   serializeSafetensors,
-  type Tensor,
   writeSafetensors,
 } from "../lib/index.ts";
 
@@ -33,8 +32,9 @@ run: computes out = MoE(hidden) with one fused layer and writes it to OUT as ten
 BF16.
 
 serve: an HTTP server over one layer whose weights are loaded once from LAYER (fc1, fc2 and the
-optional biases, as below). Requests take turns on one set of device buffers of --max-tokens rows,
-allocated at start; each awaits its output without blocking the server.
+optional biases, as below). Its device buffers of --max-tokens rows are allocated at start;
+requests that arrive while the layer runs go into its next forward together (up to --max-tokens
+tokens), and each awaits its output without blocking the server.
   GET  /health    the layer and the backend, as JSON
   POST /forward   body: safetensors with hidden, routing_map and probs -> safetensors with out
   Errors answer JSON {"error": "..."}: 400 a bad body, 413 more tokens than --max-tokens, 500 the
@@ -305,24 +305,62 @@ async function serve(flags: Flags): Promise<number> {
   using routingBuffer = ctx.empty([maxTokens, topk], "i32");
   using probsBuffer = ctx.empty([maxTokens, topk], "f32");
   using outBuffer = ctx.empty([maxTokens, H], "bf16");
-  const rows = <D extends DType>(buffer: Tensor<D>, T: number, width: number): Tensor<D> => buffer.view(0, [T, width]);
+  type Tokens = ReturnType<typeof readTokens>;
+  interface Waiting {
+    tokens: Tokens;
+    done: (out: Uint16Array) => void;
+    failed: (err: unknown) => void;
+  }
+  // Requests that arrive while the layer runs wait here and go into the next forward together, up
+  // to --max-tokens tokens: a decode step reads the routed experts' weights once for all its
+  // tokens, so a batch costs little more than one request.
+  const waiting: Waiting[] = [];
+  const stats = { requests: 0, forwards: 0 };
+  let running = false;
 
-  const forward = async (tokens: ReturnType<typeof readTokens>): Promise<Uint16Array> => {
-    const T = tokens.T;
-    const hidden = rows(hiddenBuffer, T, H).copyFrom(tokens.hidden.data as Uint16Array, stream);
-    const routingMap = rows(routingBuffer, T, topk).copyFrom(tokens.routing.data as Int32Array, stream);
-    const probs = rows(probsBuffer, T, topk).copyFrom(tokens.probs.data as Float32Array, stream);
-    const out = rows(outBuffer, T, H);
-    moe.forward({ hidden, routingMap, probs, out, stream });
+  const forwardBatch = async (batch: Waiting[]): Promise<Uint16Array> => {
+    let T = 0;
+    for (const { tokens } of batch) {
+      const n = tokens.T;
+      hiddenBuffer.view(T * H, [n, H]).copyFrom(tokens.hidden.data as Uint16Array, stream);
+      routingBuffer.view(T * topk, [n, topk]).copyFrom(tokens.routing.data as Int32Array, stream);
+      probsBuffer.view(T * topk, [n, topk]).copyFrom(tokens.probs.data as Float32Array, stream);
+      T += n;
+    }
+    const out = outBuffer.view(0, [T, H]);
+    moe.forward({ hidden: hiddenBuffer.view(0, [T, H]), routingMap: routingBuffer.view(0, [T, topk]), probs: probsBuffer.view(0, [T, topk]), out, stream });
+    ++stats.forwards;
     return await out.downloadAsync(stream);
   };
-  // The requests take turns with the buffers: each starts once the previous one's output is copied.
-  let turn: Promise<unknown> = Promise.resolve();
-  const inTurn = <R>(body: () => Promise<R>): Promise<R> => {
-    const mine = turn.then(body);
-    turn = mine.catch(() => undefined);
-    return mine;
+  // One batch at a time owns the buffers; each starts once the previous one's output is copied.
+  const drain = async (): Promise<void> => {
+    running = true;
+    while (waiting.length > 0) {
+      const batch: Waiting[] = [];
+      let T = 0;
+      while (waiting.length > 0 && T + waiting[0]!.tokens.T <= maxTokens) {
+        T += waiting[0]!.tokens.T;
+        batch.push(waiting.shift()!);
+      }
+      try {
+        const out = await forwardBatch(batch);
+        let row = 0;
+        for (const w of batch) {
+          w.done(out.slice(row * H, (row + w.tokens.T) * H));
+          row += w.tokens.T;
+        }
+      } catch (err) {
+        for (const w of batch) w.failed(err);
+      }
+    }
+    running = false;
   };
+  const forward = (tokens: Tokens): Promise<Uint16Array> =>
+    new Promise((done, failed) => {
+      ++stats.requests;
+      waiting.push({ tokens, done, failed });
+      if (!running) void drain();
+    });
 
   const health = {
     backend: ctx.backend,
@@ -336,6 +374,7 @@ async function serve(flags: Flags): Promise<number> {
     activation: flags.activation,
     weights: flags.weights,
     maxTokens,
+    stats,
   };
   const answer = async (req: Request): Promise<Response> => {
     const path = new URL(req.url).pathname;
@@ -356,7 +395,7 @@ async function serve(flags: Flags): Promise<number> {
       const ids = tokens.routing.data as Int32Array;
       let invalid = 0;
       for (const id of ids) if (id < 0 || id >= numExperts) ++invalid;
-      const out = await inTurn(() => forward(tokens));
+      const out = await forward(tokens);
       const body = serializeSafetensors({ out: { dtype: "bf16", shape: [tokens.T, H], data: out } }, { invalid_ids: String(invalid) });
       return new Response(body, { headers: { "content-type": "application/octet-stream" } });
     } catch (err) {

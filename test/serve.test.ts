@@ -1,6 +1,6 @@
 // The HTTP server of the CLI (`fused-moe serve`), run as its own process on a free port: requests
 // sent at once, of different token counts (0 to --max-tokens, invalid routing ids among them), each
-// answered with its own layer output, compared with lib/reference.ts (TOLERANCE.bf16 / .mxfp8,
+// answered with its own layer output (also when requests share a forward), compared with lib/reference.ts (TOLERANCE.bf16 / .mxfp8,
 // relative Frobenius); bad requests answered 400 / 404 / 405 / 413 with a JSON error naming what
 // is wrong; SIGTERM stops it with exit 0. On the host backend always (its streams run behind the
 // server as a device does, so requests that did not take turns with the buffers would read each
@@ -21,10 +21,10 @@ interface Server {
 }
 
 /** Starts `fused-moe serve` and waits for the line that names its address. */
-async function startServer(layer: string, ...flags: string[]): Promise<Server> {
+async function startServer(layer: string, flags: string[], env: Record<string, string> = {}): Promise<Server> {
   const proc = Bun.spawn(
     [process.execPath, join(ROOT, "scripts", "fused-moe.ts"), "serve", "--layer", layer, "--topk", String(topk), "--max-tokens", String(maxTokens), "--port", "0", ...flags],
-    { cwd: ROOT, stdout: "pipe", stderr: "pipe" },
+    { cwd: ROOT, stdout: "pipe", stderr: "pipe", env: { ...process.env, ...env } },
   );
   const reader = proc.stdout.getReader();
   const decoder = new TextDecoder();
@@ -49,15 +49,15 @@ async function startServer(layer: string, ...flags: string[]): Promise<Server> {
   }
 }
 
-function tokens(rng: Rng, T: number, invalid = 0): { hidden: Uint16Array; routingMap: Int32Array; probs: Float32Array; invalid: number } {
+function tokens(rng: Rng, T: number, invalid = 0, h = H): { hidden: Uint16Array; routingMap: Int32Array; probs: Float32Array; invalid: number } {
   const { routingMap, probs } = makeRouting(rng, T, E, topk);
   injectInvalidIds(rng, routingMap, E, invalid);
-  return { hidden: randBf16(rng, T * H), routingMap, probs, invalid: Math.min(invalid, T * topk) };
+  return { hidden: randBf16(rng, T * h), routingMap, probs, invalid: Math.min(invalid, T * topk) };
 }
 
-function body(t: { hidden: Uint16Array; routingMap: Int32Array; probs: Float32Array }, T: number, drop?: string): Uint8Array {
+function body(t: { hidden: Uint16Array; routingMap: Int32Array; probs: Float32Array }, T: number, drop?: string, h = H): Uint8Array {
   const tensors: Record<string, HostTensor> = {
-    hidden: { dtype: "bf16", shape: [T, H], data: t.hidden },
+    hidden: { dtype: "bf16", shape: [T, h], data: t.hidden },
     routing_map: { dtype: "i32", shape: [T, topk], data: t.routingMap },
     probs: { dtype: "f32", shape: [T, topk], data: t.probs },
   };
@@ -88,7 +88,7 @@ describe("fused-moe serve", () => {
       const fc2 = randWeights(rng, E, H, I);
       const layer = join(dir, `layer-${backend}-${weights}.safetensors`);
       writeSafetensors(layer, { fc1: { dtype: "bf16", shape: [E, 2 * I, H], data: fc1 }, fc2: { dtype: "bf16", shape: [E, H, I], data: fc2 } });
-      const server = await startServer(layer, "--backend", backend, "--weights", weights);
+      const server = await startServer(layer, ["--backend", backend, "--weights", weights]);
       try {
         const health = (await (await fetch(`${server.url}health`)).json()) as Record<string, unknown>;
         expect(health).toMatchObject({ backend, hidden: H, ffn: I, numExperts: E, topk, weights, maxTokens });
@@ -110,6 +110,10 @@ describe("fused-moe serve", () => {
           expectNonZero(ref.out, "reference");
           expectClose(out.data as Uint16Array, ref.out, weights === "bf16" ? TOLERANCE.bf16 : TOLERANCE.mxfp8, `request ${i} (T = ${t.T})`);
         }
+        const { stats } = (await (await fetch(`${server.url}health`)).json()) as { stats: { requests: number; forwards: number } };
+        expect(stats.requests).toBe(counts.length);
+        expect(stats.forwards).toBeGreaterThan(0);
+        expect(stats.forwards).toBeLessThanOrEqual(counts.length);
       } finally {
         const { code, stderr } = await server.stop();
         expect(code).toBe(0);
@@ -118,10 +122,38 @@ describe("fused-moe serve", () => {
     }, 60_000);
   }
 
+  seededTest("requests that arrive while the layer runs share its next forward", async (rng) => {
+    // A wider layer on one host thread: its forward takes milliseconds, so the requests sent with
+    // the first arrive while it runs and wait for the next forward together.
+    const [wH, wI] = [512, 1024];
+    const fc1 = randWeights(rng, E, 2 * wI, wH);
+    const fc2 = randWeights(rng, E, wH, wI);
+    const layer = join(dir, "layer-batching.safetensors");
+    writeSafetensors(layer, { fc1: { dtype: "bf16", shape: [E, 2 * wI, wH], data: fc1 }, fc2: { dtype: "bf16", shape: [E, wH, wI], data: fc2 } });
+    const server = await startServer(layer, ["--backend", "host"], { FMOE_HOST_THREADS: "1" });
+    try {
+      const sent = Array.from({ length: 6 }, () => tokens(rng, 4, 0, wH));
+      const answers = await Promise.all(sent.map((t) => fetch(`${server.url}forward`, { method: "POST", body: body(t, 4, undefined, wH) })));
+      const cfg = { hidden: wH, ffn: wI, numExperts: E, topk, activation: "silu" as const };
+      for (const [i, res] of answers.entries()) {
+        expect(res.status).toBe(200);
+        const out = parseSafetensors(new Uint8Array(await res.arrayBuffer())).tensors.get("out")!;
+        expect(out.shape).toEqual([4, wH]);
+        const ref = R.fusedMoe(cfg, { fc1, fc2 }, { hidden: sent[i]!.hidden, numTokens: 4, routingMap: sent[i]!.routingMap, probs: sent[i]!.probs });
+        expectClose(out.data as Uint16Array, ref.out, TOLERANCE.bf16, `request ${i} of a batch`);
+      }
+      const { stats } = (await (await fetch(`${server.url}health`)).json()) as { stats: { requests: number; forwards: number } };
+      expect(stats.requests).toBe(6);
+      expect(stats.forwards).toBeLessThan(6);
+    } finally {
+      expect((await server.stop()).code).toBe(0);
+    }
+  }, 60_000);
+
   seededTest("bad requests get a JSON error naming what is wrong, and the server keeps serving", async (rng) => {
     const layer = join(dir, "layer-errors.safetensors");
     writeSafetensors(layer, { fc1: { dtype: "bf16", shape: [E, 2 * I, H], data: randWeights(rng, E, 2 * I, H) }, fc2: { dtype: "bf16", shape: [E, H, I], data: randWeights(rng, E, H, I) } });
-    const server = await startServer(layer, "--backend", "host");
+    const server = await startServer(layer, ["--backend", "host"]);
     try {
       const post = (b: Uint8Array | string) => fetch(`${server.url}forward`, { method: "POST", body: b });
       const ok = tokens(rng, 4);
