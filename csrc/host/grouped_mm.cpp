@@ -3,10 +3,13 @@
 // for bf16 operands and for MXFP8 ones (dequantized exactly to f32 first: e4m3 * 2^s).
 //
 // Per group, the group's A rows are widened to f32 once; the columns n are cut into blocks that
-// the pool shares out, and each block widens its rows of b[g] once and runs a 4-row x 2-column
-// register-blocked kernel over k. Both operands are k-contiguous, so the inner loop is a plain
-// stream of 4-wide vector multiply-adds (GCC vector extensions: SSE on baseline x86-64, NEON on
-// arm64), without relying on -ffast-math to reassociate the sum.
+// the pool shares out, and each block runs register-blocked tiles (up to 4 rows by 2-8 columns)
+// over k. Both operands are k-contiguous, so the inner loop is a plain stream of 4-wide vector
+// multiply-adds (GCC vector extensions: SSE on baseline x86-64, NEON on arm64), without relying on
+// -ffast-math to reassociate the sum. For a few rows per group (decode), bf16 rows of b are widened
+// in registers as they are read (one unpack): b's bytes are then read once, where a widened f32
+// copy would write and read twice as many again. Groups of more rows, and MXFP8 (a decode per
+// byte), widen the block's rows of b once.
 #include <algorithm>
 #include <cstring>
 #include <vector>
@@ -18,10 +21,12 @@ namespace fmoe::host {
 namespace {
 
 typedef float v4f __attribute__((vector_size(16)));
+typedef uint16_t v8u16 __attribute__((vector_size(16)));
+typedef uint64_t v2u64 __attribute__((vector_size(16)));
 
 constexpr int64_t kRowTile = 4;
-constexpr int64_t kColTile = 2;
-constexpr int64_t kColBlock = 16;  // columns of b widened together (16 * k floats)
+constexpr int64_t kColBlock = 16;  // columns a task computes (rows of b widened together)
+constexpr int64_t kWidenRows = 8;  // groups of more rows widen b once per block
 
 inline v4f load4(const float* p) {
   v4f v;
@@ -29,32 +34,106 @@ inline v4f load4(const float* p) {
   return v;
 }
 
+// Four bf16 values widened to f32 (exact: the bf16 bits are the f32's upper half). Interleaving
+// them above zeros (little-endian lanes) is one unpack instruction; a convert-then-shift is six on
+// SSE2.
+inline v4f load4_bf16(const uint16_t* p) {
+  uint64_t bits;
+  std::memcpy(&bits, p, sizeof bits);
+  const v2u64 q = {bits, 0};
+  const v8u16 zero = {};
+  // Vector casts reinterpret the bits (GCC vector extensions).
+  return (v4f)__builtin_shufflevector(zero, (v8u16)q, 0, 8, 1, 9, 2, 10, 3, 11);
+}
+
 inline float hsum(v4f v) { return (v[0] + v[1]) + (v[2] + v[3]); }
 
-// out[i][j] = dot(a[i], b[j]) over kp floats (kp a multiple of 4; the padding lanes are zero).
-inline void dot_4x2(const float* const a[kRowTile], const float* const b[kColTile], int64_t kp,
-                    float out[kRowTile][kColTile]) {
-  v4f c00 = {0, 0, 0, 0}, c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00,
-      c31 = c00;
-  for (int64_t k = 0; k < kp; k += 4) {
-    const v4f y0 = load4(b[0] + k), y1 = load4(b[1] + k);
-    v4f x = load4(a[0] + k);
-    c00 += x * y0;
-    c01 += x * y1;
-    x = load4(a[1] + k);
-    c10 += x * y0;
-    c11 += x * y1;
-    x = load4(a[2] + k);
-    c20 += x * y0;
-    c21 += x * y1;
-    x = load4(a[3] + k);
-    c30 += x * y0;
-    c31 += x * y1;
+// Rows of b: widened f32 rows (kp floats, zero-padded), or bf16 rows of k values read in place.
+struct F32Rows {
+  const float* const* row;
+  v4f load(int j, int64_t k) const { return load4(row[j] + k); }
+};
+struct Bf16Rows {
+  const uint16_t* const* row;
+  v4f load(int j, int64_t k) const { return load4_bf16(row[j] + k); }
+};
+
+// out[i][j] = dot(a[i], b[j]) for an R x C tile: `b` loads its values 4 at a time below
+// k4 = floor(k/4)*4, and `tail` holds the rest of each b row zero-padded to 4 (k - k4 values); a's
+// rows are zero-padded to a multiple of 4. Each lane accumulates its k in order, whatever the tile,
+// so a row's result does not depend on the rows it shares a tile with. R x C independent sums hide
+// the add's latency: a tile of one row takes 8 columns, not 2.
+template <int R, int C, class B>
+inline void dot_tile(const float* const* a, const B& b, int64_t k4, const v4f* tail, float* out) {
+  v4f c[R][C] = {};
+  auto step = [&](const v4f (&y)[C], int64_t k) {
+    for (int i = 0; i < R; ++i) {
+      const v4f x = load4(a[i] + k);
+      for (int j = 0; j < C; ++j) c[i][j] += x * y[j];
+    }
+  };
+  for (int64_t k = 0; k < k4; k += 4) {
+    v4f y[C];
+    for (int j = 0; j < C; ++j) y[j] = b.load(j, k);
+    step(y, k);
   }
-  out[0][0] = hsum(c00), out[0][1] = hsum(c01);
-  out[1][0] = hsum(c10), out[1][1] = hsum(c11);
-  out[2][0] = hsum(c20), out[2][1] = hsum(c21);
-  out[3][0] = hsum(c30), out[3][1] = hsum(c31);
+  if (tail != nullptr) {
+    v4f y[C];
+    for (int j = 0; j < C; ++j) y[j] = tail[j];
+    step(y, k4);
+  }
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < C; ++j) out[i * C + j] = hsum(c[i][j]);
+}
+
+// The tile shape for R (1..4) rows of a: R x C, C = 8 / R rounded down to a power of two.
+template <int R>
+constexpr int kTileCols = R == 1 ? 8 : R == 2 ? 4 : 2;
+
+// A task's share of one group: the columns [n0, n1) of b against the group's rows of a.
+struct Block {
+  const float* a_f32;      // the group's rows of a, widened (kp floats each)
+  int64_t kp, k4, k, n;    // padded k, k rounded down to 4, k, columns of c
+  int64_t n0, n1;
+  const float* b_f32;      // the block's rows of b widened (kp floats each), or null
+  const uint16_t* b_bf16;  // bf16: the group's b [n, k]
+  const v4f* tails;        // bf16 with k % 4 != 0: each block column's last values, else null
+  const float* bias;       // the group's bias, or null
+  const int64_t* row_ids;  // c's row of each row of a
+  uint16_t* c;
+};
+
+// One tile of R rows of a (from row m) against every column pair, quad or octet of the block.
+template <int R>
+void block_tiles(const Block& bk, int64_t m) {
+  constexpr int C = kTileCols<R>;
+  const float* ap[R];
+  for (int i = 0; i < R; ++i) ap[i] = bk.a_f32 + (m + i) * bk.kp;
+  for (int64_t n = bk.n0; n < bk.n1; n += C) {
+    int64_t cols[C];  // a short last group repeats the block's last column
+    for (int j = 0; j < C; ++j) cols[j] = std::min<int64_t>(n + j, bk.n1 - 1);
+    float acc[R * C];
+    if (bk.b_f32 != nullptr) {
+      const float* rows[C];
+      for (int j = 0; j < C; ++j) rows[j] = bk.b_f32 + (cols[j] - bk.n0) * bk.kp;
+      dot_tile<R, C>(ap, F32Rows{rows}, bk.k4, nullptr, acc);
+    } else {
+      const uint16_t* rows[C];
+      v4f tail[C];
+      for (int j = 0; j < C; ++j) {
+        rows[j] = bk.b_bf16 + cols[j] * bk.k;
+        if (bk.tails != nullptr) tail[j] = bk.tails[cols[j] - bk.n0];
+      }
+      dot_tile<R, C>(ap, Bf16Rows{rows}, bk.k4, bk.tails != nullptr ? tail : nullptr, acc);
+    }
+    for (int i = 0; i < R; ++i) {
+      uint16_t* crow = bk.c + bk.row_ids[m + i] * bk.n;
+      for (int j = 0; j < C && n + j < bk.n1; ++j) {
+        const float v = bk.bias != nullptr ? acc[i * C + j] + bk.bias[n + j] : acc[i * C + j];
+        crow[n + j] = f32_to_bf16(v);
+      }
+    }
+  }
 }
 
 // Widens row `r` of a [*, k] operand (bf16, or e4m3 with its e8m0 scales) into `dst` (kp floats,
@@ -102,28 +181,36 @@ Status grouped_mm(ThreadPool& pool, const fmoe_grouped_mm_args& a, bool mx) {
     const float* bias = a.bias != nullptr ? a.bias + g * N : nullptr;
     const int64_t col_blocks = (N + kColBlock - 1) / kColBlock;
 
+    // Widening b's rows once per block pays where many row tiles reuse them; for a few rows
+    // (decode), bf16 rows are widened in registers as they are read instead.
+    const bool widen_b = mx || M > kWidenRows;
     pool.run(col_blocks, [&](int64_t blk) {
       const int64_t n0 = blk * kColBlock, n1 = std::min(N, n0 + kColBlock);
-      std::vector<float> b_f32(size_t((n1 - n0) * kp));
-      for (int64_t n = n0; n < n1; ++n)
-        widen_row(b_group, b_scale_group, mx, n, K, kp, b_f32.data() + (n - n0) * kp);
-      float acc[kRowTile][kColTile];
+      // The block's rows of b widened to f32 (kp floats each, zero-padded).
+      std::vector<float> b_f32;
+      if (widen_b) {
+        b_f32.resize(size_t((n1 - n0) * kp));
+        for (int64_t n = n0; n < n1; ++n)
+          widen_row(b_group, b_scale_group, mx, n, K, kp, b_f32.data() + (n - n0) * kp);
+      }
+      const auto* b_bf16 = static_cast<const uint16_t*>(b_group);
+      const int64_t k4 = widen_b ? kp : K / 4 * 4;
+      // bf16 rows whose k is not a multiple of 4: each column's last values, zero-padded.
+      const bool has_tail = !widen_b && k4 < K;
+      v4f tails[kColBlock];
+      for (int64_t n = n0; has_tail && n < n1; ++n) {
+        uint16_t last[4] = {0, 0, 0, 0};
+        std::memcpy(last, b_bf16 + n * K + k4, size_t(K - k4) * sizeof(uint16_t));
+        tails[n - n0] = load4_bf16(last);
+      }
+      const Block blk_args{a_f32.data(), kp, k4, K, N, n0, n1, widen_b ? b_f32.data() : nullptr, b_bf16,
+                           has_tail ? tails : nullptr, bias, row_ids.data(), c};
       for (int64_t m = 0; m < M; m += kRowTile) {
-        const float* ap[kRowTile];
-        for (int64_t i = 0; i < kRowTile; ++i)  // a short last tile repeats its last row
-          ap[i] = a_f32.data() + std::min(m + i, M - 1) * kp;
-        for (int64_t n = n0; n < n1; n += kColTile) {
-          const float* bp[kColTile];
-          for (int64_t j = 0; j < kColTile; ++j)
-            bp[j] = b_f32.data() + (std::min(n + j, n1 - 1) - n0) * kp;
-          dot_4x2(ap, bp, kp, acc);
-          for (int64_t i = 0; i < kRowTile && m + i < M; ++i) {
-            uint16_t* crow = c + row_ids[m + i] * N;
-            for (int64_t j = 0; j < kColTile && n + j < n1; ++j) {
-              const float v = bias != nullptr ? acc[i][j] + bias[n + j] : acc[i][j];
-              crow[n + j] = f32_to_bf16(v);
-            }
-          }
+        switch (std::min(kRowTile, M - m)) {
+          case 1: block_tiles<1>(blk_args, m); break;
+          case 2: block_tiles<2>(blk_args, m); break;
+          case 3: block_tiles<3>(blk_args, m); break;
+          default: block_tiles<4>(blk_args, m); break;
         }
       }
     });
