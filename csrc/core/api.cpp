@@ -432,8 +432,7 @@ extern "C" FMOE_API int fmoe_event_destroy(fmoe_context_t ctx, fmoe_event_t even
     FMOE_CHECK_CTX("fmoe_event_destroy");
     if (event == nullptr) return FMOE_OK;
     std::lock_guard<std::mutex> lock(ctx->mu);
-    FMOE_CHECK_ARG(ctx->events.count(event) != 0, "fmoe_event_destroy",
-                   "event %p is not a live event of this context", static_cast<void*>(event));
+    FMOE_TRY(Check(ctx, "fmoe_event_destroy").event(event, "event").status());
     Status st = ctx->backend->event_destroy(event->impl);
     ctx->events.erase(event);
     delete event;
@@ -448,10 +447,7 @@ extern "C" FMOE_API int fmoe_event_record(fmoe_context_t ctx, fmoe_event_t event
     std::lock_guard<std::mutex> lock(ctx->mu);
     Check c(ctx, "fmoe_event_record");
     BackendStream* s = nullptr;
-    c.not_null(event, "event")
-        .that(event == nullptr || ctx->events.count(event) != 0,
-              "event %p is not a live event of this context", static_cast<void*>(event))
-        .stream(stream, &s);
+    c.not_null(event, "event").event(event, "event").stream(stream, &s);
     FMOE_TRY(c.status());
     return ctx->backend->event_record(event->impl, s);
   });
@@ -466,10 +462,8 @@ extern "C" FMOE_API int fmoe_event_elapsed_ms(fmoe_context_t ctx, fmoe_event_t s
     c.not_null(start, "start")
         .not_null(end, "end")
         .not_null(out_ms, "out_ms")
-        .that(c.ok() == false || ctx->events.count(start) != 0,
-              "start %p is not a live event of this context", static_cast<void*>(start))
-        .that(c.ok() == false || ctx->events.count(end) != 0,
-              "end %p is not a live event of this context", static_cast<void*>(end));
+        .event(start, "start")
+        .event(end, "end");
     FMOE_TRY(c.status());
     return ctx->backend->event_elapsed_ms(start->impl, end->impl, out_ms);
   });
@@ -481,10 +475,7 @@ extern "C" FMOE_API int fmoe_event_query(fmoe_context_t ctx, fmoe_event_t event,
     FMOE_CHECK_CTX("fmoe_event_query");
     std::lock_guard<std::mutex> lock(ctx->mu);
     Check c(ctx, "fmoe_event_query");
-    c.not_null(event, "event")
-        .not_null(out_complete, "out_complete")
-        .that(event == nullptr || ctx->events.count(event) != 0,
-              "event %p is not a live event of this context", static_cast<void*>(event));
+    c.not_null(event, "event").not_null(out_complete, "out_complete").event(event, "event");
     FMOE_TRY(c.status());
     bool complete = false;
     FMOE_TRY(ctx->backend->event_query(event->impl, &complete));

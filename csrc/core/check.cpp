@@ -100,4 +100,10 @@ Check& Check::stream(void* handle, BackendStream** out) {
   return *this;
 }
 
+Check& Check::event(fmoe_event_s* e, const char* name) {
+  if (!ok() || e == nullptr) return *this;
+  return that(ctx_->events.count(e) != 0, "%s %p is not a live event of this context", name,
+              static_cast<void*>(e));
+}
+
 }  // namespace fmoe

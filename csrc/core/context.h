@@ -116,6 +116,9 @@ class Check {
   Check& buffer_bytes(const void* p, const char* name, int64_t bytes);
   // Resolves a stream handle of this context (NULL = default stream).
   Check& stream(void* handle, BackendStream** out);
+  // A non-NULL event must be a live event of this context ("<name> %p is not a live event ...");
+  // NULL is left to not_null.
+  Check& event(fmoe_event_s* e, const char* name);
 
  private:
   fmoe_context_s* ctx_;

@@ -89,11 +89,11 @@ class HostBackend final : public Backend {
       std::memmove(dst, src, bytes);
       return FMOE_OK;
     }
-    if (kind == FMOE_MEMCPY_HOST_TO_DEVICE && !hs->capturing && hs->idle()) {
-      std::memmove(dst, src, bytes);  // nothing queued to order it after
-      return FMOE_OK;
-    }
     if (kind == FMOE_MEMCPY_HOST_TO_DEVICE) {
+      if (!hs->capturing && hs->idle()) {
+        std::memmove(dst, src, bytes);  // nothing queued to order it after
+        return FMOE_OK;
+      }
       // The caller may reuse `src` on return: the copy runs in order, from a copy of its own.
       auto staged = std::make_shared<std::vector<uint8_t>>(static_cast<const uint8_t*>(src),
                                                            static_cast<const uint8_t*>(src) + bytes);
