@@ -55,3 +55,17 @@ export * from "./safetensors.ts";
 export { BENCH_CASES, BENCH_TOKENS, findCase, type BenchCase } from "./cases.ts";
 export { Rng, randomRouting } from "./random.ts";
 export { ABI_VERSION, libraryAvailable, libraryPath } from "./ffi.ts";
+export {
+  Checkpoint,
+  CheckpointError,
+  loadExpertLayer,
+  openExpertLayer,
+  writeExpertLayer,
+  type CheckpointTensor,
+  type ExpertLayerInfo,
+  type ExpertLayerOptions,
+  type ExpertLayerReader,
+  type ExpertWeights,
+  type LoadedExpertLayer,
+  type LoadExpertLayerOptions,
+} from "./checkpoint.ts";

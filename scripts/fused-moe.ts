@@ -4,12 +4,14 @@
  *
  *   bun run fused-moe run --input in.safetensors --output out.safetensors [layer options]
  *   bun run fused-moe serve --layer layer.safetensors --topk K [--port P] [layer options]
+ *   bun run fused-moe import --checkpoint DIR --layer-index L --output layer.safetensors
  *
  * Exit codes: 0 ok, 1 the library failed (FmoeError), 2 bad usage or bad input file.
  */
 import { parseArgs } from "node:util";
 import {
   bf16ToF32,
+  CheckpointError,
   Context,
   type DType,
   FmoeError,
@@ -22,11 +24,13 @@ import {
   readSafetensors,
   SafetensorsError,
   serializeSafetensors,
+  writeExpertLayer,
   writeSafetensors,
 } from "../lib/index.ts";
 
 const USAGE = `usage: bun run fused-moe run --input IN.safetensors --output OUT.safetensors [layer options]
-       bun run fused-moe serve --layer LAYER.safetensors --topk K [serve options] [layer options]
+       bun run fused-moe serve --layer LAYER.safetensors [--topk K] [serve options] [layer options]
+       bun run fused-moe import --checkpoint CKPT --layer-index L --output LAYER.safetensors [import options]
 
 run: computes out = MoE(hidden) with one fused layer and writes it to OUT as tensor "out" [T, H]
 BF16.
@@ -40,6 +44,14 @@ tokens), and each awaits its output without blocking the server.
   Errors answer JSON {"error": "..."}: 400 a bad body, 413 more tokens than --max-tokens, 500 the
   library failed.
 
+import: reads MoE layer L's experts from a Hugging Face safetensors checkpoint (a directory with
+model.safetensors.index.json or model.safetensors, and config.json; or one file), one expert at a
+time, and writes them as LAYER for serve: fc1, fc2 (and biases) in the layout below, with metadata
+(activation, layout, num_experts, local_expert_start, topk) that serve and run take as defaults.
+Per-expert gate_proj/up_proj/down_proj (Qwen-MoE, DeepSeek), w1/w3/w2 (Mixtral), up_proj/down_proj
+(Nemotron-H), stacked gate_up_proj/down_proj (gpt-oss); BF16, F16, F32, or FP8 with a
+weight_scale_inv per block (DeepSeek-V3), written as BF16.
+
 Tensors (safetensors):
   hidden      [T, H]            BF16   tokens
   routing_map [T, topk]         I32    global expert ids
@@ -51,20 +63,29 @@ Tensors (safetensors):
 
 Layer options:
   --backend auto|host|cuda           default auto (cuda when a GPU is present)
-  --activation squared_relu|silu|gelu|swiglu_oai   default silu
-  --layout halves|interleaved        gated layout of fc1's outputs, default halves
-  --num-experts N                    global expert count, default E_local + local-expert-start
-  --local-expert-start S             global id of fc1[0], default 0
+  --activation squared_relu|silu|gelu|swiglu_oai   default silu (or the layer file's metadata)
+  --layout halves|interleaved        gated layout of fc1's outputs, default halves (or metadata)
+  --num-experts N                    global expert count, default the metadata's, else
+                                     E_local + local-expert-start
+  --local-expert-start S             global id of fc1[0], default 0 (or metadata)
   --weights bf16|mxfp8               compute format, default bf16 (mxfp8 quantizes on the device)
   --alignment A                      rows per expert group padded to a multiple of A, default 16
   --alpha X, --limit X               swiglu_oai parameters (defaults 1.702, 7.0)
 
 Serve options:
   --layer LAYER.safetensors          the weights (required)
-  --topk K                           experts per token (required)
+  --topk K                           experts per token (required unless the layer's metadata says)
   --max-tokens N                     most tokens in one request, default 4096
   --port P                           default 8000 (0: any free port)
   --hostname NAME                    default 127.0.0.1
+
+Import options:
+  --checkpoint CKPT                  checkpoint directory or safetensors file (required)
+  --layer-index L                    the L of the tensor names' "layers.L." (required)
+  --output LAYER.safetensors         the layer file to write (required)
+  --local-expert-start S             first expert written, default 0
+  --num-local-experts C              experts written, default all from S on
+  --activation A                     overrides config.json's activation
 
   -h, --help                         this text`;
 
@@ -81,17 +102,17 @@ class RequestError extends Error {
   }
 }
 
-function intFlag(name: string, value: string | undefined, fallback: number, min: number): number {
+function intFlag(label: string, value: string | undefined, fallback: number, min: number): number {
   if (value === undefined) return fallback;
   const n = Number(value);
-  if (!Number.isSafeInteger(n) || n < min) throw new UsageError(`--${name} must be an integer >= ${min}, got ${value}`);
+  if (!Number.isSafeInteger(n) || n < min) throw new UsageError(`${label} must be an integer >= ${min}, got ${value}`);
   return n;
 }
 
-function numFlag(name: string, value: string | undefined): number | undefined {
+function numFlag(label: string, value: string | undefined): number | undefined {
   if (value === undefined) return undefined;
   const n = Number(value);
-  if (!Number.isFinite(n)) throw new UsageError(`--${name} must be a number, got ${value}`);
+  if (!Number.isFinite(n)) throw new UsageError(`${label} must be a number, got ${value}`);
   return n;
 }
 
@@ -100,8 +121,8 @@ const OPTIONS = {
   output: { type: "string", short: "o" },
   weights: { type: "string", default: "bf16" },
   backend: { type: "string", default: "auto" },
-  activation: { type: "string", default: "silu" },
-  layout: { type: "string", default: "halves" },
+  activation: { type: "string" },
+  layout: { type: "string" },
   "num-experts": { type: "string" },
   "local-expert-start": { type: "string" },
   alignment: { type: "string" },
@@ -112,6 +133,9 @@ const OPTIONS = {
   "max-tokens": { type: "string" },
   port: { type: "string" },
   hostname: { type: "string" },
+  checkpoint: { type: "string" },
+  "layer-index": { type: "string" },
+  "num-local-experts": { type: "string" },
   help: { type: "boolean", short: "h" },
 } as const;
 
@@ -126,6 +150,7 @@ class TensorSet {
     readonly tensors: Map<string, HostTensor>,
     readonly what: string,
     readonly fail: (message: string) => Error,
+    readonly metadata: Record<string, string> = {},
   ) {}
 
   get(name: string, dtypes: readonly DType[], rank: number): HostTensor {
@@ -151,7 +176,8 @@ class TensorSet {
 
 function readTensorFile(path: string): TensorSet {
   try {
-    return new TensorSet(readSafetensors(path).tensors, path, (m) => new UsageError(m));
+    const { tensors, metadata } = readSafetensors(path);
+    return new TensorSet(tensors, path, (m) => new UsageError(m), metadata);
   } catch (err) {
     if (err instanceof SafetensorsError) throw new UsageError(err.message);
     throw err;
@@ -171,26 +197,45 @@ function readTokens(set: TensorSet, H: number, topk?: number): { T: number; topk
   return { T, topk: k, hidden, routing, probs };
 }
 
-/** The layer's flags, checked before any file is read. */
-function layerFlags(flags: Flags) {
+/**
+ * The layer's flags. Those not given come from `metadata` (a layer file's, as `import` writes
+ * it), else their defaults; a bad metadata value is reported with `what` (the file).
+ */
+function layerFlags(flags: Flags, metadata: Record<string, string> = {}, what = "") {
   const backend = flags.backend;
   if (backend !== "auto" && backend !== "host" && backend !== "cuda") throw new UsageError(`--backend must be auto, host or cuda, got ${backend}`);
-  const activation = flags.activation;
-  if (!isActivation(activation)) throw new UsageError(`--activation must be squared_relu, silu, gelu or swiglu_oai, got ${activation}`);
-  const layout = flags.layout;
-  if (!isGatedLayout(layout)) throw new UsageError(`--layout must be halves or interleaved, got ${layout}`);
+  // A flag, else the metadata's value (named as the file's), else undefined.
+  const pick = (flag: keyof Flags, key: string): [string | undefined, string] => {
+    const given = flags[flag];
+    if (typeof given === "string") return [given, `--${flag}`];
+    return [metadata[key], `${what}: metadata ${key}`];
+  };
+  const [activation = "silu", activationFrom] = pick("activation", "activation");
+  if (!isActivation(activation)) throw new UsageError(`${activationFrom} must be squared_relu, silu, gelu or swiglu_oai, got ${activation}`);
+  const [layout = "halves", layoutFrom] = pick("layout", "layout");
+  if (!isGatedLayout(layout)) throw new UsageError(`${layoutFrom} must be halves or interleaved, got ${layout}`);
   const weightFormat = flags.weights;
   if (weightFormat !== "bf16" && weightFormat !== "mxfp8") throw new UsageError(`--weights must be bf16 or mxfp8, got ${weightFormat}`);
+  const int = (flag: keyof Flags, key: string, fallback: number, min: number): number => {
+    const [value, from] = pick(flag, key);
+    return intFlag(from, value, fallback, min);
+  };
+  const num = (flag: keyof Flags, key: string): number | undefined => {
+    const [value, from] = pick(flag, key);
+    return numFlag(from, value);
+  };
+  const topk = pick("topk", "topk")[0] === undefined ? undefined : int("topk", "topk", 0, 1);
   return {
     backend,
     activation,
     layout,
     weightFormat,
-    start: intFlag("local-expert-start", flags["local-expert-start"], 0, 0),
-    numExperts: flags["num-experts"] === undefined ? undefined : intFlag("num-experts", flags["num-experts"], 0, 1),
-    alignment: intFlag("alignment", flags.alignment, 16, 1),
-    alpha: numFlag("alpha", flags.alpha),
-    limit: numFlag("limit", flags.limit),
+    start: int("local-expert-start", "local_expert_start", 0, 0),
+    numExperts: pick("num-experts", "num_experts")[0] === undefined ? undefined : int("num-experts", "num_experts", 0, 1),
+    topk,
+    alignment: intFlag("--alignment", flags.alignment, 16, 1),
+    alpha: num("alpha", "alpha"),
+    limit: num("limit", "limit"),
   } as const;
 }
 type LayerFlags = ReturnType<typeof layerFlags>;
@@ -249,12 +294,16 @@ function refuseFlags(flags: Flags, command: string, names: readonly (keyof Flags
   for (const name of names) if (flags[name] !== undefined) throw new UsageError(`--${name} is not an option of ${command} (see --help)`);
 }
 
+const SERVE_FLAGS = ["layer", "topk", "max-tokens", "port", "hostname"] as const;
+const IMPORT_FLAGS = ["checkpoint", "layer-index", "num-local-experts"] as const;
+
 function run(flags: Flags): number {
-  refuseFlags(flags, "run", ["layer", "topk", "max-tokens", "port", "hostname"]);
+  refuseFlags(flags, "run", [...SERVE_FLAGS, ...IMPORT_FLAGS]);
   if (flags.input === undefined) throw new UsageError("--input is required");
   if (flags.output === undefined) throw new UsageError("--output is required");
-  const layerOptions = layerFlags(flags);
+  layerFlags(flags); // the flags' own mistakes before a file is read
   const set = readTensorFile(flags.input);
+  const layerOptions = layerFlags(flags, set.metadata, flags.input);
   const fc1 = set.get("fc1", ["bf16"], 3);
   const tokens = readTokens(set, fc1.shape[2]!);
   const { T, topk } = tokens;
@@ -272,7 +321,7 @@ function run(flags: Flags): number {
   writeSafetensors(flags.output, { out: { dtype: "bf16", shape: [T, H], data: result } }, {
     backend: ctx.backend,
     device: ctx.deviceName,
-    activation: flags.activation,
+    activation: layerOptions.activation,
     weights: flags.weights,
   });
   const note = invalid > 0 ? `; ${invalid} routing ids outside [0, ${layer.numExperts}) were dropped` : "";
@@ -285,15 +334,16 @@ function jsonResponse(body: unknown, status = 200): Response {
 }
 
 async function serve(flags: Flags): Promise<number> {
-  refuseFlags(flags, "serve", ["input", "output"]);
+  refuseFlags(flags, "serve", ["input", "output", ...IMPORT_FLAGS]);
   if (flags.layer === undefined) throw new UsageError("--layer is required");
-  if (flags.topk === undefined) throw new UsageError("--topk is required");
-  const layerOptions = layerFlags(flags);
-  const topk = intFlag("topk", flags.topk, 0, 1);
-  const maxTokens = intFlag("max-tokens", flags["max-tokens"], 4096, 1);
-  const port = intFlag("port", flags.port, 8000, 0);
+  layerFlags(flags);
+  const maxTokens = intFlag("--max-tokens", flags["max-tokens"], 4096, 1);
+  const port = intFlag("--port", flags.port, 8000, 0);
   if (port > 65535) throw new UsageError(`--port must be at most 65535, got ${port}`);
   const set = readTensorFile(flags.layer);
+  const layerOptions = layerFlags(flags, set.metadata, flags.layer);
+  const topk = layerOptions.topk;
+  if (topk === undefined) throw new UsageError(`--topk is required (${flags.layer} has no topk in its metadata)`);
 
   using ctx = Context.create({ backend: layerOptions.backend });
   const layer = buildLayer(ctx, layerOptions, set, topk, maxTokens);
@@ -371,7 +421,7 @@ async function serve(flags: Flags): Promise<number> {
     numLocalExperts: layer.E,
     localExpertStart: layerOptions.start,
     topk,
-    activation: flags.activation,
+    activation: layerOptions.activation,
     weights: flags.weights,
     maxTokens,
     stats,
@@ -421,6 +471,45 @@ async function serve(flags: Flags): Promise<number> {
   return 0;
 }
 
+function importLayer(flags: Flags): number {
+  refuseFlags(flags, "import", ["input", "layer", "topk", "max-tokens", "port", "hostname", "layout", "num-experts", "alignment", "alpha", "limit"]);
+  if (flags.weights !== "bf16" || flags.backend !== "auto") throw new UsageError("--weights and --backend are not options of import (see --help)");
+  if (flags.checkpoint === undefined) throw new UsageError("--checkpoint is required");
+  if (flags["layer-index"] === undefined) throw new UsageError("--layer-index is required");
+  if (flags.output === undefined) throw new UsageError("--output is required");
+  const activation = flags.activation;
+  if (activation !== undefined && !isActivation(activation)) throw new UsageError(`--activation must be squared_relu, silu, gelu or swiglu_oai, got ${activation}`);
+  const layer = intFlag("--layer-index", flags["layer-index"], 0, 0);
+  const localExpertStart = intFlag("--local-expert-start", flags["local-expert-start"], 0, 0);
+  const numLocalExperts = flags["num-local-experts"] === undefined ? undefined : intFlag("--num-local-experts", flags["num-local-experts"], 0, 1);
+  const started = performance.now();
+  let reported = started;
+  try {
+    const { info, start, count, bytes } = writeExpertLayer(flags.checkpoint, flags.output, {
+      layer,
+      activation,
+      localExpertStart,
+      numLocalExperts,
+      // A line a second on long imports (a DeepSeek-V3 layer is 22 GB of bf16).
+      onProgress: (done, total) => {
+        const now = performance.now();
+        if (now - reported < 1000 || done === total) return;
+        reported = now;
+        console.error(`fused-moe: import: ${done} of ${total} experts (${((now - started) / 1000).toFixed(0)} s)`);
+      },
+    });
+    const seconds = ((performance.now() - started) / 1000).toFixed(1);
+    console.error(
+      `fused-moe: wrote experts [${start}, ${start + count}) of ${info.numExperts} (H ${info.hidden}, ffn ${info.ffn}, ${info.activation}, ${info.layout}` +
+        `${info.topk === undefined ? "" : `, top-${info.topk}`}) from ${info.source} to ${flags.output}: ${(bytes / 2 ** 20).toFixed(1)} MiB in ${seconds} s`,
+    );
+  } catch (err) {
+    if (err instanceof CheckpointError || err instanceof SafetensorsError) throw new UsageError(err.message);
+    throw err;
+  }
+  return 0;
+}
+
 async function main(argv: string[]): Promise<number> {
   let parsed;
   try {
@@ -435,7 +524,8 @@ async function main(argv: string[]): Promise<number> {
   }
   if (positionals.length === 1 && positionals[0] === "run") return run(values);
   if (positionals.length === 1 && positionals[0] === "serve") return await serve(values);
-  throw new UsageError(`expected the command "run" or "serve" (see --help)`);
+  if (positionals.length === 1 && positionals[0] === "import") return importLayer(values);
+  throw new UsageError(`expected the command "run", "serve" or "import" (see --help)`);
 }
 
 try {

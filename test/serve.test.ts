@@ -20,10 +20,11 @@ interface Server {
   stop(): Promise<{ code: number; stderr: string }>;
 }
 
-/** Starts `fused-moe serve` and waits for the line that names its address. */
-async function startServer(layer: string, flags: string[], env: Record<string, string> = {}): Promise<Server> {
+/** Starts `fused-moe serve` (with --topk unless `withTopk` is false) and waits for the line that
+ *  names its address. */
+async function startServer(layer: string, flags: string[], env: Record<string, string> = {}, withTopk = true): Promise<Server> {
   const proc = Bun.spawn(
-    [process.execPath, join(ROOT, "scripts", "fused-moe.ts"), "serve", "--layer", layer, "--topk", String(topk), "--max-tokens", String(maxTokens), "--port", "0", ...flags],
+    [process.execPath, join(ROOT, "scripts", "fused-moe.ts"), "serve", "--layer", layer, ...(withTopk ? ["--topk", String(topk)] : []), "--max-tokens", String(maxTokens), "--port", "0", ...flags],
     { cwd: ROOT, stdout: "pipe", stderr: "pipe", env: { ...process.env, ...env } },
   );
   const reader = proc.stdout.getReader();
@@ -147,6 +148,48 @@ describe("fused-moe serve", () => {
       expect(stats.forwards).toBeLessThan(6);
     } finally {
       expect((await server.stop()).code).toBe(0);
+    }
+  }, 60_000);
+
+  seededTest("a layer file's metadata (as fused-moe import writes it) gives topk, the activation and the expert range; a flag overrides it; a bad value exits 2", async (rng) => {
+    // Experts [2, 5) of 6, not gated.
+    const local = 3;
+    const fc1 = randWeights(rng, local, I, H);
+    const fc2 = randWeights(rng, local, H, I);
+    const layer = join(dir, "layer-metadata.safetensors");
+    const weights: Record<string, HostTensor> = { fc1: { dtype: "bf16", shape: [local, I, H], data: fc1 }, fc2: { dtype: "bf16", shape: [local, H, I], data: fc2 } };
+    writeSafetensors(layer, weights, { activation: "squared_relu", num_experts: String(E), local_expert_start: "2", topk: String(topk) });
+    const server = await startServer(layer, ["--backend", "host"], {}, false);
+    try {
+      const health = (await (await fetch(`${server.url}health`)).json()) as Record<string, unknown>;
+      expect(health).toMatchObject({ numExperts: E, numLocalExperts: local, localExpertStart: 2, topk, activation: "squared_relu" });
+      const t = tokens(rng, 9);
+      const res = await fetch(`${server.url}forward`, { method: "POST", body: body(t, 9) });
+      expect(res.status).toBe(200);
+      const out = parseSafetensors(new Uint8Array(await res.arrayBuffer())).tensors.get("out")!;
+      const cfg = { hidden: H, ffn: I, numExperts: E, numLocalExperts: local, localExpertStart: 2, topk, activation: "squared_relu" as const };
+      const ref = R.fusedMoe(cfg, { fc1, fc2 }, { hidden: t.hidden, numTokens: 9, routingMap: t.routingMap, probs: t.probs });
+      expectNonZero(ref.out, "reference");
+      expectClose(out.data as Uint16Array, ref.out, TOLERANCE.bf16, "layer configured by its metadata");
+    } finally {
+      expect((await server.stop()).code).toBe(0);
+    }
+    const overridden = await startServer(layer, ["--backend", "host", "--local-expert-start", "3"], {}, false);
+    try {
+      expect(await (await fetch(`${overridden.url}health`)).json()).toMatchObject({ localExpertStart: 3, numExperts: E });
+    } finally {
+      expect((await overridden.stop()).code).toBe(0);
+    }
+    const bad = join(dir, "layer-bad-metadata.safetensors");
+    for (const [metadata, message] of [
+      [{ topk: "two" }, `${bad}: metadata topk must be an integer >= 1, got two`],
+      [{ topk: "2", activation: "relu" }, `${bad}: metadata activation must be squared_relu, silu, gelu or swiglu_oai, got relu`],
+      [{}, `--topk is required (${bad} has no topk in its metadata)`],
+    ] as const) {
+      writeSafetensors(bad, weights, metadata);
+      const proc = Bun.spawn([process.execPath, join(ROOT, "scripts", "fused-moe.ts"), "serve", "--layer", bad, "--backend", "host", "--port", "0"], { stdout: "pipe", stderr: "pipe" });
+      expect(await proc.exited).toBe(2);
+      expect((await new Response(proc.stderr).text()).trim()).toBe(`fused-moe: ${message}`);
     }
   }, 60_000);
 
