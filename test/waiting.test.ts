@@ -1,7 +1,8 @@
 // Waiting for the device without blocking the event loop (Event.query, the synchronizeAsync
 // family, Tensor.downloadAsync) on the host backend, whose streams run behind the caller as a
 // device does: the results are download()'s bits, long work is awaited while other callbacks run,
-// the bookkeeping of streams holds up, and bad calls reject with an FmoeError naming the argument.
+// the bookkeeping of streams holds up, an event may be disposed with records still queued, and
+// bad calls reject with an FmoeError naming the argument.
 // test/cuda.test.ts checks the same waits on a device.
 import { describe, expect } from "bun:test";
 import { Context, FusedMoE, randomRouting, Status } from "../lib/index.ts";
@@ -63,6 +64,23 @@ describe("waiting without blocking (host)", () => {
     e.record(idle);
     await e.synchronizeAsync(); // the newest record is on an idle stream
     expect(work.done.query()).toBe(false); // ~0.1 s of products still running
+  });
+
+  seededTest("an event disposed with a record still queued: the dispose does not wait, and that record, or one captured into a graph and replayed later, touches no freed event", (rng) => {
+    // (scripts/host-sanitize.sh runs this under AddressSanitizer: a record written into a freed
+    // event stops the run.)
+    const x = ctx();
+    using work = queueLongWork(x, rng, 512, 512, 512, 4);
+    x.createEvent().record(work.stream).dispose();
+    expect(work.done.query()).toBe(false); // a dispose that waited for the record would see it done
+    using s = x.createStream();
+    const captured = x.createEvent();
+    using graph = x.capture(s, () => void captured.record(s));
+    captured.dispose();
+    graph.launch(s);
+    graph.launch(work.stream);
+    s.synchronize();
+    work.stream.synchronize();
   });
 
   seededTest("Context.synchronizeAsync waits on the live streams only: disposed ones are forgotten", async () => {

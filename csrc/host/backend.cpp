@@ -20,7 +20,10 @@ constexpr size_t kAlign = 256;
 HostStream* as_host(BackendStream* s) { return reinterpret_cast<HostStream*>(s); }
 BackendStream* as_backend(HostStream* s) { return reinterpret_cast<BackendStream*>(s); }
 HostGraph* as_host(BackendGraph* g) { return reinterpret_cast<HostGraph*>(g); }
-HostEvent* as_host(BackendEvent* e) { return reinterpret_cast<HostEvent*>(e); }
+// An event handle owns one reference to its HostEvent and each queued record another: an event
+// destroyed while records are still queued (as CUDA allows) lives until they have run.
+using HostEventRef = std::shared_ptr<HostEvent>;
+HostEventRef& as_host(BackendEvent* e) { return *reinterpret_cast<HostEventRef*>(e); }
 
 class HostBackend final : public Backend {
  public:
@@ -176,18 +179,15 @@ class HostBackend final : public Backend {
   bool is_capturing(BackendStream* s) override { return stream(s)->capturing; }
 
   Status event_create(BackendEvent** out) override {
-    *out = reinterpret_cast<BackendEvent*>(new HostEvent);
+    *out = reinterpret_cast<BackendEvent*>(new HostEventRef(std::make_shared<HostEvent>()));
     return FMOE_OK;
   }
   Status event_destroy(BackendEvent* e) override {
-    HostEvent* he = as_host(e);
-    // A record still queued would write the event after its deletion (CUDA defers the release).
-    Status st = he->complete() ? FMOE_OK : synchronize();
-    delete he;
-    return st;
+    delete &as_host(e);
+    return FMOE_OK;
   }
   Status event_record(BackendEvent* e, BackendStream* s) override {
-    HostEvent* he = as_host(e);
+    HostEventRef he = as_host(e);
     uint64_t number = 0;  // a record inside a capture completes nothing when replayed
     if (!stream(s)->capturing) {
       he->recorded = true;
@@ -205,7 +205,7 @@ class HostBackend final : public Backend {
     });
   }
   Status event_elapsed_ms(BackendEvent* start, BackendEvent* end, double* out_ms) override {
-    HostEvent *a = as_host(start), *b = as_host(end);
+    HostEvent *a = as_host(start).get(), *b = as_host(end).get();
     if (!a->recorded || !b->recorded)
       return set_error(FMOE_ERR_INVALID_STATE,
                        "fmoe_event_elapsed_ms: %s has not been recorded",

@@ -216,6 +216,7 @@ FMOE_API int fmoe_graph_destroy(fmoe_context_t ctx, fmoe_graph_t graph);
  * ------------------------------------------------------------------------------------------- */
 typedef struct fmoe_event_s* fmoe_event_t;
 FMOE_API int fmoe_event_create(fmoe_context_t ctx, fmoe_event_t* out_event);
+/* Does not wait: records still queued on a stream complete without the event. */
 FMOE_API int fmoe_event_destroy(fmoe_context_t ctx, fmoe_event_t event);
 FMOE_API int fmoe_event_record(fmoe_context_t ctx, fmoe_event_t event, fmoe_stream_t stream);
 /* Milliseconds from `start` to `end`; waits for `end` to complete. Both must have been recorded. */
