@@ -245,7 +245,11 @@ function f16Values(): Float32Array {
   return f16Table;
 }
 function f16ToBf16(bits: Uint16Array): Uint16Array {
-  f16Bf16Table ??= f32ToBf16(f16Values());
+  if (f16Bf16Table === undefined) {
+    f16Bf16Table = f32ToBf16(f16Values());
+    // NaNs: the quiet NaN of their sign (a NaN's bits through a JS number are the engine's choice).
+    for (let h = 0x7c01; h < 0x8000; ++h) [f16Bf16Table[h], f16Bf16Table[h | 0x8000]] = [0x7fc0, 0xffc0];
+  }
   const table = f16Bf16Table;
   const out = new Uint16Array(bits.length);
   for (let i = 0; i < bits.length; ++i) out[i] = table[bits[i]!]!;

@@ -4,6 +4,7 @@
 // f64) accumulation differs before the one bf16 rounding. Rows outside every group, rows of a
 // group with bad offsets and rows whose row map is -1 must keep their 0xFF poison.
 import { describe, expect } from "bun:test";
+import { join } from "node:path";
 import { groupedMmBf16, groupedMmMxfp8, reference as R, type Rng, TOLERANCE } from "../lib/index.ts";
 import {
   expectClose,
@@ -117,6 +118,49 @@ describe("grouped GEMM (host backend vs reference)", () => {
     expectClose(gotRows, refRows, TOLERANCE.bf16, `${format} GEMM`);
     if (rows > 0 && c.offsets === undefined) expect(written.length).toBeGreaterThan(0);
   }
+
+  seededTest("every vector width gives the same bits (FMOE_HOST_SIMD=sse | avx2 caps it; AVX-512 where the CPU has it)", async (rng) => {
+    // Each width runs in its own process over the same inputs (bf16 and MXFP8; groups of more
+    // than 8 rows take the widened path; n not a multiple of 4 or 16; k not of 4; a row map), and
+    // prints a hash of every output. Widths the CPU lacks fall back to the widest it has.
+    const seed = rng.nextU32();
+    const script = `
+      import { Context, groupedMmBf16, groupedMmMxfp8, quantizeMxfp8, Rng } from ${JSON.stringify(join(import.meta.dir, "..", "lib", "index.ts"))};
+      import { createHash } from "node:crypto";
+      using ctx = Context.create("host");
+      const rng = new Rng(${seed});
+      const hash = createHash("sha256");
+      for (const [rowsPer, n, k] of [[9, 37, 64], [13, 130, 96], [33, 16, 1001], [70, 48, 160], [5, 100, 64]]) {
+        const G = 3, rows = rowsPer * G;
+        using a = ctx.upload(rng.f32Normal(rows * k), [rows, k], "bf16");
+        using b = ctx.upload(rng.f32Normal(G * n * k, 0.1), [G, n, k], "bf16");
+        using bias = ctx.upload(rng.f32Normal(G * n), [G, n], "f32");
+        using offsets = ctx.upload(Int32Array.from({ length: G + 1 }, (_, g) => g * rowsPer));
+        using rowMap = ctx.upload(Int32Array.from({ length: rows }, (_, r) => (rng.int(7) === 0 ? -1 : r)));
+        using out = ctx.zeros([rows, n], "bf16");  // rows the map skips stay zeros
+        groupedMmBf16(ctx, { a, b, bias, groupOffsets: offsets, rowMap, out });
+        hash.update(out.download());
+        if (k % 32 !== 0) continue;
+        const qa = quantizeMxfp8(ctx, a), qb = quantizeMxfp8(ctx, b.reshape([G * n, k]));
+        using mx = ctx.zeros([rows, n], "bf16");
+        groupedMmMxfp8(ctx, { a: qa.data, aScale: qa.scale, b: qb.data.reshape([G, n, k]), bScale: qb.scale.reshape([G, n, k / 32]), bias, groupOffsets: offsets, rowMap, out: mx });
+        hash.update(mx.download());
+        for (const t of [qa.data, qa.scale, qb.data, qb.scale]) t.dispose();
+      }
+      console.log(hash.digest("hex"));`;
+    const run = async (simd?: string) => {
+      const env: Record<string, string | undefined> = { ...process.env, FMOE_HOST_SIMD: simd };
+      const proc = Bun.spawn([process.execPath, "-e", script], { env, stdout: "pipe", stderr: "pipe" });
+      const [out, err, code] = [await new Response(proc.stdout).text(), await new Response(proc.stderr).text(), await proc.exited];
+      expect(err).toBe("");
+      expect(code).toBe(0);
+      return out.trim();
+    };
+    const widest = await run();
+    expect(widest).toMatch(/^[0-9a-f]{64}$/);
+    expect(await run("avx2")).toBe(widest);
+    expect(await run("sse")).toBe(widest);
+  }, 30_000);
 
   seededTest("allocated output is [rows, n] bf16", (rng) => {
     const x = ctx();

@@ -3,14 +3,20 @@
 // for bf16 operands and for MXFP8 ones (dequantized exactly to f32 first: e4m3 * 2^s).
 //
 // Per group, the group's A rows are widened to f32 once; the columns n are cut into blocks that
-// the pool shares out, and each block runs register-blocked tiles (up to 4 rows by 2-8 columns)
-// over k. Both operands are k-contiguous, so the inner loop is a plain stream of 4-wide vector
-// multiply-adds (GCC vector extensions: SSE on baseline x86-64, NEON on arm64), without relying on
-// -ffast-math to reassociate the sum. For a few rows per group (decode), bf16 rows of b are widened
-// in registers as they are read (one unpack): b's bytes are then read once, where a widened f32
-// copy would write and read twice as many again. Groups of more rows, and MXFP8 (a decode per
-// byte), widen the block's rows of b once.
+// the pool shares out, and each block runs register-blocked tiles (up to 4 rows by 2-16 columns)
+// over k. Every sum has one order, whatever the machine: lane j of an output's four accumulates
+// a[k] * b[k] for k = j mod 4 in increasing k, then (l0 + l1) + (l2 + l3). So the inner loop is a
+// stream of vector multiply-adds (GCC vector extensions) without -ffast-math reassociating it, and
+// results are bit for bit the same on every path and instruction set.
+// - For a few rows per group (decode), bf16 rows of b are widened in registers as they are read
+//   (one unpack), 4-wide: b's bytes are then read once, where a widened f32 copy would write and
+//   read twice as many again.
+// - Groups of more rows, and MXFP8 (a decode per byte), widen the block's rows of b once, laid out
+//   so that one vector load brings the same four k of W/4 columns: 4-wide on baseline x86-64 and
+//   arm64, 8-wide with AVX2, 16-wide with AVX-512 (chosen at run time; FMOE_HOST_SIMD=sse|avx2
+//   caps it, for comparisons).
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -23,6 +29,9 @@ namespace {
 typedef float v4f __attribute__((vector_size(16)));
 typedef uint16_t v8u16 __attribute__((vector_size(16)));
 typedef uint64_t v2u64 __attribute__((vector_size(16)));
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef float v16f __attribute__((vector_size(64)));
 
 constexpr int64_t kRowTile = 4;
 constexpr int64_t kColBlock = 16;  // columns a task computes (rows of b widened together)
@@ -48,11 +57,7 @@ inline v4f load4_bf16(const uint16_t* p) {
 
 inline float hsum(v4f v) { return (v[0] + v[1]) + (v[2] + v[3]); }
 
-// Rows of b: widened f32 rows (kp floats, zero-padded), or bf16 rows of k values read in place.
-struct F32Rows {
-  const float* const* row;
-  v4f load(int j, int64_t k) const { return load4(row[j] + k); }
-};
+// Rows of b read in place: bf16, k values each.
 struct Bf16Rows {
   const uint16_t* const* row;
   v4f load(int j, int64_t k) const { return load4_bf16(row[j] + k); }
@@ -95,7 +100,7 @@ struct Block {
   const float* a_f32;      // the group's rows of a, widened (kp floats each)
   int64_t kp, k4, k, n;    // padded k, k rounded down to 4, k, columns of c
   int64_t n0, n1;
-  const float* b_f32;      // the block's rows of b widened (kp floats each), or null
+  const float* b_wide;     // the block's rows of b widened and interleaved (wide_b), or null
   const uint16_t* b_bf16;  // bf16: the group's b [n, k]
   const v4f* tails;        // bf16 with k % 4 != 0: each block column's last values, else null
   const float* bias;       // the group's bias, or null
@@ -103,36 +108,31 @@ struct Block {
   uint16_t* c;
 };
 
-// One tile of R rows of a (from row m) against every column pair, quad or octet of the block.
+// c[row_ids[m + i], n] = bf16(acc + bias[n]).
+inline void store(const Block& bk, int64_t m, int i, int64_t n, float acc) {
+  const float v = bk.bias != nullptr ? acc + bk.bias[n] : acc;
+  bk.c[bk.row_ids[m + i] * bk.n + n] = f32_to_bf16(v);
+}
+
+// One tile of R rows of a (from row m) against every column pair, quad or octet of the block,
+// bf16 rows of b read in place.
 template <int R>
-void block_tiles(const Block& bk, int64_t m) {
+void block_tiles_bf16(const Block& bk, int64_t m) {
   constexpr int C = kTileCols<R>;
   const float* ap[R];
   for (int i = 0; i < R; ++i) ap[i] = bk.a_f32 + (m + i) * bk.kp;
   for (int64_t n = bk.n0; n < bk.n1; n += C) {
-    int64_t cols[C];  // a short last group repeats the block's last column
-    for (int j = 0; j < C; ++j) cols[j] = std::min<int64_t>(n + j, bk.n1 - 1);
+    const uint16_t* rows[C];  // a short last group repeats the block's last column
+    v4f tail[C];
+    for (int j = 0; j < C; ++j) {
+      const int64_t col = std::min<int64_t>(n + j, bk.n1 - 1);
+      rows[j] = bk.b_bf16 + col * bk.k;
+      if (bk.tails != nullptr) tail[j] = bk.tails[col - bk.n0];
+    }
     float acc[R * C];
-    if (bk.b_f32 != nullptr) {
-      const float* rows[C];
-      for (int j = 0; j < C; ++j) rows[j] = bk.b_f32 + (cols[j] - bk.n0) * bk.kp;
-      dot_tile<R, C>(ap, F32Rows{rows}, bk.k4, nullptr, acc);
-    } else {
-      const uint16_t* rows[C];
-      v4f tail[C];
-      for (int j = 0; j < C; ++j) {
-        rows[j] = bk.b_bf16 + cols[j] * bk.k;
-        if (bk.tails != nullptr) tail[j] = bk.tails[cols[j] - bk.n0];
-      }
-      dot_tile<R, C>(ap, Bf16Rows{rows}, bk.k4, bk.tails != nullptr ? tail : nullptr, acc);
-    }
-    for (int i = 0; i < R; ++i) {
-      uint16_t* crow = bk.c + bk.row_ids[m + i] * bk.n;
-      for (int j = 0; j < C && n + j < bk.n1; ++j) {
-        const float v = bk.bias != nullptr ? acc[i * C + j] + bk.bias[n + j] : acc[i * C + j];
-        crow[n + j] = f32_to_bf16(v);
-      }
-    }
+    dot_tile<R, C>(ap, Bf16Rows{rows}, bk.k4, bk.tails != nullptr ? tail : nullptr, acc);
+    for (int i = 0; i < R; ++i)
+      for (int j = 0; j < C && n + j < bk.n1; ++j) store(bk, m, i, n + j, acc[i * C + j]);
   }
 }
 
@@ -151,6 +151,139 @@ inline void widen_row(const void* src, const uint8_t* scale, bool mx, int64_t r,
   for (int64_t i = k; i < kp; ++i) dst[i] = 0.0f;
 }
 
+// ---- The widened path, W floats per vector (4, 8 or 16) ----
+//
+// The block's columns are cut into sets of W/4; the widened b holds, per set and per four k
+// (q = k/4), the set's columns' four values side by side: one load of W floats. a's four values
+// at q are repeated W/4 times, so lane 4c + j of a product is column c's lane j: the same sums as
+// four-wide code, each vector carrying W/4 columns.
+
+template <int W> struct WideVec;
+template <> struct WideVec<4> { typedef v4f type; };
+template <> struct WideVec<8> { typedef v8f type; };
+template <> struct WideVec<16> { typedef v16f type; };
+
+// Floats of the widened block b: ceil(kColBlock / (W/4)) sets of kp/4 vectors.
+template <int W>
+constexpr int64_t wide_block_floats(int64_t kp) {
+  return (kColBlock + W / 4 - 1) / (W / 4) * kp * (W / 4);
+}
+
+// The block's rows of b (bf16, or e4m3 with scales) widened into the interleaved layout; columns
+// past the block's end are zeros.
+template <int W>
+void widen_block(const void* b, const uint8_t* scale, bool mx, int64_t n0, int64_t n1, int64_t k,
+                 int64_t kp, float* row, float* out) {
+  constexpr int cols = W / 4;
+  const int64_t q_count = kp / 4;
+  const int64_t full = (n1 - n0) / cols * q_count * W;  // floats of the sets filled whole
+  std::memset(out + full, 0, size_t(wide_block_floats<W>(kp) - full) * sizeof(float));
+  for (int64_t n = n0; n < n1; ++n) {
+    if (cols == 1) {  // one column a set: the layout is its row
+      widen_row(b, scale, mx, n, k, kp, out + (n - n0) * kp);
+      continue;
+    }
+    widen_row(b, scale, mx, n, k, kp, row);
+    const int64_t set = (n - n0) / cols, c = (n - n0) % cols;
+    float* dst = out + set * q_count * W + c * 4;
+    for (int64_t q = 0; q < q_count; ++q) std::memcpy(dst + q * W, row + q * 4, 4 * sizeof(float));
+  }
+}
+
+// a's four values at k repeated across a vector of W (written through a reference: a vector
+// returned by value from a function built without AVX would change the ABI; these are all
+// inlined into a function built with the ISA their vectors need).
+template <int W>
+__attribute__((always_inline)) inline void repeat4(const float* p, typename WideVec<W>::type& out) {
+  const v4f x = load4(p);
+  if constexpr (W == 4) {
+    out = x;
+  } else {
+    const v8f x8 = __builtin_shufflevector(x, x, 0, 1, 2, 3, 0, 1, 2, 3);
+    if constexpr (W == 8) out = x8;
+    else out = __builtin_shufflevector(x8, x8, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7);
+  }
+}
+
+// R rows of a (from row m) against S sets (from set s0): R x S vector sums over k, then each
+// column's four lanes summed and stored.
+template <int W, int R, int S>
+__attribute__((always_inline)) inline void wide_tile(const Block& bk, int64_t m, int64_t s0) {
+  typedef typename WideVec<W>::type vf;
+  constexpr int cols = W / 4;
+  const int64_t q_count = bk.kp / 4;
+  const float* ap[R];
+  for (int i = 0; i < R; ++i) ap[i] = bk.a_f32 + (m + i) * bk.kp;
+  const float* bp = bk.b_wide + s0 * q_count * W;
+  vf acc[R][S] = {};
+  for (int64_t q = 0; q < q_count; ++q) {
+    vf y[S];
+    for (int s = 0; s < S; ++s) std::memcpy(&y[s], bp + (s * q_count + q) * W, sizeof(vf));
+    for (int i = 0; i < R; ++i) {
+      vf x;
+      repeat4<W>(ap[i] + 4 * q, x);
+      for (int s = 0; s < S; ++s) acc[i][s] += x * y[s];
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int s = 0; s < S; ++s)
+      for (int c = 0; c < cols; ++c) {
+        const int64_t n = bk.n0 + (s0 + s) * cols + c;
+        if (n >= bk.n1) break;
+        const vf& v = acc[i][s];
+        store(bk, m, i, n, (v[4 * c] + v[4 * c + 1]) + (v[4 * c + 2] + v[4 * c + 3]));
+      }
+}
+
+// R rows against the block's sets, S at a time (registers hold R x S accumulators).
+template <int W, int R>
+__attribute__((always_inline)) inline void wide_rows(const Block& bk, int64_t m) {
+  constexpr int S = W == 16 ? 4 : 2;
+  const int64_t sets = (bk.n1 - bk.n0 + W / 4 - 1) / (W / 4);
+  int64_t s0 = 0;
+  for (; s0 + S <= sets; s0 += S) wide_tile<W, R, S>(bk, m, s0);
+  for (; s0 < sets; ++s0) wide_tile<W, R, 1>(bk, m, s0);
+}
+
+template <int W>
+__attribute__((always_inline)) inline void wide_block(const Block& bk, int64_t M) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) wide_rows<W, 4>(bk, m);
+  switch (M - m) {
+    case 1: wide_rows<W, 1>(bk, m); break;
+    case 2: wide_rows<W, 2>(bk, m); break;
+    case 3: wide_rows<W, 3>(bk, m); break;
+    default: break;
+  }
+}
+
+// One out-of-line instantiation per instruction set: the vector code is compiled inside the
+// function whose target allows it, and nothing built for AVX runs unless the CPU has it.
+__attribute__((noinline)) void wide_block_sse(const Block& bk, int64_t M) { wide_block<4>(bk, M); }
+#if defined(__x86_64__)
+__attribute__((target("avx2"))) void wide_block_avx2(const Block& bk, int64_t M) {
+  wide_block<8>(bk, M);
+}
+__attribute__((target("avx512f"))) void wide_block_avx512(const Block& bk, int64_t M) {
+  wide_block<16>(bk, M);
+}
+#endif
+
+// The widest vectors this CPU runs, capped by FMOE_HOST_SIMD (sse | avx2).
+int wide_floats() {
+  int w = 4;
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) w = 16;
+  else if (__builtin_cpu_supports("avx2")) w = 8;
+#endif
+  if (const char* cap = std::getenv("FMOE_HOST_SIMD")) {
+    if (std::strcmp(cap, "sse") == 0) w = 4;
+    else if (std::strcmp(cap, "avx2") == 0) w = std::min(w, 8);
+  }
+  return w;
+}
+
 }  // namespace
 
 Status grouped_mm(ThreadPool& pool, const fmoe_grouped_mm_args& a, bool mx) {
@@ -159,6 +292,7 @@ Status grouped_mm(ThreadPool& pool, const fmoe_grouped_mm_args& a, bool mx) {
   auto* c = static_cast<uint16_t*>(a.c);
   std::vector<int64_t> row_ids;
   std::vector<float> a_f32;
+  const int width = wide_floats();
 
   for (int64_t g = 0; g < a.groups; ++g) {
     const int64_t lo = a.group_offsets[g], hi = a.group_offsets[g + 1];
@@ -186,12 +320,16 @@ Status grouped_mm(ThreadPool& pool, const fmoe_grouped_mm_args& a, bool mx) {
     const bool widen_b = mx || M > kWidenRows;
     pool.run(col_blocks, [&](int64_t blk) {
       const int64_t n0 = blk * kColBlock, n1 = std::min(N, n0 + kColBlock);
-      // The block's rows of b widened to f32 (kp floats each, zero-padded).
-      std::vector<float> b_f32;
+      // The block's rows of b widened to f32 and interleaved for W-float vectors.
+      std::vector<float> b_wide;
       if (widen_b) {
-        b_f32.resize(size_t((n1 - n0) * kp));
-        for (int64_t n = n0; n < n1; ++n)
-          widen_row(b_group, b_scale_group, mx, n, K, kp, b_f32.data() + (n - n0) * kp);
+        std::vector<float> row(static_cast<size_t>(kp));
+        b_wide.resize(size_t(wide_block_floats<16>(kp)));
+        switch (width) {
+          case 16: widen_block<16>(b_group, b_scale_group, mx, n0, n1, K, kp, row.data(), b_wide.data()); break;
+          case 8: widen_block<8>(b_group, b_scale_group, mx, n0, n1, K, kp, row.data(), b_wide.data()); break;
+          default: widen_block<4>(b_group, b_scale_group, mx, n0, n1, K, kp, row.data(), b_wide.data()); break;
+        }
       }
       const auto* b_bf16 = static_cast<const uint16_t*>(b_group);
       const int64_t k4 = widen_b ? kp : K / 4 * 4;
@@ -203,14 +341,24 @@ Status grouped_mm(ThreadPool& pool, const fmoe_grouped_mm_args& a, bool mx) {
         std::memcpy(last, b_bf16 + n * K + k4, size_t(K - k4) * sizeof(uint16_t));
         tails[n - n0] = load4_bf16(last);
       }
-      const Block blk_args{a_f32.data(), kp, k4, K, N, n0, n1, widen_b ? b_f32.data() : nullptr, b_bf16,
+      const Block blk_args{a_f32.data(), kp, k4, K, N, n0, n1, widen_b ? b_wide.data() : nullptr, b_bf16,
                            has_tail ? tails : nullptr, bias, row_ids.data(), c};
+      if (widen_b) {
+        switch (width) {
+#if defined(__x86_64__)
+          case 16: wide_block_avx512(blk_args, M); break;
+          case 8: wide_block_avx2(blk_args, M); break;
+#endif
+          default: wide_block_sse(blk_args, M); break;
+        }
+        return;
+      }
       for (int64_t m = 0; m < M; m += kRowTile) {
         switch (std::min(kRowTile, M - m)) {
-          case 1: block_tiles<1>(blk_args, m); break;
-          case 2: block_tiles<2>(blk_args, m); break;
-          case 3: block_tiles<3>(blk_args, m); break;
-          default: block_tiles<4>(blk_args, m); break;
+          case 1: block_tiles_bf16<1>(blk_args, m); break;
+          case 2: block_tiles_bf16<2>(blk_args, m); break;
+          case 3: block_tiles_bf16<3>(blk_args, m); break;
+          default: block_tiles_bf16<4>(blk_args, m); break;
         }
       }
     });
