@@ -45,8 +45,8 @@ export interface SafetensorsEntry {
 }
 
 /**
- * Reads the 8-byte length and the JSON header at the start of `bytes` (the header alone is
- * enough), checking every entry against `dataLen`, the size of the data section. Throws
+ * Reads the 8-byte length and the JSON header at the start of `bytes` (the file's first bytes: the
+ * header alone is enough), checking every entry against `fileLen`, the whole file's size. Throws
  * SafetensorsError naming `what` and the tensor.
  */
 export function parseSafetensorsHeader(
