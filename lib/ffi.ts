@@ -62,6 +62,7 @@ const SYMBOLS = {
   fmoe_grouped_mm_bf16: { args: ["ptr", "ptr", "ptr"], returns: "i32" },
   fmoe_grouped_mm_mxfp8: { args: ["ptr", "ptr", "ptr"], returns: "i32" },
   fmoe_unpermute: { args: ["ptr", "ptr", "ptr"], returns: "i32" },
+  fmoe_route: { args: ["ptr", "ptr", "ptr"], returns: "i32" },
 
   fmoe_plan_create: { args: ["ptr", "ptr", "ptr"], returns: "i32" },
   fmoe_plan_destroy: { args: ["ptr", "ptr"], returns: "i32" },
@@ -270,6 +271,22 @@ export const UNPERMUTE_ARGS = defineStruct("fmoe_unpermute_args", [
   ["topk", "i64"],
 ]);
 
+export const ROUTE_ARGS = defineStruct("fmoe_route_args", [
+  ["size", "i64"],
+  ["logits", "ptr"],
+  ["selection_bias", "ptr"],
+  ["routing_map", "ptr"],
+  ["probs", "ptr"],
+  ["num_tokens", "i64"],
+  ["num_experts", "i64"],
+  ["topk", "i64"],
+  ["scoring", "i64"],
+  ["num_groups", "i64"],
+  ["topk_groups", "i64"],
+  ["renormalize", "i64"],
+  ["scale", "f64"],
+]);
+
 export const PLAN_DESC = defineStruct("fmoe_plan_desc", [
   ["size", "i64"],
   ["hidden_size", "i64"],
@@ -311,6 +328,7 @@ export type PermuteFields = FieldsOf<typeof PERMUTE_ARGS>;
 export type ActivationFields = FieldsOf<typeof ACTIVATION_ARGS>;
 export type GroupedMmFields = FieldsOf<typeof GROUPED_MM_ARGS>;
 export type UnpermuteFields = FieldsOf<typeof UNPERMUTE_ARGS>;
+export type RouteFields = FieldsOf<typeof ROUTE_ARGS>;
 export type PlanDescFields = FieldsOf<typeof PLAN_DESC>;
 export type MoeFields = FieldsOf<typeof MOE_ARGS>;
 
@@ -524,6 +542,10 @@ export function groupedMmMxfp8(ctx: number, stream: number, fields: GroupedMmFie
 
 export function unpermute(ctx: number, stream: number, fields: UnpermuteFields): void {
   check(lib().fmoe_unpermute(p(ctx), p(stream), packStruct(UNPERMUTE_ARGS, fields)), "fmoe_unpermute");
+}
+
+export function route(ctx: number, stream: number, fields: RouteFields): void {
+  check(lib().fmoe_route(p(ctx), p(stream), packStruct(ROUTE_ARGS, fields)), "fmoe_route");
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -578,6 +578,88 @@ export function groupedMmMxfp8(ctx: Context, o: GroupedMmMxfp8Options): Tensor<"
 }
 
 // ------------------------------------------------------------------------------------------------
+// route
+
+export type RouteScoring = "softmax" | "sigmoid";
+
+export interface RouteOutputs {
+  /** i32 [T, topk]: global expert ids, best first. */
+  routingMap: Tensor<"i32">;
+  /** f32 [T, topk]: their weights. */
+  probs: Tensor<"f32">;
+}
+
+export interface RouteOptions {
+  /** f32 [T, E]: the router's logits. */
+  logits: Tensor;
+  /** Experts per token (1..32). */
+  topk: number;
+  /** Scores: softmax over the experts (default) or a sigmoid per expert. */
+  scoring?: RouteScoring;
+  /** f32 [E]: added to the scores to choose the experts, not to their weights (DeepSeek-V3's
+   *  e_score_correction_bias). */
+  selectionBias?: Tensor;
+  /** The experts split into this many equal groups, of which topkGroups are chosen from (the
+   *  two best choices of each group summed); default 1: no groups. */
+  numGroups?: number;
+  topkGroups?: number;
+  /** Divide the topk weights by their sum. Default true. */
+  renormalize?: boolean;
+  /** Multiplies the weights (routed_scaling_factor). Default 1. */
+  scale?: number;
+  /** Preallocated outputs (required under graph capture). */
+  out?: Partial<RouteOutputs>;
+  stream?: Stream;
+}
+
+const ROUTE_OPTIONS = optionNames<RouteOptions>({
+  logits: true, topk: true, scoring: true, selectionBias: true, numGroups: true, topkGroups: true, renormalize: true,
+  scale: true, out: true, stream: true,
+});
+const ROUTE_OUTPUTS = optionNames<RouteOutputs>({ routingMap: true, probs: true });
+const ROUTE_SCORING: Record<RouteScoring, number> = { softmax: 0, sigmoid: 1 };
+
+/**
+ * Each token's topk experts and weights from its router logits (fmoe_route): the experts of
+ * largest choice (score + selectionBias), best first, weighted by their scores, renormalized and
+ * scaled. Qwen-MoE, Mixtral, gpt-oss: `{ topk }` (softmax, renormalized). DeepSeek-V3:
+ * `{ topk: 8, scoring: "sigmoid", selectionBias, numGroups: 8, topkGroups: 4, scale: 2.5 }`.
+ */
+export function route(ctx: Context, o: RouteOptions): RouteOutputs {
+  const fn = "route";
+  checkOptions(fn, "options", o, ROUTE_OPTIONS);
+  if (o.out !== undefined) checkOptions(fn, "out", o.out, ROUTE_OUTPUTS);
+  const logits = expectTensor(fn, "logits", o.logits, "f32", [null, null], "[T, E]");
+  const [T, E] = logits.shape as [number, number];
+  const topk = expectInt(fn, "topk", o.topk, 1);
+  const scoring = o.scoring ?? "softmax";
+  if (ROUTE_SCORING[scoring] === undefined) fail(fn, `scoring must be "softmax" or "sigmoid", got ${JSON.stringify(scoring)}`);
+  if (o.selectionBias !== undefined) expectTensor(fn, "selectionBias", o.selectionBias, "f32", [E], "[E]");
+  const numGroups = expectInt(fn, "numGroups", o.numGroups ?? 1, 1);
+  const topkGroups = expectInt(fn, "topkGroups", o.topkGroups ?? 1, 1);
+  return withOutputs(ctx, fn, (outs) => {
+    const routingMap = outs.get("routingMap", o.out?.routingMap, "i32", [T, topk], "[T, topk]");
+    const probs = outs.get("probs", o.out?.probs, "f32", [T, topk], "[T, topk]");
+    ctx._use(o.stream, [logits, o.selectionBias, routingMap, probs]);
+    ffi.route(ctx._handle, o.stream?.handle ?? 0, {
+      logits: logits.ptr,
+      selection_bias: o.selectionBias?.ptr ?? 0,
+      routing_map: routingMap.ptr,
+      probs: probs.ptr,
+      num_tokens: T,
+      num_experts: E,
+      topk,
+      scoring: ROUTE_SCORING[scoring],
+      num_groups: numGroups,
+      topk_groups: topkGroups,
+      renormalize: (o.renormalize ?? true) ? 1 : 0,
+      scale: o.scale ?? 1,
+    });
+    return { routingMap, probs };
+  });
+}
+
+// ------------------------------------------------------------------------------------------------
 // unpermute
 
 export interface UnpermuteOptions {

@@ -420,6 +420,82 @@ export function unpermute(a: UnpermuteArgs): Uint16Array {
 }
 
 // ------------------------------------------------------------------------------------------------
+// route
+
+export interface RouteArgs {
+  /** f32 [T, E]. */
+  logits: Float32Array;
+  numTokens: number;
+  numExperts: number;
+  topk: number;
+  scoring: "softmax" | "sigmoid";
+  /** f32 [E]: added to the scores for the choice only. */
+  selectionBias?: Float32Array;
+  numGroups?: number;
+  topkGroups?: number;
+  renormalize: boolean;
+  scale: number;
+}
+
+/**
+ * fmoe_route in f64. Also returns each token's margin: the smallest gap between two choices the
+ * routing decided between (consecutive picks, the last pick and the best expert left out, the
+ * last group kept and the best group left out). Where it is tiny, f32 arithmetic may decide the
+ * other way; tests compare ids only where it is not.
+ */
+export function route(a: RouteArgs): { routingMap: Int32Array; probs: Float32Array; margin: Float64Array } {
+  const { numTokens: T, numExperts: E, topk } = a;
+  const G = a.numGroups ?? 1;
+  const keepGroups = a.topkGroups ?? 1;
+  const size = E / G;
+  const routingMap = new Int32Array(T * topk);
+  const probs = new Float32Array(T * topk);
+  const margin = new Float64Array(T).fill(Infinity);
+  // Larger first; NaN after every number; equal by lower index.
+  const before = (x: number, i: number, y: number, j: number) =>
+    Number.isNaN(x) !== Number.isNaN(y) ? Number.isNaN(y) : !Number.isNaN(x) && x !== y ? x > y : i < j;
+  const order = (values: number[], ids: number[]) => ids.sort((i, j) => (before(values[i]!, i, values[j]!, j) ? -1 : 1));
+  const gap = (x: number, y: number) => (Number.isNaN(x) || Number.isNaN(y) ? Infinity : Math.abs(x - y));
+  for (let t = 0; t < T; ++t) {
+    const logits = Array.from(a.logits.subarray(t * E, (t + 1) * E));
+    let score: number[];
+    if (a.scoring === "softmax") {
+      const m = Math.max(...logits);
+      const ex = logits.map((l) => Math.exp(l - m));
+      const sum = ex.reduce((x, y) => x + y, 0);
+      score = ex.map((x) => x / sum);
+    } else {
+      score = logits.map((l) => 1 / (1 + Math.exp(-l)));
+    }
+    const byLogit = a.scoring === "softmax" && a.selectionBias === undefined && G === 1;
+    const choice = byLogit ? logits : score.map((x, e) => x + (a.selectionBias?.[e] ?? 0));
+    let eligible = Array.from({ length: E }, (_, e) => e);
+    if (G > 1) {
+      const value = Array.from({ length: G }, (_, g) => {
+        const best = order(choice, eligible.slice(g * size, (g + 1) * size));
+        return best.length === 1 ? choice[best[0]!]! : choice[best[0]!]! + choice[best[1]!]!;
+      });
+      const groups = order(value, Array.from({ length: G }, (_, g) => g));
+      if (keepGroups < G) margin[t] = Math.min(margin[t]!, gap(value[groups[keepGroups - 1]!]!, value[groups[keepGroups]!]!));
+      const kept = new Set(groups.slice(0, keepGroups));
+      eligible = eligible.filter((e) => kept.has(Math.floor(e / size)));
+    }
+    const ranked = order(choice, eligible);
+    for (let k = 0; k < topk; ++k) {
+      if (k + 1 < ranked.length) margin[t] = Math.min(margin[t]!, gap(choice[ranked[k]!]!, choice[ranked[k + 1]!]!));
+    }
+    const picked = ranked.slice(0, topk);
+    const weights = picked.map((e) => score[e]!);
+    const total = weights.reduce((x, y) => x + y, 0);
+    picked.forEach((e, k) => {
+      routingMap[t * topk + k] = e;
+      probs[t * topk + k] = (a.renormalize && total > 0 ? weights[k]! / total : weights[k]!) * a.scale;
+    });
+  }
+  return { routingMap, probs, margin };
+}
+
+// ------------------------------------------------------------------------------------------------
 // The whole layer
 
 export interface FusedMoeConfig {

@@ -9,8 +9,8 @@
  * padding rows, empty experts, skipped rows, out-of-range routing ids, MXFP8 on both operands,
  * skip-permute mode, a graph replay and a download awaited without blocking. Prints one line per op; exit 1 on a mismatch, exit 0 with
  * a message when no CUDA device is present.
- * Tolerances (relative Frobenius): bit-exact for permute, quantization, swizzling, unpermute and
- * graph replay vs eager; 1e-2 for activation and GEMMs; 2e-2 / 3e-2 for the bf16 / mxfp8 layer.
+ * Tolerances (relative Frobenius): bit-exact for permute, quantization, swizzling, unpermute,
+ * route's ids and graph replay vs eager; 1e-5 for route's weights; 1e-2 for activation and GEMMs; 2e-2 / 3e-2 for the bf16 / mxfp8 layer.
  */
 import {
   activation,
@@ -27,6 +27,7 @@ import {
   randomRouting,
   relFrobenius,
   Rng,
+  route,
   swizzleScales,
   unpermute,
   unswizzleScales,
@@ -211,6 +212,19 @@ await check("unpermute (probs, -1 and out-of-range entries)", (x) => {
   using out = unpermute(x, { input: inT, inverseMap: invT, probs: pT });
   return { out: out.download() };
 });
+
+// Router logits of 256 experts: sigmoid with a bias, groups (DeepSeek-V3's router). Ids may differ
+// where two choices are within an ulp (the device's exp); these logits are far apart.
+const routeLogits = Float32Array.from({ length: 300 * 256 }, (_, i) => ((i * 7919 + (i >> 8) * 37) % 256) / 16 - 8);
+const routeBias = Float32Array.from({ length: 256 }, (_, e) => ((e * 31) % 17) / 100);
+await check("route (sigmoid, bias, 8 groups, 300 tokens)", (x) => {
+  using l = x.upload(routeLogits, [300, 256], "f32");
+  using b = x.upload(routeBias, [256], "f32");
+  const r = route(x, { logits: l, topk: 8, scoring: "sigmoid", selectionBias: b, numGroups: 8, topkGroups: 4, scale: 2.5 });
+  using m = r.routingMap;
+  using p = r.probs;
+  return { ids: m.download(), probs: p.download() };
+}, { probs: 1e-5 });
 
 // More than 4096 slots: the multi-block routing path of the CUDA permute.
 const bigT = 2100, bigH = 64;

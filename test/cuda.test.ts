@@ -35,7 +35,9 @@ import {
   permute,
   quantizeMxfp8,
   randomRouting,
+  reference as R,
   type Rng,
+  route,
   Status,
   swizzleScales,
   type Tensor,
@@ -414,6 +416,46 @@ describe.skipIf(SKIP)("CUDA backend vs host backend", () => {
         return out.download();
       });
       expectBitExact(g, h, "unpermute");
+    });
+  }
+
+  // ----------------------------------------------------------------------------------------------
+  // route: the same code per token on both backends, the device's exp within 2 ulp of the host's.
+  // Softmax without a bias or groups chooses by the logits: ids bit-exact. Otherwise ids equal
+  // where the reference's margin exceeds 1e-6 (at least 90% of the tokens), weights within 1e-5.
+
+  for (const [name, E, o, bias] of [
+    ["qwen3 softmax top-8 of 128", 128, { topk: 8 }, false],
+    ["deepseek-v3 sigmoid + bias, 8 groups, top-4 groups, top-8 of 256, scale 2.5", 256, { topk: 8, scoring: "sigmoid", numGroups: 8, topkGroups: 4, scale: 2.5 }, true],
+    ["softmax + bias, top-32 of 64 groups of one", 64, { topk: 32, numGroups: 64, topkGroups: 40, renormalize: false }, true],
+  ] as const) {
+    seededTest(`route: ${name}, T = 0, 1, 8192`, (rng) => {
+      let compared = 0;
+      for (const T of [0, 1, 8192]) {
+        const logits = Float32Array.from({ length: T * E }, () => rng.normal() * 2);
+        const b = Float32Array.from({ length: E }, () => rng.normal() * 0.1);
+        const [g, h] = both((x) => {
+          using l = up(x, logits, [T, E], "f32");
+          using bT = up(x, b, [E], "f32");
+          const r = route(x, { ...o, logits: l, selectionBias: bias ? bT : undefined });
+          using m = r.routingMap;
+          using p = r.probs;
+          return { ids: m.download(), probs: p.download() };
+        });
+        const exact = !bias && !("numGroups" in o);
+        if (exact) expectBitExact(g.ids, h.ids, "ids");
+        const ref = R.route({ logits, numTokens: T, numExperts: E, topk: o.topk, scoring: "scoring" in o ? o.scoring : "softmax", selectionBias: bias ? b : undefined, numGroups: "numGroups" in o ? o.numGroups : 1, topkGroups: "topkGroups" in o ? o.topkGroups : 1, renormalize: "renormalize" in o ? o.renormalize : true, scale: "scale" in o ? o.scale : 1 });
+        for (let t = 0; t < T; ++t) {
+          if (!exact && ref.margin[t]! <= 1e-6) continue;
+          ++compared;
+          for (let j = 0; j < o.topk; ++j) {
+            const i = t * o.topk + j;
+            if (g.ids[i] !== h.ids[i]) throw new Error(`token ${t} slot ${j}: cuda ${g.ids[i]}, host ${h.ids[i]}`);
+            if (Math.abs(g.probs[i]! - h.probs[i]!) > 1e-5 * Math.max(1, Math.abs(h.probs[i]!))) throw new Error(`token ${t} slot ${j}: cuda weight ${g.probs[i]}, host ${h.probs[i]}`);
+          }
+        }
+      }
+      expect(compared).toBeGreaterThanOrEqual(0.9 * 8193);
     });
   }
 

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "core/context.h"
+#include "core/route_math.h"
 
 using namespace fmoe;
 
@@ -626,6 +627,35 @@ Status check_unpermute(Check& c, const fmoe_unpermute_args* args) {
   return c.status();
 }
 
+Status check_route(Check& c, const fmoe_route_args* args) {
+  c.not_null(args, "args");
+  if (!c.ok()) return c.status();
+  c.struct_size(args->size, sizeof(fmoe_route_args), "fmoe_route_args");
+  if (!c.ok()) return c.status();
+  const fmoe_route_args& a = *args;
+  c.not_null(a.logits, "logits")
+      .not_null(a.routing_map, "routing_map")
+      .not_null(a.probs, "probs")
+      .at_least(a.num_tokens, 0, "num_tokens")
+      .at_least(a.num_experts, 1, "num_experts")
+      .in_range(a.scoring, FMOE_ROUTE_SOFTMAX, FMOE_ROUTE_SIGMOID, "scoring")
+      .in_range(a.num_groups, 1, kRouteMaxGroups, "num_groups")
+      .in_range(a.renormalize, 0, 1, "renormalize")
+      .that(std::isfinite(a.scale), "scale (%g) must be finite", a.scale);
+  if (!c.ok()) return c.status();
+  c.that(a.num_experts % a.num_groups == 0, "num_groups (%" PRId64 ") must divide num_experts (%" PRId64 ")",
+         a.num_groups, a.num_experts)
+      .in_range(a.topk_groups, 1, a.num_groups, "topk_groups");
+  if (!c.ok()) return c.status();
+  const int64_t eligible = a.topk_groups * (a.num_experts / a.num_groups);
+  c.in_range(a.topk, 1, std::min(kRouteMaxTopk, eligible), "topk")
+      .buffer(a.logits, "logits", {a.num_tokens, a.num_experts}, 4)
+      .buffer(a.selection_bias, "selection_bias", {a.num_experts}, 4)
+      .buffer(a.routing_map, "routing_map", {a.num_tokens, a.topk}, 4)
+      .buffer(a.probs, "probs", {a.num_tokens, a.topk}, 4);
+  return c.status();
+}
+
 // Batch-of-scales extent of the swizzled layout; false on overflow.
 bool swizzled_bytes(int64_t batch, int64_t rows, int64_t scale_cols, int64_t* out) {
   const int64_t pr = (rows + 127) / 128 * 128, pc = (scale_cols + 3) / 4 * 4;
@@ -797,6 +827,18 @@ extern "C" FMOE_API int fmoe_grouped_mm_mxfp8(fmoe_context_t ctx, void* stream,
     FMOE_TRY(c.stream(stream, &s).status());
     FMOE_TRY(check_grouped_mm(c, args, true));
     return ctx->backend->grouped_mm_mxfp8(s, *args);
+  });
+}
+
+extern "C" FMOE_API int fmoe_route(fmoe_context_t ctx, void* stream, const fmoe_route_args* args) {
+  return abi_call("fmoe_route", [&]() -> Status {
+    FMOE_CHECK_CTX("fmoe_route");
+    std::lock_guard<std::mutex> lock(ctx->mu);
+    Check c(ctx, "fmoe_route");
+    BackendStream* s = nullptr;
+    FMOE_TRY(c.stream(stream, &s).status());
+    FMOE_TRY(check_route(c, args));
+    return ctx->backend->route(s, *args);
   });
 }
 

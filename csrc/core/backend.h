@@ -92,6 +92,7 @@ class Backend {
   virtual Status grouped_mm_bf16(BackendStream* s, const fmoe_grouped_mm_args& a) = 0;
   virtual Status grouped_mm_mxfp8(BackendStream* s, const fmoe_grouped_mm_args& a) = 0;
   virtual Status unpermute(BackendStream* s, const fmoe_unpermute_args& a) = 0;
+  virtual Status route(BackendStream* s, const fmoe_route_args& a) = 0;
   // Skip-permute helper: routing_rows[r] = local_expert_start + e for the rows of group e (groups
   // taken in order with tokens_per_expert[e] rows each), -1 for rows beyond their sum.
   virtual Status expand_group_ids(BackendStream* s, const int32_t* tokens_per_expert,

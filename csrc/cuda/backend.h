@@ -1,6 +1,6 @@
 // The CUDA backend: one object per context, bound to one device. Each op's launcher is a method
 // defined in that op's .cu file (permute.cu, activation.cu, quantize.cu, grouped_mm_bf16.cu,
-// grouped_mm_mxfp8.cu, unpermute.cu); backend.cu holds the context, memory, stream, graph and
+// grouped_mm_mxfp8.cu, unpermute.cu, route.cu); backend.cu holds the context, memory, stream, graph and
 // event methods.
 //
 // Every method starts with activate() (cudaSetDevice): contexts of different devices may be used
@@ -93,6 +93,7 @@ class CudaBackend final : public Backend {
   Status grouped_mm_bf16(BackendStream* s, const fmoe_grouped_mm_args& a) override;
   Status grouped_mm_mxfp8(BackendStream* s, const fmoe_grouped_mm_args& a) override;
   Status unpermute(BackendStream* s, const fmoe_unpermute_args& a) override;
+  Status route(BackendStream* s, const fmoe_route_args& a) override;
   // permute; with mx_round_trip (a.permuted set, a.permuted_q not, hidden_size % 64 == 0) the
   // bf16 copy then holds what mx_round_trip_k_order would make of it.
   Status permute_launch(BackendStream* s, const fmoe_permute_args& a, bool mx_round_trip);

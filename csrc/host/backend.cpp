@@ -252,6 +252,9 @@ class HostBackend final : public Backend {
   Status unpermute(BackendStream* s, const fmoe_unpermute_args& a) override {
     return submit(s, [this, a]() { return host::unpermute(pool_, a); });
   }
+  Status route(BackendStream* s, const fmoe_route_args& a) override {
+    return submit(s, [this, a]() { return host::route(pool_, a); });
+  }
   Status expand_group_ids(BackendStream* s, const int32_t* tokens_per_expert,
                           int64_t num_local_experts, int64_t local_expert_start, int64_t rows,
                           int32_t* routing_rows) override {

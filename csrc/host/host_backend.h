@@ -84,6 +84,7 @@ Status swizzle_scales(const uint8_t* in, int64_t batch, int64_t rows, int64_t sc
                       bool to_swizzled, uint8_t* out);
 Status grouped_mm(ThreadPool& pool, const fmoe_grouped_mm_args& a, bool mxfp8);
 Status unpermute(ThreadPool& pool, const fmoe_unpermute_args& a);
+Status route(ThreadPool& pool, const fmoe_route_args& a);
 Status expand_group_ids(const int32_t* tokens_per_expert, int64_t num_local_experts,
                         int64_t local_expert_start, int64_t rows, int32_t* routing_rows);
 

@@ -383,6 +383,46 @@ typedef struct fmoe_unpermute_args {
 FMOE_API int fmoe_unpermute(fmoe_context_t ctx, void* stream, const fmoe_unpermute_args* args);
 
 /* ---------------------------------------------------------------------------------------------
+ * Op: route.  Each token's experts and weights from its router logits, in f32:
+ *   score[e]  = softmax(logits[t, :])[e] (max subtracted, sum over e in order), or
+ *               sigmoid(logits[t, e]) = 1 / (1 + exp(-logits[t, e]))
+ *   choice[e] = score[e] + selection_bias[e]   (the bias steers the choice, not the weights);
+ *               softmax without a bias or groups chooses by logits[t, e] itself (the same order,
+ *               without the rounding of the scores)
+ *   groups (num_groups > 1): the experts split into num_groups equal runs; a group's value is the
+ *               sum of its two largest choices (its one choice for groups of one expert), and only
+ *               the topk_groups groups of largest value (ties: lower group) are chosen from
+ *   routing_map[t, 0..topk-1] = the topk experts of largest choice, largest first; equal choices
+ *               go to the lower expert id, and a NaN choice ranks below every number
+ *   probs[t, k] = score[routing_map[t, k]], divided by the topk scores' sum (in slot order) when
+ *               renormalize and that sum is positive, then times scale
+ * Qwen-MoE, Mixtral and gpt-oss (a softmax over the chosen logits): softmax, renormalize.
+ * DeepSeek-V3: sigmoid, its e_score_correction_bias, 8 groups, topk_groups 4, renormalize,
+ * scale 2.5. The ids are global, in [0, num_experts), ready for fmoe_permute / fmoe_fused_moe.
+ * ------------------------------------------------------------------------------------------- */
+typedef enum fmoe_route_scoring {
+  FMOE_ROUTE_SOFTMAX = 0,
+  FMOE_ROUTE_SIGMOID = 1
+} fmoe_route_scoring;
+
+typedef struct fmoe_route_args {
+  uint64_t size;
+  const float* logits;          /* required: f32 [num_tokens, num_experts] */
+  const float* selection_bias;  /* optional: f32 [num_experts]; NULL = none */
+  int32_t* routing_map;         /* required out: i32 [num_tokens, topk] */
+  float* probs;                 /* required out: f32 [num_tokens, topk] */
+  int64_t num_tokens;           /* >= 0 */
+  int64_t num_experts;          /* >= 1 */
+  int64_t topk;                 /* 1 <= topk <= 32, and at most the experts of topk_groups groups */
+  int64_t scoring;              /* fmoe_route_scoring */
+  int64_t num_groups;           /* 1 (no groups) to 64, dividing num_experts */
+  int64_t topk_groups;          /* 1 <= topk_groups <= num_groups (1 when num_groups is 1) */
+  int64_t renormalize;          /* 0 or 1 */
+  double scale;                 /* finite; 1 = none */
+} fmoe_route_args;
+FMOE_API int fmoe_route(fmoe_context_t ctx, void* stream, const fmoe_route_args* args);
+
+/* ---------------------------------------------------------------------------------------------
  * Plans: the static description of one MoE layer, and the fused op.
  * ------------------------------------------------------------------------------------------- */
 typedef struct fmoe_plan_s* fmoe_plan_t;
