@@ -15,6 +15,7 @@ export {
   resolveConfig,
   type FusedMoEConfig,
   type FusedMoEWeights,
+  type RouterConfig,
   type ForwardArgs,
   type ForwardGroupedArgs,
   type ResolvedFusedMoEConfig,

@@ -1,7 +1,8 @@
 /**
  * FusedMoE: one Mixture-of-Experts layer = a plan (the static shape) + its weights + the
  * workspace of the fused op. forward() runs permute -> FC1 -> activation -> FC2 -> unpermute in
- * one native call; capture() records it into a Graph for replay with new routing.
+ * one native call; capture() records it into a Graph for replay with new routing. With a `router`
+ * config, forward() also takes the router's logits and routes them on the device (route()).
  */
 import {
   type Activation,
@@ -24,7 +25,7 @@ import { checkOptions, FmoeError, optionNames, Status } from "./errors.ts";
 import * as ffi from "./ffi.ts";
 import type { Graph } from "./graph.ts";
 import { registerFinalizer, unregisterFinalizer } from "./lifetime.ts";
-import { quantizeMxfp8, unswizzleScales } from "./ops.ts";
+import { quantizeMxfp8, route, type RouteScoring, unswizzleScales } from "./ops.ts";
 import { describe, type Tensor } from "./tensor.ts";
 
 /** The static description of a layer (fmoe_plan_desc). */
@@ -56,10 +57,27 @@ export interface FusedMoEConfig {
   maxTokens: number;
   /** Scale the input rows by probs instead of the output (topk must be 1). Default false. */
   applyRouterWeightOnInput?: boolean;
+  /** How forward({ routerLogits }) routes (route()); without it forward() takes routingMap and
+   *  probs only. `{}`: softmax, renormalized (Qwen-MoE, Mixtral, gpt-oss). */
+  router?: RouterConfig;
 }
 
-/** The config with every default filled in. */
-export type ResolvedFusedMoEConfig = Required<FusedMoEConfig>;
+/** route()'s options for a layer's router (see RouteOptions). */
+export interface RouterConfig {
+  /** Default "softmax". */
+  scoring?: RouteScoring;
+  /** Default 1 (no groups). */
+  numGroups?: number;
+  /** Default 1. */
+  topkGroups?: number;
+  /** Default true. */
+  renormalize?: boolean;
+  /** Default 1. */
+  scale?: number;
+}
+
+/** The config with every default filled in (router: null when the layer takes routing only). */
+export type ResolvedFusedMoEConfig = Required<Omit<FusedMoEConfig, "router">> & { router: Required<RouterConfig> | null };
 
 /**
  * Expert weights, stacked over the local experts, nn.Linear layout ([out, in]).
@@ -81,15 +99,21 @@ export interface FusedMoEWeights {
   fc1Bias?: Tensor;
   /** f32 [E_local, H]. */
   fc2Bias?: Tensor;
+  /** f32 [numExperts]: the router's selection bias (config.router; DeepSeek-V3's
+   *  e_score_correction_bias). */
+  selectionBias?: Tensor;
 }
 
 export interface ForwardArgs {
   /** bf16 [T, H], T <= maxTokens. */
   hidden: Tensor;
-  /** i32 [T, topk] global expert ids. */
-  routingMap: Tensor;
-  /** f32 [T, topk] router weights. */
-  probs: Tensor;
+  /** i32 [T, topk] global expert ids (or routerLogits). */
+  routingMap?: Tensor;
+  /** f32 [T, topk] router weights (or routerLogits). */
+  probs?: Tensor;
+  /** f32 [T, numExperts]: the router's logits, routed by config.router into buffers of the layer
+   *  (instead of routingMap and probs). */
+  routerLogits?: Tensor;
   /** bf16 [T, H]; allocated when omitted. */
   out?: Tensor;
   stream?: Stream;
@@ -110,11 +134,13 @@ export interface ForwardGroupedArgs {
 const CONFIG_OPTIONS = optionNames<FusedMoEConfig>({
   hidden: true, ffn: true, numExperts: true, numLocalExperts: true, localExpertStart: true, topk: true, activation: true,
   layout: true, alpha: true, limit: true, weightFormat: true, alignment: true, maxTokens: true, applyRouterWeightOnInput: true,
+  router: true,
 });
+const ROUTER_OPTIONS = optionNames<RouterConfig>({ scoring: true, numGroups: true, topkGroups: true, renormalize: true, scale: true });
 const WEIGHT_OPTIONS = optionNames<FusedMoEWeights>({
-  fc1: true, fc2: true, fc1Scale: true, fc2Scale: true, scaleLayout: true, fc1Bias: true, fc2Bias: true,
+  fc1: true, fc2: true, fc1Scale: true, fc2Scale: true, scaleLayout: true, fc1Bias: true, fc2Bias: true, selectionBias: true,
 });
-const FORWARD_OPTIONS = optionNames<ForwardArgs>({ hidden: true, routingMap: true, probs: true, out: true, stream: true });
+const FORWARD_OPTIONS = optionNames<ForwardArgs>({ hidden: true, routingMap: true, probs: true, routerLogits: true, out: true, stream: true });
 const FORWARD_GROUPED_OPTIONS = optionNames<ForwardGroupedArgs>({ hidden: true, tokensPerExpert: true, probs: true, out: true, stream: true });
 // capture() takes either call's arguments; forward / forwardGrouped then check their own.
 const CAPTURE_OPTIONS = [...new Set([...FORWARD_OPTIONS, ...FORWARD_GROUPED_OPTIONS])];
@@ -157,7 +183,13 @@ export function resolveConfig(config: FusedMoEConfig): ResolvedFusedMoEConfig {
     alignment: checkInt("alignment", config.alignment ?? DEFAULT_ALIGNMENT, 1),
     maxTokens: checkInt("maxTokens", config.maxTokens, 1),
     applyRouterWeightOnInput: config.applyRouterWeightOnInput ?? false,
+    router: null,
   };
+  if (config.router !== undefined) {
+    checkOptions("FusedMoE", "config.router", config.router, ROUTER_OPTIONS);
+    const r = config.router;
+    resolved.router = { scoring: r.scoring ?? "softmax", numGroups: r.numGroups ?? 1, topkGroups: r.topkGroups ?? 1, renormalize: r.renormalize ?? true, scale: r.scale ?? 1 };
+  }
   if (!isActivation(resolved.activation)) fail(`config.activation must be squared_relu, silu, gelu or swiglu_oai, got ${String(resolved.activation)}`);
   if (!isGatedLayout(resolved.layout)) fail(`config.layout must be halves or interleaved, got ${String(resolved.layout)}`);
   if (resolved.weightFormat !== "bf16" && resolved.weightFormat !== "mxfp8") fail(`config.weightFormat must be bf16 or mxfp8, got ${String(resolved.weightFormat)}`);
@@ -196,6 +228,7 @@ export class FusedMoE {
   #disposed = false;
   readonly #workspace: Tensor;
   readonly #owned: Tensor[] = [];
+  #routed: { routingMap: Tensor<"i32">; probs: Tensor<"f32"> } | undefined;
 
   /** Creates the plan, prepares the weights (quantize / unswizzle as needed) and the workspace. */
   constructor(ctx: Context, config: FusedMoEConfig, weights: FusedMoEWeights) {
@@ -217,6 +250,10 @@ export class FusedMoE {
       if (this.#owned.length > 0) ffi.streamSynchronize(ctx._handle, 0);
       if (weights.fc1Bias !== undefined) checkTensor("fc1Bias", weights.fc1Bias, "f32", [E, N1], "[E_local, N1]");
       if (weights.fc2Bias !== undefined) checkTensor("fc2Bias", weights.fc2Bias, "f32", [E, H], "[E_local, H]");
+      if (weights.selectionBias !== undefined) {
+        if (c.router === null) fail("selectionBias is for a layer with config.router");
+        checkTensor("selectionBias", weights.selectionBias, "f32", [c.numExperts], "[numExperts]");
+      }
       this.#plan = ffi.planCreate(ctx._handle, {
         hidden_size: H,
         ffn: I,
@@ -247,6 +284,11 @@ export class FusedMoE {
     this.#workspace = ctx.empty([this.workspaceBytes], "e4m3");
     this.#workspace.name = "workspace";
     this.#owned.push(this.#workspace);
+    if (c.router !== null) {
+      // Where forward({ routerLogits }) routes to: allocated now, as nothing may be under capture.
+      this.#routed = { routingMap: ctx.empty([c.maxTokens, c.topk], "i32"), probs: ctx.empty([c.maxTokens, c.topk], "f32") };
+      this.#owned.push(this.#routed.routingMap, this.#routed.probs);
+    }
   }
 
   /** Same as `new FusedMoE(ctx, config, weights)`. */
@@ -255,7 +297,7 @@ export class FusedMoE {
   }
 
   #prepareWeights(w: FusedMoEWeights, E: number, N1: number, H: number, I: number): FusedMoE["weights"] {
-    const base = { fc1Bias: w.fc1Bias, fc2Bias: w.fc2Bias };
+    const base = { fc1Bias: w.fc1Bias, fc2Bias: w.fc2Bias, selectionBias: w.selectionBias };
     if (this.config.weightFormat === "bf16") {
       if (w.fc1Scale !== undefined || w.fc2Scale !== undefined) fail("fc1Scale/fc2Scale are only for weightFormat mxfp8");
       const fc1 = checkTensor("fc1", w.fc1, "bf16", [E, N1, H], "[E_local, N1, H]");
@@ -330,7 +372,8 @@ export class FusedMoE {
 
   /**
    * The layer: out[t] = sum over local slots k of probs[t,k] * FC2(act(FC1(hidden[t]))), bf16
-   * [T, H] (tokens with no local slot get zeros). Asynchronous on `stream`.
+   * [T, H] (tokens with no local slot get zeros). Asynchronous on `stream`. With routerLogits,
+   * the routing and weights are route()'s (config.router), kept in the layer's own buffers.
    */
   forward(args: ForwardArgs): Tensor<"bf16"> {
     checkOptions("FusedMoE.forward", "args", args, FORWARD_OPTIONS);
@@ -338,8 +381,20 @@ export class FusedMoE {
     const hidden = checkTensor("hidden", args.hidden, "bf16", [null, c.hidden], "[T, H]");
     const T = hidden.shape[0]!;
     if (T > c.maxTokens) fail(`hidden has ${T} tokens, more than maxTokens (${c.maxTokens})`);
-    const routing = checkTensor("routingMap", args.routingMap, "i32", [T, c.topk], "[T, topk]");
-    const probs = checkTensor("probs", args.probs, "f32", [T, c.topk], "[T, topk]");
+    let routing: Tensor;
+    let probs: Tensor;
+    if (args.routerLogits !== undefined) {
+      if (c.router === null || this.#routed === undefined) fail("routerLogits needs config.router (how to route them)");
+      if (args.routingMap !== undefined || args.probs !== undefined) fail("give routerLogits or routingMap and probs, not both");
+      const logits = checkTensor("routerLogits", args.routerLogits, "f32", [T, c.numExperts], "[T, numExperts]");
+      routing = this.#routed.routingMap.view(0, [T, c.topk]);
+      probs = this.#routed.probs.view(0, [T, c.topk]);
+      this.#handle();
+      route(this.ctx, { logits, topk: c.topk, ...c.router, selectionBias: this.weights.selectionBias, out: { routingMap: routing as Tensor<"i32">, probs: probs as Tensor<"f32"> }, stream: args.stream });
+    } else {
+      routing = checkTensor("routingMap", args.routingMap, "i32", [T, c.topk], "[T, topk]");
+      probs = checkTensor("probs", args.probs, "f32", [T, c.topk], "[T, topk]");
+    }
     const { out, allocated } = this.#output(args.out, T);
     try {
       this.#run({ hidden: hidden.ptr, routing_map: routing.ptr, probs: probs.ptr, output: out.ptr, num_tokens: T }, [hidden, routing, probs, out], args.stream);

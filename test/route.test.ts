@@ -146,6 +146,47 @@ describe("route (host backend)", () => {
     expectClose(out.download(), want.out, TOLERANCE.bf16, "layer");
   });
 
+  seededTest("FusedMoE with a router routes its logits: route() then forward(), bit for bit, eagerly and replayed", (rng) => {
+    const x = ctx();
+    const [T, H, I, E, topk] = [21, 64, 32, 32, 4];
+    const router = { scoring: "sigmoid", numGroups: 4, topkGroups: 2, scale: 2.5 } as const;
+    using w1 = x.upload(randWeights(rng, E, 2 * I, H), [E, 2 * I, H], "bf16");
+    using w2 = x.upload(randWeights(rng, E, H, I), [E, H, I], "bf16");
+    using bias = x.upload(Float32Array.from({ length: E }, () => rng.normal() * 0.1), [E], "f32");
+    using h = x.upload(randBf16(rng, T * H), [T, H], "bf16");
+    using logits = x.upload(Float32Array.from({ length: T * E }, () => rng.normal() * 2), [T, E], "f32");
+    const config = { hidden: H, ffn: I, numExperts: E, topk, activation: "silu", maxTokens: T } as const;
+    using routed = new FusedMoE(x, { ...config, router }, { fc1: w1, fc2: w2, selectionBias: bias });
+    using plain = new FusedMoE(x, config, { fc1: w1, fc2: w2 });
+    const direct = () => {
+      const r = route(x, { logits, topk, ...router, selectionBias: bias });
+      using m = r.routingMap;
+      using p = r.probs;
+      using out = plain.forward({ hidden: h, routingMap: m, probs: p });
+      return out.download();
+    };
+    {
+      using out = routed.forward({ hidden: h, routerLogits: logits });
+      const want = direct();
+      expectNonZero(want, "route() then forward()");
+      expect(Buffer.from(out.download().buffer).equals(Buffer.from(want.buffer))).toBe(true);
+    }
+    using s = x.createStream();
+    using out = x.empty([T, H], "bf16");
+    checkReplay(x, s, [[logits, () => Float32Array.from({ length: T * E }, () => rng.normal() * 2)]], [out], (stream) => void routed.forward({ hidden: h, routerLogits: logits, out, stream }));
+    expect(Buffer.from(out.download().buffer).equals(Buffer.from(direct().buffer))).toBe(true);
+    // Fewer tokens than maxTokens route into the front of the layer's buffers.
+    using few = routed.forward({ hidden: h.view(0, [5, H]), routerLogits: logits.view(0, [5, E]) });
+    expect(Buffer.from(few.download().buffer).equals(Buffer.from(direct().subarray(0, 5 * H).buffer.slice(0, 5 * H * 2)))).toBe(true);
+    // Refused: logits without a router, both kinds of routing, a bias without a router, shapes.
+    using m = x.empty([T, topk], "i32");
+    expectFmoe(() => plain.forward({ hidden: h, routerLogits: logits }), ARG, "config.router");
+    expectFmoe(() => routed.forward({ hidden: h, routerLogits: logits, routingMap: m }), ARG, "not both");
+    expectFmoe(() => routed.forward({ hidden: h, routerLogits: logits.view(0, [T, E / 2]) }), ARG, "routerLogits", `[${T}, ${E}]`);
+    expectFmoe(() => new FusedMoE(x, config, { fc1: w1, fc2: w2, selectionBias: bias }), ARG, "selectionBias", "config.router");
+    expectFmoe(() => new FusedMoE(x, { ...config, router: { groups: 2 } as never }, { fc1: w1, fc2: w2 }), ARG, '"groups"');
+  });
+
   seededTest("bad arguments are refused, naming them", (rng) => {
     const x = ctx();
     using l = x.upload(Float32Array.from({ length: 2 * 16 }, () => rng.normal()), [2, 16], "f32");
