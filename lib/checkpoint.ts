@@ -19,7 +19,7 @@ import { join } from "node:path";
 import { type Activation, type GatedLayout, isGated, SWIGLU_OAI_DEFAULT_ALPHA, SWIGLU_OAI_DEFAULT_LIMIT } from "./config.ts";
 import type { Context } from "./context.ts";
 import { e4m3ToF32, f32ToBf16 } from "./dtype.ts";
-import type { FusedMoEConfig, FusedMoEWeights } from "./moe.ts";
+import type { FusedMoEConfig, FusedMoEWeights, RouterConfig } from "./moe.ts";
 import { parseSafetensorsHeader, SafetensorsError, type SafetensorsEntry, safetensorsHeader } from "./safetensors.ts";
 import type { Tensor } from "./tensor.ts";
 
@@ -279,6 +279,13 @@ export interface ExpertLayerInfo {
   bias: boolean;
   /** The tensor names read, with `{e}` for the expert. */
   source: string;
+  /** How the model routes (route()'s options), from config.json: scoring_func, n_group,
+   *  topk_group, norm_topk_prob and routed_scaling_factor where it gives them; softmax,
+   *  renormalized otherwise (Mixtral and gpt-oss renormalize too), sigmoid where the router has a
+   *  selection bias (DeepSeek-V3's e_score_correction_bias). */
+  router: Required<RouterConfig>;
+  /** The name of the router's selection bias [numExperts], when it has one. */
+  selectionBias?: string;
 }
 
 /** One expert's weights in the library's layout: fc1 [N1, H], fc2 [H, I] bf16, biases f32. */
@@ -301,7 +308,11 @@ export interface ExpertLayerReader {
   readonly info: ExpertLayerInfo;
   /** Expert `e` (0 <= e < numExperts) converted to the library's layout. */
   read(e: number): ExpertWeights;
+  /** The router's selection bias, f32 [numExperts], when it has one. */
+  readSelectionBias(): Float32Array | undefined;
 }
+
+const DEFAULT_ROUTER: Required<RouterConfig> = { scoring: "softmax", numGroups: 1, topkGroups: 1, renormalize: true, scale: 1 };
 
 // Per-expert projections, by the names they go by: [gate, up, down] (gate absent: non-gated).
 const PER_EXPERT_NAMES: readonly (readonly [string | undefined, string, string])[] = [
@@ -340,6 +351,7 @@ export function openExpertLayer(ckpt: Checkpoint, options: ExpertLayerOptions): 
   }
   if (prefixes.size > 1) throw new CheckpointError(`${ckpt.path}: layer ${L} has experts under more than one prefix: ${[...prefixes].join(", ")}`);
   const found = prefixes.size === 1 ? perExpertLayer(ckpt, [...prefixes][0]!, experts, options) : stackedPrefix !== undefined ? stackedLayer(ckpt, stackedPrefix, options) : undefined;
+  if (found !== undefined) withRouter(ckpt, L, found);
   if (found === undefined) {
     const layers = new Set<number>();
     for (const name of ckpt.names()) {
@@ -350,6 +362,24 @@ export function openExpertLayer(ckpt: Checkpoint, options: ExpertLayerOptions): 
     throw new CheckpointError(`${ckpt.path}: no experts for layer ${L} (${have})`);
   }
   return found;
+}
+
+// The router's selection bias and options (ExpertLayerInfo.router), read into `reader`.
+function withRouter(ckpt: Checkpoint, L: number, reader: ExpertLayerReader): void {
+  const { info } = reader;
+  const biasName = [...ckpt.names()].find((n) => new RegExp(`^(?:.*\\.)?layers\\.${L}\\.(?:.*\\.)?e_score_correction_bias$`).test(n));
+  if (biasName !== undefined) {
+    expectShape(ckpt, biasName, [info.numExperts]);
+    info.selectionBias = biasName;
+  }
+  const c = ckpt.config;
+  const scoring = c.scoring_func ?? (biasName !== undefined ? "sigmoid" : "softmax");
+  if (scoring !== "softmax" && scoring !== "sigmoid") throw new CheckpointError(`${ckpt.path}: config.json's scoring_func ${String(scoring)} is not softmax or sigmoid`);
+  const numGroups = configNumber(c, ["n_group"]) ?? 1;
+  const topkGroups = configNumber(c, ["topk_group"]) ?? numGroups;
+  const renormalize = typeof c.norm_topk_prob === "boolean" ? c.norm_topk_prob : true;
+  info.router = { scoring, numGroups, topkGroups, renormalize, scale: configNumber(c, ["routed_scaling_factor"]) ?? 1 };
+  reader.readSelectionBias = () => (biasName === undefined ? undefined : ckpt.readF32(biasName));
 }
 
 function configNumber(config: Record<string, unknown>, keys: readonly string[]): number | undefined {
@@ -429,6 +459,7 @@ function perExpertLayer(ckpt: Checkpoint, prefix: string, experts: Map<string, S
     layout: "halves",
     topk: configTopk(ckpt.config),
     bias: hasBias,
+    router: DEFAULT_ROUTER,
     source: `${prefix}.{e}.{${names.filter((n) => n !== undefined).join(",")}}`,
   };
   const blockSize = fp8BlockSize(ckpt.config);
@@ -441,6 +472,7 @@ function perExpertLayer(ckpt: Checkpoint, prefix: string, experts: Map<string, S
   };
   return {
     info,
+    readSelectionBias: () => undefined,
     read(e: number): ExpertWeights {
       checkExpert(e, count);
       const fc1 = new Uint16Array((gate === undefined ? 1 : 2) * ffn * hidden);
@@ -496,6 +528,7 @@ function stackedLayer(ckpt: Checkpoint, prefix: string, options: ExpertLayerOpti
     layout: gptOss ? "interleaved" : "halves",
     topk: configTopk(ckpt.config),
     bias: hasBias,
+    router: DEFAULT_ROUTER,
     source: `${prefix}.{gate_up_proj,down_proj}${hasBias ? " (+ _bias)" : ""}${transposed ? " [in, out]" : ""}`,
   };
   if (activation === "swiglu_oai") {
@@ -504,6 +537,7 @@ function stackedLayer(ckpt: Checkpoint, prefix: string, options: ExpertLayerOpti
   }
   return {
     info,
+    readSelectionBias: () => undefined,
     read(e: number): ExpertWeights {
       checkExpert(e, count);
       let fc1 = ckpt.readBf16(gateUp, e, 1);
@@ -641,11 +675,14 @@ export function loadExpertLayer(ctx: Context, source: string | Checkpoint, optio
       layout: info.layout,
       ...(info.alpha === undefined ? {} : { alpha: info.alpha }),
       ...(info.limit === undefined ? {} : { limit: info.limit }),
+      router: info.router,
     };
+    const bias = reader.readSelectionBias();
+    const selectionBias = bias === undefined ? undefined : alloc(ctx.upload(bias, [info.numExperts], "f32"));
     const dispose = () => {
       for (const t of tensors) t.dispose();
     };
-    return { config, topk: info.topk, weights: { fc1, fc2, fc1Bias, fc2Bias }, info, dispose, [Symbol.dispose]: dispose };
+    return { config, topk: info.topk, weights: { fc1, fc2, fc1Bias, fc2Bias, selectionBias }, info, dispose, [Symbol.dispose]: dispose };
   } catch (err) {
     for (const t of tensors) t.dispose();
     throw err;
@@ -662,7 +699,8 @@ export function loadExpertLayer(ctx: Context, source: string | Checkpoint, optio
  * Writes layer `options.layer`'s experts (the local range of the options) to `output` as a
  * layer file for `fused-moe serve --layer` and `FusedMoE`: fc1 [E_local, N1, H] and fc2
  * [E_local, H, I] BF16, fc1_bias and fc2_bias F32 when the experts have biases, and metadata that
- * names the activation, the layout, the expert range and top-k. Streams one expert at a time,
+ * names the activation, the layout, the expert range, top-k and the router (and its selection
+ * bias as `selection_bias` F32 [numExperts] when it has one). Streams one expert at a time,
  * into `output.partial`, renamed to `output` once complete.
  */
 export function writeExpertLayer(source: string | Checkpoint, output: string, options: LoadExpertLayerOptions): { info: ExpertLayerInfo; start: number; count: number; bytes: number } {
@@ -685,6 +723,8 @@ export function writeExpertLayer(source: string | Checkpoint, output: string, op
           ]
         : []),
     ];
+    const selectionBias = reader.readSelectionBias();
+    if (selectionBias !== undefined) parts.push({ name: "selection_bias", dtype: "F32", shape: [info.numExperts], bytes: selectionBias.byteLength });
     const header = safetensorsHeader(parts, layerMetadata(info, start, `${ckpt.path} layer ${options.layer}`));
     const partStart: number[] = [];
     let at = header.length;
@@ -702,6 +742,7 @@ export function writeExpertLayer(source: string | Checkpoint, output: string, op
       });
       options.onProgress?.(i + 1, count);
     }
+    if (selectionBias !== undefined) writeAll(fd, new Uint8Array(selectionBias.buffer, selectionBias.byteOffset, selectionBias.byteLength), partStart[parts.length - 1]!);
     closeSync(fd);
     fd = undefined;
     renameSync(partial, output);
@@ -727,6 +768,14 @@ function layerMetadata(info: ExpertLayerInfo, localExpertStart: number, source: 
   if (info.topk !== undefined) m.topk = String(info.topk);
   if (info.alpha !== undefined) m.alpha = String(info.alpha);
   if (info.limit !== undefined) m.limit = String(info.limit);
+  const r = info.router;
+  Object.assign(m, {
+    router_scoring: r.scoring,
+    router_num_groups: String(r.numGroups),
+    router_topk_groups: String(r.topkGroups),
+    router_renormalize: String(r.renormalize),
+    router_scale: String(r.scale),
+  });
   return m;
 }
 

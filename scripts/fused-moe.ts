@@ -22,7 +22,10 @@ import {
   isGatedLayout,
   parseSafetensors,
   readSafetensors,
+  route,
   SafetensorsError,
+  type Stream,
+  type Tensor,
   serializeSafetensors,
   writeExpertLayer,
   writeSafetensors,
@@ -40,7 +43,8 @@ optional biases, as below). Its device buffers of --max-tokens rows are allocate
 requests that arrive while the layer runs go into its next forward together (up to --max-tokens
 tokens), and each awaits its output without blocking the server.
   GET  /health    the layer and the backend, as JSON
-  POST /forward   body: safetensors with hidden, routing_map and probs -> safetensors with out
+  POST /forward   body: safetensors with hidden, and routing_map and probs or router_logits
+                  -> safetensors with out
   Errors answer JSON {"error": "..."}: 400 a bad body, 413 more tokens than --max-tokens, 500 the
   library failed.
 
@@ -56,6 +60,9 @@ Tensors (safetensors):
   hidden      [T, H]            BF16   tokens
   routing_map [T, topk]         I32    global expert ids
   probs       [T, topk]         F32    router weights
+  router_logits [T, E]          F32    instead of routing_map and probs: routed by the layer's
+                                       router (the file's metadata router_*, as import writes
+                                       them, else softmax, renormalized; selection_bias [E] F32)
   fc1         [E_local, N1, H]  BF16   N1 = ffn (squared_relu) or 2*ffn (gated)
   fc2         [E_local, H, ffn] BF16
   fc1_bias    [E_local, N1]     F32 or BF16 (optional)
@@ -71,10 +78,11 @@ Layer options:
   --weights bf16|mxfp8               compute format, default bf16 (mxfp8 quantizes on the device)
   --alignment A                      rows per expert group padded to a multiple of A, default 16
   --alpha X, --limit X               swiglu_oai parameters (defaults 1.702, 7.0)
+  --topk K                           experts per token: serve's (and run's with router_logits),
+                                     unless the layer's metadata says
 
 Serve options:
   --layer LAYER.safetensors          the weights (required)
-  --topk K                           experts per token (required unless the layer's metadata says)
   --max-tokens N                     most tokens in one request, default 4096
   --port P                           default 8000 (0: any free port)
   --hostname NAME                    default 127.0.0.1
@@ -184,11 +192,26 @@ function readTensorFile(path: string): TensorSet {
   }
 }
 
-/** The tokens of one call: hidden [T, H], routing_map [T, topk], probs [T, topk]. */
-function readTokens(set: TensorSet, H: number, topk?: number): { T: number; topk: number; hidden: HostTensor; routing: HostTensor; probs: HostTensor } {
+/**
+ * The tokens of one call: hidden [T, H], and routing_map [T, topk] with probs [T, topk], or
+ * router_logits [T, numExperts] (routed by the layer's router, top-k from `topk`).
+ */
+function readTokens(
+  set: TensorSet,
+  H: number,
+  topk: number | undefined,
+  numExperts: number,
+): { T: number; topk: number; hidden: HostTensor; routing?: HostTensor; probs?: HostTensor; logits?: HostTensor } {
   const hidden = set.get("hidden", ["bf16"], 2);
   const T = hidden.shape[0]!;
   set.expectShape("hidden", hidden, [T, H]);
+  const logits = set.optional("router_logits", ["f32"], 2);
+  if (logits !== undefined) {
+    if (set.tensors.has("routing_map") || set.tensors.has("probs")) throw set.fail(`${set.what}: give router_logits or routing_map and probs, not both`);
+    if (topk === undefined) throw set.fail(`${set.what}: router_logits needs a top-k (--topk, or topk in the layer's metadata)`);
+    set.expectShape("router_logits", logits, [T, numExperts]);
+    return { T, topk, hidden, logits };
+  }
   const routing = set.get("routing_map", ["i32"], 2);
   const k = topk ?? routing.shape[1]!;
   set.expectShape("routing_map", routing, [T, k]);
@@ -225,6 +248,20 @@ function layerFlags(flags: Flags, metadata: Record<string, string> = {}, what = 
     return numFlag(from, value);
   };
   const topk = pick("topk", "topk")[0] === undefined ? undefined : int("topk", "topk", 0, 1);
+  // How router_logits are routed: the layer file's metadata (as import writes it), else softmax,
+  // renormalized.
+  const meta = (key: string) => metadata[key];
+  const scoring = meta("router_scoring") ?? "softmax";
+  if (scoring !== "softmax" && scoring !== "sigmoid") throw new UsageError(`${what}: metadata router_scoring must be softmax or sigmoid, got ${scoring}`);
+  const renormalize = meta("router_renormalize") ?? "true";
+  if (renormalize !== "true" && renormalize !== "false") throw new UsageError(`${what}: metadata router_renormalize must be true or false, got ${renormalize}`);
+  const router = {
+    scoring,
+    numGroups: intFlag(`${what}: metadata router_num_groups`, meta("router_num_groups"), 1, 1),
+    topkGroups: intFlag(`${what}: metadata router_topk_groups`, meta("router_topk_groups"), 1, 1),
+    renormalize: renormalize === "true",
+    scale: numFlag(`${what}: metadata router_scale`, meta("router_scale")) ?? 1,
+  } as const;
   return {
     backend,
     activation,
@@ -236,12 +273,13 @@ function layerFlags(flags: Flags, metadata: Record<string, string> = {}, what = 
     alignment: intFlag("--alignment", flags.alignment, 16, 1),
     alpha: num("alpha", "alpha"),
     limit: num("limit", "limit"),
+    router,
   } as const;
 }
 type LayerFlags = ReturnType<typeof layerFlags>;
 
 /** The layer from the flags and the weight tensors of `set`, its weights uploaded to `ctx`. */
-function buildLayer(ctx: Context, flags: LayerFlags, set: TensorSet, topk: number, maxTokens: number): { moe: FusedMoE; H: number; ffn: number; E: number; numExperts: number } {
+function buildLayer(ctx: Context, flags: LayerFlags, set: TensorSet, topk: number, maxTokens: number) {
   const { activation, layout, weightFormat, start } = flags;
   const fc1 = set.get("fc1", ["bf16"], 3);
   const [E, N1, H] = fc1.shape as [number, number, number];
@@ -286,7 +324,14 @@ function buildLayer(ctx: Context, flags: LayerFlags, set: TensorSet, topk: numbe
   const fc2BiasT = fc2Bias && ctx.upload(fc2Bias, [E, H], "f32");
   const moe = new FusedMoE(ctx, config, { fc1: fc1T, fc2: fc2T, fc1Bias: fc1BiasT, fc2Bias: fc2BiasT });
   if (weightFormat === "mxfp8") for (const t of [fc1T, fc2T]) t.dispose();
-  return { moe, H, ffn, E, numExperts };
+  // The router's selection bias (import writes DeepSeek-V3's), for router_logits.
+  const selection = set.optional("selection_bias", ["f32"], 1);
+  if (selection !== undefined) set.expectShape("selection_bias", selection, [numExperts]);
+  const selectionBias = selection && ctx.upload(selection.data as Float32Array, [numExperts], "f32");
+  // Routes router_logits [T, numExperts] into routing_map / probs views, on `stream`.
+  const routeLogits = (logits: Tensor, out: { routingMap: Tensor<"i32">; probs: Tensor<"f32"> }, stream?: Stream) =>
+    route(ctx, { logits, topk, ...flags.router, selectionBias, out, stream });
+  return { moe, H, ffn, E, numExperts, routeLogits };
 }
 
 /** Refuses the flags of the other command (parseArgs knows them all). */
@@ -294,7 +339,7 @@ function refuseFlags(flags: Flags, command: string, names: readonly (keyof Flags
   for (const name of names) if (flags[name] !== undefined) throw new UsageError(`--${name} is not an option of ${command} (see --help)`);
 }
 
-const SERVE_FLAGS = ["layer", "topk", "max-tokens", "port", "hostname"] as const;
+const SERVE_FLAGS = ["layer", "max-tokens", "port", "hostname"] as const;
 const IMPORT_FLAGS = ["checkpoint", "layer-index", "num-local-experts"] as const;
 
 function run(flags: Flags): number {
@@ -305,16 +350,20 @@ function run(flags: Flags): number {
   const set = readTensorFile(flags.input);
   const layerOptions = layerFlags(flags, set.metadata, flags.input);
   const fc1 = set.get("fc1", ["bf16"], 3);
-  const tokens = readTokens(set, fc1.shape[2]!);
+  const [E, , H] = fc1.shape as [number, number, number];
+  const tokens = readTokens(set, H, layerOptions.topk, layerOptions.numExperts ?? layerOptions.start + E);
   const { T, topk } = tokens;
 
   using ctx = Context.create({ backend: layerOptions.backend });
   const layer = buildLayer(ctx, layerOptions, set, topk, Math.max(1, T));
   using moe = layer.moe;
-  const H = layer.H;
   using hidden = ctx.upload(tokens.hidden.data, [T, H], "bf16");
-  using routingMap = ctx.upload(tokens.routing.data, [T, topk], "i32");
-  using probs = ctx.upload(tokens.probs.data, [T, topk], "f32");
+  using routingMap = tokens.routing ? ctx.upload(tokens.routing.data as Int32Array, [T, topk], "i32") : ctx.empty([T, topk], "i32");
+  using probs = tokens.probs ? ctx.upload(tokens.probs.data as Float32Array, [T, topk], "f32") : ctx.empty([T, topk], "f32");
+  if (tokens.logits !== undefined) {
+    using logits = ctx.upload(tokens.logits.data as Float32Array, [T, layer.numExperts], "f32");
+    layer.routeLogits(logits, { routingMap, probs });
+  }
   using out = moe.forward({ hidden, routingMap, probs });
   const result = out.download();
   const invalid = moe.invalidCount();
@@ -354,6 +403,7 @@ async function serve(flags: Flags): Promise<number> {
   using hiddenBuffer = ctx.empty([maxTokens, H], "bf16");
   using routingBuffer = ctx.empty([maxTokens, topk], "i32");
   using probsBuffer = ctx.empty([maxTokens, topk], "f32");
+  using logitsBuffer = ctx.empty([maxTokens, numExperts], "f32");
   using outBuffer = ctx.empty([maxTokens, H], "bf16");
   type Tokens = ReturnType<typeof readTokens>;
   interface Waiting {
@@ -373,8 +423,15 @@ async function serve(flags: Flags): Promise<number> {
     for (const { tokens } of batch) {
       const n = tokens.T;
       hiddenBuffer.view(T * H, [n, H]).copyFrom(tokens.hidden.data as Uint16Array, stream);
-      routingBuffer.view(T * topk, [n, topk]).copyFrom(tokens.routing.data as Int32Array, stream);
-      probsBuffer.view(T * topk, [n, topk]).copyFrom(tokens.probs.data as Float32Array, stream);
+      const routingMap = routingBuffer.view(T * topk, [n, topk]);
+      const probs = probsBuffer.view(T * topk, [n, topk]);
+      if (tokens.logits !== undefined) {
+        const logits = logitsBuffer.view(T * numExperts, [n, numExperts]).copyFrom(tokens.logits.data as Float32Array, stream);
+        layer.routeLogits(logits, { routingMap, probs }, stream);
+      } else {
+        routingMap.copyFrom(tokens.routing!.data as Int32Array, stream);
+        probs.copyFrom(tokens.probs!.data as Float32Array, stream);
+      }
       T += n;
     }
     const out = outBuffer.view(0, [T, H]);
@@ -439,12 +496,11 @@ async function serve(flags: Flags): Promise<number> {
         if (err instanceof SafetensorsError) throw new RequestError(err.message);
         throw err;
       }
-      const tokens = readTokens(new TensorSet(tensors, "request body", (m) => new RequestError(m)), H, topk);
+      const tokens = readTokens(new TensorSet(tensors, "request body", (m) => new RequestError(m)), H, topk, numExperts);
       if (tokens.T > maxTokens) throw new RequestError(`request body: ${tokens.T} tokens exceed --max-tokens ${maxTokens}`, 413);
       // The library drops routing ids outside [0, num-experts); the answer says how many it dropped.
-      const ids = tokens.routing.data as Int32Array;
       let invalid = 0;
-      for (const id of ids) if (id < 0 || id >= numExperts) ++invalid;
+      for (const id of (tokens.routing?.data ?? []) as Int32Array) if (id < 0 || id >= numExperts) ++invalid;
       const out = await forward(tokens);
       const body = serializeSafetensors({ out: { dtype: "bf16", shape: [tokens.T, H], data: out } }, { invalid_ids: String(invalid) });
       return new Response(body, { headers: { "content-type": "application/octet-stream" } });

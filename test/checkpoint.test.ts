@@ -350,6 +350,54 @@ describe("checkpoints", () => {
     }
   });
 
+  seededTest("a DeepSeek-V3-style router (sigmoid, e_score_correction_bias, groups, scale): read from config.json, loaded, written, and routing the layer's logits", (rng) => {
+    const [E, H, I, topk] = [16, 32, 16, 4];
+    const experts = perExpertWeights(rng, E, H, I, true);
+    const bias = Float32Array.from({ length: E }, () => rng.normal() * 0.1);
+    const tensors: Tensors = { "model.layers.3.mlp.gate.e_score_correction_bias": f32([E], bias), "model.layers.3.mlp.gate.weight": bf16([E, H], randBf16(rng, E * H)) };
+    experts.forEach((w, e) => {
+      const p = `model.layers.3.mlp.experts.${e}`;
+      tensors[`${p}.gate_proj.weight`] = bf16([I, H], w.gate!);
+      tensors[`${p}.up_proj.weight`] = bf16([I, H], w.up);
+      tensors[`${p}.down_proj.weight`] = bf16([H, I], w.down);
+    });
+    const config = { model_type: "deepseek_v3", hidden_act: "silu", n_routed_experts: E, num_experts_per_tok: topk, scoring_func: "sigmoid", n_group: 4, topk_group: 2, norm_topk_prob: true, routed_scaling_factor: 2.5 };
+    const path = writeCheckpoint(fresh(), tensors, { shards: 2, config });
+    const router = { scoring: "sigmoid", numGroups: 4, topkGroups: 2, renormalize: true, scale: 2.5 } as const;
+    const x = ctx();
+    using layer = loadExpertLayer(x, path, { layer: 3 });
+    expect(layer.config.router).toEqual(router);
+    expectBitExact(layer.weights.selectionBias!.download(), bias, "selection bias");
+    const output = join(dir, "router.safetensors");
+    writeExpertLayer(path, output, { layer: 3 });
+    const file = readSafetensors(output);
+    expectBitExact(file.tensors.get("selection_bias")!.data, bias, "selection_bias in the layer file");
+    expect(file.metadata).toMatchObject({ router_scoring: "sigmoid", router_num_groups: "4", router_topk_groups: "2", router_renormalize: "true", router_scale: "2.5" });
+    // Without the bias or config.json's router keys: softmax, renormalized (Qwen, Mixtral).
+    delete tensors["model.layers.3.mlp.gate.e_score_correction_bias"];
+    using plain = Checkpoint.open(writeCheckpoint(fresh(), tensors, { config: { hidden_act: "silu", norm_topk_prob: false } }));
+    const info = openExpertLayer(plain, { layer: 3 }).info;
+    expect(info.router).toEqual({ scoring: "softmax", numGroups: 1, topkGroups: 1, renormalize: false, scale: 1 });
+    expect(info.selectionBias).toBeUndefined();
+
+    const T = 13;
+    const logits = Float32Array.from({ length: T * E }, () => rng.normal() * 2);
+    const hidden = randBf16(rng, T * H);
+    using moe = new FusedMoE(x, { ...layer.config, topk, maxTokens: T }, layer.weights);
+    using h = x.upload(hidden, [T, H], "bf16");
+    using l = x.upload(logits, [T, E], "f32");
+    using out = moe.forward({ hidden: h, routerLogits: l });
+    const routed = R.route({ logits, numTokens: T, numExperts: E, topk, ...router, selectionBias: bias });
+    const want = direct(T, H, topk, hidden, routed.routingMap, routed.probs, (e, v) => {
+      const w = experts[e]!;
+      const g = matvec(w.gate!, I, H, v);
+      const u = matvec(w.up, I, H, v);
+      return matvec(w.down, H, I, g.map((gi, i) => silu(gi) * u[i]!));
+    });
+    expectNonZero(want, "model formula");
+    expectClose(out.toFloat32(), want, TOLERANCE.bf16, "layer routed by its checkpoint's router");
+  });
+
   seededTest("writeExpertLayer: the layer file holds what loadExpertLayer uploads, with the metadata serve reads; biases as F32", (rng) => {
     const [E, H, I] = [5, 16, 8];
     const tensors: Tensors = {};

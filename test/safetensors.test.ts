@@ -189,7 +189,7 @@ describe("CLI: bun scripts/fused-moe.ts run", () => {
     expectExit2(cli("run", "--input", join(dir, "nope.safetensors"), "--output", join(dir, "x.safetensors")), /cannot read/);
     expectExit2(cli("run", "--output", join(dir, "x.safetensors")), /--input is required/);
     expectExit2(cli("run", "--input", bad, "--output", "y", "--activation", "relu"), /--activation/);
-    expectExit2(cli("run", "--input", bad, "--output", "y", "--topk", "2"), /--topk is not an option of run/);
+    expectExit2(cli("run", "--input", bad, "--output", "y", "--port", "2"), /--port is not an option of run/);
     expectExit2(cli("serve", "--input", bad, "--topk", "2"), /--input is not an option of serve/);
     expectExit2(cli("serve", "--topk", "2"), /--layer is required/);
     expectExit2(cli("serve", "--layer", bad, "--topk", "2", "--port", "70000"), /--port must be at most 65535/);

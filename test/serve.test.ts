@@ -193,6 +193,49 @@ describe("fused-moe serve", () => {
     }
   }, 60_000);
 
+  seededTest("router_logits requests are routed by the layer file's router (metadata and selection_bias), in one batch with routing_map requests", async (rng) => {
+    const fc1 = randWeights(rng, E, 2 * I, H);
+    const fc2 = randWeights(rng, E, H, I);
+    const selectionBias = Float32Array.from({ length: E }, () => rng.normal() * 0.1);
+    const layer = join(dir, "layer-router.safetensors");
+    writeSafetensors(
+      layer,
+      { fc1: { dtype: "bf16", shape: [E, 2 * I, H], data: fc1 }, fc2: { dtype: "bf16", shape: [E, H, I], data: fc2 }, selection_bias: { dtype: "f32", shape: [E], data: selectionBias } },
+      { topk: String(topk), router_scoring: "sigmoid", router_num_groups: "3", router_topk_groups: "2", router_renormalize: "true", router_scale: "2.5" },
+    );
+    const server = await startServer(layer, ["--backend", "host"], {}, false);
+    try {
+      const cfg = { hidden: H, ffn: I, numExperts: E, topk, activation: "silu" as const };
+      const withLogits = Array.from({ length: 3 }, (_, i) => ({ T: 5 + i, hidden: randBf16(rng, (5 + i) * H), logits: Float32Array.from({ length: (5 + i) * E }, () => rng.normal() * 2) }));
+      const withRouting = tokens(rng, 6);
+      const bodies = [
+        ...withLogits.map((t) => serializeSafetensors({ hidden: { dtype: "bf16", shape: [t.T, H], data: t.hidden }, router_logits: { dtype: "f32", shape: [t.T, E], data: t.logits } })),
+        body(withRouting, 6),
+      ];
+      const answers = await Promise.all(bodies.map((b) => fetch(`${server.url}forward`, { method: "POST", body: b })));
+      for (const [i, res] of answers.entries()) {
+        expect(res.status).toBe(200);
+        const out = parseSafetensors(new Uint8Array(await res.arrayBuffer())).tensors.get("out")!.data as Uint16Array;
+        let want: Uint16Array;
+        if (i < withLogits.length) {
+          const t = withLogits[i]!;
+          const r = R.route({ logits: t.logits, numTokens: t.T, numExperts: E, topk, scoring: "sigmoid", selectionBias, numGroups: 3, topkGroups: 2, renormalize: true, scale: 2.5 });
+          want = R.fusedMoe(cfg, { fc1, fc2 }, { hidden: t.hidden, numTokens: t.T, routingMap: r.routingMap, probs: r.probs }).out;
+        } else {
+          want = R.fusedMoe(cfg, { fc1, fc2 }, { hidden: withRouting.hidden, numTokens: 6, routingMap: withRouting.routingMap, probs: withRouting.probs }).out;
+        }
+        expectNonZero(want, "reference");
+        expectClose(out, want, TOLERANCE.bf16, `request ${i}`);
+      }
+      const both = serializeSafetensors({ hidden: { dtype: "bf16", shape: [1, H], data: randBf16(rng, H) }, router_logits: { dtype: "f32", shape: [1, E], data: new Float32Array(E) }, probs: { dtype: "f32", shape: [1, topk], data: new Float32Array(topk) } });
+      await expectError(await fetch(`${server.url}forward`, { method: "POST", body: both }), 400, "router_logits", "not both");
+      const wrongE = serializeSafetensors({ hidden: { dtype: "bf16", shape: [1, H], data: randBf16(rng, H) }, router_logits: { dtype: "f32", shape: [1, E + 1], data: new Float32Array(E + 1) } });
+      await expectError(await fetch(`${server.url}forward`, { method: "POST", body: wrongE }), 400, '"router_logits"', `[1, ${E}]`);
+    } finally {
+      expect((await server.stop()).code).toBe(0);
+    }
+  }, 60_000);
+
   seededTest("bad requests get a JSON error naming what is wrong, and the server keeps serving", async (rng) => {
     const layer = join(dir, "layer-errors.safetensors");
     writeSafetensors(layer, { fc1: { dtype: "bf16", shape: [E, 2 * I, H], data: randWeights(rng, E, 2 * I, H) }, fc2: { dtype: "bf16", shape: [E, H, I], data: randWeights(rng, E, H, I) } });
