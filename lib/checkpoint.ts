@@ -375,6 +375,10 @@ function withRouter(ckpt: Checkpoint, L: number, reader: ExpertLayerReader): voi
   const c = ckpt.config;
   const scoring = c.scoring_func ?? (biasName !== undefined ? "sigmoid" : "softmax");
   if (scoring !== "softmax" && scoring !== "sigmoid") throw new CheckpointError(`${ckpt.path}: config.json's scoring_func ${String(scoring)} is not softmax or sigmoid`);
+  // DeepSeek-V2's groups rank by their best choice; route's (DeepSeek-V3's) by their best two.
+  if (c.topk_method === "group_limited_greedy" && (configNumber(c, ["n_group"]) ?? 1) > 1) {
+    throw new CheckpointError(`${ckpt.path}: config.json's topk_method group_limited_greedy (groups ranked by their best expert) is not a router route() runs (it ranks groups by their best two)`);
+  }
   const numGroups = configNumber(c, ["n_group"]) ?? 1;
   const topkGroups = configNumber(c, ["topk_group"]) ?? numGroups;
   const renormalize = typeof c.norm_topk_prob === "boolean" ? c.norm_topk_prob : true;

@@ -466,6 +466,8 @@ describe("checkpoints", () => {
     ["no such layer", () => {}, { layer: 5 }, /no experts for layer 5 \(layers with experts: 1\)/],
     ["config.json's expert count differs", (_, c) => (c.num_experts = 8), {}, /4 experts, config\.json says 8/],
     ["an activation config.json names that the library lacks", (_, c) => (c.hidden_act = "relu"), {}, /activation relu is not one the library computes/],
+    ["DeepSeek-V2's group-limited greedy router", (_, c) => Object.assign(c, { topk_method: "group_limited_greedy", n_group: 2, topk_group: 1 }), {}, /group_limited_greedy/],
+    ["a scoring function route() lacks", (_, c) => (c.scoring_func = "sqrtsoftplus"), {}, /scoring_func sqrtsoftplus/],
     ["a non-gated activation for gated experts", () => {}, { activation: "squared_relu" }, /squared_relu is not gated/],
     ["local experts past the layer's", () => {}, { localExpertStart: 2, numLocalExperts: 3 }, /local experts \[2, 5\) do not fit the layer's 4 experts/],
     ["unknown projection names", (t) => { for (const e of [0, 1, 2, 3]) { t[`${P}.${e}.fc_in.weight`] = t[`${P}.${e}.up_proj.weight`]!; delete t[`${P}.${e}.up_proj.weight`]; } }, {}, /holds projections down_proj, fc_in, gate_proj; expected/],
