@@ -331,6 +331,16 @@ function buildLayer(ctx: Context, flags: LayerFlags, set: TensorSet, topk: numbe
   // Routes router_logits [T, numExperts] into routing_map / probs views, on `stream`.
   const routeLogits = (logits: Tensor, out: { routingMap: Tensor<"i32">; probs: Tensor<"f32"> }, stream?: Stream) =>
     route(ctx, { logits, topk, ...flags.router, selectionBias, out, stream });
+  // The router's options checked now (routing no tokens), not at the first router_logits.
+  try {
+    using none = ctx.empty([0, numExperts], "f32");
+    const checked = routeLogits(none, { routingMap: ctx.empty([0, topk], "i32"), probs: ctx.empty([0, topk], "f32") });
+    checked.routingMap.dispose();
+    checked.probs.dispose();
+  } catch (err) {
+    if (err instanceof FmoeError) throw new UsageError(`${set.what}: its router (metadata router_*, top-k ${topk}) is not one route() runs: ${err.message}`);
+    throw err;
+  }
   return { moe, H, ffn, E, numExperts, routeLogits };
 }
 

@@ -185,6 +185,7 @@ describe("fused-moe serve", () => {
       [{ topk: "two" }, `${bad}: metadata topk must be an integer >= 1, got two`],
       [{ topk: "2", activation: "relu" }, `${bad}: metadata activation must be squared_relu, silu, gelu or swiglu_oai, got relu`],
       [{}, `--topk is required (${bad} has no topk in its metadata)`],
+      [{ topk: "2", activation: "squared_relu", num_experts: String(E), local_expert_start: "2", router_num_groups: "4" }, `${bad}: its router (metadata router_*, top-k 2) is not one route() runs: fmoe_route: num_groups (4) must divide num_experts (${E})`],
     ] as const) {
       writeSafetensors(bad, weights, metadata);
       const proc = Bun.spawn([process.execPath, join(ROOT, "scripts", "fused-moe.ts"), "serve", "--layer", bad, "--backend", "host", "--port", "0"], { stdout: "pipe", stderr: "pipe" });
