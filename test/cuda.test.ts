@@ -15,7 +15,11 @@
 // The real model shapes (lib/cases.ts) run at T = 1, 33 and 512 with weights filled on the device
 // from a random pool; a token's output depends only on its own routing, so the host backend runs
 // only a few tokens, with only the weights of the experts those tokens route to.
-import { describe, expect } from "bun:test";
+import { describe, expect, setDefaultTimeout } from "bun:test";
+
+// Several tests fill hundreds of MB of inputs on the host first (8192 x 4096 operands, 20-run
+// determinism checks): seconds before the device is involved, past bun's 5 s default.
+setDefaultTimeout(60_000);
 import {
   activation,
   ACTIVATIONS,
