@@ -16,10 +16,6 @@
 // from a random pool; a token's output depends only on its own routing, so the host backend runs
 // only a few tokens, with only the weights of the experts those tokens route to.
 import { describe, expect, setDefaultTimeout } from "bun:test";
-
-// Several tests fill hundreds of MB of inputs on the host first (8192 x 4096 operands, 20-run
-// determinism checks): seconds before the device is involved, past bun's 5 s default.
-setDefaultTimeout(60_000);
 import {
   activation,
   ACTIVATIONS,
@@ -76,6 +72,10 @@ import {
   suiteContext,
 } from "./helpers.ts";
 import { bf16ToF32, f32ToBf16 } from "../lib/dtype.ts";
+
+// Several tests fill hundreds of MB of inputs on the host first (8192 x 4096 operands, 20-run
+// determinism checks): seconds before the device is involved, past bun's 5 s default.
+setDefaultTimeout(60_000);
 
 const TOL = {
   activation: 1e-2,
