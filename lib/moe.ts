@@ -288,6 +288,15 @@ export class FusedMoE {
       // Where forward({ routerLogits }) routes to: allocated now, as nothing may be under capture.
       this.#routed = { routingMap: ctx.empty([c.maxTokens, c.topk], "i32"), probs: ctx.empty([c.maxTokens, c.topk], "f32") };
       this.#owned.push(this.#routed.routingMap, this.#routed.probs);
+      try {
+        // The router's options checked now (routing no tokens), not at the first forward.
+        using none = ctx.empty([0, c.numExperts], "f32");
+        const out = { routingMap: this.#routed.routingMap.view(0, [0, c.topk]), probs: this.#routed.probs.view(0, [0, c.topk]) };
+        route(ctx, { logits: none, topk: c.topk, ...c.router, selectionBias: this.weights.selectionBias, out });
+      } catch (err) {
+        this.dispose();
+        throw err;
+      }
     }
   }
 

@@ -185,6 +185,11 @@ describe("route (host backend)", () => {
     expectFmoe(() => routed.forward({ hidden: h, routerLogits: logits.view(0, [T, E / 2]) }), ARG, "routerLogits", `[${T}, ${E}]`);
     expectFmoe(() => new FusedMoE(x, config, { fc1: w1, fc2: w2, selectionBias: bias }), ARG, "selectionBias", "config.router");
     expectFmoe(() => new FusedMoE(x, { ...config, router: { groups: 2 } as never }, { fc1: w1, fc2: w2 }), ARG, '"groups"');
+    // A router route() cannot run is refused when the layer is made, and leaves nothing behind.
+    const live = x.liveAllocations().count;
+    expectFmoe(() => new FusedMoE(x, { ...config, router: { numGroups: 3 } }, { fc1: w1, fc2: w2 }), ARG, "num_groups", "divide");
+    expectFmoe(() => new FusedMoE(x, { ...config, router: { numGroups: 16, topkGroups: 1 } }, { fc1: w1, fc2: w2 }), ARG, "topk");
+    expect(x.liveAllocations().count).toBe(live);
   });
 
   seededTest("bad arguments are refused, naming them", (rng) => {
