@@ -43,6 +43,23 @@ FMOE_HD float route_choice(const RouteToken& r, int64_t e) {
   return route_score(r, e) + (r.bias != nullptr ? r.bias[e] : 0.0f);
 }
 
+// Group g's value: the sum of its two largest choices (its one choice for a group of one).
+FMOE_HD float route_group_value(const RouteToken& r, int64_t g) {
+  const int64_t size = r.num_experts / r.num_groups;
+  float first = 0.0f, second = 0.0f;
+  int64_t first_id = -1, second_id = -1;
+  for (int64_t e = g * size; e < (g + 1) * size; ++e) {
+    const float c = route_choice(r, e);
+    if (first_id < 0 || route_before(c, e, first, first_id)) {
+      second = first, second_id = first_id;
+      first = c, first_id = e;
+    } else if (second_id < 0 || route_before(c, e, second, second_id)) {
+      second = c, second_id = e;
+    }
+  }
+  return second_id < 0 ? first : first + second;
+}
+
 // The token's topk experts (global ids) and weights.
 FMOE_HD void route_token(RouteToken r, int32_t* ids, float* weights) {
   const int64_t E = r.num_experts;
@@ -57,22 +74,8 @@ FMOE_HD void route_token(RouteToken r, int32_t* ids, float* weights) {
   // Groups: each one's value, then the topk_groups best (a bit each in `chosen`).
   uint64_t chosen = ~uint64_t(0);
   if (r.num_groups > 1) {
-    const int64_t size = E / r.num_groups;
     float value[kRouteMaxGroups];
-    for (int64_t g = 0; g < r.num_groups; ++g) {
-      float first = 0.0f, second = 0.0f;
-      int64_t first_id = -1, second_id = -1;
-      for (int64_t e = g * size; e < (g + 1) * size; ++e) {
-        const float c = route_choice(r, e);
-        if (first_id < 0 || route_before(c, e, first, first_id)) {
-          second = first, second_id = first_id;
-          first = c, first_id = e;
-        } else if (second_id < 0 || route_before(c, e, second, second_id)) {
-          second = c, second_id = e;
-        }
-      }
-      value[g] = second_id < 0 ? first : first + second;
-    }
+    for (int64_t g = 0; g < r.num_groups; ++g) value[g] = route_group_value(r, g);
     chosen = 0;
     for (int64_t pick = 0; pick < r.topk_groups; ++pick) {
       int64_t best = -1;

@@ -74,24 +74,10 @@ __global__ void __launch_bounds__(kRouteThreads) route_warp_kernel(fmoe_route_ar
   // Groups: lane g (and g + 32) takes group g's value as the host does; then topk_groups picks.
   uint64_t chosen = ~uint64_t(0);
   if (r.num_groups > 1) {
-    const int64_t size = E / r.num_groups;
     float value[2];
     for (int h = 0; h < 2; ++h) {
       const int64_t g = lane + 32 * h;
-      value[h] = 0.0f;
-      if (g >= r.num_groups) continue;
-      float first = 0.0f, second = 0.0f;
-      int64_t first_id = -1, second_id = -1;
-      for (int64_t e = g * size; e < (g + 1) * size; ++e) {
-        const float c = route_choice(r, e);
-        if (first_id < 0 || route_before(c, e, first, first_id)) {
-          second = first, second_id = first_id;
-          first = c, first_id = e;
-        } else if (second_id < 0 || route_before(c, e, second, second_id)) {
-          second = c, second_id = e;
-        }
-      }
-      value[h] = second_id < 0 ? first : first + second;
+      value[h] = g < r.num_groups ? route_group_value(r, g) : 0.0f;
     }
     chosen = 0;
     for (int64_t pick = 0; pick < r.topk_groups; ++pick) {
