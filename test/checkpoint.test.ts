@@ -77,6 +77,16 @@ function perExpertWeights(rng: Rng, E: number, H: number, I: number, gated: bool
   }));
 }
 
+/** Qwen-MoE-named tensors of gated `experts` in `layers.<layer>.mlp.experts.<e>`. */
+function putGatedExperts(tensors: Tensors, layer: number, experts: ReturnType<typeof perExpertWeights>, H: number, I: number): void {
+  experts.forEach((w, e) => {
+    const p = `model.layers.${layer}.mlp.experts.${e}`;
+    tensors[`${p}.gate_proj.weight`] = bf16([I, H], w.gate!);
+    tensors[`${p}.up_proj.weight`] = bf16([I, H], w.up);
+    tensors[`${p}.down_proj.weight`] = bf16([H, I], w.down);
+  });
+}
+
 const silu = (x: number) => x / (1 + Math.exp(-x));
 
 /** out[t] = sum_k probs[t,k] * expert(routing[t,k])(x[t]) in f64, for the experts this checks. */
@@ -138,13 +148,7 @@ describe("checkpoints", () => {
     for (const layer of [L, 12]) {
       // Layer 12's experts differ (a name match on "layers.1" would read them); shared experts and
       // the router are not routed experts.
-      const ws = layer === L ? experts : perExpertWeights(rng, E, H, I, true);
-      ws.forEach((w, e) => {
-        const p = `model.layers.${layer}.mlp.experts.${e}`;
-        tensors[`${p}.gate_proj.weight`] = bf16([I, H], w.gate!);
-        tensors[`${p}.up_proj.weight`] = bf16([I, H], w.up);
-        tensors[`${p}.down_proj.weight`] = bf16([H, I], w.down);
-      });
+      putGatedExperts(tensors, layer, layer === L ? experts : perExpertWeights(rng, E, H, I, true), H, I);
       tensors[`model.layers.${layer}.mlp.shared_experts.gate_proj.weight`] = bf16([I, H], randBf16(rng, I * H));
       tensors[`model.layers.${layer}.mlp.gate.weight`] = bf16([E, H], randBf16(rng, E * H));
     }
@@ -355,12 +359,7 @@ describe("checkpoints", () => {
     const experts = perExpertWeights(rng, E, H, I, true);
     const bias = Float32Array.from({ length: E }, () => rng.normal() * 0.1);
     const tensors: Tensors = { "model.layers.3.mlp.gate.e_score_correction_bias": f32([E], bias), "model.layers.3.mlp.gate.weight": bf16([E, H], randBf16(rng, E * H)) };
-    experts.forEach((w, e) => {
-      const p = `model.layers.3.mlp.experts.${e}`;
-      tensors[`${p}.gate_proj.weight`] = bf16([I, H], w.gate!);
-      tensors[`${p}.up_proj.weight`] = bf16([I, H], w.up);
-      tensors[`${p}.down_proj.weight`] = bf16([H, I], w.down);
-    });
+    putGatedExperts(tensors, 3, experts, H, I);
     const config = { model_type: "deepseek_v3", hidden_act: "silu", n_routed_experts: E, num_experts_per_tok: topk, scoring_func: "sigmoid", n_group: 4, topk_group: 2, norm_topk_prob: true, routed_scaling_factor: 2.5 };
     const path = writeCheckpoint(fresh(), tensors, { shards: 2, config });
     const router = { scoring: "sigmoid", numGroups: 4, topkGroups: 2, renormalize: true, scale: 2.5 } as const;
@@ -450,12 +449,7 @@ describe("checkpoints", () => {
   function broken(rng: Rng, mutate: (t: Tensors, config: Record<string, unknown>) => void, shards = 1): string {
     const tensors: Tensors = {};
     const config: Record<string, unknown> = { hidden_act: "silu", num_experts: 4 };
-    perExpertWeights(rng, 4, 8, 4, true).forEach((w, e) => {
-      const p = `model.layers.1.mlp.experts.${e}`;
-      tensors[`${p}.gate_proj.weight`] = bf16([4, 8], w.gate!);
-      tensors[`${p}.up_proj.weight`] = bf16([4, 8], w.up);
-      tensors[`${p}.down_proj.weight`] = bf16([8, 4], w.down);
-    });
+    putGatedExperts(tensors, 1, perExpertWeights(rng, 4, 8, 4, true), 8, 4);
     mutate(tensors, config);
     return writeCheckpoint(fresh(), tensors, { shards, config });
   }
