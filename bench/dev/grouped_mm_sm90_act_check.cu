@@ -264,7 +264,7 @@ bool compare_act(const Problem& p, const std::vector<int>& rg, const DeviceProbl
           std::printf("    MISMATCH row %lld (group %d) col %lld (tile col %lld): got %.6g "
                       "(0x%04x) want %.6g (0x%04x)\n",
                       (long long)r, rg[r], (long long)j,
-                      (long long)(j % (p.gated ? block_n / 2 : block_n)), gv, row[j], wv,
+                      (long long)(j % ((block_n == fmoe::cuda::kSm90PingPong ? 128 : block_n) / (p.gated ? 2 : 1))), gv, row[j], wv,
                       want[j]);
       }
     }
@@ -298,7 +298,7 @@ bool check_plain(const Problem& p, const std::vector<int>& rg, DeviceProblem& d,
   fmoe_grouped_mm_args args = d.args;
   args.c = d.h;
   bool ok = true;
-  for (int bn : {128, 256}) {
+  for (int bn : {128, 256, fmoe::cuda::kSm90PingPong}) {
     CHECK_CUDA(cudaMemset(d.h, 0xFF, (std::max<int64_t>(1, p.rows * n1) + kSlack) * 2));
     cudaError_t e = fmoe::cuda::grouped_mm_sm90_bf16_block_n(args, num_sms, bn, 0);
     if (e != cudaSuccess) {
@@ -368,7 +368,7 @@ bool run_case(const Problem& p, int num_sms, uint32_t seed) {
       continue;
     }
     const int picked = fmoe::cuda::grouped_mm_sm90_pick_block_n(d.args, num_sms);
-    for (int bn : {128, 256})
+    for (int bn : {128, 256, fmoe::cuda::kSm90PingPong})
       for (bool dynamic : {false, true}) {
         CHECK_CUDA(cudaMemset(d.out, 0xFF, (p.rows * p.ffn + kSlack) * 2));
         cudaError_t e = fmoe::cuda::grouped_mm_sm90_bf16_act_block_n(
@@ -477,7 +477,7 @@ bool bench(const std::string& name, int64_t groups, int64_t rows_per_group, int6
   const int picked = fmoe::cuda::grouped_mm_sm90_pick_block_n(d.args, num_sms);
   bool ok = true;
   char label[200];
-  for (int bn : {128, 256}) {
+  for (int bn : {128, 256, fmoe::cuda::kSm90PingPong}) {
     CHECK_CUDA(cudaMemset(d.out, 0xFF, (p.rows * p.ffn + kSlack) * 2));
     CHECK_CUDA(fmoe::cuda::grouped_mm_sm90_bf16_act_block_n(d.args, act, num_sms, bn, 0));
     sync_or_die(0, (name + " fused kernel").c_str());

@@ -16,6 +16,7 @@
 //    gives O(|ref|) errors. The + 1e-2 absolute part covers refs that cancel to near zero.
 //  - every element that must not be written (rows of skipped groups, padding rows with
 //    row_map = -1, rows >= offsets[groups]) still holds the poison 0xFFFF.
+// Each case runs each kernel: BN=128 and BN=256 (cooperative tiles), BN=1 (kSm90PingPong).
 // Then times the kernel on MoE prefill shapes (median of 20 after warm-up) and prints TFLOP/s.
 // Exit code: 0 = all passed, 1 = a mismatch, 2 = a CUDA error, 3 = a kernel that never finished.
 #include <cuda_bf16.h>
@@ -191,7 +192,7 @@ bool compare(const Problem& p, const std::vector<int>& rg, const DeviceProblem& 
           std::printf("    MISMATCH row %lld col %lld (group %d, row %lld of the group, tile row "
                       "%lld, tile col %lld): got %.6g (0x%04x) ref %.6g\n",
                       (long long)r, (long long)c, g, (long long)in_group,
-                      (long long)(in_group % 128), (long long)(c % block_n), gv, bits, rv);
+                      (long long)(in_group % 128), (long long)(c % (block_n == fmoe::cuda::kSm90PingPong ? 128 : block_n)), gv, bits, rv);
           if (printed == 1 && !std::isnan(gv)) {
             // Where does the wrong value belong? Helps tell a fragment / swizzle permutation
             // from garbage.
@@ -251,7 +252,7 @@ bool run_case(const Problem& p, int num_sms, uint32_t seed) {
     return false;
   }
   const int picked = fmoe::cuda::grouped_mm_sm90_pick_block_n(d.args, num_sms);
-  for (int bn : {128, 256}) {
+  for (int bn : {128, 256, fmoe::cuda::kSm90PingPong}) {
     const int64_t c_bytes = std::max<int64_t>(1, p.rows * p.n) * 2;
     CHECK_CUDA(cudaMemset(d.c, 0xFF, c_bytes));  // poison: every bf16 = 0xFFFF (NaN)
     cudaError_t e = fmoe::cuda::grouped_mm_sm90_bf16_block_n(d.args, num_sms, bn, 0);
@@ -299,7 +300,7 @@ bool bench(const std::string& name, int64_t groups, int64_t rows_per_group, int6
   const double flops = 2.0 * double(p.rows) * double(n) * double(k);
   const int picked = fmoe::cuda::grouped_mm_sm90_pick_block_n(d.args, num_sms);
   bool ok = true;
-  for (int bn : {128, 256}) {
+  for (int bn : {128, 256, fmoe::cuda::kSm90PingPong}) {
     CHECK_CUDA(cudaMemset(d.c, 0xFF, p.rows * p.n * 2));
     CHECK_CUDA(fmoe::cuda::grouped_mm_sm90_bf16_block_n(d.args, num_sms, bn, 0));
     sync_or_die(0, (name + " sm90 kernel").c_str());

@@ -28,7 +28,8 @@
 //                  (one arrival per warp, 8 per stage) once wait_group(1) proves it consumed.
 //                  setmaxnreg raises them to 232 registers.
 //   The producer runs ahead across tile boundaries, so the next tile's first stages load while
-//   the consumers run the epilogue of the current one.
+//   the consumers run the epilogue of the current one. Where 128-wide tiles are picked, each
+//   consumer warpgroup owns whole tiles instead ("Ping-pong tiles").
 // - B is one 2-D tensor map over [groups * n, k]: rows of the next group that a partial n-tile
 //   reads are harmless (those columns are never stored); rows past the end read as zero. A is
 //   [rows, k]; rows past the buffer read as zero. k need not be a multiple of 64: the last
@@ -216,9 +217,10 @@ enum Sm90Operands : int {
   kOpMxFp8 = 2,     // e4m3 by TMA, fp8 wgmma per k32 block, promoted with the scales in f32
 };
 template <int BN, int STAGES, int kProducerRegs_ = 40, int kConsumerRegs_ = 232,
-          int kOperands_ = kOpBf16>
+          int kOperands_ = kOpBf16, bool kPingPong_ = false>
 struct Sm90TileConfig {
   static constexpr int kOperands = kOperands_;
+  static constexpr bool kPingPong = kPingPong_;  // "Ping-pong tiles": a tile per warpgroup
   static constexpr bool kMx = kOperands == kOpMxDequant;
   static constexpr bool kFp8 = kOperands == kOpMxFp8;
   static constexpr int kElemBytes = kFp8 ? 1 : 2;  // of A and B as staged for the tensor cores
@@ -262,9 +264,15 @@ struct Sm90TileConfig {
   // bytes = 8 rows of 128 bytes) so that all land as one BN-row box would.
   static_assert((kBlockN / 4 * kBlockK * kElemBytes) % 1024 == 0, "B run off the swizzle atom");
   static_assert(!kFp8 || (kBlockN == 128 && kBlockM == 128), "fp8 producer: one A and one B row per thread");
+  static_assert(!kPingPong || (kOperands == kOpBf16 && kBlockN == 128),
+                "ping-pong tiles: bf16 operands, 128 accumulators per thread (2 x m64n128)");
+  // Consumer warps that read each stage and each tile-queue entry: both warpgroups, or the one
+  // warpgroup that owns the tile.
+  static constexpr int kStageReaders = kPingPong ? 4 : 8;
 };
 using Sm90Wide = Sm90TileConfig<256, 4>;
 using Sm90Narrow = Sm90TileConfig<128, 6>;
+using Sm90PingPong = Sm90TileConfig<128, 6, 40, 232, kOpBf16, true>;
 using Sm90MxWide = Sm90TileConfig<256, 4, 168, 168, kOpMxDequant>;
 using Sm90MxNarrow = Sm90TileConfig<128, 6, 168, 168, kOpMxDequant>;
 using Sm90Fp8 = Sm90TileConfig<128, 5, 56, 224, kOpMxFp8>;
@@ -565,8 +573,42 @@ __device__ __forceinline__ void mma_half_tile(float (&acc)[BN / 2], uint32_t a_a
   }
 }
 
-// The bf16 consumer mainloop of one tile (kHalf: a half tile): one wgmma group per k-block, one
-// in flight, the previous k-block's stage released once wait_group(1) proves it consumed.
+// The bf16 k-block loop of a consumer: per k-block, waits for the stage, issues one wgmma group
+// (issue(a_addr, b_addr, kb): the stage's A and B tiles) between fences of the first kLive
+// accumulators, keeps one group in flight and releases the previous k-block's stage once
+// wait_group(1) proves it consumed; `empty` counts one arrival per consuming warp.
+template <class Cfg, int kLive, int N, class Issue>
+__device__ __forceinline__ void bf16_kblock_loop(float (&acc)[N], const uint8_t* smem_a,
+                                                 const uint8_t* smem_b, uint64_t* full,
+                                                 uint64_t* empty, int k_blocks, int lane,
+                                                 int& stage, uint32_t& phase, Issue&& issue) {
+  static_assert(kLive <= N, "fenced accumulators");
+  int prev_stage = 0;
+  for (int kb = 0; kb < k_blocks; ++kb) {
+    ptx::mbar_wait(&full[stage], phase);
+    const uint32_t a_addr = ptx::smem_addr(smem_a + stage * Cfg::kABytes);
+    const uint32_t b_addr = ptx::smem_addr(smem_b + stage * Cfg::kBBytes);
+#pragma unroll
+    for (int i = 0; i < kLive; ++i) ptx::wgmma_fence_operand(acc[i]);
+    ptx::wgmma_fence();
+    issue(a_addr, b_addr, kb);
+    ptx::wgmma_commit();
+#pragma unroll
+    for (int i = 0; i < kLive; ++i) ptx::wgmma_fence_operand(acc[i]);
+    // The group of the previous k-block is now complete: its stage can be refilled.
+    ptx::wgmma_wait<1>();
+    if (kb > 0 && lane == 0) ptx::mbar_arrive(&empty[prev_stage]);
+    prev_stage = stage;
+    ptx::next_stage<Cfg::kStages>(stage, phase);
+  }
+  ptx::wgmma_wait<0>();
+#pragma unroll
+  for (int i = 0; i < kLive; ++i) ptx::wgmma_fence_operand(acc[i]);
+  if (lane == 0) ptx::mbar_arrive(&empty[prev_stage]);
+}
+
+// The bf16 consumer mainloop of one tile (kHalf: a half tile): warpgroup `half` multiplies its 64
+// A rows (a half tile: the first 64) by the B tile (a half tile: its half of it).
 // Separate instantiations rather than a branch around the wgmmas inside one loop: there ptxas
 // injects warpgroup arrives and serialises every wgmma of the kernel (C7520).
 template <class Cfg, int kEpi, bool kHalf>
@@ -574,39 +616,130 @@ __device__ __forceinline__ void consume_bf16(float (&acc)[Cfg::kBlockN / 2], con
                                              const uint8_t* smem_b, uint64_t* full,
                                              uint64_t* empty, int k_blocks, int half, int lane,
                                              int& stage, uint32_t& phase) {
-  constexpr int BM = Cfg::kBlockM, BN = Cfg::kBlockN, BK = Cfg::kBlockK, S = Cfg::kStages;
-  int prev_stage = 0;
-  for (int kb = 0; kb < k_blocks; ++kb) {
-    ptx::mbar_wait(&full[stage], phase);
-    const uint32_t a_addr =
-        ptx::smem_addr(smem_a + stage * Cfg::kABytes) + (kHalf ? 0 : half * (BM / 2) * 128);
-    const uint32_t b_addr = ptx::smem_addr(smem_b + stage * Cfg::kBBytes);
+  constexpr int BM = Cfg::kBlockM, BN = Cfg::kBlockN, BK = Cfg::kBlockK;
+  const uint8_t* smem_a_rows = smem_a + (kHalf ? 0 : half * (BM / 2) * 128);  // its 64 A rows
+  bf16_kblock_loop<Cfg, BN / 2>(
+      acc, smem_a_rows, smem_b, full, empty, k_blocks, lane, stage, phase,
+      [&](uint32_t a_addr, uint32_t b_addr, int kb) {
+        if constexpr (kHalf) {
+          mma_half_tile<BN, BK>(acc, a_addr, b_addr, half, kb);
+        } else {
 #pragma unroll
-    for (int i = 0; i < BN / 2; ++i) ptx::wgmma_fence_operand(acc[i]);
-    ptx::wgmma_fence();
-    if constexpr (kHalf) {
-      mma_half_tile<BN, BK>(acc, a_addr, b_addr, half, kb);
-    } else {
+          for (int kk = 0; kk < BK / 16; ++kk) {
+            // k16 step = 32 bytes along the swizzled 128-byte row.
+            ptx::wgmma_m64k16_bf16<BN>(acc, ptx::wgmma_desc_sw128(a_addr + kk * 32),
+                                       ptx::wgmma_desc_sw128(b_addr + kk * 32), (kb | kk) != 0);
+          }
+        }
+      });
+}
+
+// ---- Ping-pong tiles ------------------------------------------------------------------------------
+// Sm90PingPong: each consumer warpgroup owns whole 128 x 128 tiles (two m64n128 products per k16
+// step, 128 accumulators per thread: the registers of a wide tile's half), warpgroup 0 the CTA's
+// even tiles, warpgroup 1 its odd ones. Why: in the cooperative kernels both warpgroups finish a
+// tile together and run its epilogue together, so the tensor cores idle for it, 10% of FC1 and
+// 20% of FC2 at compute-bound sizes (bench/NOTES.md v11, item 30). Here one warpgroup's epilogue
+// runs under the other's mainloop.
+// - No ordering barrier: the producer fills the one ring in tile order, so a warpgroup's first
+//   stage lands only as the other frees the stages of its tile; their mainloops overlap by at
+//   most the ring's depth, and the epilogues fall in the other's mainloop.
+// - The i-th tile of the CTA starts at stage sequence number i * k_blocks (every tile of a launch
+//   has k_blocks stages), which gives a warpgroup its stage and phase without counting the other's.
+// - A stage is released by the 4 warps of its owner; the tile queue's entries alternate between
+//   the warpgroups (kTileSlots is even: a slot always serves the same one), and the producer
+//   publishes the end twice, once for each.
+// - Measured on an H200 (bench/NOTES.md v16): 2-9% faster than the cooperative 128-wide kernel
+//   on every shape timed, but no faster than the 256-wide one (qwen3's FC1 and FC2 alike, gpt-oss
+//   FC1 5% slower; in the layer forced everywhere, mixtral and deepseek-v3 at 2048-8192 tokens up
+//   to 9% slower): a 128-wide tile reads more from L2 per product, which costs what the hidden
+//   epilogue saves. So the pick takes it where it would take the narrow kernel.
+// - A half tile (at most 64 rows, "Half tiles") is the top product alone.
+template <class Cfg, bool kHalf>
+__device__ __forceinline__ void consume_pingpong(float (&acc)[Cfg::kBlockN], const uint8_t* smem_a,
+                                                 const uint8_t* smem_b, uint64_t* full,
+                                                 uint64_t* empty, int k_blocks, int lane,
+                                                 int stage, uint32_t phase) {
+  constexpr int BM = Cfg::kBlockM, BN = Cfg::kBlockN, BK = Cfg::kBlockK;
+  float(&top)[BN / 2] = *reinterpret_cast<float(*)[BN / 2]>(&acc[0]);
+  float(&bottom)[BN / 2] = *reinterpret_cast<float(*)[BN / 2]>(&acc[BN / 2]);
+  bf16_kblock_loop<Cfg, kHalf ? BN / 2 : BN>(
+      acc, smem_a, smem_b, full, empty, k_blocks, lane, stage, phase,
+      [&](uint32_t a_addr, uint32_t b_addr, int kb) {
 #pragma unroll
-      for (int kk = 0; kk < BK / 16; ++kk) {
-        // k16 step = 32 bytes along the swizzled 128-byte row.
-        ptx::wgmma_m64k16_bf16<BN>(acc, ptx::wgmma_desc_sw128(a_addr + kk * 32),
-                                   ptx::wgmma_desc_sw128(b_addr + kk * 32), (kb | kk) != 0);
-      }
+        for (int kk = 0; kk < BK / 16; ++kk) {
+          const int accumulate = (kb | kk) != 0;
+          const uint64_t b_desc = ptx::wgmma_desc_sw128(b_addr + kk * 32);
+          ptx::wgmma_m64k16_bf16<BN>(top, ptx::wgmma_desc_sw128(a_addr + kk * 32), b_desc,
+                                     accumulate);
+          if constexpr (!kHalf)
+            ptx::wgmma_m64k16_bf16<BN>(
+                bottom, ptx::wgmma_desc_sw128(a_addr + (BM / 2) * 128 + kk * 32), b_desc,
+                accumulate);
+        }
+      });
+}
+
+// The tile loop of a ping-pong consumer warpgroup `wg` (0 or 1): its mainloop and epilogue per
+// tile, as the cooperative loop in grouped_mm_sm90_kernel does for its half.
+template <class Cfg, int kEpi, int kAct>
+__device__ __forceinline__ void consume_tiles_pingpong(const Sm90Params& p, TileQueue* queue,
+                                                       const int* s_prefix, const int* s_start,
+                                                       const int* s_end, int total_tiles,
+                                                       const uint8_t* smem_a, const uint8_t* smem_b,
+                                                       uint64_t* full, uint64_t* empty,
+                                                       float* s_bias, int wg, int wg_tid) {
+  constexpr int BM = Cfg::kBlockM, BN = Cfg::kBlockN, S = Cfg::kStages;
+  constexpr int kTileCols = epilogue_gated(kEpi) ? BN / 2 : BN;
+  const int warp = wg_tid / 32, lane = wg_tid & 31;
+  float acc[BN];
+  float(&top)[BN / 2] = *reinterpret_cast<float(*)[BN / 2]>(&acc[0]);
+  float(&bottom)[BN / 2] = *reinterpret_cast<float(*)[BN / 2]>(&acc[BN / 2]);
+  int tile_parity = 0;
+  for (int i = wg;; i += 2) {
+    const int t = queue->take(i);
+    if (t >= total_tiles) break;
+    const TileCoord tc =
+        decode_tile<Cfg, kTileCols>(t, s_prefix, s_start, s_end, p.groups, p.n_tiles);
+    const bool half_tile = p.half_tiles != kHalfTilesNone && tc.row_end - tc.m0 <= BM / 2 &&
+                           (p.half_tiles == kHalfTilesAll || tc.m0 == s_start[tc.group]);
+    float bias_pre[BN / 128];
+    if constexpr (kEpi != kEpiStore) {
+#pragma unroll
+      for (int u = 0; u < BN / 128; ++u)
+        bias_pre[u] = act_tile_bias<BN, kEpi, Cfg::kHalvesRun>(p, tc, wg_tid + 128 * u);
     }
-    ptx::wgmma_commit();
+    // Rows of the lane's stored segments in the top and bottom 64 rows, looked up before the
+    // mainloop (latency hidden under it).
+    EpilogueRow er_top, er_bottom;
+    er_top.q = er_bottom.q = lane & 3;
+    const int row = tc.m0 + warp * 16 + (lane >> 2) + 8 * (er_top.q >> 1);
+    er_top.row_ok = tile_row_stored(p, tc, row);
+    er_bottom.row_ok = !half_tile && tile_row_stored(p, tc, row + BM / 2);
+    const int64_t seq = int64_t(i) * p.k_blocks;  // the tile's first stage in the ring's order
+    const int stage = int(seq % S);
+    const uint32_t phase = uint32_t(seq / S) & 1u;
+    if (!half_tile)
+      consume_pingpong<Cfg, false>(acc, smem_a, smem_b, full, empty, p.k_blocks, lane, stage, phase);
+    else
+      consume_pingpong<Cfg, true>(acc, smem_a, smem_b, full, empty, p.k_blocks, lane, stage, phase);
+
+    er_top.c_row = p.c + int64_t(row) * p.n;
+    er_bottom.c_row = p.c + int64_t(row + BM / 2) * p.n;
+    if constexpr (kEpi == kEpiStore) {
+      epilogue_store<BN>(top, p, tc, er_top);
+      if (!half_tile) epilogue_store<BN>(bottom, p, tc, er_bottom);
+    } else {
+      float* tile_bias = s_bias + tile_parity * BN;  // last read two tiles ago, as in the kernel
+      tile_parity ^= 1;
 #pragma unroll
-    for (int i = 0; i < BN / 2; ++i) ptx::wgmma_fence_operand(acc[i]);
-    // The group of the previous k-block is now complete: its stage can be refilled.
-    ptx::wgmma_wait<1>();
-    if (kb > 0 && lane == 0) ptx::mbar_arrive(&empty[prev_stage]);
-    prev_stage = stage;
-    ptx::next_stage<S>(stage, phase);
+      for (int u = 0; u < BN / 128; ++u) tile_bias[wg_tid + 128 * u] = bias_pre[u];
+      warpgroup_bar_sync(1 + wg, 128);
+      epilogue_act<BN, kEpi, kAct, Cfg::kHalvesRun>(top, p, tc, er_top, tile_bias, lane);
+      if (!half_tile)
+        epilogue_act<BN, kEpi, kAct, Cfg::kHalvesRun>(bottom, p, tc, er_bottom, tile_bias, lane);
+    }
   }
-  ptx::wgmma_wait<0>();
-#pragma unroll
-  for (int i = 0; i < BN / 2; ++i) ptx::wgmma_fence_operand(acc[i]);
-  if (lane == 0) ptx::mbar_arrive(&empty[prev_stage]);
 }
 
 // ---- Producers ---------------------------------------------------------------------------------
@@ -666,7 +799,11 @@ __device__ __forceinline__ void produce_tma(const Sm90Params& p, const TileTable
   for (int i = 0;; ++i) {
     const int t = TileQueue::draw(p.tile_counter, i);
     tt.queue->put(i, min(t, tt.total_tiles));
-    if (t >= tt.total_tiles) break;
+    if (t >= tt.total_tiles) {
+      // Ping-pong: the entries alternate between the warpgroups, so each needs its own end.
+      if constexpr (Cfg::kPingPong) tt.queue->put(i + 1, tt.total_tiles);
+      break;
+    }
     const TileCoord tc =
         decode_tile<Cfg, kTileCols>(t, tt.prefix, tt.start, tt.end, tt.groups, p.n_tiles);
     const int b_row = tile_b_row<kEpi>(p, tc);
@@ -1101,9 +1238,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     for (int s = 0; s < S; ++s) {
       // bf16: the producer's arrive_expect_tx; MXFP8: every producer thread after its stores.
       ptx::mbar_init(&full[s], Cfg::kMx || Cfg::kFp8 ? 128 : 1);
-      ptx::mbar_init(&empty[s], 8);  // one arrival per consumer warp
+      ptx::mbar_init(&empty[s], Cfg::kStageReaders);  // one arrival per consumer warp
     }
-    queue->init(8);  // read by the consumer warps
+    queue->init(Cfg::kStageReaders);  // read by the consumer warps
     ptx::mbar_fence_init();
   }
   if (!Cfg::kMx && tid == 32) {  // bf16 and fp8 operands come by TMA
@@ -1128,6 +1265,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   } else {
     // ---- consumer warpgroups ----
     set_warpgroup_regs<Cfg::kConsumerRegs>();
+    if constexpr (Cfg::kPingPong) {
+      const int wg = tid / 128 - 1;
+      consume_tiles_pingpong<Cfg, kEpi, kAct>(
+          p, queue, s_prefix, s_start, s_end, total_tiles, smem_a, smem_b, full, empty,
+          reinterpret_cast<float*>(smem + Cfg::kBiasOffset) + wg * 2 * BN, wg, tid & 127);
+      return;
+    }
     const int half = tid / 128 - 1;  // which 64-row half of the tile
     const int warp = (tid / 32) & 3;
     const int lane = tid & 31;
@@ -1890,7 +2034,9 @@ bool grouped_mm_sm90_supported(const fmoe_grouped_mm_args& a) {
   return true;
 }
 
-int grouped_mm_sm90_pick_block_n(const fmoe_grouped_mm_args& a, int num_sms) {
+namespace {
+// The cooperative tile width for the shape (256 or 128).
+int cooperative_block_n(const fmoe_grouped_mm_args& a, int num_sms) {
   // Too few wide tiles to give every SM one (rows is the static capacity: an upper bound of the
   // real count, so this errs toward wide): narrow tiles double the parallelism.
   const int64_t wide_tiles = ((a.rows + 127) / 128) * ((a.n + 255) / 256);
@@ -1901,12 +2047,36 @@ int grouped_mm_sm90_pick_block_n(const fmoe_grouped_mm_args& a, int num_sms) {
   if ((waste_wide - waste_narrow) * 32 > a.n) return 128;
   return 256;
 }
+}  // namespace
+
+int grouped_mm_sm90_pick_block_n(const fmoe_grouped_mm_args& a, int num_sms) {
+  // FMOE_SM90_TILE=wide|narrow|pingpong forces a kernel; FMOE_SM90_PINGPONG=0 keeps the
+  // cooperative narrow kernel where ping-pong tiles replace it. For comparisons.
+  static const int forced = [] {
+    const char* e = std::getenv("FMOE_SM90_TILE");
+    if (e == nullptr) return 0;
+    if (std::strcmp(e, "wide") == 0) return 256;
+    if (std::strcmp(e, "narrow") == 0) return 128;
+    return std::strcmp(e, "pingpong") == 0 ? kSm90PingPong : 0;
+  }();
+  static const bool pingpong = [] {
+    const char* e = std::getenv("FMOE_SM90_PINGPONG");
+    return e == nullptr || std::strcmp(e, "0") != 0;
+  }();
+  if (forced != 0) return forced;
+  // 128-wide tiles run faster one per warpgroup than shared by both (H200, bench/NOTES.md v16:
+  // 2-9% per launch); 256-wide cooperative tiles stay where they are picked (faster again).
+  const int block_n = cooperative_block_n(a, num_sms);
+  return block_n == 128 && pingpong ? kSm90PingPong : block_n;
+}
 
 cudaError_t grouped_mm_sm90_bf16_block_n(const fmoe_grouped_mm_args& a, int num_sms, int block_n,
                                          cudaStream_t stream, int32_t* tile_counter) {
   const ActEpilogue none{};
   if (block_n == 256) return launch<Sm90Wide, kEpiStore>(a, none, num_sms, stream, tile_counter);
   if (block_n == 128) return launch<Sm90Narrow, kEpiStore>(a, none, num_sms, stream, tile_counter);
+  if (block_n == kSm90PingPong)
+    return launch<Sm90PingPong, kEpiStore>(a, none, num_sms, stream, tile_counter);
   return cudaErrorInvalidValue;
 }
 
@@ -1932,6 +2102,8 @@ cudaError_t grouped_mm_sm90_bf16_act_block_n(const fmoe_grouped_mm_args& a, cons
                                              int32_t* tile_counter) {
   if (block_n == 256) return launch_act<Sm90Wide>(a, act, num_sms, stream, tile_counter);
   if (block_n == 128) return launch_act<Sm90Narrow>(a, act, num_sms, stream, tile_counter);
+  if (block_n == kSm90PingPong)
+    return launch_act<Sm90PingPong>(a, act, num_sms, stream, tile_counter);
   return cudaErrorInvalidValue;
 }
 
@@ -1964,7 +2136,9 @@ int grouped_mm_sm90_mxfp8_pick(const fmoe_grouped_mm_args& a, int num_sms) {
     const char* e = std::getenv("FMOE_MX_GEMM");
     return e != nullptr && std::strcmp(e, "dequant") == 0;
   }();
-  return dequant ? grouped_mm_sm90_pick_block_n(a, num_sms) : kSm90MxFp8Wgmma;
+  if (!dequant) return kSm90MxFp8Wgmma;
+  const int bf16_pick = grouped_mm_sm90_pick_block_n(a, num_sms);
+  return bf16_pick == kSm90PingPong ? 128 : bf16_pick;  // no ping-pong MXFP8 kernel
 }
 
 cudaError_t grouped_mm_sm90_mxfp8(const fmoe_grouped_mm_args& a, int num_sms,

@@ -25,12 +25,16 @@ bool grouped_mm_sm90_supported(const fmoe_grouped_mm_args& a);
 cudaError_t grouped_mm_sm90_bf16(const fmoe_grouped_mm_args& a, int num_sms, cudaStream_t stream,
                                  int32_t* tile_counter = nullptr);
 
-// The same with the tile width forced (block_n = 128 or 256): for tests and benchmarks that
-// exercise both configurations. grouped_mm_sm90_bf16 picks it from the shape.
+// The same with the kernel forced: block_n = 256 or 128 (128 x block_n tiles shared by the two
+// consumer warpgroups), or kSm90PingPong (128 x 128 tiles, one per consumer warpgroup, so that
+// one's epilogue runs under the other's mainloop); for tests and benchmarks that exercise each.
+// grouped_mm_sm90_bf16 picks it from the shape.
 cudaError_t grouped_mm_sm90_bf16_block_n(const fmoe_grouped_mm_args& a, int num_sms, int block_n,
                                          cudaStream_t stream, int32_t* tile_counter = nullptr);
 
-// The tile width grouped_mm_sm90_bf16 would pick (128 or 256).
+constexpr int kSm90PingPong = 1;
+
+// The kernel grouped_mm_sm90_bf16 would pick (256, 128 or kSm90PingPong).
 int grouped_mm_sm90_pick_block_n(const fmoe_grouped_mm_args& a, int num_sms);
 
 // ---- FC1 with the activation fused into the epilogue ------------------------------------------
@@ -62,7 +66,7 @@ cudaError_t grouped_mm_sm90_bf16_act(const fmoe_grouped_mm_args& a, const ActEpi
                                      int num_sms, cudaStream_t stream,
                                      int32_t* tile_counter = nullptr);
 
-// The same with the tile width forced (128 or 256), for tests and benchmarks.
+// The same with the kernel forced (as grouped_mm_sm90_bf16_block_n), for tests and benchmarks.
 cudaError_t grouped_mm_sm90_bf16_act_block_n(const fmoe_grouped_mm_args& a, const ActEpilogue& act,
                                              int num_sms, int block_n, cudaStream_t stream,
                                              int32_t* tile_counter = nullptr);
