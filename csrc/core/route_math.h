@@ -1,6 +1,8 @@
 // fmoe_route on one token (fmoe.h, "Op: route"), in the order of operations every backend
-// follows. Header-only and FMOE_HD: the host backend runs it per token on its threads, the CUDA
-// kernel per token on a thread. Scores are recomputed where they are compared, so no array of
+// follows. Header-only and FMOE_HD: the host backend runs route_token per token on its threads;
+// the CUDA warp kernel (cuda/route.cu) shares out its loops over a warp but calls the pieces
+// (route_before, route_choice, route_group_value, route_score), and its comparison kernel runs
+// route_token per thread. Scores are recomputed where they are compared, so no array of
 // num_experts values is kept per token (a device thread would hold it in local memory).
 #pragma once
 

@@ -560,6 +560,14 @@ __device__ __forceinline__ void set_warpgroup_regs() {
 // halves_b_row: its gate then its up columns, the layout of an m64n(BN/2) tile). v7 took the
 // halves layout's gate and up rows as two m64n(BN/4) products into parts of the accumulators;
 // ptxas then serialised every wgmma of those kernels (C7511, "insufficient register resources").
+// Whether tile tc runs as a half tile under p.half_tiles (start: the groups' first rows).
+template <class Cfg>
+__device__ __forceinline__ bool is_half_tile(const Sm90Params& p, const TileCoord& tc,
+                                             const int* start) {
+  return p.half_tiles != kHalfTilesNone && tc.row_end - tc.m0 <= Cfg::kBlockM / 2 &&
+         (p.half_tiles == kHalfTilesAll || tc.m0 == start[tc.group]);
+}
+
 template <int BN, int BK>
 __device__ __forceinline__ void mma_half_tile(float (&acc)[BN / 2], uint32_t a_addr,
                                               uint32_t b_addr, int h, int kb) {
@@ -701,8 +709,7 @@ __device__ __forceinline__ void consume_tiles_pingpong(const Sm90Params& p, Tile
     if (t >= total_tiles) break;
     const TileCoord tc =
         decode_tile<Cfg, kTileCols>(t, s_prefix, s_start, s_end, p.groups, p.n_tiles);
-    const bool half_tile = p.half_tiles != kHalfTilesNone && tc.row_end - tc.m0 <= BM / 2 &&
-                           (p.half_tiles == kHalfTilesAll || tc.m0 == s_start[tc.group]);
+    const bool half_tile = is_half_tile<Cfg>(p, tc, s_start);
     float bias_pre[BN / 128];
     if constexpr (kEpi != kEpiStore) {
 #pragma unroll
@@ -1291,9 +1298,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       // warpgroups take the same 64 A rows, each against half of the B tile. bf16 operands only
       // (the dequantizing MXFP8 kernel, kept for comparisons, would spill at its 168 registers).
       constexpr bool kHalfTiles = Cfg::kOperands == kOpBf16;
-      const bool half_tile = kHalfTiles && p.half_tiles != kHalfTilesNone &&
-                             tc.row_end - tc.m0 <= BM / 2 &&
-                             (p.half_tiles == kHalfTilesAll || tc.m0 == s_start[tc.group]);
+      const bool half_tile = kHalfTiles && is_half_tile<Cfg>(p, tc, s_start);
       // What this warpgroup computes of a half tile: BN / 2 accumulator columns, its output
       // columns starting half * kTileCols / 2 into the tile's.
       TileCoord sub = tc;
