@@ -269,8 +269,8 @@ __attribute__((target("avx512f"))) void wide_block_avx512(const Block& bk, int64
 }
 #endif
 
-// The widest vectors this CPU runs, capped by FMOE_HOST_SIMD (sse | avx2).
-int wide_floats() {
+// The widest vectors this CPU runs, capped by FMOE_HOST_SIMD (sse | avx2); probed once.
+int probe_wide_floats() {
   int w = 4;
 #if defined(__x86_64__)
   __builtin_cpu_init();
@@ -282,6 +282,11 @@ int wide_floats() {
     else if (std::strcmp(cap, "avx2") == 0) w = std::min(w, 8);
   }
   return w;
+}
+
+int wide_floats() {
+  static const int width = probe_wide_floats();
+  return width;
 }
 
 }  // namespace
