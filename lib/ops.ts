@@ -163,8 +163,10 @@ export interface PermuteOptions {
   quantize?: boolean;
   /** i32 scalar (in/out), incremented by the number of slots with an id outside [0, numExperts). */
   invalidCount?: DeviceScalar;
-  /** Preallocated outputs (required under graph capture); the others are allocated. */
-  out?: Partial<PermuteOutputs>;
+  /** Preallocated outputs (required under graph capture); the others are allocated. An earlier
+   *  call's result may be passed as it is: its nUsed and maxRows are not buffers but follow from
+   *  expertOffsets and the shapes, and are checked against this call. */
+  out?: Partial<PermuteResult>;
   stream?: Stream;
 }
 
@@ -186,8 +188,9 @@ const PERMUTE_OPTIONS = optionNames<PermuteOptions>({
   hidden: true, routingMap: true, probs: true, numExperts: true, localExpertStart: true, numLocalExperts: true,
   alignment: true, quantize: true, invalidCount: true, out: true, stream: true,
 });
-const PERMUTE_OUTPUTS = optionNames<PermuteOutputs>({
+const PERMUTE_OUTPUTS = optionNames<PermuteResult>({
   permuted: true, permutedQ: true, permutedScale: true, expertOffsets: true, permutationMap: true, inverseMap: true,
+  nUsed: true, maxRows: true,
 });
 
 export function permute(ctx: Context, o: PermuteOptions): PermuteResult {
@@ -210,6 +213,16 @@ export function permute(ctx: Context, o: PermuteOptions): PermuteResult {
   const invalid = scalarPtr(fn, "invalidCount", o.invalidCount);
   const rows = maxRows(T, topk, eLocal, alignment);
   const given = o.out ?? {};
+  // An earlier result's derived fields: maxRows must be this call's capacity, and nUsed the view
+  // of the expertOffsets passed with it (a lone nUsed would not be where the count is written).
+  if (given.maxRows !== undefined && given.maxRows !== rows) {
+    fail(fn, `out.maxRows (${given.maxRows}) is not this call's row capacity (${rows}: T ${T}, topk ${topk}, ${eLocal} local experts, alignment ${alignment})`);
+  }
+  given.nUsed?.assertAlive(`${fn}: out.nUsed`);
+  given.expertOffsets?.assertAlive(`${fn}: out.expertOffsets`);
+  if (given.nUsed !== undefined && (given.expertOffsets === undefined || given.nUsed.ptr !== given.expertOffsets.ptr + 4 * eLocal)) {
+    fail(fn, "out.nUsed must be the nUsed of the out.expertOffsets passed with it (an earlier result of this call's shape)");
+  }
 
   return withOutputs(ctx, fn, (outs) => {
     const permuted = !quantize || given.permuted !== undefined

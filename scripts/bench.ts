@@ -35,7 +35,7 @@
  * on an H100, 788 on an H200: bf16 8192^3 products measured elsewhere). Both are printed with
  * their source.
  */
-import { parseArgs } from "node:util";
+import { parseArgs, type ParseArgsConfig } from "node:util";
 import { writeFileSync } from "node:fs";
 import { BENCH_CASES, BENCH_TOKENS, type BenchCase } from "../lib/cases.ts";
 import {
@@ -45,7 +45,7 @@ import { f32ToBf16 } from "../lib/dtype.ts";
 import { randomRouting, Rng } from "../lib/random.ts";
 import { type BenchRun, compareRuns, formatComparison, geomean, markdownTable, readBenchRun, runLabel } from "./bench-compare.ts";
 
-const { values } = parseArgs({
+const { values } = parseFlags({
   options: {
     cases: { type: "string" },
     tokens: { type: "string" },
@@ -58,18 +58,29 @@ const { values } = parseArgs({
     compare: { type: "string" },
     timing: { type: "string", default: "back-to-back" },
   },
-});
+} as const);
+
+// parseArgs, its errors (an unknown flag, a flag without its value) as a message and exit status 2.
+function parseFlags<T extends ParseArgsConfig>(config: T): ReturnType<typeof parseArgs<T>> {
+  try {
+    return parseArgs(config);
+  } catch (e) {
+    fail((e as Error).message);
+  }
+}
 
 const dtype = values.dtype === "mxfp8" ? "mxfp8" : "bf16";
 if (values.dtype !== "bf16" && values.dtype !== "mxfp8") fail(`--dtype must be bf16 or mxfp8`);
 if (values.timing !== "back-to-back" && values.timing !== "isolated") fail(`--timing must be back-to-back or isolated`);
+if (values.backend !== "cuda" && values.backend !== "host") fail(`--backend must be cuda or host`);
 const backToBack = values.timing === "back-to-back";
-const iters = Math.max(50, Number(values.iters));
-const numSets = Math.max(1, Number(values.sets));
+const iters = Math.max(50, positiveInt("--iters", values.iters!));
+const numSets = positiveInt("--sets", values.sets!);
 const cases = values.cases
-  ? values.cases.split(",").map((name) => BENCH_CASES.find((c) => c.name === name) ?? fail(`unknown case ${name}`))
+  ? values.cases.split(",").map((name) => BENCH_CASES.find((c) => c.name === name) ?? fail(`unknown case ${name} (cases: ${BENCH_CASES.map((c) => c.name).join(", ")})`))
   : BENCH_CASES;
-const tokens = values.tokens ? values.tokens.split(",").map(Number) : BENCH_TOKENS;
+const tokens = values.tokens ? values.tokens.split(",").map((t) => positiveInt("--tokens", t)) : BENCH_TOKENS;
+if (values.breakdown && dtype === "mxfp8") console.log("bench: --breakdown times the bf16 steps only; not with --dtype mxfp8");
 // Read before the run, so that a bad file fails in a second rather than after the benchmark.
 const previousRun = values.compare !== undefined ? readPrevious(values.compare) : undefined;
 
@@ -84,6 +95,12 @@ function readPrevious(path: string): BenchRun {
 function fail(msg: string): never {
   console.error(`bench: ${msg}`);
   process.exit(2);
+}
+
+function positiveInt(flag: string, text: string): number {
+  const n = Number(text);
+  if (text.trim() === "" || !Number.isSafeInteger(n) || n < 1) fail(`${flag}: "${text}" is not a positive integer`);
+  return n;
 }
 
 const backend = values.backend === "host" ? "host" : "cuda";

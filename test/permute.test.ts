@@ -3,7 +3,7 @@
 // an f32 product rounded once when probs are applied) and their MXFP8 copy. Only real rows of the
 // permuted buffers are compared: padding rows and rows >= n_used are unspecified.
 import { describe, expect } from "bun:test";
-import { maxRows, maxRowsFor, permute, reference as R, type Rng } from "../lib/index.ts";
+import { maxRows, maxRowsFor, permute, reference as R, type Rng, Status } from "../lib/index.ts";
 import {
   expectBitExact,
   expectNonZero,
@@ -13,6 +13,7 @@ import {
   randBf16,
   realRows,
   type RoutingPattern,
+  expectFmoe,
   seededTest,
   suiteContext,
 } from "./helpers.ts";
@@ -166,6 +167,40 @@ describe("permute (host backend vs reference)", () => {
       expect(res.nUsed.download()[0]).toBe(res.expertOffsets.download()[E]!);
     } finally {
       for (const t of [res.permutedQ, res.permutedScale, res.expertOffsets, res.permutationMap, res.inverseMap]) t?.dispose();
+    }
+  });
+
+  seededTest("an earlier result passed back as out: its buffers rewritten for new routing", (rng) => {
+    const x = ctx();
+    const T = 9, H = 64, E = 5, topk = 2;
+    const first = makeRouting(rng, T, E, topk);
+    const hidden = randBf16(rng, T * H);
+    using hT = x.upload(hidden, [T, H], "bf16");
+    using r1 = x.upload(first.routingMap, [T, topk]);
+    const res = permute(x, { hidden: hT, routingMap: r1, numExperts: E, alignment: 4 });
+    try {
+      const second = makeRouting(rng, T, E, topk, "skewed");
+      using r2 = x.upload(second.routingMap, [T, topk]);
+      const again = permute(x, { hidden: hT, routingMap: r2, numExperts: E, alignment: 4, out: res });
+      for (const k of ["permuted", "expertOffsets", "permutationMap", "inverseMap", "nUsed"] as const) {
+        expect(again[k]!.ptr).toBe(res[k]!.ptr);
+      }
+      const ref = R.permute({ hidden, numTokens: T, hiddenSize: H, routingMap: second.routingMap, topk, numExperts: E, alignment: 4 });
+      expectBitExact(res.expertOffsets.download(), ref.expertOffsets, "expertOffsets");
+      expectBitExact(res.permutationMap.download(), ref.permutationMap, "permutationMap");
+      expectBitExact(res.inverseMap.download(), ref.inverseMap, "inverseMap");
+      expect(again.nUsed.download()[0]).toBe(ref.nUsed);
+      const real = realRows(ref.permutationMap, ref.nUsed);
+      expectBitExact(pickRows(res.permuted!.download(), H, real), pickRows(ref.permuted, H, real), "permuted (real rows)");
+
+      // Its derived fields must fit this call: another capacity, or an nUsed of other offsets.
+      expectFmoe(() => permute(x, { hidden: hT, routingMap: r2, numExperts: E, alignment: 8, out: res }), Status.INVALID_ARGUMENT, "out.maxRows");
+      using other = x.empty([E + 1], "i32");
+      expectFmoe(() => permute(x, { hidden: hT, routingMap: r2, numExperts: E, alignment: 4, out: { ...res, expertOffsets: other } }), Status.INVALID_ARGUMENT, "out.nUsed");
+      expectFmoe(() => permute(x, { hidden: hT, routingMap: r2, numExperts: E, alignment: 4, out: { nUsed: res.nUsed } }), Status.INVALID_ARGUMENT, "out.nUsed");
+      expectFmoe(() => permute(x, { hidden: hT, routingMap: r2, numExperts: E, alignment: 4, out: { ...res, count: 1 } as never }), Status.INVALID_ARGUMENT, "count");
+    } finally {
+      for (const t of [res.permuted, res.expertOffsets, res.permutationMap, res.inverseMap]) t?.dispose();
     }
   });
 });
