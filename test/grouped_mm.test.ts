@@ -5,7 +5,7 @@
 // group with bad offsets and rows whose row map is -1 must keep their 0xFF poison.
 import { describe, expect } from "bun:test";
 import { join } from "node:path";
-import { groupedMmBf16, groupedMmMxfp8, reference as R, type Rng, TOLERANCE } from "../lib/index.ts";
+import { bf16ToF32, f32ToBf16, groupedMmBf16, groupedMmMxfp8, quantizeMxfp8, reference as R, type Rng, TOLERANCE } from "../lib/index.ts";
 import {
   expectClose,
   expectNoNaNBf16,
@@ -161,6 +161,80 @@ describe("grouped GEMM (host backend vs reference)", () => {
     expect(await run("avx2")).toBe(widest);
     expect(await run("sse")).toBe(widest);
   }, 30_000);
+
+  seededTest("a row's bits do not depend on its group's size (b read in place up to 8 rows, widened above)", (rng) => {
+    // The same 5 rows of a, alone in their group and then among 12, against the same b: the two
+    // paths must add the same products in the same order, bit for bit (NaN for NaN). bf16 and
+    // MXFP8 (whose in-place path decodes chunks of e4m3); extreme and NaN scales and e4m3 NaN /
+    // subnormal codes in b.
+    const x = ctx();
+    const [n, k, few, many] = [37, 96, 5, 12];
+    const a = rng.f32Normal(many * k);
+    using aT = x.upload(a, [many, k], "bf16");
+    using bT = x.upload(rng.f32Normal(2 * n * k, 0.1), [2, n, k], "bf16");
+    using fewOffsets = x.upload(new Int32Array([0, few, few]));
+    using manyOffsets = x.upload(new Int32Array([0, many, many]));
+    const qa = quantizeMxfp8(x, aT), qb = quantizeMxfp8(x, bT.reshape([2 * n, k]));
+    using qaData = qa.data, qaScale = qa.scale, qbData = qb.data, qbScale = qb.scale;
+    // Codes the quantizer never writes, still inputs the op must take: e4m3 NaN (0x7F, 0xFF) and
+    // subnormals in b, scales 2^-127, 2^127 and NaN.
+    const data = qbData.download(), scale = qbScale.download();
+    for (let i = 0; i < 40; ++i) data[rng.int(data.length)] = [0x7f, 0xff, 0x01, 0x86][i % 4]!;
+    for (let i = 0; i < 12; ++i) scale[rng.int(scale.length)] = [0x00, 0xfe, 0xff, 0x7f][i % 4]!;
+    using bq = x.upload(data, [2, n, k], "e4m3");
+    using bs = x.upload(scale, [2, n, k / 32], "e8m0");
+    for (const mx of [false, true]) {
+      const run = (offsets: typeof fewOffsets): Uint16Array => {
+        using out = x.zeros([many, n], "bf16");
+        if (mx) groupedMmMxfp8(x, { a: qaData, aScale: qaScale, b: bq, bScale: bs, groupOffsets: offsets, out });
+        else groupedMmBf16(x, { a: aT, b: bT, groupOffsets: offsets, out });
+        return out.download().slice(0, few * n);
+      };
+      const alone = run(fewOffsets), among = run(manyOffsets);
+      expectNonZero(alone, mx ? "MXFP8 rows" : "bf16 rows");
+      // NaN outputs (from the NaN codes and scales) are NaN on both paths; their sign is not
+      // specified (which NaN an x86 add keeps depends on its operands' order).
+      const isNaN16 = (h: number): boolean => (h & 0x7fff) > 0x7f80;
+      for (let i = 0; i < alone.length; ++i) {
+        if (alone[i] !== among[i] && !(isNaN16(alone[i]!) && isNaN16(among[i]!))) {
+          throw new Error(`${mx ? "MXFP8" : "bf16"} output ${i}: 0x${alone[i]!.toString(16)} alone, 0x${among[i]!.toString(16)} among ${many} rows`);
+        }
+      }
+    }
+  });
+
+  seededTest("MXFP8 dequantization of every e4m3 code under extreme and NaN scales, on both paths", () => {
+    // b's row c holds code c at k = 0 (zeros elsewhere), under one scale for all rows; a's rows
+    // are 1.0 at k = 0: each output is bf16(dequantize(c, scale)), compared by value with the
+    // reference's dequantization (NaN for NaN; +-0 alike: the sum adds +0 lanes to it). One row
+    // per group reads b in place, twelve widen it.
+    const x = ctx();
+    const [n, k] = [256, 32];
+    const codes = new Uint8Array(n * k);
+    for (let c = 0; c < n; ++c) codes[c * k] = c;
+    using bq = x.upload(codes, [1, n, k], "e4m3");
+    for (const rows of [1, 12]) {
+      const ones = new Uint8Array(rows * k);
+      for (let r = 0; r < rows; ++r) ones[r * k] = 0x38; // 1.0
+      using aq = x.upload(ones, [rows, k], "e4m3");
+      using as = x.upload(new Uint8Array(rows).fill(127), [rows, 1], "e8m0");
+      using offsets = x.upload(new Int32Array([0, rows]));
+      for (const sb of [0x00, 0x01, 0x40, 0x7f, 0x86, 0x87, 0xf0, 0xfe, 0xff]) {
+        using bs = x.upload(new Uint8Array(n).fill(sb), [1, n, 1], "e8m0");
+        using out = groupedMmMxfp8(x, { a: aq, aScale: as, b: bq, bScale: bs, groupOffsets: offsets });
+        const got = out.download();
+        const want = R.dequantizeMxfp8(codes, new Uint8Array(n).fill(sb), n, k);
+        for (let r = 0; r < rows; ++r) {
+          for (let c = 0; c < n; ++c) {
+            const g = bf16ToF32(got[r * n + c]!), w = bf16ToF32(f32ToBf16(want[c * k]!));
+            if (!(g === w || (Number.isNaN(g) && Number.isNaN(w)))) {
+              throw new Error(`rows ${rows}, scale 0x${sb.toString(16)}, code 0x${c.toString(16)}: got ${g}, want ${w}`);
+            }
+          }
+        }
+      }
+    }
+  });
 
   seededTest("allocated output is [rows, n] bf16", (rng) => {
     const x = ctx();

@@ -7,14 +7,17 @@
 // over k. Every sum has one order, whatever the machine: lane j of an output's four accumulates
 // a[k] * b[k] for k = j mod 4 in increasing k, then (l0 + l1) + (l2 + l3). So the inner loop is a
 // stream of vector multiply-adds (GCC vector extensions) without -ffast-math reassociating it, and
-// results are bit for bit the same on every path and instruction set.
-// - For a few rows per group (decode), bf16 rows of b are widened in registers as they are read
-//   (one unpack), 4-wide: b's bytes are then read once, where a widened f32 copy would write and
-//   read twice as many again.
-// - Groups of more rows, and MXFP8 (a decode per byte), widen the block's rows of b once, laid out
-//   so that one vector load brings the same four k of W/4 columns: 4-wide on baseline x86-64 and
-//   arm64, 8-wide with AVX2, 16-wide with AVX-512 (chosen at run time; FMOE_HOST_SIMD=sse|avx2
-//   caps it, for comparisons).
+// results are bit for bit the same on every path and instruction set (a NaN result is NaN, of
+// either sign: which NaN an add keeps follows its operands' order, which the compiler chooses).
+// - For a few rows per group (decode), b's bytes are read once: bf16 rows are widened in registers
+//   as they are loaded (one unpack per four values), e4m3 rows kMxChunk values at a time into a
+//   small buffer that stays in L1 (dot_tile_mx), where a widened f32 copy of the block would write
+//   and read two (bf16) or four (e4m3) times as many bytes again.
+// - Groups of more rows widen the block's rows of b once, laid out so that one vector load brings
+//   the same four k of W/4 columns: 4-wide on baseline x86-64 and arm64, 8-wide with AVX2, 16-wide
+//   with AVX-512 (chosen at run time; FMOE_HOST_SIMD=sse|avx2 caps it, for comparisons).
+// - MXFP8 values are dequantized as numerics.h's mx_dequantize does, e4m3 value times 2^s in one
+//   f32 product (mx_dequantize_run), so every path sees the same floats.
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -57,11 +60,82 @@ inline v4f load4_bf16(const uint16_t* p) {
 
 inline float hsum(v4f v) { return (v[0] + v[1]) + (v[2] + v[3]); }
 
+// n MXFP8 values (n a multiple of 32) and their n / 32 scales as f32: numerics.h's mx_dequantize,
+// e4m3 value times 2^s in one f32 product, without branches or a table, so that the compiler
+// vectorizes the loop: an e4m3 byte's magnitude bits shifted left by 20 are the f32 bits of
+// value * 2^-120 (exponent bias 7 against 127; e4m3 subnormals land on f32 subnormals, zero on
+// zero), one exact multiply by 2^120 gives the value, and magnitude 0x7F is NaN.
+__attribute__((always_inline)) inline void mx_dequantize_run(const uint8_t* __restrict src,
+                                                             const uint8_t* scale, int64_t n,
+                                                             float* __restrict dst) {
+  for (int64_t b = 0; b < n; b += kMxBlock) {
+    const float s = e8m0_to_f32(scale[b / kMxBlock]);
+    for (int i = 0; i < kMxBlock; ++i) {
+      const uint32_t u = src[b + i], mag = u & 0x7Fu;
+      const uint32_t v = f32_bits(f32_from_bits(((u & 0x80u) << 24) | (mag << 20)) * 0x1p120f);
+      const uint32_t nan = 0u - uint32_t(mag == 0x7Fu);  // all ones where NaN
+      dst[b + i] = f32_from_bits((v & ~nan) | (0x7FC00000u & nan)) * s;
+    }
+  }
+}
+
+// One out-of-line instantiation per instruction set, as for the widened tiles below.
+__attribute__((noinline)) void mx_dequantize_sse(const uint8_t* src, const uint8_t* scale,
+                                                 int64_t n, float* dst) {
+  mx_dequantize_run(src, scale, n, dst);
+}
+#if defined(__x86_64__)
+__attribute__((target("avx2"))) void mx_dequantize_avx2(const uint8_t* src, const uint8_t* scale,
+                                                        int64_t n, float* dst) {
+  mx_dequantize_run(src, scale, n, dst);
+}
+__attribute__((target("avx512f"))) void mx_dequantize_avx512(const uint8_t* src,
+                                                             const uint8_t* scale, int64_t n,
+                                                             float* dst) {
+  mx_dequantize_run(src, scale, n, dst);
+}
+#endif
+
+typedef void (*MxDequantize)(const uint8_t* src, const uint8_t* scale, int64_t n, float* dst);
+
 // Rows of b read in place: bf16, k values each.
 struct Bf16Rows {
   const uint16_t* const* row;
   v4f load(int j, int64_t k) const { return load4_bf16(row[j] + k); }
 };
+
+// Rows of b as f32, each holding k values from k0 on (a chunk of MXFP8 rows dequantized).
+struct F32Rows {
+  const float* const* row;
+  int64_t k0;
+  v4f load(int j, int64_t k) const { return load4(row[j] + (k - k0)); }
+};
+
+// One k step of four: c[i][j] += a[i][k..k+3] * y[j], lane by lane.
+template <int R, int C>
+inline void dot_step(const float* const* a, const v4f (&y)[C], int64_t k, v4f (&c)[R][C]) {
+  for (int i = 0; i < R; ++i) {
+    const v4f x = load4(a[i] + k);
+    for (int j = 0; j < C; ++j) c[i][j] += x * y[j];
+  }
+}
+
+// c[i][j] += the products of k in [k0, k1) (multiples of 4), lane by lane.
+template <int R, int C, class B>
+inline void dot_accumulate(const float* const* a, const B& b, int64_t k0, int64_t k1,
+                           v4f (&c)[R][C]) {
+  for (int64_t k = k0; k < k1; k += 4) {
+    v4f y[C];
+    for (int j = 0; j < C; ++j) y[j] = b.load(j, k);
+    dot_step<R, C>(a, y, k, c);
+  }
+}
+
+template <int R, int C>
+inline void dot_finish(const v4f (&c)[R][C], float* out) {
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < C; ++j) out[i * C + j] = hsum(c[i][j]);
+}
 
 // out[i][j] = dot(a[i], b[j]) for an R x C tile: `b` loads its values 4 at a time below
 // k4 = floor(k/4)*4, and `tail` holds the rest of each b row zero-padded to 4 (k - k4 values); a's
@@ -71,24 +145,33 @@ struct Bf16Rows {
 template <int R, int C, class B>
 inline void dot_tile(const float* const* a, const B& b, int64_t k4, const v4f* tail, float* out) {
   v4f c[R][C] = {};
-  auto step = [&](const v4f (&y)[C], int64_t k) {
-    for (int i = 0; i < R; ++i) {
-      const v4f x = load4(a[i] + k);
-      for (int j = 0; j < C; ++j) c[i][j] += x * y[j];
-    }
-  };
-  for (int64_t k = 0; k < k4; k += 4) {
-    v4f y[C];
-    for (int j = 0; j < C; ++j) y[j] = b.load(j, k);
-    step(y, k);
-  }
+  dot_accumulate<R, C>(a, b, 0, k4, c);
   if (tail != nullptr) {
     v4f y[C];
     for (int j = 0; j < C; ++j) y[j] = tail[j];
-    step(y, k4);
+    dot_step<R, C>(a, y, k4, c);
   }
-  for (int i = 0; i < R; ++i)
-    for (int j = 0; j < C; ++j) out[i * C + j] = hsum(c[i][j]);
+  dot_finish<R, C>(c, out);
+}
+
+// k values of b an MXFP8 tile dequantizes at a time (C rows of them: at most 8 KB on the stack).
+constexpr int64_t kMxChunk = 256;
+
+// The MXFP8 tile: b's rows dequantized kMxChunk values at a time with the widest vectors, each
+// chunk then added as dot_tile adds (the same lanes, the same order).
+template <int R, int C>
+inline void dot_tile_mx(const float* const* a, const uint8_t* const* b, const uint8_t* const* scale,
+                        int64_t k, MxDequantize dequantize, float* out) {
+  v4f c[R][C] = {};
+  alignas(64) float chunk[C][kMxChunk];
+  const float* rows[C];
+  for (int j = 0; j < C; ++j) rows[j] = chunk[j];
+  for (int64_t k0 = 0; k0 < k; k0 += kMxChunk) {
+    const int64_t n = std::min(kMxChunk, k - k0);
+    for (int j = 0; j < C; ++j) dequantize(b[j] + k0, scale[j] + k0 / kMxBlock, n, chunk[j]);
+    dot_accumulate<R, C>(a, F32Rows{rows, k0}, k0, k0 + n, c);
+  }
+  dot_finish<R, C>(c, out);
 }
 
 // The tile shape for R (1..4) rows of a: R x C, C = 8 / R rounded down to a power of two.
@@ -102,6 +185,9 @@ struct Block {
   int64_t n0, n1;
   const float* b_wide;     // the block's rows of b widened and interleaved (wide_b), or null
   const uint16_t* b_bf16;  // bf16: the group's b [n, k]
+  const uint8_t* b_mx;     // MXFP8 read in place: the group's b [n, k] (e4m3), its scales
+  const uint8_t* b_mx_scale;  //   [n, k / 32], and the dequantizer for this CPU's vectors
+  MxDequantize mx_dequantize;
   const v4f* tails;        // bf16 with k % 4 != 0: each block column's last values, else null
   const float* bias;       // the group's bias, or null
   const int64_t* row_ids;  // c's row of each row of a
@@ -115,22 +201,31 @@ inline void store(const Block& bk, int64_t m, int i, int64_t n, float acc) {
 }
 
 // One tile of R rows of a (from row m) against every column pair, quad or octet of the block,
-// bf16 rows of b read in place.
-template <int R>
-void block_tiles_bf16(const Block& bk, int64_t m) {
+// rows of b (bf16, or e4m3 with scales: kMx) read in place.
+template <int R, bool kMx>
+void block_tiles(const Block& bk, int64_t m) {
   constexpr int C = kTileCols<R>;
   const float* ap[R];
   for (int i = 0; i < R; ++i) ap[i] = bk.a_f32 + (m + i) * bk.kp;
   for (int64_t n = bk.n0; n < bk.n1; n += C) {
     const uint16_t* rows[C];  // a short last group repeats the block's last column
+    const uint8_t* mx_rows[C];
+    const uint8_t* mx_scales[C];
     v4f tail[C];
     for (int j = 0; j < C; ++j) {
       const int64_t col = std::min<int64_t>(n + j, bk.n1 - 1);
-      rows[j] = bk.b_bf16 + col * bk.k;
+      if constexpr (kMx) {
+        mx_rows[j] = bk.b_mx + col * bk.k;
+        mx_scales[j] = bk.b_mx_scale + col * (bk.k / kMxBlock);
+      } else {
+        rows[j] = bk.b_bf16 + col * bk.k;
+      }
       if (bk.tails != nullptr) tail[j] = bk.tails[col - bk.n0];
     }
     float acc[R * C];
-    dot_tile<R, C>(ap, Bf16Rows{rows}, bk.k4, bk.tails != nullptr ? tail : nullptr, acc);
+    const v4f* tails = bk.tails != nullptr ? tail : nullptr;
+    if constexpr (kMx) dot_tile_mx<R, C>(ap, mx_rows, mx_scales, bk.k, bk.mx_dequantize, acc);
+    else dot_tile<R, C>(ap, Bf16Rows{rows}, bk.k4, tails, acc);
     for (int i = 0; i < R; ++i)
       for (int j = 0; j < C && n + j < bk.n1; ++j) store(bk, m, i, n + j, acc[i * C + j]);
   }
@@ -140,15 +235,26 @@ void block_tiles_bf16(const Block& bk, int64_t m) {
 // zero-padded past k).
 inline void widen_row(const void* src, const uint8_t* scale, bool mx, int64_t r, int64_t k,
                       int64_t kp, float* dst) {
-  if (mx) {
-    const uint8_t* d = static_cast<const uint8_t*>(src) + r * k;
-    const uint8_t* s = scale + r * (k / kMxBlock);
-    for (int64_t i = 0; i < k; ++i) dst[i] = mx_dequantize(d[i], s[i / kMxBlock]);
+  if (mx) {  // k is a multiple of 32
+    mx_dequantize_run(static_cast<const uint8_t*>(src) + r * k, scale + r * (k / kMxBlock), k, dst);
   } else {
     const uint16_t* d = static_cast<const uint16_t*>(src) + r * k;
     for (int64_t i = 0; i < k; ++i) dst[i] = bf16_to_f32(d[i]);
   }
   for (int64_t i = k; i < kp; ++i) dst[i] = 0.0f;
+}
+
+// The block against all M rows of a, kRowTile at a time, b read in place.
+template <bool kMx>
+void in_place_rows(const Block& bk, int64_t M) {
+  for (int64_t m = 0; m < M; m += kRowTile) {
+    switch (std::min(kRowTile, M - m)) {
+      case 1: block_tiles<1, kMx>(bk, m); break;
+      case 2: block_tiles<2, kMx>(bk, m); break;
+      case 3: block_tiles<3, kMx>(bk, m); break;
+      default: block_tiles<4, kMx>(bk, m); break;
+    }
+  }
 }
 
 // ---- The widened path, W floats per vector (4, 8 or 16) ----
@@ -298,6 +404,11 @@ Status grouped_mm(ThreadPool& pool, const fmoe_grouped_mm_args& a, bool mx) {
   std::vector<int64_t> row_ids;
   std::vector<float> a_f32;
   const int width = wide_floats();
+  const MxDequantize mx_dequantize =
+#if defined(__x86_64__)
+      width == 16 ? mx_dequantize_avx512 : width == 8 ? mx_dequantize_avx2 :
+#endif
+      mx_dequantize_sse;
 
   for (int64_t g = 0; g < a.groups; ++g) {
     const int64_t lo = a.group_offsets[g], hi = a.group_offsets[g + 1];
@@ -321,8 +432,8 @@ Status grouped_mm(ThreadPool& pool, const fmoe_grouped_mm_args& a, bool mx) {
     const int64_t col_blocks = (N + kColBlock - 1) / kColBlock;
 
     // Widening b's rows once per block pays where many row tiles reuse them; for a few rows
-    // (decode), bf16 rows are widened in registers as they are read instead.
-    const bool widen_b = mx || M > kWidenRows;
+    // (decode), they are widened in registers as they are read instead.
+    const bool widen_b = M > kWidenRows;
     pool.run(col_blocks, [&](int64_t blk) {
       const int64_t n0 = blk * kColBlock, n1 = std::min(N, n0 + kColBlock);
       // The block's rows of b widened to f32 and interleaved for W-float vectors.
@@ -338,7 +449,8 @@ Status grouped_mm(ThreadPool& pool, const fmoe_grouped_mm_args& a, bool mx) {
       }
       const auto* b_bf16 = static_cast<const uint16_t*>(b_group);
       const int64_t k4 = widen_b ? kp : K / 4 * 4;
-      // bf16 rows whose k is not a multiple of 4: each column's last values, zero-padded.
+      // bf16 rows whose k is not a multiple of 4: each column's last values, zero-padded (MXFP8's k
+      // is a multiple of 32).
       const bool has_tail = !widen_b && k4 < K;
       v4f tails[kColBlock];
       for (int64_t n = n0; has_tail && n < n1; ++n) {
@@ -346,8 +458,10 @@ Status grouped_mm(ThreadPool& pool, const fmoe_grouped_mm_args& a, bool mx) {
         std::memcpy(last, b_bf16 + n * K + k4, size_t(K - k4) * sizeof(uint16_t));
         tails[n - n0] = load4_bf16(last);
       }
-      const Block blk_args{a_f32.data(), kp, k4, K, N, n0, n1, widen_b ? b_wide.data() : nullptr, b_bf16,
-                           has_tail ? tails : nullptr, bias, row_ids.data(), c};
+      const Block blk_args{a_f32.data(), kp, k4, K, N, n0, n1, widen_b ? b_wide.data() : nullptr,
+                           mx ? nullptr : b_bf16, mx ? static_cast<const uint8_t*>(b_group) : nullptr,
+                           b_scale_group, mx_dequantize, has_tail ? tails : nullptr, bias,
+                           row_ids.data(), c};
       if (widen_b) {
         switch (width) {
 #if defined(__x86_64__)
@@ -358,14 +472,8 @@ Status grouped_mm(ThreadPool& pool, const fmoe_grouped_mm_args& a, bool mx) {
         }
         return;
       }
-      for (int64_t m = 0; m < M; m += kRowTile) {
-        switch (std::min(kRowTile, M - m)) {
-          case 1: block_tiles_bf16<1>(blk_args, m); break;
-          case 2: block_tiles_bf16<2>(blk_args, m); break;
-          case 3: block_tiles_bf16<3>(blk_args, m); break;
-          default: block_tiles_bf16<4>(blk_args, m); break;
-        }
-      }
+      if (mx) in_place_rows<true>(blk_args, M);
+      else in_place_rows<false>(blk_args, M);
     });
   }
   return FMOE_OK;
