@@ -10,8 +10,8 @@
  * geometric mean of the time quotients and this run's times against both runs' floors
  * (scripts/bench-compare.ts: the floors move with each run's measured copy bandwidth).
  *
- * --breakdown also times each step of the layer as its own op (permute, FC1, activation, FC2,
- * unpermute) on the first input set, to show where a cell's time goes.
+ * --breakdown also times each step of the bf16 layer as its own op (permute, FC1, activation,
+ * FC2, unpermute) on the first input set, to show where a cell's time goes.
  *
  * For every (case, T) cell: the layer is built once per case (weights filled on the device from a
  * random pool), R input sets are drawn (per token, softmax over normal(0,1) logits, top-k,
