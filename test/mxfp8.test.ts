@@ -152,6 +152,42 @@ describe("MXFP8 quantize / dequantize (host backend vs reference)", () => {
   }
 });
 
+describe("MXFP8 quantize / dequantize: every bf16 value", () => {
+  const ctx = suiteContext("host");
+
+  seededTest("every finite bf16 value, under its own scale and under scales up to 2^14 larger, against the reference", (rng) => {
+    // Blocks of 32 consecutive bf16 bit patterns (one binade's values side by side), then the same
+    // values 31 to a block beside one 2^1..2^14 times larger than the block's largest, which pushes
+    // them into e4m3's subnormals and below: every element code the rounding can give, ties
+    // included, and every scale a finite bf16 block can have. The host quantizes in vectors, the
+    // reference one value at a time.
+    const finite: number[] = [];
+    for (let h = 0; h < 0x10000; ++h) if ((h & 0x7f80) !== 0x7f80) finite.push(h);
+    const own = Uint16Array.from(finite);
+    const beside: number[] = [];
+    for (let i = 0; i < finite.length; i += 31) {
+      const part = finite.slice(i, i + 31);
+      let amax = 0;
+      for (const h of part) amax = Math.max(amax, Math.abs(bf16ToF32(h)));
+      const big = f32ToBf16((amax || 2 ** -133) * 2 ** (1 + rng.int(14)));
+      beside.push(...part, (big & 0x7f80) === 0x7f80 ? 0x7f7f : big);  // past bf16's range: its largest
+      while (beside.length % 32 !== 0) beside.push(0);
+    }
+    const x = ctx();
+    for (const input of [own, Uint16Array.from(beside)]) {
+      const rows = input.length / 32;
+      using inT = x.upload(input, [rows, 32], "bf16");
+      const q = quantizeMxfp8(x, inT);
+      using data = q.data, scale = q.scale;
+      const ref = R.quantizeMxfp8(input, rows, 32);
+      expectBitExact(data.download(), ref.data, "data");
+      expectBitExact(scale.download(), ref.scale, "scale");
+      using deq = dequantizeMxfp8(x, data, scale);
+      expectBitExact(deq.download(), R.dequantizeMxfp8(ref.data, ref.scale, rows, 32), "dequantized");
+    }
+  });
+});
+
 describe("MXFP8 scale swizzling (128x4 tiles)", () => {
   const ctx = suiteContext("host");
 

@@ -42,9 +42,7 @@ Status activation_quant(ThreadPool& pool, const fmoe_activation_args& a) {
       }
       if (out != nullptr) std::copy(row.begin(), row.end(), out + r * I);
       if (a.output_q != nullptr) {
-        for (int64_t b = 0; b < blocks; ++b)
-          a.output_scale[r * blocks + b] =
-              mx_quantize_block(row.data() + b * kMxBlock, a.output_q + r * I + b * kMxBlock);
+        mx_quantize_row(row.data(), I, a.output_q + r * I, a.output_scale + r * blocks);
       }
     }
   });

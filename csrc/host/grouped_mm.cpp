@@ -17,7 +17,7 @@
 //   the same four k of W/4 columns: 4-wide on baseline x86-64 and arm64, 8-wide with AVX2, 16-wide
 //   with AVX-512 (chosen at run time; FMOE_HOST_SIMD=sse|avx2 caps it, for comparisons).
 // - MXFP8 values are dequantized as numerics.h's mx_dequantize does, e4m3 value times 2^s in one
-//   f32 product (mx_dequantize_run), so every path sees the same floats.
+//   f32 product (mx_dequantize_row, quantize.cpp), so every path sees the same floats.
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -59,44 +59,6 @@ inline v4f load4_bf16(const uint16_t* p) {
 }
 
 inline float hsum(v4f v) { return (v[0] + v[1]) + (v[2] + v[3]); }
-
-// n MXFP8 values (n a multiple of 32) and their n / 32 scales as f32: numerics.h's mx_dequantize,
-// e4m3 value times 2^s in one f32 product, without branches or a table, so that the compiler
-// vectorizes the loop: an e4m3 byte's magnitude bits shifted left by 20 are the f32 bits of
-// value * 2^-120 (exponent bias 7 against 127; e4m3 subnormals land on f32 subnormals, zero on
-// zero), one exact multiply by 2^120 gives the value, and magnitude 0x7F is NaN.
-__attribute__((always_inline)) inline void mx_dequantize_run(const uint8_t* __restrict src,
-                                                             const uint8_t* scale, int64_t n,
-                                                             float* __restrict dst) {
-  for (int64_t b = 0; b < n; b += kMxBlock) {
-    const float s = e8m0_to_f32(scale[b / kMxBlock]);
-    for (int i = 0; i < kMxBlock; ++i) {
-      const uint32_t u = src[b + i], mag = u & 0x7Fu;
-      const uint32_t v = f32_bits(f32_from_bits(((u & 0x80u) << 24) | (mag << 20)) * 0x1p120f);
-      const uint32_t nan = 0u - uint32_t(mag == 0x7Fu);  // all ones where NaN
-      dst[b + i] = f32_from_bits((v & ~nan) | (0x7FC00000u & nan)) * s;
-    }
-  }
-}
-
-// One out-of-line instantiation per instruction set, as for the widened tiles below.
-__attribute__((noinline)) void mx_dequantize_sse(const uint8_t* src, const uint8_t* scale,
-                                                 int64_t n, float* dst) {
-  mx_dequantize_run(src, scale, n, dst);
-}
-#if defined(__x86_64__)
-__attribute__((target("avx2"))) void mx_dequantize_avx2(const uint8_t* src, const uint8_t* scale,
-                                                        int64_t n, float* dst) {
-  mx_dequantize_run(src, scale, n, dst);
-}
-__attribute__((target("avx512f"))) void mx_dequantize_avx512(const uint8_t* src,
-                                                             const uint8_t* scale, int64_t n,
-                                                             float* dst) {
-  mx_dequantize_run(src, scale, n, dst);
-}
-#endif
-
-typedef void (*MxDequantize)(const uint8_t* src, const uint8_t* scale, int64_t n, float* dst);
 
 // Rows of b read in place: bf16, k values each.
 struct Bf16Rows {
@@ -157,18 +119,18 @@ inline void dot_tile(const float* const* a, const B& b, int64_t k4, const v4f* t
 // k values of b an MXFP8 tile dequantizes at a time (C rows of them: at most 8 KB on the stack).
 constexpr int64_t kMxChunk = 256;
 
-// The MXFP8 tile: b's rows dequantized kMxChunk values at a time with the widest vectors, each
-// chunk then added as dot_tile adds (the same lanes, the same order).
+// The MXFP8 tile: b's rows dequantized kMxChunk values at a time (mx_dequantize_row: the widest
+// vectors the CPU has), each chunk then added as dot_tile adds (the same lanes, the same order).
 template <int R, int C>
 inline void dot_tile_mx(const float* const* a, const uint8_t* const* b, const uint8_t* const* scale,
-                        int64_t k, MxDequantize dequantize, float* out) {
+                        int64_t k, float* out) {
   v4f c[R][C] = {};
   alignas(64) float chunk[C][kMxChunk];
   const float* rows[C];
   for (int j = 0; j < C; ++j) rows[j] = chunk[j];
   for (int64_t k0 = 0; k0 < k; k0 += kMxChunk) {
     const int64_t n = std::min(kMxChunk, k - k0);
-    for (int j = 0; j < C; ++j) dequantize(b[j] + k0, scale[j] + k0 / kMxBlock, n, chunk[j]);
+    for (int j = 0; j < C; ++j) mx_dequantize_row(b[j] + k0, scale[j] + k0 / kMxBlock, n, chunk[j]);
     dot_accumulate<R, C>(a, F32Rows{rows, k0}, k0, k0 + n, c);
   }
   dot_finish<R, C>(c, out);
@@ -185,9 +147,8 @@ struct Block {
   int64_t n0, n1;
   const float* b_wide;     // the block's rows of b widened and interleaved (wide_b), or null
   const uint16_t* b_bf16;  // bf16: the group's b [n, k]
-  const uint8_t* b_mx;     // MXFP8 read in place: the group's b [n, k] (e4m3), its scales
-  const uint8_t* b_mx_scale;  //   [n, k / 32], and the dequantizer for this CPU's vectors
-  MxDequantize mx_dequantize;
+  const uint8_t* b_mx;     // MXFP8 read in place: the group's b [n, k] (e4m3) and its scales
+  const uint8_t* b_mx_scale;  //   [n, k / 32]
   const v4f* tails;        // bf16 with k % 4 != 0: each block column's last values, else null
   const float* bias;       // the group's bias, or null
   const int64_t* row_ids;  // c's row of each row of a
@@ -224,7 +185,7 @@ void block_tiles(const Block& bk, int64_t m) {
     }
     float acc[R * C];
     const v4f* tails = bk.tails != nullptr ? tail : nullptr;
-    if constexpr (kMx) dot_tile_mx<R, C>(ap, mx_rows, mx_scales, bk.k, bk.mx_dequantize, acc);
+    if constexpr (kMx) dot_tile_mx<R, C>(ap, mx_rows, mx_scales, bk.k, acc);
     else dot_tile<R, C>(ap, Bf16Rows{rows}, bk.k4, tails, acc);
     for (int i = 0; i < R; ++i)
       for (int j = 0; j < C && n + j < bk.n1; ++j) store(bk, m, i, n + j, acc[i * C + j]);
@@ -236,7 +197,7 @@ void block_tiles(const Block& bk, int64_t m) {
 inline void widen_row(const void* src, const uint8_t* scale, bool mx, int64_t r, int64_t k,
                       int64_t kp, float* dst) {
   if (mx) {  // k is a multiple of 32
-    mx_dequantize_run(static_cast<const uint8_t*>(src) + r * k, scale + r * (k / kMxBlock), k, dst);
+    mx_dequantize_row(static_cast<const uint8_t*>(src) + r * k, scale + r * (k / kMxBlock), k, dst);
   } else {
     const uint16_t* d = static_cast<const uint16_t*>(src) + r * k;
     for (int64_t i = 0; i < k; ++i) dst[i] = bf16_to_f32(d[i]);
@@ -390,12 +351,12 @@ int probe_wide_floats() {
   return w;
 }
 
-int wide_floats() {
+}  // namespace
+
+int host_vector_floats() {
   static const int width = probe_wide_floats();
   return width;
 }
-
-}  // namespace
 
 Status grouped_mm(ThreadPool& pool, const fmoe_grouped_mm_args& a, bool mx) {
   const int64_t K = a.k, N = a.n, rows = a.rows;
@@ -403,12 +364,7 @@ Status grouped_mm(ThreadPool& pool, const fmoe_grouped_mm_args& a, bool mx) {
   auto* c = static_cast<uint16_t*>(a.c);
   std::vector<int64_t> row_ids;
   std::vector<float> a_f32;
-  const int width = wide_floats();
-  const MxDequantize mx_dequantize =
-#if defined(__x86_64__)
-      width == 16 ? mx_dequantize_avx512 : width == 8 ? mx_dequantize_avx2 :
-#endif
-      mx_dequantize_sse;
+  const int width = host_vector_floats();
 
   for (int64_t g = 0; g < a.groups; ++g) {
     const int64_t lo = a.group_offsets[g], hi = a.group_offsets[g + 1];
@@ -460,8 +416,7 @@ Status grouped_mm(ThreadPool& pool, const fmoe_grouped_mm_args& a, bool mx) {
       }
       const Block blk_args{a_f32.data(), kp, k4, K, N, n0, n1, widen_b ? b_wide.data() : nullptr,
                            mx ? nullptr : b_bf16, mx ? static_cast<const uint8_t*>(b_group) : nullptr,
-                           b_scale_group, mx_dequantize, has_tail ? tails : nullptr, bias,
-                           row_ids.data(), c};
+                           b_scale_group, has_tail ? tails : nullptr, bias, row_ids.data(), c};
       if (widen_b) {
         switch (width) {
 #if defined(__x86_64__)

@@ -88,4 +88,14 @@ Status route(ThreadPool& pool, const fmoe_route_args& a);
 Status expand_group_ids(const int32_t* tokens_per_expert, int64_t num_local_experts,
                         int64_t local_expert_start, int64_t rows, int32_t* routing_rows);
 
+// One row of `cols` bf16 values (a multiple of 32) quantized to MXFP8: the bytes and scales of
+// core/numerics.h's mx_quantize_block, block after block; and n MXFP8 values (a multiple of 32)
+// with their n / 32 scales dequantized as its mx_dequantize does (quantize.cpp).
+void mx_quantize_row(const uint16_t* in, int64_t cols, uint8_t* data, uint8_t* scale);
+void mx_dequantize_row(const uint8_t* data, const uint8_t* scale, int64_t n, float* out);
+
+// The widest vectors of f32 this CPU runs (4, 8 or 16), capped by FMOE_HOST_SIMD=sse|avx2;
+// probed once (grouped_mm.cpp).
+int host_vector_floats();
+
 }  // namespace fmoe::host

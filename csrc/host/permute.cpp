@@ -81,9 +81,7 @@ Status permute(ThreadPool& pool, const fmoe_permute_args& a) {
       }
       if (out != nullptr) std::memcpy(out + r * H, row.data(), size_t(H) * 2);
       if (a.permuted_q != nullptr) {
-        for (int64_t b = 0; b < blocks; ++b)
-          a.permuted_scale[r * blocks + b] =
-              mx_quantize_block(row.data() + b * kMxBlock, a.permuted_q + r * H + b * kMxBlock);
+        mx_quantize_row(row.data(), H, a.permuted_q + r * H, a.permuted_scale + r * blocks);
       }
     }
   });
