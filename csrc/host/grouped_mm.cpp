@@ -336,7 +336,8 @@ __attribute__((target("avx512f"))) void wide_block_avx512(const Block& bk, int64
 }
 #endif
 
-// The widest vectors this CPU runs, capped by FMOE_HOST_SIMD (sse | avx2); probed once.
+// The widest vectors this CPU runs, capped by FMOE_HOST_SIMD (sse | avx2); host_vector_floats
+// keeps the answer for the process.
 int probe_wide_floats() {
   int w = 4;
 #if defined(__x86_64__)
