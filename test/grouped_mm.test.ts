@@ -7,6 +7,7 @@ import { describe, expect } from "bun:test";
 import { join } from "node:path";
 import { bf16ToF32, f32ToBf16, groupedMmBf16, groupedMmMxfp8, quantizeMxfp8, reference as R, type Rng, TOLERANCE } from "../lib/index.ts";
 import {
+  expectBitExact,
   expectClose,
   expectNoNaNBf16,
   expectNonZero,
@@ -193,13 +194,9 @@ describe("grouped GEMM (host backend vs reference)", () => {
       const alone = run(fewOffsets), among = run(manyOffsets);
       expectNonZero(alone, mx ? "MXFP8 rows" : "bf16 rows");
       // NaN outputs (from the NaN codes and scales) are NaN on both paths; their sign is not
-      // specified (which NaN an x86 add keeps depends on its operands' order).
-      const isNaN16 = (h: number): boolean => (h & 0x7fff) > 0x7f80;
-      for (let i = 0; i < alone.length; ++i) {
-        if (alone[i] !== among[i] && !(isNaN16(alone[i]!) && isNaN16(among[i]!))) {
-          throw new Error(`${mx ? "MXFP8" : "bf16"} output ${i}: 0x${alone[i]!.toString(16)} alone, 0x${among[i]!.toString(16)} among ${many} rows`);
-        }
-      }
+      // specified (which NaN an x86 add keeps depends on its operands' order). Widened to f32
+      // (exact), expectBitExact compares the bits and takes any NaN for any NaN.
+      expectBitExact(bf16ToF32(alone), bf16ToF32(among), `${mx ? "MXFP8" : "bf16"} rows alone vs among ${many}`);
     }
   });
 
