@@ -369,6 +369,33 @@ describe("errors: the raw C ABI (lib/ffi.ts)", () => {
     expectFmoe(() => ffi.unswizzleScales(h, 0, buf(100), 1, rows, 2, scale), INVALID, "swizzled needs");
   });
 
+  seededTest("counts at the int64 extremes are refused by name, before any arithmetic on them overflows", () => {
+    // Each of these once reached a signed overflow (undefined behaviour, caught by the sanitizer
+    // build) or, for the swizzle, a loop over 2^52 empty matrices.
+    const h = ctx()._handle;
+    const act: ffi.ActivationFields = { input: buf(64), output: buf(64), rows: 0, ffn: 2 ** 62, activation: 1, layout: 0, alpha: 1.702, limit: 7 };
+    expectFmoe(() => ffi.activationQuant(h, 0, act), INVALID, "fmoe_activation_quant", "ffn (4611686018427387904) is too large");
+    const desc: ffi.PlanDescFields = {
+      hidden_size: 64, ffn: 2 ** 62, num_experts: 4, num_local_experts: 4, local_expert_start: 0, topk: 2, activation: 1,
+      layout: 0, alpha: 1.702, limit: 7, weight_format: 0, alignment: 16, max_tokens: 4, apply_router_weight_on_input: 0,
+    };
+    expectFmoe(() => ffi.planCreate(h, desc), INVALID, "fmoe_plan_create", "ffn (4611686018427387904) is too large");
+    const far = { ...desc, ffn: 32, num_experts: 2 ** 63 - 2 ** 10, num_local_experts: -(2 ** 62) };
+    expectFmoe(() => ffi.planCreate(h, far), INVALID, "fmoe_plan_create", "num_experts");
+    expectFmoe(() => ffi.planCreate(h, { ...far, num_experts: 4, local_expert_start: 2 ** 63 - 2 ** 10, num_local_experts: 2 ** 62 }), INVALID, "local_expert_start");
+    const T = 2, rows = maxRows(T, 1, 2, 1);
+    const perm: ffi.PermuteFields = {
+      hidden: buf(T * 32 * 2), routing_map: buf(T * 4), permuted: buf(rows * 64), expert_offsets: buf(12), permutation_map: buf(rows * 4),
+      inverse_map: buf(T * 4), num_tokens: T, hidden_size: 32, topk: 1, num_experts: 2, local_expert_start: 2 ** 62, num_local_experts: 2 ** 62, alignment: 1,
+    };
+    expectFmoe(() => ffi.permute(h, 0, perm), INVALID, "fmoe_permute", "local_expert_start (4611686018427387904) + num_local_experts");
+    // An empty matrix is empty however large the batch; one matrix too large to address is refused.
+    ffi.swizzleScales(h, 0, buf(16), 2 ** 52, 0, 2, buf(16));
+    ffi.unswizzleScales(h, 0, buf(16), 2 ** 52, 3, 0, buf(16));
+    expectFmoe(() => ffi.swizzleScales(h, 0, buf(16), 0, 2 ** 31 - 1, 2 ** 63 - 2 ** 10, buf(16)), INVALID, "fmoe_swizzle_scales", "overflows int64");
+    expectFmoe(() => ffi.unswizzleScales(h, 0, buf(16), 1, 2 ** 63 - 2 ** 10, 1, buf(16)), INVALID, "fmoe_unswizzle_scales", "overflows int64");
+  });
+
   seededTest("quantize call with a fitting but wrong shape is not an error (the rows x cols bytes fit)", () => {
     // Documents the raw ABI: it checks sizes against the allocation, not the caller's intent.
     const h = ctx()._handle;

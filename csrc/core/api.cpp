@@ -516,7 +516,7 @@ Status check_permute(Check& c, const fmoe_permute_args* args, int64_t* out_max_r
             a.topk, a.num_experts)
       .at_least(a.num_local_experts, 1, "num_local_experts")
       .at_least(a.local_expert_start, 0, "local_expert_start")
-      .that(a.local_expert_start <= a.num_experts - a.num_local_experts,
+      .that(__int128(a.local_expert_start) + a.num_local_experts <= a.num_experts,
             "local_expert_start (%" PRId64 ") + num_local_experts (%" PRId64
             ") exceeds num_experts (%" PRId64 ")",
             a.local_expert_start, a.num_local_experts, a.num_experts)
@@ -557,6 +557,8 @@ Status check_activation(Check& c, const fmoe_activation_args* args) {
             "output_scale is NULL (required with output_q)")
       .at_least(a.rows, 0, "rows")
       .at_least(a.ffn, 1, "ffn")
+      .that(a.ffn <= INT64_MAX / 2, "ffn (%" PRId64 ") is too large (2 * ffn overflows int64)",
+            a.ffn)
       .in_range(a.activation, FMOE_ACT_SQUARED_RELU, FMOE_ACT_SWIGLU_OAI, "activation")
       .in_range(a.layout, FMOE_LAYOUT_HALVES, FMOE_LAYOUT_INTERLEAVED, "layout");
   if (a.output_q != nullptr) c.multiple_of_32(a.ffn, "ffn", " (output_q is set)");
@@ -656,10 +658,13 @@ Status check_route(Check& c, const fmoe_route_args* args) {
   return c.status();
 }
 
-// Batch-of-scales extent of the swizzled layout; false on overflow.
+// Batch-of-scales extent of the swizzled layout; false on overflow. One matrix must fit even
+// when the batch is empty: the backends compute a matrix's extent before looping over the batch.
 bool swizzled_bytes(int64_t batch, int64_t rows, int64_t scale_cols, int64_t* out) {
+  if (rows > INT64_MAX - 127 || scale_cols > INT64_MAX - 3) return false;
   const int64_t pr = (rows + 127) / 128 * 128, pc = (scale_cols + 3) / 4 * 4;
-  return checked_product({batch, pr, pc}, out);
+  int64_t matrix = 0;
+  return checked_product({pr, pc}, &matrix) && checked_product({batch, matrix}, out);
 }
 
 }  // namespace

@@ -59,12 +59,14 @@ Status validate_desc(const fmoe_plan_desc* desc, PlanShape* out) {
   const bool mx = d.weight_format == FMOE_WEIGHTS_MXFP8;
   c.at_least(d.hidden_size, 1, "hidden_size")
       .at_least(d.ffn, 1, "ffn")
+      .that(d.ffn <= INT64_MAX / 2, "ffn (%" PRId64 ") is too large (2 * ffn overflows int64)",
+            d.ffn)
       .at_least(d.num_experts, 1, "num_experts")
       .that(d.num_experts <= INT32_MAX, "num_experts (%" PRId64 ") exceeds 2^31-1",
             d.num_experts)
       .at_least(d.num_local_experts, 1, "num_local_experts")
       .at_least(d.local_expert_start, 0, "local_expert_start")
-      .that(d.local_expert_start <= d.num_experts - d.num_local_experts,
+      .that(__int128(d.local_expert_start) + d.num_local_experts <= d.num_experts,
             "local_expert_start (%" PRId64 ") + num_local_experts (%" PRId64
             ") exceeds num_experts (%" PRId64 ")",
             d.local_expert_start, d.num_local_experts, d.num_experts)

@@ -151,6 +151,7 @@ Status dequantize_mxfp8(ThreadPool& pool, const uint8_t* data, const uint8_t* sc
 
 Status swizzle_scales(const uint8_t* in, int64_t batch, int64_t rows, int64_t scale_cols,
                       bool to_swizzled, uint8_t* out) {
+  if (rows == 0 || scale_cols == 0) return FMOE_OK;  // empty matrices, however many (no loop)
   const int64_t padded_rows = (rows + 127) / 128 * 128;
   const int64_t padded_cols = (scale_cols + 3) / 4 * 4;
   const int64_t swizzled_bytes = padded_rows * padded_cols;  // one matrix
