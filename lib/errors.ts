@@ -75,3 +75,20 @@ export function checkOptions(fn: string, what: string, options: unknown, names: 
     }
   }
 }
+
+/**
+ * An optional boolean option: `fallback` when undefined, else it must be a boolean. A truthy
+ * stand-in (`1`, `"false"`) would otherwise pick a mode the caller did not mean.
+ */
+export function booleanOption(fn: string, name: string, value: unknown, fallback: boolean): boolean {
+  if (value === undefined) return fallback;
+  ensureArg(typeof value === "boolean", fn, `${name} must be true or false, got ${JSON.stringify(value) ?? String(value)}`);
+  return value;
+}
+
+/** An optional number option: `fallback` when undefined, else it must be a finite number. */
+export function finiteOption(fn: string, name: string, value: unknown, fallback: number): number {
+  if (value === undefined) return fallback;
+  ensureArg(typeof value === "number" && Number.isFinite(value), fn, `${name} must be a finite number, got ${JSON.stringify(value) ?? String(value)}`);
+  return value;
+}

@@ -21,7 +21,7 @@ import {
 } from "./config.ts";
 import type { Context, Stream, WaitOptions } from "./context.ts";
 import { MX_BLOCK } from "./dtype.ts";
-import { checkOptions, FmoeError, optionNames, Status } from "./errors.ts";
+import { booleanOption, checkOptions, FmoeError, finiteOption, optionNames, Status } from "./errors.ts";
 import * as ffi from "./ffi.ts";
 import type { Graph } from "./graph.ts";
 import { registerFinalizer, unregisterFinalizer } from "./lifetime.ts";
@@ -167,28 +167,35 @@ function checkTensor(name: string, t: Tensor | undefined, dtype: string, dims: r
 /** Fills defaults and checks the ranges TypeScript can check (the library checks the rest). */
 export function resolveConfig(config: FusedMoEConfig): ResolvedFusedMoEConfig {
   checkOptions("FusedMoE", "config", config, CONFIG_OPTIONS);
-  const start = config.localExpertStart ?? 0;
+  const numExperts = checkInt("numExperts", config.numExperts, 1);
+  const start = checkInt("localExpertStart", config.localExpertStart ?? 0, 0);
   const resolved: ResolvedFusedMoEConfig = {
     hidden: checkInt("hidden", config.hidden, 1),
     ffn: checkInt("ffn", config.ffn, 1),
-    numExperts: checkInt("numExperts", config.numExperts, 1),
-    numLocalExperts: checkInt("numLocalExperts", config.numLocalExperts ?? config.numExperts - start, 1),
-    localExpertStart: checkInt("localExpertStart", start, 0),
+    numExperts,
+    numLocalExperts: checkInt("numLocalExperts", config.numLocalExperts ?? numExperts - start, 1),
+    localExpertStart: start,
     topk: checkInt("topk", config.topk, 1),
     activation: config.activation,
     layout: config.layout ?? "halves",
-    alpha: config.alpha ?? SWIGLU_OAI_DEFAULT_ALPHA,
-    limit: config.limit ?? SWIGLU_OAI_DEFAULT_LIMIT,
+    alpha: finiteOption("FusedMoE", "config.alpha", config.alpha, SWIGLU_OAI_DEFAULT_ALPHA),
+    limit: finiteOption("FusedMoE", "config.limit", config.limit, SWIGLU_OAI_DEFAULT_LIMIT),
     weightFormat: config.weightFormat ?? "bf16",
     alignment: checkInt("alignment", config.alignment ?? DEFAULT_ALIGNMENT, 1),
     maxTokens: checkInt("maxTokens", config.maxTokens, 1),
-    applyRouterWeightOnInput: config.applyRouterWeightOnInput ?? false,
+    applyRouterWeightOnInput: booleanOption("FusedMoE", "config.applyRouterWeightOnInput", config.applyRouterWeightOnInput, false),
     router: null,
   };
   if (config.router !== undefined) {
     checkOptions("FusedMoE", "config.router", config.router, ROUTER_OPTIONS);
     const r = config.router;
-    resolved.router = { scoring: r.scoring ?? "softmax", numGroups: r.numGroups ?? 1, topkGroups: r.topkGroups ?? 1, renormalize: r.renormalize ?? true, scale: r.scale ?? 1 };
+    resolved.router = {
+      scoring: r.scoring ?? "softmax",
+      numGroups: r.numGroups ?? 1,
+      topkGroups: r.topkGroups ?? 1,
+      renormalize: booleanOption("FusedMoE", "config.router.renormalize", r.renormalize, true),
+      scale: finiteOption("FusedMoE", "config.router.scale", r.scale, 1),
+    };
   }
   if (!isActivation(resolved.activation)) fail(`config.activation must be squared_relu, silu, gelu or swiglu_oai, got ${String(resolved.activation)}`);
   if (!isGatedLayout(resolved.layout)) fail(`config.layout must be halves or interleaved, got ${String(resolved.layout)}`);

@@ -25,7 +25,7 @@ import {
 } from "./config.ts";
 import type { Context, Stream } from "./context.ts";
 import { type DType, MX_BLOCK } from "./dtype.ts";
-import { checkOptions, FmoeError, optionNames, Status } from "./errors.ts";
+import { booleanOption, checkOptions, FmoeError, finiteOption, optionNames, Status } from "./errors.ts";
 import * as ffi from "./ffi.ts";
 import { describe, type Tensor } from "./tensor.ts";
 
@@ -208,7 +208,7 @@ export function permute(ctx: Context, o: PermuteOptions): PermuteResult {
   if (start + eLocal > numExperts) fail(fn, `localExpertStart + numLocalExperts (${start} + ${eLocal}) exceeds numExperts (${numExperts})`);
   if (topk < 1 || topk > numExperts) fail(fn, `topk (${topk}) must be in [1, numExperts = ${numExperts}]`);
   const alignment = expectInt(fn, "alignment", o.alignment ?? DEFAULT_ALIGNMENT, 1);
-  const quantize = o.quantize ?? false;
+  const quantize = booleanOption(fn, "quantize", o.quantize, false);
   if (quantize && H % MX_BLOCK !== 0) fail(fn, `quantize needs H (${H}) to be a multiple of 32`);
   const invalid = scalarPtr(fn, "invalidCount", o.invalidCount);
   const rows = maxRows(T, topk, eLocal, alignment);
@@ -315,7 +315,8 @@ export function activation(ctx: Context, o: ActivationMxfp8Options): Mxfp8Tensor
 export function activation(ctx: Context, o: ActivationBf16Options | ActivationMxfp8Options): Tensor | Mxfp8Tensors {
   const fn = "activation";
   checkOptions(fn, "options", o, ACTIVATION_OPTIONS);
-  if (o.quantize === true && o.out !== undefined) checkOptions(fn, "out", o.out, MXFP8_TENSORS);
+  const quantize = booleanOption(fn, "quantize", o.quantize, false);
+  if (quantize && o.out !== undefined) checkOptions(fn, "out", o.out, MXFP8_TENSORS);
   if (!isActivation(o.activation)) fail(fn, `activation must be squared_relu, silu, gelu or swiglu_oai, got ${String(o.activation)}`);
   const layout = o.layout ?? "halves";
   if (!isGatedLayout(layout)) fail(fn, `layout must be halves or interleaved, got ${String(layout)}`);
@@ -326,16 +327,15 @@ export function activation(ctx: Context, o: ActivationBf16Options | ActivationMx
   const ffn = gated ? n1 / 2 : n1;
   if (o.rowMap !== undefined) expectTensor(fn, "rowMap", o.rowMap, "i32", [rows], "[rows]");
   const nUsed = scalarPtr(fn, "nUsed", o.nUsed);
-  const alpha = o.alpha ?? SWIGLU_OAI_DEFAULT_ALPHA;
-  const limit = o.limit ?? SWIGLU_OAI_DEFAULT_LIMIT;
-  if (!Number.isFinite(alpha)) fail(fn, `alpha must be finite, got ${alpha}`);
+  const alpha = finiteOption(fn, "alpha", o.alpha, SWIGLU_OAI_DEFAULT_ALPHA);
+  const limit = finiteOption(fn, "limit", o.limit, SWIGLU_OAI_DEFAULT_LIMIT);
   if (!(limit > 0)) fail(fn, `limit must be > 0, got ${limit}`);
-  if (o.quantize === true && ffn % MX_BLOCK !== 0) fail(fn, `quantize needs I (${ffn}) to be a multiple of 32`);
+  if (quantize && ffn % MX_BLOCK !== 0) fail(fn, `quantize needs I (${ffn}) to be a multiple of 32`);
 
   return withOutputs(ctx, fn, (outs) => {
     let output: Tensor | undefined;
     let pair: Mxfp8Tensors | undefined;
-    if (o.quantize === true) {
+    if (o.quantize === true) { // the same as quantize (checked a boolean), and narrows o's type
       pair = {
         data: outs.get("data", o.out?.data, "e4m3", [rows, ffn], "[rows, I]"),
         scale: outs.get("scale", o.out?.scale, "e8m0", [rows, ffn / MX_BLOCK], "[rows, I/32]"),
@@ -650,6 +650,8 @@ export function route(ctx: Context, o: RouteOptions): RouteOutputs {
   if (o.selectionBias !== undefined) expectTensor(fn, "selectionBias", o.selectionBias, "f32", [E], "[E]");
   const numGroups = expectInt(fn, "numGroups", o.numGroups ?? 1, 1);
   const topkGroups = expectInt(fn, "topkGroups", o.topkGroups ?? 1, 1);
+  const renormalize = booleanOption(fn, "renormalize", o.renormalize, true);
+  const scale = finiteOption(fn, "scale", o.scale, 1);
   return withOutputs(ctx, fn, (outs) => {
     const routingMap = outs.get("routingMap", o.out?.routingMap, "i32", [T, topk], "[T, topk]");
     const probs = outs.get("probs", o.out?.probs, "f32", [T, topk], "[T, topk]");
@@ -665,8 +667,8 @@ export function route(ctx: Context, o: RouteOptions): RouteOutputs {
       scoring: ROUTE_SCORING[scoring],
       num_groups: numGroups,
       topk_groups: topkGroups,
-      renormalize: (o.renormalize ?? true) ? 1 : 0,
-      scale: o.scale ?? 1,
+      renormalize: renormalize ? 1 : 0,
+      scale,
     });
     return { routingMap, probs };
   });

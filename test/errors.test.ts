@@ -14,6 +14,7 @@ import {
   maxRows,
   permute,
   quantizeMxfp8,
+  route,
   Status,
   statusName,
   swizzleScales,
@@ -159,6 +160,34 @@ describe("errors: option names (Bun runs TypeScript unchecked, so a misspelt key
     using q = x.zeros([T, H], "e4m3");
     expectFmoe(() => dequantizeMxfp8(x, q, sc, [] as never), INVALID, "dequantizeMxfp8", "array");
     expect(x.liveAllocations().count).toBe(7); // nothing allocated by the refused calls
+  });
+
+  seededTest("option values of the wrong type: a truthy stand-in for a boolean, a string for a number", (rng) => {
+    const x = ctx();
+    const E = 4, H = 64, I = 32, T = 4;
+    using fc1 = x.upload(randWeights(rng, E, 2 * I, H), [E, 2 * I, H], "bf16");
+    using fc2 = x.upload(randWeights(rng, E, H, I), [E, H, I], "bf16");
+    const base = { hidden: H, ffn: I, numExperts: E, topk: 1, activation: "silu" as const, maxTokens: T };
+    const before = x.liveAllocations().count;
+    // "false" is truthy: without the check it would scale the input by the router weight.
+    expectFmoe(() => new FusedMoE(x, { ...base, applyRouterWeightOnInput: "false" } as never, { fc1, fc2 }), INVALID, "config.applyRouterWeightOnInput", "true or false", "\"false\"");
+    expectFmoe(() => new FusedMoE(x, { ...base, alpha: "1.702" } as never, { fc1, fc2 }), INVALID, "config.alpha", "finite number");
+    expectFmoe(() => new FusedMoE(x, { ...base, limit: Number.NaN }, { fc1, fc2 }), INVALID, "config.limit", "finite number");
+    expectFmoe(() => new FusedMoE(x, { ...base, router: { renormalize: 0 } } as never, { fc1, fc2 }), INVALID, "config.router.renormalize");
+    expectFmoe(() => new FusedMoE(x, { ...base, router: { scale: "2.5" } } as never, { fc1, fc2 }), INVALID, "config.router.scale");
+    // The bad value is named, not the count derived from it.
+    expectFmoe(() => new FusedMoE(x, { ...base, localExpertStart: 0.5 }, { fc1, fc2 }), INVALID, "config.localExpertStart", "0.5");
+    expect(x.liveAllocations().count).toBe(before);
+    using logits = x.upload(rng.f32Normal(T * E), [T, E], "f32");
+    expectFmoe(() => route(x, { logits, topk: 2, renormalize: 1 } as never), INVALID, "route", "renormalize", "true or false");
+    expectFmoe(() => route(x, { logits, topk: 2, scale: "2.5" } as never), INVALID, "route", "scale", "finite number");
+    using h = x.upload(randBf16(rng, T * H), [T, H], "bf16");
+    using r = x.upload(makeRouting(rng, T, E, 2).routingMap, [T, 2]);
+    expectFmoe(() => permute(x, { hidden: h, routingMap: r, numExperts: E, quantize: "yes" } as never), INVALID, "permute", "quantize", "\"yes\"");
+    // "yes" is not true: without the check the op would quietly return bf16 instead of MXFP8.
+    expectFmoe(() => activation(x, { input: h, activation: "silu", quantize: "yes" } as never), INVALID, "activation", "quantize");
+    expectFmoe(() => activation(x, { input: h, activation: "swiglu_oai", alpha: "1" } as never), INVALID, "activation", "alpha", "finite number");
+    expect(x.liveAllocations().count).toBe(before + 3);
   });
 });
 
