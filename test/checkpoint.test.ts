@@ -8,9 +8,8 @@
 //   alternating columns, clamps and biases), within TOLERANCE.bf16 (relative Frobenius; the
 //   library rounds FC1's output and the activation to bf16 as the model does).
 // - A bad checkpoint throws CheckpointError naming the file, the tensor or the layer.
-import { afterAll, beforeAll, describe, expect } from "bun:test";
-import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { describe, expect } from "bun:test";
+import { existsSync, mkdirSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import {
   Checkpoint,
@@ -23,69 +22,31 @@ import {
   readSafetensors,
   reference as R,
   type Rng,
-  serializeSafetensorsBytes,
   TOLERANCE,
   writeExpertLayer,
   writeSafetensors,
 } from "../lib/index.ts";
 import { bf16ToF32 } from "../lib/dtype.ts";
-import { expectBitExact, expectClose, expectNonZero, randBf16, seededTest, suiteContext } from "./helpers.ts";
+import {
+  expectBitExact,
+  expectClose,
+  expectNonZero,
+  perExpertWeights,
+  putGatedExperts,
+  randBf16,
+  type RawTensor,
+  seededTest,
+  suiteContext,
+  suiteTempDir,
+  type Tensors,
+  writeCheckpoint,
+} from "./helpers.ts";
 
 const ROOT = join(import.meta.dir, "..");
-
-interface RawTensor {
-  dtype: string;
-  shape: number[];
-  data: Uint8Array | Uint16Array | Float32Array;
-}
-type Tensors = Record<string, RawTensor>;
-
-const shardBytes = (tensors: [string, RawTensor][]) => serializeSafetensorsBytes(tensors.map(([name, t]) => ({ name, ...t })));
-
-/** A checkpoint directory: `shards` files (tensors dealt out in turn) with an index, or one
- *  model.safetensors; config.json when given. */
-function writeCheckpoint(dir: string, tensors: Tensors, options: { shards?: number; config?: Record<string, unknown> } = {}): string {
-  mkdirSync(dir, { recursive: true });
-  const shards = options.shards ?? 1;
-  const names = Object.keys(tensors);
-  if (shards === 1) {
-    writeFileSync(join(dir, "model.safetensors"), shardBytes(names.map((n) => [n, tensors[n]!])));
-  } else {
-    const file = (i: number) => `model-${String(i + 1).padStart(5, "0")}-of-${String(shards).padStart(5, "0")}.safetensors`;
-    const weightMap: Record<string, string> = {};
-    for (let i = 0; i < shards; ++i) {
-      const mine = names.filter((_, j) => j % shards === i);
-      for (const n of mine) weightMap[n] = file(i);
-      writeFileSync(join(dir, file(i)), shardBytes(mine.map((n) => [n, tensors[n]!])));
-    }
-    writeFileSync(join(dir, "model.safetensors.index.json"), JSON.stringify({ metadata: {}, weight_map: weightMap }));
-  }
-  if (options.config !== undefined) writeFileSync(join(dir, "config.json"), JSON.stringify(options.config));
-  return dir;
-}
 
 const bf16 = (shape: number[], data: Uint16Array): RawTensor => ({ dtype: "BF16", shape, data });
 const f32 = (shape: number[], data: Float32Array): RawTensor => ({ dtype: "F32", shape, data });
 const randF32 = (rng: Rng, n: number, std: number) => Float32Array.from({ length: n }, () => rng.normal() * std);
-
-/** Per-expert [gate, up, down] weights (bf16 bits) of E experts, as an MoE layer stores them. */
-function perExpertWeights(rng: Rng, E: number, H: number, I: number, gated: boolean) {
-  return Array.from({ length: E }, () => ({
-    gate: gated ? randBf16(rng, I * H, 1 / Math.sqrt(H)) : undefined,
-    up: randBf16(rng, I * H, 1 / Math.sqrt(H)),
-    down: randBf16(rng, H * I, 1 / Math.sqrt(I)),
-  }));
-}
-
-/** Qwen-MoE-named tensors of gated `experts` in `layers.<layer>.mlp.experts.<e>`. */
-function putGatedExperts(tensors: Tensors, layer: number, experts: ReturnType<typeof perExpertWeights>, H: number, I: number): void {
-  experts.forEach((w, e) => {
-    const p = `model.layers.${layer}.mlp.experts.${e}`;
-    tensors[`${p}.gate_proj.weight`] = bf16([I, H], w.gate!);
-    tensors[`${p}.up_proj.weight`] = bf16([I, H], w.up);
-    tensors[`${p}.down_proj.weight`] = bf16([H, I], w.down);
-  });
-}
 
 const silu = (x: number) => x / (1 + Math.exp(-x));
 
@@ -130,16 +91,10 @@ function tokens(rng: Rng, T: number, H: number, topk: number, numExperts: number
 }
 
 describe("checkpoints", () => {
-  let dir = "";
-  beforeAll(() => {
-    dir = mkdtempSync(join(tmpdir(), "fused-moe-ckpt-"));
-  });
-  afterAll(() => {
-    if (dir !== "") rmSync(dir, { recursive: true, force: true });
-  });
+  const dir = suiteTempDir("fused-moe-ckpt-");
   const ctx = suiteContext("host");
   let n = 0;
-  const fresh = () => join(dir, `c${n++}`);
+  const fresh = () => join(dir(), `c${n++}`);
 
   seededTest("Qwen-style gate_proj/up_proj/down_proj in 3 shards: experts stacked bit for bit, a slice of them computes the model's MLP", (rng) => {
     const [E, H, I, L] = [6, 64, 32, 1];
@@ -367,7 +322,7 @@ describe("checkpoints", () => {
     using layer = loadExpertLayer(x, path, { layer: 3 });
     expect(layer.config.router).toEqual(router);
     expectBitExact(layer.weights.selectionBias!.download(), bias, "selection bias");
-    const output = join(dir, "router.safetensors");
+    const output = join(dir(), "router.safetensors");
     writeExpertLayer(path, output, { layer: 3 });
     const file = readSafetensors(output);
     expectBitExact(file.tensors.get("selection_bias")!.data, bias, "selection_bias in the layer file");
@@ -412,7 +367,7 @@ describe("checkpoints", () => {
       tensors[`${p}.down_proj.bias`] = bf16([H], biases[e]!.down);
     });
     const path = writeCheckpoint(fresh(), tensors, { shards: 4, config: { hidden_act: "gelu_pytorch_tanh", num_experts: E, num_experts_per_tok: 3 } });
-    const output = join(dir, "layer7.safetensors");
+    const output = join(dir(), "layer7.safetensors");
     const written = writeExpertLayer(path, output, { layer: 7, localExpertStart: 1, numLocalExperts: 3 });
     expect(written).toMatchObject({ start: 1, count: 3 });
     expect(existsSync(`${output}.partial`)).toBe(false);
@@ -486,7 +441,7 @@ describe("checkpoints", () => {
   }
 
   seededTest("bad checkpoint files: a missing path, a shard the index names that is absent, a malformed shard -> CheckpointError naming the file", (rng) => {
-    expect(() => Checkpoint.open(join(dir, "nowhere"))).toThrow(/nowhere: cannot read/);
+    expect(() => Checkpoint.open(join(dir(), "nowhere"))).toThrow(/nowhere: cannot read/);
     const path = broken(rng, () => {}, 2);
     rmSync(join(path, "model-00002-of-00002.safetensors"));
     expect(() => Checkpoint.open(path)).toThrow(/model-00002-of-00002\.safetensors: cannot open/);
@@ -513,7 +468,7 @@ describe("checkpoints", () => {
       const proc = Bun.spawn([process.execPath, join(ROOT, "scripts", "fused-moe.ts"), ...args], { stdout: "pipe", stderr: "pipe" });
       return { code: await proc.exited, stderr: await new Response(proc.stderr).text() };
     };
-    const layerFile = join(dir, "imported.safetensors");
+    const layerFile = join(dir(), "imported.safetensors");
     const imported = await cli("import", "--checkpoint", path, "--layer-index", "2", "--local-expert-start", "1", "--num-local-experts", "2", "--output", layerFile);
     expect(imported.stderr).toContain("wrote experts [1, 3) of 4");
     expect(imported.code).toBe(0);
@@ -522,9 +477,9 @@ describe("checkpoints", () => {
     expect(metadata).toMatchObject({ activation: "squared_relu", num_experts: "4", local_expert_start: "1", topk: "2" });
     const T = 7;
     const { hidden, routing, probs } = tokens(rng, T, H, topk, E);
-    const input = join(dir, "imported-input.safetensors");
+    const input = join(dir(), "imported-input.safetensors");
     writeSafetensors(input, { ...Object.fromEntries(layerTensors), hidden: { dtype: "bf16", shape: [T, H], data: hidden }, routing_map: { dtype: "i32", shape: [T, topk], data: routing }, probs: { dtype: "f32", shape: [T, topk], data: probs } }, metadata);
-    const outFile = join(dir, "imported-out.safetensors");
+    const outFile = join(dir(), "imported-out.safetensors");
     const ran = await cli("run", "--backend", "host", "--input", input, "--output", outFile);
     expect(ran.code).toBe(0);
     const want = direct(T, H, topk, hidden, routing, probs, (e, v) => {
@@ -534,7 +489,7 @@ describe("checkpoints", () => {
     expectNonZero(want, "model formula");
     expectClose(bf16ToF32(readSafetensors(outFile).tensors.get("out")!.data as Uint16Array), want, TOLERANCE.bf16, "run on the imported layer");
 
-    const bad = join(dir, "never.safetensors");
+    const bad = join(dir(), "never.safetensors");
     for (const [args, message] of [
       [["--checkpoint", path, "--output", bad], /--layer-index is required/],
       [["--checkpoint", path, "--layer-index", "9", "--output", bad], /no experts for layer 9/],

@@ -8,6 +8,9 @@
  * that reproduces it alone (`FMOE_TEST_SEED=<base> bun test -t '<title>'`).
  */
 import { afterAll, beforeAll, expect, test } from "bun:test";
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import {
   Context,
   type BackendChoice,
@@ -17,6 +20,7 @@ import {
   randomRouting,
   relFrobenius,
   Rng,
+  serializeSafetensorsBytes,
   Status,
   type Stream,
   type Tensor,
@@ -101,6 +105,21 @@ export function suiteContext(backend: BackendChoice = "host"): () => Context {
   return () => {
     if (ctx === undefined) throw new Error("suiteContext: used outside a test");
     return ctx;
+  };
+}
+
+/** A temporary directory per describe block, removed after its tests; returns a getter. */
+export function suiteTempDir(prefix: string): () => string {
+  let dir = "";
+  beforeAll(() => {
+    dir = mkdtempSync(join(tmpdir(), prefix));
+  });
+  afterAll(() => {
+    if (dir !== "") rmSync(dir, { recursive: true, force: true });
+  });
+  return () => {
+    if (dir === "") throw new Error("suiteTempDir: used outside a test");
+    return dir;
   };
 }
 
@@ -481,4 +500,58 @@ export function mxfp8VectorData(v: Mxfp8Vector): Uint8Array {
   const a = new Uint8Array(32).fill(v.dataFill ?? 0);
   for (const [i, b] of Object.entries(v.data)) a[Number(i)] = b;
   return a;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Checkpoints written for the tests (Hugging Face layout)
+
+export interface RawTensor {
+  dtype: string;
+  shape: number[];
+  data: Uint8Array | Uint16Array | Float32Array;
+}
+export type Tensors = Record<string, RawTensor>;
+
+export const shardBytes = (tensors: [string, RawTensor][]): Uint8Array => serializeSafetensorsBytes(tensors.map(([name, t]) => ({ name, ...t })));
+
+/** A checkpoint directory: `shards` files (tensors dealt out in turn) with an index, or one
+ *  model.safetensors; config.json when given. */
+export function writeCheckpoint(dir: string, tensors: Tensors, options: { shards?: number; config?: Record<string, unknown> } = {}): string {
+  mkdirSync(dir, { recursive: true });
+  const shards = options.shards ?? 1;
+  const names = Object.keys(tensors);
+  if (shards === 1) {
+    writeFileSync(join(dir, "model.safetensors"), shardBytes(names.map((n) => [n, tensors[n]!])));
+  } else {
+    const file = (i: number) => `model-${String(i + 1).padStart(5, "0")}-of-${String(shards).padStart(5, "0")}.safetensors`;
+    const weightMap: Record<string, string> = {};
+    for (let i = 0; i < shards; ++i) {
+      const mine = names.filter((_, j) => j % shards === i);
+      for (const n of mine) weightMap[n] = file(i);
+      writeFileSync(join(dir, file(i)), shardBytes(mine.map((n) => [n, tensors[n]!])));
+    }
+    writeFileSync(join(dir, "model.safetensors.index.json"), JSON.stringify({ metadata: {}, weight_map: weightMap }));
+  }
+  if (options.config !== undefined) writeFileSync(join(dir, "config.json"), JSON.stringify(options.config));
+  return dir;
+}
+
+/** Per-expert [gate, up, down] weights (bf16 bits) of E experts, as an MoE layer stores them. */
+export function perExpertWeights(rng: Rng, E: number, H: number, I: number, gated: boolean) {
+  return Array.from({ length: E }, () => ({
+    gate: gated ? randBf16(rng, I * H, 1 / Math.sqrt(H)) : undefined,
+    up: randBf16(rng, I * H, 1 / Math.sqrt(H)),
+    down: randBf16(rng, H * I, 1 / Math.sqrt(I)),
+  }));
+}
+
+/** Qwen-MoE-named tensors of gated `experts` in `layers.<layer>.mlp.experts.<e>`. */
+export function putGatedExperts(tensors: Tensors, layer: number, experts: ReturnType<typeof perExpertWeights>, H: number, I: number): void {
+  const bf16 = (shape: number[], data: Uint16Array): RawTensor => ({ dtype: "BF16", shape, data });
+  experts.forEach((w, e) => {
+    const p = `model.layers.${layer}.mlp.experts.${e}`;
+    tensors[`${p}.gate_proj.weight`] = bf16([I, H], w.gate!);
+    tensors[`${p}.up_proj.weight`] = bf16([I, H], w.up);
+    tensors[`${p}.down_proj.weight`] = bf16([H, I], w.down);
+  });
 }

@@ -1,9 +1,8 @@
 // safetensors reading and writing (lib/safetensors.ts), and the CLI (scripts/fused-moe.ts) run on
 // a small file against lib/reference.ts (TOLERANCE.bf16 / TOLERANCE.mxfp8, relative Frobenius).
 // Bad input files make the CLI exit 2 with one line on stderr.
-import { afterAll, beforeAll, describe, expect } from "bun:test";
-import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { describe, expect } from "bun:test";
+import { writeFileSync } from "node:fs";
 import { join } from "node:path";
 import {
   type HostTensor,
@@ -16,7 +15,7 @@ import {
   writeSafetensors,
 } from "../lib/index.ts";
 import { bf16ToF32, f32ToBf16 } from "../lib/dtype.ts";
-import { expectBitExact, expectClose, expectNonZero, injectInvalidIds, makeRouting, randBf16, randWeights, seededTest } from "./helpers.ts";
+import { expectBitExact, expectClose, expectNonZero, injectInvalidIds, makeRouting, randBf16, randWeights, seededTest, suiteTempDir } from "./helpers.ts";
 
 const ROOT = join(import.meta.dir, "..");
 
@@ -97,13 +96,7 @@ describe("safetensors", () => {
 });
 
 describe("CLI: bun scripts/fused-moe.ts run", () => {
-  let dir = "";
-  beforeAll(() => {
-    dir = mkdtempSync(join(tmpdir(), "fused-moe-cli-"));
-  });
-  afterAll(() => {
-    if (dir !== "") rmSync(dir, { recursive: true, force: true });
-  });
+  const dir = suiteTempDir("fused-moe-cli-");
 
   function cli(...args: string[]): { code: number; stdout: string; stderr: string } {
     const p = Bun.spawnSync([process.execPath, join(ROOT, "scripts", "fused-moe.ts"), ...args], { cwd: ROOT, env: { ...process.env } });
@@ -139,8 +132,8 @@ describe("CLI: bun scripts/fused-moe.ts run", () => {
 
   for (const weights of ["bf16", "mxfp8"] as const) {
     seededTest(`${weights}: the output file matches the reference (expert-parallel slice, out-of-range ids)`, (rng) => {
-      const input = join(dir, `in-${weights}.safetensors`);
-      const output = join(dir, `out-${weights}.safetensors`);
+      const input = join(dir(), `in-${weights}.safetensors`);
+      const output = join(dir(), `out-${weights}.safetensors`);
       const w = writeInput(rng, input, { start: 2, numExperts: 8, E: 4, invalid: 3 });
       const r = cli("run", "--input", input, "--output", output, "--backend", "host", "--weights", weights, "--local-expert-start", "2", "--num-experts", "8", "--alignment", "8");
       expect(r.stderr).toContain("wrote out");
@@ -171,23 +164,23 @@ describe("CLI: bun scripts/fused-moe.ts run", () => {
   }
 
   seededTest("missing tensor: exit 2, one line naming it", (rng) => {
-    const input = join(dir, "missing.safetensors");
+    const input = join(dir(), "missing.safetensors");
     writeInput(rng, input, { start: 0, numExperts: 4, E: 4, invalid: 0, drop: "probs" });
-    expectExit2(cli("run", "--input", input, "--output", join(dir, "x.safetensors"), "--backend", "host"), /missing tensor "probs"/);
+    expectExit2(cli("run", "--input", input, "--output", join(dir(), "x.safetensors"), "--backend", "host"), /missing tensor "probs"/);
   }, 30_000);
 
   seededTest("wrong shape: exit 2, one line naming the tensor and shapes", (rng) => {
-    const input = join(dir, "shape.safetensors");
+    const input = join(dir(), "shape.safetensors");
     writeInput(rng, input, { start: 0, numExperts: 4, E: 4, invalid: 0, reshape: "fc2" });
-    expectExit2(cli("run", "--input", input, "--output", join(dir, "x.safetensors"), "--backend", "host"), /tensor "fc2" has shape \[32, 64, 4\], expected \[4, 64, 32\]/);
+    expectExit2(cli("run", "--input", input, "--output", join(dir(), "x.safetensors"), "--backend", "host"), /tensor "fc2" has shape \[32, 64, 4\], expected \[4, 64, 32\]/);
   }, 30_000);
 
   seededTest("bad file and unreadable file: exit 2, one line", () => {
-    const bad = join(dir, "bad.safetensors");
+    const bad = join(dir(), "bad.safetensors");
     writeFileSync(bad, "this is not a safetensors file at all");
-    expectExit2(cli("run", "--input", bad, "--output", join(dir, "x.safetensors"), "--backend", "host"), /bad\.safetensors: header length/);
-    expectExit2(cli("run", "--input", join(dir, "nope.safetensors"), "--output", join(dir, "x.safetensors")), /cannot read/);
-    expectExit2(cli("run", "--output", join(dir, "x.safetensors")), /--input is required/);
+    expectExit2(cli("run", "--input", bad, "--output", join(dir(), "x.safetensors"), "--backend", "host"), /bad\.safetensors: header length/);
+    expectExit2(cli("run", "--input", join(dir(), "nope.safetensors"), "--output", join(dir(), "x.safetensors")), /cannot read/);
+    expectExit2(cli("run", "--output", join(dir(), "x.safetensors")), /--input is required/);
     expectExit2(cli("run", "--input", bad, "--output", "y", "--activation", "relu"), /--activation/);
     expectExit2(cli("run", "--input", bad, "--output", "y", "--port", "2"), /--port is not an option of run/);
     expectExit2(cli("serve", "--input", bad, "--topk", "2"), /--input is not an option of serve/);

@@ -5,12 +5,10 @@
 // is wrong; SIGTERM stops it with exit 0. On the host backend always (its streams run behind the
 // server as a device does, so requests that did not take turns with the buffers would read each
 // other's outputs), on CUDA where a device is.
-import { afterAll, beforeAll, describe, expect } from "bun:test";
-import { mkdtempSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { describe, expect } from "bun:test";
 import { join } from "node:path";
 import { type HostTensor, parseSafetensors, reference as R, type Rng, serializeSafetensors, TOLERANCE, writeSafetensors } from "../lib/index.ts";
-import { CUDA_DEVICES, expectClose, expectNonZero, injectInvalidIds, makeRouting, randBf16, randWeights, seededTest } from "./helpers.ts";
+import { CUDA_DEVICES, expectClose, expectNonZero, injectInvalidIds, makeRouting, randBf16, randWeights, seededTest, suiteTempDir } from "./helpers.ts";
 
 const ROOT = join(import.meta.dir, "..");
 const [H, I, E, topk, maxTokens] = [64, 32, 6, 2, 24];
@@ -73,13 +71,7 @@ async function expectError(res: Response, status: number, ...names: string[]): P
 }
 
 describe("fused-moe serve", () => {
-  let dir = "";
-  beforeAll(() => {
-    dir = mkdtempSync(join(tmpdir(), "fused-moe-serve-"));
-  });
-  afterAll(() => {
-    if (dir !== "") rmSync(dir, { recursive: true, force: true });
-  });
+  const dir = suiteTempDir("fused-moe-serve-");
 
   const runs: ["host" | "cuda", "bf16" | "mxfp8"][] = [["host", "bf16"], ["host", "mxfp8"]];
   if (CUDA_DEVICES > 0) runs.push(["cuda", "bf16"], ["cuda", "mxfp8"]);
@@ -87,7 +79,7 @@ describe("fused-moe serve", () => {
     seededTest(`${backend}, ${weights} weights: requests sent at once each get their own layer output`, async (rng) => {
       const fc1 = randWeights(rng, E, 2 * I, H);
       const fc2 = randWeights(rng, E, H, I);
-      const layer = join(dir, `layer-${backend}-${weights}.safetensors`);
+      const layer = join(dir(), `layer-${backend}-${weights}.safetensors`);
       writeSafetensors(layer, { fc1: { dtype: "bf16", shape: [E, 2 * I, H], data: fc1 }, fc2: { dtype: "bf16", shape: [E, H, I], data: fc2 } });
       const server = await startServer(layer, ["--backend", backend, "--weights", weights]);
       try {
@@ -129,7 +121,7 @@ describe("fused-moe serve", () => {
     const [wH, wI] = [512, 1024];
     const fc1 = randWeights(rng, E, 2 * wI, wH);
     const fc2 = randWeights(rng, E, wH, wI);
-    const layer = join(dir, "layer-batching.safetensors");
+    const layer = join(dir(), "layer-batching.safetensors");
     writeSafetensors(layer, { fc1: { dtype: "bf16", shape: [E, 2 * wI, wH], data: fc1 }, fc2: { dtype: "bf16", shape: [E, wH, wI], data: fc2 } });
     const server = await startServer(layer, ["--backend", "host"], { FMOE_HOST_THREADS: "1" });
     try {
@@ -156,7 +148,7 @@ describe("fused-moe serve", () => {
     const local = 3;
     const fc1 = randWeights(rng, local, I, H);
     const fc2 = randWeights(rng, local, H, I);
-    const layer = join(dir, "layer-metadata.safetensors");
+    const layer = join(dir(), "layer-metadata.safetensors");
     const weights: Record<string, HostTensor> = { fc1: { dtype: "bf16", shape: [local, I, H], data: fc1 }, fc2: { dtype: "bf16", shape: [local, H, I], data: fc2 } };
     writeSafetensors(layer, weights, { activation: "squared_relu", num_experts: String(E), local_expert_start: "2", topk: String(topk) });
     const server = await startServer(layer, ["--backend", "host"], {}, false);
@@ -180,7 +172,7 @@ describe("fused-moe serve", () => {
     } finally {
       expect((await overridden.stop()).code).toBe(0);
     }
-    const bad = join(dir, "layer-bad-metadata.safetensors");
+    const bad = join(dir(), "layer-bad-metadata.safetensors");
     for (const [metadata, message] of [
       [{ topk: "two" }, `${bad}: metadata topk must be an integer >= 1, got two`],
       [{ topk: "2", activation: "relu" }, `${bad}: metadata activation must be squared_relu, silu, gelu or swiglu_oai, got relu`],
@@ -198,7 +190,7 @@ describe("fused-moe serve", () => {
     const fc1 = randWeights(rng, E, 2 * I, H);
     const fc2 = randWeights(rng, E, H, I);
     const selectionBias = Float32Array.from({ length: E }, () => rng.normal() * 0.1);
-    const layer = join(dir, "layer-router.safetensors");
+    const layer = join(dir(), "layer-router.safetensors");
     writeSafetensors(
       layer,
       { fc1: { dtype: "bf16", shape: [E, 2 * I, H], data: fc1 }, fc2: { dtype: "bf16", shape: [E, H, I], data: fc2 }, selection_bias: { dtype: "f32", shape: [E], data: selectionBias } },
@@ -238,7 +230,7 @@ describe("fused-moe serve", () => {
   }, 60_000);
 
   seededTest("bad requests get a JSON error naming what is wrong, and the server keeps serving", async (rng) => {
-    const layer = join(dir, "layer-errors.safetensors");
+    const layer = join(dir(), "layer-errors.safetensors");
     writeSafetensors(layer, { fc1: { dtype: "bf16", shape: [E, 2 * I, H], data: randWeights(rng, E, 2 * I, H) }, fc2: { dtype: "bf16", shape: [E, H, I], data: randWeights(rng, E, H, I) } });
     const server = await startServer(layer, ["--backend", "host"]);
     try {
