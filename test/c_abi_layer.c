@@ -13,17 +13,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "c_abi_check.h"
 #include "fmoe.h"
-
-/* On failure: prints the call, its status and the library's message, and exits. */
-#define CHECK(call)                                                                 \
-  do {                                                                              \
-    int status_ = (call);                                                           \
-    if (status_ != FMOE_OK) {                                                       \
-      fprintf(stderr, "%s failed (%d): %s\n", #call, status_, fmoe_last_error());   \
-      exit(1);                                                                      \
-    }                                                                               \
-  } while (0)
 
 static void* read_exact(FILE* f, size_t bytes) {
   void* p = malloc(bytes > 0 ? bytes : 1);

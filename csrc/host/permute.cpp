@@ -53,10 +53,11 @@ Status permute(ThreadPool& pool, const fmoe_permute_args& a) {
   for (int64_t r = 0; r < max_rows; ++r)
     a.permutation_map[r] = r < n_used && slot_of_row[r] >= 0 ? int32_t(slot_of_row[r] / K) : -1;
 
-  if (a.invalid_count != nullptr) {
-    // Wrapping add, as a device atomicAdd on an i32 would.
-    const uint32_t sum = uint32_t(*a.invalid_count) + uint32_t(invalid);
-    *a.invalid_count = int32_t(sum);
+  if (a.invalid_count != nullptr && invalid != 0) {
+    // Atomic and wrapping, as the device's atomicAdd on an i32: one plan's counter is shared by
+    // its calls on every stream, whose work runs on threads of their own here.
+    __atomic_fetch_add(reinterpret_cast<uint32_t*>(a.invalid_count), uint32_t(invalid),
+                       __ATOMIC_RELAXED);
   }
 
   // Rows: bf16 copies (times the slot's prob when given), padding rows zeroed, and the MXFP8

@@ -19,6 +19,12 @@
  *   0xFF = NaN) stored as uint8; f32; i32.
  * - Matrices are row-major. Weights use the nn.Linear [out, in] layout, reduction dimension
  *   contiguous, stacked over the local experts.
+ * - Threads: any function may be called from any thread. Calls on one context take its lock one
+ *   at a time (the work they enqueue still runs concurrently, stream by stream); contexts are
+ *   independent. A plan may serve calls on several streams at once, each with a workspace of its
+ *   own (its invalid-id counter adds atomically). Handles must stay alive until no thread uses
+ *   them: destroying a context, stream, graph or plan while another thread calls with it is the
+ *   caller's race.
  *
  * Asynchrony and CUDA graphs
  * - Ops are enqueued on a stream (NULL = the context's default stream) and return without waiting.
