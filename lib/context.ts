@@ -293,6 +293,11 @@ export class Context {
     return new Graph(this, handle, [...used]);
   }
 
+  /** @internal Whether `stream` (the default stream when undefined) is capturing. */
+  _capturing(stream: Stream | undefined): boolean {
+    return this.#captures.has(stream?.handle ?? 0);
+  }
+
   /**
    * @internal Checks that every tensor is alive and belongs to this context, and, when `stream`
    * is capturing, records them for the graph.

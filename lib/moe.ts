@@ -19,7 +19,7 @@ import {
   WEIGHT_FORMAT_CODE,
   type WeightFormat,
 } from "./config.ts";
-import type { Context, Stream, WaitOptions } from "./context.ts";
+import type { Context, Event, Stream, WaitOptions } from "./context.ts";
 import { MX_BLOCK } from "./dtype.ts";
 import { booleanOption, checkOptions, FmoeError, finiteOption, optionNames, Status } from "./errors.ts";
 import * as ffi from "./ffi.ts";
@@ -236,6 +236,9 @@ export class FusedMoE {
   readonly #workspace: Tensor;
   readonly #owned: Tensor[] = [];
   #routed: { routingMap: Tensor<"i32">; probs: Tensor<"f32"> } | undefined;
+  // The stream of the last call run eagerly, and an event recorded after it: the layer has one
+  // workspace, so a call on another stream must not start while that one may still run.
+  #lastCall: { stream: number; done: Event } | undefined;
 
   /** Creates the plan, prepares the weights (quantize / unswizzle as needed) and the workspace. */
   constructor(ctx: Context, config: FusedMoEConfig, weights: FusedMoEWeights) {
@@ -361,6 +364,27 @@ export class FusedMoE {
     return [w.fc1, w.fc2, w.fc1Scale, w.fc2Scale, w.fc1Bias, w.fc2Bias, this.#workspace];
   }
 
+  // Refuses a call on another stream than the last one while that one may still be running:
+  // both would use the one workspace (and the routed buffers) at once, and return garbage.
+  #claim(stream: Stream | undefined, fn: string): void {
+    const last = this.#lastCall;
+    if (this.ctx._capturing(stream) || last === undefined || last.stream === (stream?.handle ?? 0) || last.done.query()) return;
+    throw new FmoeError(
+      Status.INVALID_STATE,
+      `FusedMoE.${fn}: the layer's previous call, on another stream, may still be running; a layer has one workspace, ` +
+        "so its calls must not overlap on the device. Run its calls on one stream (they queue in order), wait for the " +
+        "previous one (e.g. await out.downloadAsync(stream)), or give each stream a FusedMoE of its own (weights can be shared)",
+    );
+  }
+
+  // After an eager call on `stream`: remembers it for #claim (captured calls run only as graphs).
+  #ran(stream: Stream | undefined): void {
+    if (this.ctx._capturing(stream)) return;
+    this.#lastCall ??= { stream: 0, done: this.ctx.createEvent() };
+    this.#lastCall.done.record(stream);
+    this.#lastCall.stream = stream?.handle ?? 0;
+  }
+
   #run(fields: ffi.MoeFields, tensors: (Tensor | undefined)[], stream: Stream | undefined): void {
     const plan = this.#handle();
     this.ctx._use(stream, [...tensors, ...this.#weightTensors()]);
@@ -376,6 +400,7 @@ export class FusedMoE {
       workspace: this.#workspace.ptr,
       workspace_bytes: this.workspaceBytes,
     });
+    this.#ran(stream);
   }
 
   #output(given: Tensor | undefined, rows: number): { out: Tensor<"bf16">; allocated: boolean } {
@@ -390,6 +415,9 @@ export class FusedMoE {
    * The layer: out[t] = sum over local slots k of probs[t,k] * FC2(act(FC1(hidden[t]))), bf16
    * [T, H] (tokens with no local slot get zeros). Asynchronous on `stream`. With routerLogits,
    * the routing and weights are route()'s (config.router), kept in the layer's own buffers.
+   * The layer's calls share its workspace: on another stream than the last call's, while that
+   * one may still run, the call is refused (INVALID_STATE); one FusedMoE per stream runs them at
+   * once (the weight tensors can be shared).
    */
   forward(args: ForwardArgs): Tensor<"bf16"> {
     checkOptions("FusedMoE.forward", "args", args, FORWARD_OPTIONS);
@@ -397,6 +425,7 @@ export class FusedMoE {
     const hidden = checkTensor("hidden", args.hidden, "bf16", [null, c.hidden], "[T, H]");
     const T = hidden.shape[0]!;
     if (T > c.maxTokens) fail(`hidden has ${T} tokens, more than maxTokens (${c.maxTokens})`);
+    this.#claim(args.stream, "forward");
     let routing: Tensor;
     let probs: Tensor;
     if (args.routerLogits !== undefined) {
@@ -434,6 +463,7 @@ export class FusedMoE {
     if (rows > c.maxTokens * c.topk) fail(`hidden has ${rows} rows, more than maxTokens * topk (${c.maxTokens * c.topk})`);
     const tpe = checkTensor("tokensPerExpert", args.tokensPerExpert, "i32", [c.numLocalExperts], "[E_local]");
     const probs = checkTensor("probs", args.probs, "f32", [rows], "[rows]");
+    this.#claim(args.stream, "forwardGrouped");
     const { out, allocated } = this.#output(args.out, rows);
     try {
       this.#run({ hidden: hidden.ptr, tokens_per_expert: tpe.ptr, probs: probs.ptr, output: out.ptr, num_tokens: rows }, [hidden, tpe, probs, out], args.stream);
@@ -495,6 +525,7 @@ export class FusedMoE {
     this.#disposed = true;
     unregisterFinalizer(this);
     for (const t of this.#owned) t.dispose();
+    this.#lastCall?.done.dispose();
     if (!this.ctx.disposed) ffi.planDestroy(this.ctx._handle, this.#plan);
   }
 

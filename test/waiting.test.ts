@@ -6,7 +6,7 @@
 // test/cuda.test.ts checks the same waits on a device.
 import { describe, expect } from "bun:test";
 import { Context, FusedMoE, randomRouting, Status } from "../lib/index.ts";
-import { countEventLoopTurns, expectBitExact, expectFmoeRejects, queueLongWork, randBf16, randWeights, seededTest, suiteContext } from "./helpers.ts";
+import { countEventLoopTurns, expectBitExact, expectFmoe, expectFmoeRejects, queueLongWork, randBf16, randWeights, seededTest, suiteContext } from "./helpers.ts";
 
 const ARG = Status.INVALID_ARGUMENT;
 const STATE = Status.INVALID_STATE;
@@ -52,6 +52,42 @@ describe("waiting without blocking (host)", () => {
     using again = x.createEvent().record(work.stream);
     await again.synchronizeAsync({ spinMs: 0 });
     expect(again.query()).toBe(true);
+  });
+
+  seededTest("a layer's call on another stream while its last one may still run is refused; after it, or on the same stream, it runs", async (rng) => {
+    const x = ctx();
+    const [T, H, I, E, topk] = [1 + rng.int(20), 64, 32, 4, 2];
+    using fc1 = x.upload(randWeights(rng, E, 2 * I, H), [E, 2 * I, H], "bf16");
+    using fc2 = x.upload(randWeights(rng, E, H, I), [E, H, I], "bf16");
+    using moe = new FusedMoE(x, { hidden: H, ffn: I, numExperts: E, topk, activation: "silu", maxTokens: 32, router: {} }, { fc1, fc2 });
+    const routing = randomRouting(rng, T, E, topk);
+    using hidden = x.upload(randBf16(rng, T * H), [T, H], "bf16");
+    using routingMap = x.upload(routing.routingMap, [T, topk], "i32");
+    using probs = x.upload(routing.probs, [T, topk], "f32");
+    using logits = x.upload(rng.f32Normal(T * E), [T, E], "f32");
+    using alone = moe.forward({ hidden, routingMap, probs });
+    const expected = alone.download();
+    // The first call queues behind ~0.1 s of products on its stream: still running when the
+    // second comes, which would share the layer's workspace (and its routed buffers) with it.
+    using work = queueLongWork(x, rng, 512, 512, 512, 4);
+    using first = moe.forward({ hidden, routingMap, probs, stream: work.stream });
+    using other = x.createStream();
+    expectFmoe(() => moe.forward({ hidden, routingMap, probs, stream: other }), STATE, "FusedMoE.forward", "previous call, on another stream, may still be running");
+    expectFmoe(() => moe.forward({ hidden, routerLogits: logits }), STATE, "FusedMoE.forward", "another stream");
+    using tpe = x.upload(Int32Array.of(T, 0, 0, 0), [E], "i32");
+    using rowProbs = x.upload(Float32Array.from({ length: T }, () => 1), [T], "f32");
+    expectFmoe(() => moe.forwardGrouped({ hidden, tokensPerExpert: tpe, probs: rowProbs, stream: other }), STATE, "FusedMoE.forwardGrouped", "another stream");
+    // Capturing on another stream runs nothing, so it is not refused.
+    using out = x.empty([T, H], "bf16");
+    using graph = moe.capture({ hidden, routingMap, probs, out, stream: other });
+    using again = moe.forward({ hidden, routingMap, probs, stream: work.stream }); // same stream: queued in order
+    expect(work.done.query()).toBe(false);
+    expectBitExact(await again.downloadAsync(work.stream), expected, "the call queued behind the first, on its stream");
+    expectBitExact(first.download(), expected, "the first call");
+    using later = moe.forward({ hidden, routingMap, probs, stream: other }); // the first has finished
+    expectBitExact(later.download(other), expected, "the call on the other stream, after the first");
+    graph.launch(other);
+    expectBitExact(out.download(other), expected, "the graph captured meanwhile");
   });
 
   seededTest("an event's newest record decides whether it is complete, as on CUDA", async (rng) => {
