@@ -16,7 +16,8 @@ const EDGES = [
   0, 1, -1, 2, 3, 7, 8, 16, 31, 32, 33, 64, 127, 128, 255, 256, 1024, 2 ** 31 - 1, 2 ** 31, -(2 ** 31),
   2 ** 32 + 1, 2 ** 40, 2 ** 52, 2 ** 62, -(2 ** 62), 2 ** 63 - 2 ** 10,
 ];
-const ROUNDS_PER_OP = 400;
+// FMOE_FUZZ_ROUNDS sets fewer (under compute-sanitizer, whose launches are slow) or more.
+const ROUNDS_PER_OP = Number(process.env.FMOE_FUZZ_ROUNDS ?? 400);
 
 type Fields = Record<string, number>;
 
