@@ -1,8 +1,8 @@
 /**
  * Context: one backend (host or CUDA device) with its memory, streams, graphs and plans.
  */
-import type { DType, ElementArray } from "./dtype.ts";
-import { checkOptions, FmoeError, optionNames, Status } from "./errors.ts";
+import { type DType, DTYPES, type ElementArray, isDType } from "./dtype.ts";
+import { checkOptions, describeValue, FmoeError, optionNames, Status } from "./errors.ts";
 import * as ffi from "./ffi.ts";
 import { Graph } from "./graph.ts";
 import { ContextState, registerFinalizer, unregisterFinalizer } from "./lifetime.ts";
@@ -53,6 +53,10 @@ export interface DeviceProps {
 
 function backendName(code: number): BackendKind {
   return code === BACKEND_CODE.cuda ? "cuda" : "host";
+}
+
+function checkDType(fn: string, dtype: unknown): void {
+  if (!isDType(dtype)) throw new FmoeError(Status.INVALID_ARGUMENT, `${fn}: dtype must be one of ${DTYPES.join(", ")}, got ${describeValue(dtype)}`);
 }
 
 function inferDType(data: ElementArray): DType {
@@ -210,6 +214,8 @@ export class Context {
   /** An uninitialised tensor of `shape` and `dtype` (contents unspecified). */
   empty<D extends DType>(shape: readonly number[], dtype: D): Tensor<D> {
     this.assertAlive();
+    checkDType("empty", dtype);
+    shapeNumel(shape, "empty");
     return Tensor._allocate(this, shape, dtype);
   }
 
@@ -234,6 +240,7 @@ export class Context {
   upload(data: ElementArray, shape?: readonly number[], dtype?: DType): Tensor;
   upload(data: ElementArray, shape?: readonly number[], dtype?: DType): Tensor {
     const dt = dtype ?? inferDType(data);
+    checkDType("upload", dt);
     const host = hostArrayFor(data, dt, "upload");
     const dims = shape ?? [host.length];
     const n = shapeNumel(dims, "upload");
@@ -266,7 +273,7 @@ export class Context {
    * `body` throws (then the partial graph is destroyed and the error rethrown).
    */
   capture(stream: Stream | undefined, body: () => void): Graph {
-    const s = stream?.handle ?? 0;
+    const s = this._streamHandle("capture", stream);
     if (this.#captures.has(s)) throw new FmoeError(Status.INVALID_STATE, "capture: the stream is already capturing");
     ffi.graphCaptureBegin(this._handle, s);
     const used = new Set<Tensor>();
@@ -299,18 +306,33 @@ export class Context {
   }
 
   /**
-   * @internal Checks that every tensor is alive and belongs to this context, and, when `stream`
-   * is capturing, records them for the graph.
+   * @internal The handle of `stream` for a call of `fn` (0, the default stream, when undefined),
+   * checked to be a live Stream of this context: a number or another context's stream would
+   * otherwise run the work on the default stream without a word.
    */
-  _use(stream: Stream | undefined, tensors: readonly (Tensor | undefined)[]): void {
+  _streamHandle(fn: string, stream: unknown): number {
+    if (stream === undefined) return 0;
+    if (!(stream instanceof Stream)) throw new FmoeError(Status.INVALID_ARGUMENT, `${fn}: stream must be a Stream, got ${describeValue(stream)}`);
+    if (stream.ctx !== this) throw new FmoeError(Status.INVALID_ARGUMENT, `${fn}: stream belongs to another context`);
+    return stream.handle;
+  }
+
+  /**
+   * @internal Checks that `stream` is one of this context's (see _streamHandle), that every
+   * tensor is alive and belongs to this context, and, when `stream` is capturing, records them
+   * for the graph. Returns the stream's handle.
+   */
+  _use(fn: string, stream: Stream | undefined, tensors: readonly (Tensor | undefined)[]): number {
     this.assertAlive();
-    const used = this.#captures.get(stream?.handle ?? 0);
+    const handle = this._streamHandle(fn, stream);
+    const used = this.#captures.get(handle);
     for (const t of tensors) {
       if (t === undefined) continue;
       t.assertAlive();
       if (t.ctx !== this) throw new FmoeError(Status.INVALID_ARGUMENT, `${t.toString()} belongs to another context`);
       used?.add(t);
     }
+    return handle;
   }
 
   /**
@@ -426,7 +448,7 @@ export class Event extends ContextChild {
 
   /** Records the event on `stream` (default stream when omitted). */
   record(stream?: Stream): this {
-    ffi.eventRecord(this.ctx._handle, this.handle, stream?.handle ?? 0);
+    ffi.eventRecord(this.ctx._handle, this.handle, this.ctx._streamHandle("record", stream));
     return this;
   }
 

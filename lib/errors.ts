@@ -46,6 +46,18 @@ export class FmoeError extends Error {
   }
 }
 
+/** A value as a message names it: "null", "an array", "a Float32Array", "an Object", "number 3", "string \"x\"". */
+export function describeValue(value: unknown): string {
+  if (value === null || value === undefined) return String(value);
+  if (Array.isArray(value)) return "an array";
+  if (typeof value === "object") {
+    const name = (value.constructor as { name?: string } | undefined)?.name ?? "object without a prototype";
+    return `${/^[AEIOU]/i.test(name) ? "an" : "a"} ${name}`;
+  }
+  if (typeof value === "function") return "a function";
+  return `${typeof value} ${JSON.stringify(value) ?? String(value)}`;
+}
+
 /** Throws FmoeError(INVALID_ARGUMENT, `${fn}: ${message}`) unless `cond`. */
 export function ensureArg(cond: boolean, fn: string, message: string): asserts cond {
   if (!cond) throw new FmoeError(Status.INVALID_ARGUMENT, `${fn}: ${message}`);

@@ -38,7 +38,7 @@ export class Graph {
   launch(stream?: Stream): void {
     if (this.disposed) throw new FmoeError(Status.INVALID_STATE, "graph is disposed");
     for (const t of this.tensors) t.assertAlive("graph launch");
-    ffi.graphLaunch(this.ctx._handle, this.#handle, stream?.handle ?? 0);
+    ffi.graphLaunch(this.ctx._handle, this.#handle, this.ctx._streamHandle("graph launch", stream));
   }
 
   /** Destroys the graph (not its tensors). Idempotent. */

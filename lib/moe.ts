@@ -19,14 +19,14 @@ import {
   WEIGHT_FORMAT_CODE,
   type WeightFormat,
 } from "./config.ts";
-import type { Context, Event, Stream, WaitOptions } from "./context.ts";
+import { Context, type Event, type Stream, type WaitOptions } from "./context.ts";
 import { MX_BLOCK } from "./dtype.ts";
-import { booleanOption, checkOptions, FmoeError, finiteOption, optionNames, Status } from "./errors.ts";
+import { booleanOption, checkOptions, describeValue, FmoeError, finiteOption, optionNames, Status } from "./errors.ts";
 import * as ffi from "./ffi.ts";
 import type { Graph } from "./graph.ts";
 import { registerFinalizer, unregisterFinalizer } from "./lifetime.ts";
 import { quantizeMxfp8, route, type RouteScoring, unswizzleScales } from "./ops.ts";
-import { describe, type Tensor } from "./tensor.ts";
+import { assertLiveTensor, describe, type Tensor } from "./tensor.ts";
 
 /** The static description of a layer (fmoe_plan_desc). */
 export interface FusedMoEConfig {
@@ -156,7 +156,7 @@ function checkInt(name: string, value: number, min: number): number {
 
 function checkTensor(name: string, t: Tensor | undefined, dtype: string, dims: readonly (number | null)[], spec: string): Tensor {
   if (t === undefined) fail(`${name} is required (${spec} ${dtype})`);
-  t.assertAlive(`FusedMoE: ${name}`);
+  assertLiveTensor(t, `FusedMoE: ${name}`);
   const ok = t.dtype === dtype && t.shape.length === dims.length && dims.every((d, i) => d === null || d === t.shape[i]);
   if (!ok) {
     fail(`${name} must be ${spec} = [${dims.map((d) => (d === null ? "*" : String(d))).join(", ")}] ${dtype}, got ${describe(t.shape, t.dtype)}`);
@@ -242,6 +242,7 @@ export class FusedMoE {
 
   /** Creates the plan, prepares the weights (quantize / unswizzle as needed) and the workspace. */
   constructor(ctx: Context, config: FusedMoEConfig, weights: FusedMoEWeights) {
+    if (!(ctx instanceof Context)) fail(`ctx must be a Context, got ${describeValue(ctx)}`);
     this.ctx = ctx;
     const c = resolveConfig(config);
     this.config = c;
@@ -367,8 +368,9 @@ export class FusedMoE {
   // Refuses a call on another stream than the last one while that one may still be running:
   // both would use the one workspace (and the routed buffers) at once, and return garbage.
   #claim(stream: Stream | undefined, fn: string): void {
+    const handle = this.ctx._streamHandle(`FusedMoE.${fn}`, stream);
     const last = this.#lastCall;
-    if (this.ctx._capturing(stream) || last === undefined || last.stream === (stream?.handle ?? 0) || last.done.query()) return;
+    if (this.ctx._capturing(stream) || last === undefined || last.stream === handle || last.done.query()) return;
     throw new FmoeError(
       Status.INVALID_STATE,
       `FusedMoE.${fn}: the layer's previous call, on another stream, may still be running; a layer has one workspace, ` +
@@ -387,9 +389,9 @@ export class FusedMoE {
 
   #run(fields: ffi.MoeFields, tensors: (Tensor | undefined)[], stream: Stream | undefined): void {
     const plan = this.#handle();
-    this.ctx._use(stream, [...tensors, ...this.#weightTensors()]);
+    const handle = this.ctx._use("FusedMoE", stream, [...tensors, ...this.#weightTensors()]);
     const w = this.weights;
-    ffi.fusedMoe(plan, stream?.handle ?? 0, {
+    ffi.fusedMoe(plan, handle, {
       ...fields,
       fc1: w.fc1.ptr,
       fc1_scale: w.fc1Scale?.ptr ?? 0,
@@ -516,7 +518,7 @@ export class FusedMoE {
   /** Sets the invalid-id counter to 0 (on `stream`). */
   resetInvalidCount(stream?: Stream): void {
     const counter = ffi.planInvalidCount(this.#handle());
-    ffi.memset(this.ctx._handle, counter, 0, 4, stream?.handle ?? 0);
+    ffi.memset(this.ctx._handle, counter, 0, 4, this.ctx._streamHandle("resetInvalidCount", stream));
   }
 
   /** Destroys the plan and the buffers this layer owns (not borrowed weights). Idempotent. */

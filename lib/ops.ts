@@ -23,11 +23,11 @@ import {
   SWIGLU_OAI_DEFAULT_ALPHA,
   SWIGLU_OAI_DEFAULT_LIMIT,
 } from "./config.ts";
-import type { Context, Stream } from "./context.ts";
+import { Context, type Stream } from "./context.ts";
 import { type DType, MX_BLOCK } from "./dtype.ts";
-import { booleanOption, checkOptions, FmoeError, finiteOption, optionNames, Status } from "./errors.ts";
+import { booleanOption, checkOptions, describeValue, FmoeError, finiteOption, optionNames, Status } from "./errors.ts";
 import * as ffi from "./ffi.ts";
-import { describe, type Tensor } from "./tensor.ts";
+import { assertLiveTensor, describe, type Tensor } from "./tensor.ts";
 
 // ------------------------------------------------------------------------------------------------
 // Validation helpers
@@ -42,7 +42,7 @@ function fail(fn: string, message: string): never {
  */
 function expectTensor<D extends DType>(fn: string, name: string, t: Tensor | undefined, dtype: D, dims: readonly (number | null)[], spec: string): Tensor<D> {
   if (t === undefined) fail(fn, `${name} is required (${spec} ${dtype})`);
-  t.assertAlive(`${fn}: ${name}`);
+  assertLiveTensor(t, `${fn}: ${name}`);
   const okShape = t.shape.length === dims.length && dims.every((d, i) => d === null || d === t.shape[i]);
   if (t.dtype !== dtype || !okShape) {
     const want = `[${dims.map((d) => (d === null ? "*" : String(d))).join(", ")}]`;
@@ -85,6 +85,7 @@ class Outputs {
 
 /** Runs `body` with an Outputs; frees the allocated outputs if it throws. */
 function withOutputs<R>(ctx: Context, fn: string, body: (out: Outputs) => R): R {
+  if (!(ctx instanceof Context)) fail(fn, `ctx must be a Context, got ${describeValue(ctx)}`);
   const outs = new Outputs(ctx, fn);
   try {
     return body(outs);
@@ -99,9 +100,10 @@ export type DeviceScalar = Tensor | { tensor: Tensor; offsetElements: number };
 
 function scalarPtr(fn: string, name: string, s: DeviceScalar | undefined): { ptr: number; tensor: Tensor | undefined } {
   if (s === undefined) return { ptr: 0, tensor: undefined };
-  const tensor = "tensor" in s ? s.tensor : s;
-  const offset = "tensor" in s ? s.offsetElements : 0;
-  tensor.assertAlive(`${fn}: ${name}`);
+  const pair = typeof s === "object" && s !== null && "tensor" in s;
+  const tensor = pair ? s.tensor : s;
+  const offset = pair ? s.offsetElements : 0;
+  assertLiveTensor(tensor, `${fn}: ${name}`);
   if (tensor.dtype !== "i32") fail(fn, `${name} must be an i32 tensor, got ${describe(tensor.shape, tensor.dtype)}`);
   if (!Number.isSafeInteger(offset) || offset < 0 || offset >= tensor.numel) {
     fail(fn, `${name}: element ${offset} lies outside ${describe(tensor.shape, tensor.dtype)}`);
@@ -218,8 +220,8 @@ export function permute(ctx: Context, o: PermuteOptions): PermuteResult {
   if (given.maxRows !== undefined && given.maxRows !== rows) {
     fail(fn, `out.maxRows (${given.maxRows}) is not this call's row capacity (${rows}: T ${T}, topk ${topk}, ${eLocal} local experts, alignment ${alignment})`);
   }
-  given.nUsed?.assertAlive(`${fn}: out.nUsed`);
-  given.expertOffsets?.assertAlive(`${fn}: out.expertOffsets`);
+  if (given.nUsed !== undefined) assertLiveTensor(given.nUsed, `${fn}: out.nUsed`);
+  if (given.expertOffsets !== undefined) assertLiveTensor(given.expertOffsets, `${fn}: out.expertOffsets`);
   if (given.nUsed !== undefined && (given.expertOffsets === undefined || given.nUsed.ptr !== given.expertOffsets.ptr + 4 * eLocal)) {
     fail(fn, "out.nUsed must be the nUsed of the out.expertOffsets passed with it (an earlier result of this call's shape)");
   }
@@ -235,8 +237,8 @@ export function permute(ctx: Context, o: PermuteOptions): PermuteResult {
     const expertOffsets = outs.get("expertOffsets", given.expertOffsets, "i32", [eLocal + 1], "[E_local + 1]");
     const permutationMap = outs.get("permutationMap", given.permutationMap, "i32", [rows], "[maxRows]");
     const inverseMap = outs.get("inverseMap", given.inverseMap, "i32", [T, topk], "[T, topk]");
-    ctx._use(o.stream, [hidden, routing, o.probs, permuted, permutedQ, permutedScale, expertOffsets, permutationMap, inverseMap, invalid.tensor]);
-    ffi.permute(ctx._handle, o.stream?.handle ?? 0, {
+    const stream = ctx._use(fn, o.stream, [hidden, routing, o.probs, permuted, permutedQ, permutedScale, expertOffsets, permutationMap, inverseMap, invalid.tensor]);
+    ffi.permute(ctx._handle, stream, {
       hidden: hidden.ptr,
       routing_map: routing.ptr,
       probs: o.probs?.ptr ?? 0,
@@ -343,8 +345,8 @@ export function activation(ctx: Context, o: ActivationBf16Options | ActivationMx
     } else {
       output = outs.get("output", o.out, "bf16", [rows, ffn], "[rows, I]");
     }
-    ctx._use(o.stream, [input, o.rowMap, nUsed.tensor, output, pair?.data, pair?.scale]);
-    ffi.activationQuant(ctx._handle, o.stream?.handle ?? 0, {
+    const stream = ctx._use(fn, o.stream, [input, o.rowMap, nUsed.tensor, output, pair?.data, pair?.scale]);
+    ffi.activationQuant(ctx._handle, stream, {
       input: input.ptr,
       output: output?.ptr ?? 0,
       output_q: pair?.data.ptr ?? 0,
@@ -380,7 +382,7 @@ export function quantizeMxfp8(ctx: Context, x: Tensor, o: QuantizeOptions = {}):
   const fn = "quantizeMxfp8";
   checkOptions(fn, "options", o, QUANTIZE_OPTIONS);
   if (o.out !== undefined) checkOptions(fn, "out", o.out, MXFP8_TENSORS);
-  x.assertAlive(`${fn}: x`);
+  assertLiveTensor(x, `${fn}: x`);
   if (x.dtype !== "bf16" || x.shape.length < 1) fail(fn, `x must be [..., K] bf16, got ${describe(x.shape, x.dtype)}`);
   const k = x.shape[x.shape.length - 1]!;
   if (k % MX_BLOCK !== 0) fail(fn, `x's last dimension K (${k}) must be a multiple of 32`);
@@ -389,8 +391,8 @@ export function quantizeMxfp8(ctx: Context, x: Tensor, o: QuantizeOptions = {}):
   return withOutputs(ctx, fn, (outs) => {
     const data = outs.get("data", o.out?.data, "e4m3", x.shape, "[..., K]");
     const scale = outs.get("scale", o.out?.scale, "e8m0", [...lead, k / MX_BLOCK], "[..., K/32]");
-    ctx._use(o.stream, [x, data, scale]);
-    ffi.quantizeMxfp8(ctx._handle, o.stream?.handle ?? 0, x.ptr, rows, k, data.ptr, scale.ptr);
+    const stream = ctx._use(fn, o.stream, [x, data, scale]);
+    ffi.quantizeMxfp8(ctx._handle, stream, x.ptr, rows, k, data.ptr, scale.ptr);
     return { data, scale };
   });
 }
@@ -407,7 +409,7 @@ const OUT_STREAM_OPTIONS = optionNames<DequantizeOptions>({ out: true, stream: t
 export function dequantizeMxfp8(ctx: Context, data: Tensor, scale: Tensor, o: DequantizeOptions = {}): Tensor<"f32"> {
   const fn = "dequantizeMxfp8";
   checkOptions(fn, "options", o, OUT_STREAM_OPTIONS);
-  data.assertAlive(`${fn}: data`);
+  assertLiveTensor(data, `${fn}: data`);
   if (data.dtype !== "e4m3" || data.shape.length < 1) fail(fn, `data must be [..., K] e4m3, got ${describe(data.shape, data.dtype)}`);
   const k = data.shape[data.shape.length - 1]!;
   if (k % MX_BLOCK !== 0) fail(fn, `data's last dimension K (${k}) must be a multiple of 32`);
@@ -415,8 +417,8 @@ export function dequantizeMxfp8(ctx: Context, data: Tensor, scale: Tensor, o: De
   const rows = k === 0 ? 0 : data.numel / k;
   return withOutputs(ctx, fn, (outs) => {
     const out = outs.get("out", o.out, "f32", data.shape, "[..., K]");
-    ctx._use(o.stream, [data, scale, out]);
-    ffi.dequantizeMxfp8(ctx._handle, o.stream?.handle ?? 0, data.ptr, scale.ptr, rows, k, out.ptr);
+    const stream = ctx._use(fn, o.stream, [data, scale, out]);
+    ffi.dequantizeMxfp8(ctx._handle, stream, data.ptr, scale.ptr, rows, k, out.ptr);
     return out;
   });
 }
@@ -439,7 +441,7 @@ function roundUp(x: number, m: number): number {
 export function swizzleScales(ctx: Context, linear: Tensor, o: SwizzleOptions = {}): Tensor<"e8m0"> {
   const fn = "swizzleScales";
   checkOptions(fn, "options", o, OUT_STREAM_OPTIONS);
-  linear.assertAlive(`${fn}: linear`);
+  assertLiveTensor(linear, `${fn}: linear`);
   if (linear.dtype !== "e8m0" || (linear.shape.length !== 2 && linear.shape.length !== 3)) {
     fail(fn, `linear must be [rows, scaleCols] or [batch, rows, scaleCols] e8m0, got ${describe(linear.shape, linear.dtype)}`);
   }
@@ -448,8 +450,8 @@ export function swizzleScales(ctx: Context, linear: Tensor, o: SwizzleOptions = 
   const shape = linear.shape.length === 3 ? [batch, ...padded] : padded;
   return withOutputs(ctx, fn, (outs) => {
     const out = outs.get("out", o.out, "e8m0", shape, "[batch, roundUp(rows, 128), roundUp(scaleCols, 4)]");
-    ctx._use(o.stream, [linear, out]);
-    ffi.swizzleScales(ctx._handle, o.stream?.handle ?? 0, linear.ptr, batch, rows, cols, out.ptr);
+    const stream = ctx._use(fn, o.stream, [linear, out]);
+    ffi.swizzleScales(ctx._handle, stream, linear.ptr, batch, rows, cols, out.ptr);
     return out;
   });
 }
@@ -472,7 +474,7 @@ const UNSWIZZLE_OPTIONS = optionNames<UnswizzleOptions>({ rows: true, scaleCols:
 export function unswizzleScales(ctx: Context, swizzled: Tensor, o: UnswizzleOptions): Tensor<"e8m0"> {
   const fn = "unswizzleScales";
   checkOptions(fn, "options", o, UNSWIZZLE_OPTIONS);
-  swizzled.assertAlive(`${fn}: swizzled`);
+  assertLiveTensor(swizzled, `${fn}: swizzled`);
   if (swizzled.dtype !== "e8m0") fail(fn, `swizzled must be e8m0, got ${describe(swizzled.shape, swizzled.dtype)}`);
   const rows = expectInt(fn, "rows", o.rows, 0);
   const cols = expectInt(fn, "scaleCols", o.scaleCols, 0);
@@ -485,8 +487,8 @@ export function unswizzleScales(ctx: Context, swizzled: Tensor, o: UnswizzleOpti
   const shape = batched ? [batch, rows, cols] : [rows, cols];
   return withOutputs(ctx, fn, (outs) => {
     const out = outs.get("out", o.out, "e8m0", shape, batched ? "[batch, rows, scaleCols]" : "[rows, scaleCols]");
-    ctx._use(o.stream, [swizzled, out]);
-    ffi.unswizzleScales(ctx._handle, o.stream?.handle ?? 0, swizzled.ptr, batch, rows, cols, out.ptr);
+    const stream = ctx._use(fn, o.stream, [swizzled, out]);
+    ffi.unswizzleScales(ctx._handle, stream, swizzled.ptr, batch, rows, cols, out.ptr);
     return out;
   });
 }
@@ -552,7 +554,7 @@ function groupedMm(ctx: Context, fn: string, o: GroupedMmBf16Options | GroupedMm
   if (o.rowMap !== undefined) expectTensor(fn, "rowMap", o.rowMap, "i32", [rows], "[rows]");
   return withOutputs(ctx, fn, (outs) => {
     const c = outs.get("out", o.out, "bf16", [rows, n], "[rows, n]");
-    ctx._use(o.stream, [a, aScale, b, bScale, o.bias, offsets, o.rowMap, c]);
+    const stream = ctx._use(fn, o.stream, [a, aScale, b, bScale, o.bias, offsets, o.rowMap, c]);
     const fields: ffi.GroupedMmFields = {
       a: a.ptr,
       a_scale: aScale?.ptr ?? 0,
@@ -567,8 +569,8 @@ function groupedMm(ctx: Context, fn: string, o: GroupedMmBf16Options | GroupedMm
       k,
       groups,
     };
-    if (mx) ffi.groupedMmMxfp8(ctx._handle, o.stream?.handle ?? 0, fields);
-    else ffi.groupedMmBf16(ctx._handle, o.stream?.handle ?? 0, fields);
+    if (mx) ffi.groupedMmMxfp8(ctx._handle, stream, fields);
+    else ffi.groupedMmBf16(ctx._handle, stream, fields);
     return c;
   });
 }
@@ -655,8 +657,8 @@ export function route(ctx: Context, o: RouteOptions): RouteOutputs {
   return withOutputs(ctx, fn, (outs) => {
     const routingMap = outs.get("routingMap", o.out?.routingMap, "i32", [T, topk], "[T, topk]");
     const probs = outs.get("probs", o.out?.probs, "f32", [T, topk], "[T, topk]");
-    ctx._use(o.stream, [logits, o.selectionBias, routingMap, probs]);
-    ffi.route(ctx._handle, o.stream?.handle ?? 0, {
+    const stream = ctx._use(fn, o.stream, [logits, o.selectionBias, routingMap, probs]);
+    ffi.route(ctx._handle, stream, {
       logits: logits.ptr,
       selection_bias: o.selectionBias?.ptr ?? 0,
       routing_map: routingMap.ptr,
@@ -706,8 +708,8 @@ export function unpermute(ctx: Context, o: UnpermuteOptions): Tensor<"bf16"> {
   if (o.probs !== undefined) expectTensor(fn, "probs", o.probs, "f32", [T, topk], "[T, topk]");
   return withOutputs(ctx, fn, (outs) => {
     const out = outs.get("out", o.out, "bf16", [T, H], "[T, H]");
-    ctx._use(o.stream, [input, inv, o.probs, out]);
-    ffi.unpermute(ctx._handle, o.stream?.handle ?? 0, {
+    const stream = ctx._use(fn, o.stream, [input, inv, o.probs, out]);
+    ffi.unpermute(ctx._handle, stream, {
       input: input.ptr,
       inverse_map: inv.ptr,
       probs: o.probs?.ptr ?? 0,

@@ -15,12 +15,13 @@ import {
   toBf16Array,
   toFloat32Array,
 } from "./dtype.ts";
-import { FmoeError, Status } from "./errors.ts";
+import { describeValue, FmoeError, Status } from "./errors.ts";
 import * as ffi from "./ffi.ts";
 import { registerFinalizer, unregisterFinalizer } from "./lifetime.ts";
 
 /** Number of elements of `shape` (1 for the scalar shape []). Throws on a bad dimension. */
 export function shapeNumel(shape: readonly number[], what = "shape"): number {
+  if (!Array.isArray(shape)) throw new FmoeError(Status.INVALID_ARGUMENT, `${what}: the shape must be an array of dimensions, got ${describeValue(shape)}`);
   let n = 1;
   for (const d of shape) {
     if (!Number.isSafeInteger(d) || d < 0) {
@@ -30,6 +31,16 @@ export function shapeNumel(shape: readonly number[], what = "shape"): number {
   }
   if (!Number.isSafeInteger(n)) throw new FmoeError(Status.INVALID_ARGUMENT, `${what}: [${shape.join(", ")}] has too many elements`);
   return n;
+}
+
+/**
+ * Throws unless `value` is a live Tensor: INVALID_ARGUMENT naming `what` for anything else (Bun
+ * runs TypeScript unchecked, so a number or a plain object can arrive), INVALID_STATE once
+ * disposed.
+ */
+export function assertLiveTensor(value: unknown, what: string): asserts value is Tensor {
+  if (!(value instanceof Tensor)) throw new FmoeError(Status.INVALID_ARGUMENT, `${what} must be a Tensor, got ${describeValue(value)}`);
+  value.assertAlive(what);
 }
 
 /** "[2, 3] bf16" */
@@ -165,8 +176,9 @@ export class Tensor<D extends DType = DType> {
     this.assertAlive("download");
     const out = allocArray(this.dtype, this.numel);
     if (this.bytes === 0) return out;
+    const s = this.ctx._streamHandle("download", stream);
     if (stream === undefined) this.ctx.synchronize();
-    ffi.memcpy(this.ctx._handle, out, this.#ptr, this.bytes, ffi.MemcpyKind.DeviceToHost, stream?.handle ?? 0);
+    ffi.memcpy(this.ctx._handle, out, this.#ptr, this.bytes, ffi.MemcpyKind.DeviceToHost, s);
     return out;
   }
 
@@ -182,9 +194,7 @@ export class Tensor<D extends DType = DType> {
    */
   async downloadAsync(stream?: Stream, options?: WaitOptions): Promise<DTypeArrayMap[D]> {
     this.assertAlive("downloadAsync");
-    if (stream !== undefined && stream.ctx !== this.ctx) {
-      throw new FmoeError(Status.INVALID_ARGUMENT, "downloadAsync: stream belongs to another context");
-    }
+    this.ctx._streamHandle("downloadAsync", stream);
     if (stream === undefined) await this.ctx.synchronizeAsync(options);
     else await stream.synchronizeAsync(options);
     this.assertAlive("downloadAsync");
@@ -203,14 +213,14 @@ export class Tensor<D extends DType = DType> {
    */
   copyFrom(src: Tensor | HostData<D>, stream?: Stream): this {
     this.assertAlive("copyFrom");
-    const s = stream?.handle ?? 0;
+    const s = this.ctx._streamHandle("copyFrom", stream);
     if (src instanceof Tensor) {
       src.assertAlive("copyFrom source");
       if (src.ctx !== this.ctx) throw new FmoeError(Status.INVALID_ARGUMENT, "copyFrom: source tensor belongs to another context");
       if (src.bytes !== this.bytes) {
         throw new FmoeError(Status.INVALID_ARGUMENT, `copyFrom: source ${src.toString()} has ${src.bytes} bytes, ${this.toString()} has ${this.bytes}`);
       }
-      this.ctx._use(stream, [this, src]);
+      this.ctx._use("copyFrom", stream, [this, src]);
       if (this.bytes > 0) ffi.memcpy(this.ctx._handle, this.#ptr, src.#ptr, this.bytes, ffi.MemcpyKind.DeviceToDevice, s);
       return this;
     }
@@ -228,8 +238,8 @@ export class Tensor<D extends DType = DType> {
     if (!Number.isInteger(byteValue) || byteValue < 0 || byteValue > 255) {
       throw new FmoeError(Status.INVALID_ARGUMENT, `fill: byte value ${byteValue} is not in 0..255`);
     }
-    this.ctx._use(stream, [this]);
-    if (this.bytes > 0) ffi.memset(this.ctx._handle, this.#ptr, byteValue, this.bytes, stream?.handle ?? 0);
+    const s = this.ctx._use("fill", stream, [this]);
+    if (this.bytes > 0) ffi.memset(this.ctx._handle, this.#ptr, byteValue, this.bytes, s);
     return this;
   }
 

@@ -74,16 +74,45 @@ describe("errors: contexts, tensors, the FmoeError class", () => {
     expectFmoe(() => mine.copyFrom(h), INVALID, "another context");
   });
 
-  seededTest("a stream of another context is refused by the library", (rng) => {
+  seededTest("a stream of another context is refused, naming the call", (rng) => {
+    // (The library refuses it too: the raw-ABI tests below pass it a stream it does not know.)
     const x = ctx();
     using other = Context.create({ backend: "host" });
     using foreign = other.createStream();
     using h = x.upload(randBf16(rng, 4 * 32), [4, 32], "bf16");
     using r = x.upload(new Int32Array(8), [4, 2]);
-    expectFmoe(() => permute(x, { hidden: h, routingMap: r, numExperts: 4, stream: foreign }), INVALID, "stream", "not a live stream of this context");
-    expectFmoe(() => quantizeMxfp8(x, h, { stream: foreign }), INVALID, "not a live stream");
-    expectFmoe(() => h.fill(0, foreign), INVALID, "stream");
-    expectFmoe(() => x.capture(foreign, () => {}), INVALID, "stream");
+    expectFmoe(() => permute(x, { hidden: h, routingMap: r, numExperts: 4, stream: foreign }), INVALID, "permute: stream belongs to another context");
+    expectFmoe(() => quantizeMxfp8(x, h, { stream: foreign }), INVALID, "quantizeMxfp8: stream belongs to another context");
+    expectFmoe(() => h.fill(0, foreign), INVALID, "fill: stream");
+    expectFmoe(() => h.download(foreign), INVALID, "download: stream");
+    expectFmoe(() => x.capture(foreign, () => {}), INVALID, "capture: stream");
+  });
+
+  seededTest("a value of the wrong kind where a Tensor, Stream, Context, dtype or shape belongs: FmoeError naming it, not a TypeError", (rng) => {
+    // Bun runs TypeScript unchecked: these arrive as they are.
+    const x = ctx();
+    const any = (v: unknown) => v as never;
+    using h = x.upload(randBf16(rng, 4 * 32), [4, 32], "bf16");
+    using r = x.upload(new Int32Array(8), [4, 2]);
+    const before = x.liveAllocations().count;
+    expectFmoe(() => permute(x, { hidden: any(5), routingMap: r, numExperts: 4 }), INVALID, "permute: hidden must be a Tensor, got number 5");
+    expectFmoe(() => permute(x, { hidden: any({ shape: [4, 32] }), routingMap: r, numExperts: 4 }), INVALID, "hidden must be a Tensor, got an Object");
+    expectFmoe(() => permute(x, { hidden: h, routingMap: r, numExperts: 4, stream: any(3) }), INVALID, "permute: stream must be a Stream, got number 3");
+    expectFmoe(() => permute(x, { hidden: h, routingMap: r, numExperts: 4, invalidCount: any(7) }), INVALID, "permute: invalidCount must be a Tensor");
+    expectFmoe(() => permute(any({}), { hidden: h, routingMap: r, numExperts: 4 }), INVALID, "permute: ctx must be a Context");
+    expectFmoe(() => activation(x, { input: any(null), activation: "silu" }), INVALID, "activation: input must be a Tensor, got null");
+    expectFmoe(() => groupedMmBf16(x, { a: h, b: any("w"), groupOffsets: r }), INVALID, "groupedMmBf16: b must be a Tensor, got string \"w\"");
+    expectFmoe(() => route(x, { logits: any([1, 2]), topk: 1 }), INVALID, "route: logits must be a Tensor, got an array");
+    expectFmoe(() => quantizeMxfp8(x, any(undefined)), INVALID, "quantizeMxfp8: x must be a Tensor, got undefined");
+    expectFmoe(() => unpermute(x, { input: h, inverseMap: any({}) }), INVALID, "unpermute: inverseMap must be a Tensor");
+    expectFmoe(() => x.upload(new Float32Array(3), [3], any("f16")), INVALID, "upload: dtype must be one of bf16, f32, i32, e4m3, e8m0, got string \"f16\"");
+    expectFmoe(() => x.empty(any(3), "f32"), INVALID, "empty: the shape must be an array");
+    expectFmoe(() => h.fill(0, any({ handle: 0 })), INVALID, "fill: stream must be a Stream");
+    expectFmoe(() => h.download(any(1)), INVALID, "download: stream must be a Stream");
+    const cfg = { hidden: 32, ffn: 32, numExperts: 4, topk: 2, activation: "silu" as const, maxTokens: 4 };
+    expectFmoe(() => new FusedMoE(x, cfg, { fc1: any(1), fc2: any(2) }), INVALID, "FusedMoE: fc1 must be a Tensor, got number 1");
+    expectFmoe(() => new FusedMoE(any({}), cfg, { fc1: h, fc2: h }), INVALID, "FusedMoE: ctx must be a Context");
+    expect(x.liveAllocations().count).toBe(before);
   });
 
   seededTest("a disposed tensor passed to an op is INVALID_STATE naming it", (rng) => {
