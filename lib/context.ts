@@ -55,6 +55,10 @@ function backendName(code: number): BackendKind {
   return code === BACKEND_CODE.cuda ? "cuda" : "host";
 }
 
+function checkCallback(fn: string, body: unknown): void {
+  if (typeof body !== "function") throw new FmoeError(Status.INVALID_ARGUMENT, `${fn}: body must be a function, got ${describeValue(body)}`);
+}
+
 function checkDType(fn: string, dtype: unknown): void {
   if (!isDType(dtype)) throw new FmoeError(Status.INVALID_ARGUMENT, `${fn}: dtype must be one of ${DTYPES.join(", ")}, got ${describeValue(dtype)}`);
 }
@@ -221,6 +225,7 @@ export class Context {
 
   /** A tensor of `shape` and `dtype` with every element zero. */
   zeros<D extends DType>(shape: readonly number[], dtype: D, stream?: Stream): Tensor<D> {
+    this._streamHandle("zeros", stream); // before allocating: a bad stream must not leave a tensor behind
     return this.empty(shape, dtype).zero(stream);
   }
 
@@ -274,6 +279,7 @@ export class Context {
    */
   capture(stream: Stream | undefined, body: () => void): Graph {
     const s = this._streamHandle("capture", stream);
+    checkCallback("capture", body);
     if (this.#captures.has(s)) throw new FmoeError(Status.INVALID_STATE, "capture: the stream is already capturing");
     ffi.graphCaptureBegin(this._handle, s);
     const used = new Set<Tensor>();
@@ -340,6 +346,8 @@ export class Context {
    * events; the host backend's clock). Waits for the end event.
    */
   time(stream: Stream | undefined, body: () => void): number {
+    this._streamHandle("time", stream);
+    checkCallback("time", body);
     using start = this.createEvent();
     using end = this.createEvent();
     start.record(stream);

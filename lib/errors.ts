@@ -46,7 +46,11 @@ export class FmoeError extends Error {
   }
 }
 
-/** A value as a message names it: "null", "an array", "a Float32Array", "an Object", "number 3", "string \"x\"". */
+/**
+ * A value as a message names it: "null", "an array", "a Float32Array", "an Object", "number 3",
+ * "string \"x\"", "bigint 3n", "symbol Symbol(s)". Never throws (a template literal would, on a
+ * symbol; JSON.stringify would, on a bigint).
+ */
 export function describeValue(value: unknown): string {
   if (value === null || value === undefined) return String(value);
   if (Array.isArray(value)) return "an array";
@@ -55,7 +59,13 @@ export function describeValue(value: unknown): string {
     return `${/^[AEIOU]/i.test(name) ? "an" : "a"} ${name}`;
   }
   if (typeof value === "function") return "a function";
-  return `${typeof value} ${JSON.stringify(value) ?? String(value)}`;
+  if (typeof value === "string") return `string ${JSON.stringify(value)}`;
+  return `${typeof value} ${String(value)}${typeof value === "bigint" ? "n" : ""}`; // String() takes symbols too
+}
+
+/** A value in a message after "got": a number as it is, anything else as describeValue says. */
+export function shownValue(value: unknown): string {
+  return typeof value === "number" ? String(value) : describeValue(value);
 }
 
 /** Throws FmoeError(INVALID_ARGUMENT, `${fn}: ${message}`) unless `cond`. */
@@ -94,13 +104,13 @@ export function checkOptions(fn: string, what: string, options: unknown, names: 
  */
 export function booleanOption(fn: string, name: string, value: unknown, fallback: boolean): boolean {
   if (value === undefined) return fallback;
-  ensureArg(typeof value === "boolean", fn, `${name} must be true or false, got ${JSON.stringify(value) ?? String(value)}`);
+  ensureArg(typeof value === "boolean", fn, `${name} must be true or false, got ${describeValue(value)}`);
   return value;
 }
 
 /** An optional number option: `fallback` when undefined, else it must be a finite number. */
 export function finiteOption(fn: string, name: string, value: unknown, fallback: number): number {
   if (value === undefined) return fallback;
-  ensureArg(typeof value === "number" && Number.isFinite(value), fn, `${name} must be a finite number, got ${JSON.stringify(value) ?? String(value)}`);
+  ensureArg(typeof value === "number" && Number.isFinite(value), fn, `${name} must be a finite number, got ${shownValue(value)}`);
   return value;
 }

@@ -21,7 +21,7 @@ import {
 } from "./config.ts";
 import { Context, type Event, type Stream, type WaitOptions } from "./context.ts";
 import { MX_BLOCK } from "./dtype.ts";
-import { booleanOption, checkOptions, describeValue, FmoeError, finiteOption, optionNames, Status } from "./errors.ts";
+import { booleanOption, checkOptions, describeValue, FmoeError, finiteOption, optionNames, shownValue, Status } from "./errors.ts";
 import * as ffi from "./ffi.ts";
 import type { Graph } from "./graph.ts";
 import { registerFinalizer, unregisterFinalizer } from "./lifetime.ts";
@@ -150,7 +150,7 @@ function fail(message: string): never {
 }
 
 function checkInt(name: string, value: number, min: number): number {
-  if (!Number.isSafeInteger(value) || value < min) fail(`config.${name} must be an integer >= ${min}, got ${value}`);
+  if (!Number.isSafeInteger(value) || value < min) fail(`config.${name} must be an integer >= ${min}, got ${shownValue(value)}`);
   return value;
 }
 

@@ -25,7 +25,7 @@ import {
 } from "./config.ts";
 import { Context, type Stream } from "./context.ts";
 import { type DType, MX_BLOCK } from "./dtype.ts";
-import { booleanOption, checkOptions, describeValue, FmoeError, finiteOption, optionNames, Status } from "./errors.ts";
+import { booleanOption, checkOptions, describeValue, FmoeError, finiteOption, optionNames, shownValue, Status } from "./errors.ts";
 import * as ffi from "./ffi.ts";
 import { assertLiveTensor, describe, type Tensor } from "./tensor.ts";
 
@@ -52,7 +52,7 @@ function expectTensor<D extends DType>(fn: string, name: string, t: Tensor | und
 }
 
 function expectInt(fn: string, name: string, value: number, min: number): number {
-  if (!Number.isSafeInteger(value) || value < min) fail(fn, `${name} must be an integer >= ${min}, got ${value}`);
+  if (!Number.isSafeInteger(value) || value < min) fail(fn, `${name} must be an integer >= ${min}, got ${shownValue(value)}`);
   return value;
 }
 
@@ -648,7 +648,7 @@ export function route(ctx: Context, o: RouteOptions): RouteOutputs {
   const [T, E] = logits.shape as [number, number];
   const topk = expectInt(fn, "topk", o.topk, 1);
   const scoring = o.scoring ?? "softmax";
-  if (ROUTE_SCORING[scoring] === undefined) fail(fn, `scoring must be "softmax" or "sigmoid", got ${JSON.stringify(scoring)}`);
+  if (ROUTE_SCORING[scoring] === undefined) fail(fn, `scoring must be "softmax" or "sigmoid", got ${shownValue(scoring)}`);
   if (o.selectionBias !== undefined) expectTensor(fn, "selectionBias", o.selectionBias, "f32", [E], "[E]");
   const numGroups = expectInt(fn, "numGroups", o.numGroups ?? 1, 1);
   const topkGroups = expectInt(fn, "topkGroups", o.topkGroups ?? 1, 1);

@@ -15,7 +15,7 @@ import {
   toBf16Array,
   toFloat32Array,
 } from "./dtype.ts";
-import { describeValue, FmoeError, Status } from "./errors.ts";
+import { describeValue, FmoeError, shownValue, Status } from "./errors.ts";
 import * as ffi from "./ffi.ts";
 import { registerFinalizer, unregisterFinalizer } from "./lifetime.ts";
 
@@ -56,6 +56,9 @@ export type HostData<D extends DType = DType> = DTypeArrayMap[D] | (D extends "b
  * Throws INVALID_ARGUMENT when the array type does not hold `dtype`.
  */
 export function hostArrayFor(data: ElementArray, dtype: DType, what: string): ElementArray {
+  if (!ArrayBuffer.isView(data)) {
+    throw new FmoeError(Status.INVALID_ARGUMENT, `${what}: the data must be a typed array, got ${describeValue(data)}`);
+  }
   if (arrayMatchesDType(data, dtype)) return data;
   if (dtype === "bf16" && data instanceof Float32Array) return toBf16Array(data);
   throw new FmoeError(
@@ -148,7 +151,10 @@ export class Tensor<D extends DType = DType> {
   view(offsetElements: number, shape: readonly number[]): Tensor<D> {
     this.assertAlive("view");
     const n = shapeNumel(shape, "view");
-    if (!Number.isSafeInteger(offsetElements) || offsetElements < 0 || offsetElements + n > this.numel) {
+    if (!Number.isSafeInteger(offsetElements)) {
+      throw new FmoeError(Status.INVALID_ARGUMENT, `view: offsetElements must be an integer, got ${shownValue(offsetElements)}`);
+    }
+    if (offsetElements < 0 || offsetElements + n > this.numel) {
       throw new FmoeError(
         Status.INVALID_ARGUMENT,
         `view: elements [${offsetElements}, ${offsetElements + n}) lie outside ${this.toString()}`,
@@ -236,7 +242,7 @@ export class Tensor<D extends DType = DType> {
   fill(byteValue: number, stream?: Stream): this {
     this.assertAlive("fill");
     if (!Number.isInteger(byteValue) || byteValue < 0 || byteValue > 255) {
-      throw new FmoeError(Status.INVALID_ARGUMENT, `fill: byte value ${byteValue} is not in 0..255`);
+      throw new FmoeError(Status.INVALID_ARGUMENT, `fill: byte value ${shownValue(byteValue)} is not in 0..255`);
     }
     const s = this.ctx._use("fill", stream, [this]);
     if (this.bytes > 0) ffi.memset(this.ctx._handle, this.#ptr, byteValue, this.bytes, s);
