@@ -19,6 +19,7 @@ import { join } from "node:path";
 import { type Activation, type GatedLayout, isGated, SWIGLU_OAI_DEFAULT_ALPHA, SWIGLU_OAI_DEFAULT_LIMIT } from "./config.ts";
 import type { Context } from "./context.ts";
 import { e4m3ToF32, f32ToBf16 } from "./dtype.ts";
+import { describeValue } from "./errors.ts";
 import type { FusedMoEConfig, FusedMoEWeights, RouterConfig } from "./moe.ts";
 import { parseSafetensorsHeader, SafetensorsError, type SafetensorsEntry, safetensorsHeader } from "./safetensors.ts";
 import type { Tensor } from "./tensor.ts";
@@ -376,20 +377,27 @@ function withRouter(ckpt: Checkpoint, L: number, reader: ExpertLayerReader): voi
   const scoring = c.scoring_func ?? (biasName !== undefined ? "sigmoid" : "softmax");
   if (scoring !== "softmax" && scoring !== "sigmoid") throw new CheckpointError(`${ckpt.path}: config.json's scoring_func ${String(scoring)} is not softmax or sigmoid`);
   // DeepSeek-V2's groups rank by their best choice; route's (DeepSeek-V3's) by their best two.
-  if (c.topk_method === "group_limited_greedy" && (configNumber(c, ["n_group"]) ?? 1) > 1) {
+  if (c.topk_method === "group_limited_greedy" && (configNumber(ckpt, ["n_group"], true) ?? 1) > 1) {
     throw new CheckpointError(`${ckpt.path}: config.json's topk_method group_limited_greedy (groups ranked by their best expert) is not a router route() runs (it ranks groups by their best two)`);
   }
-  const numGroups = configNumber(c, ["n_group"]) ?? 1;
-  const topkGroups = configNumber(c, ["topk_group"]) ?? numGroups;
-  const renormalize = typeof c.norm_topk_prob === "boolean" ? c.norm_topk_prob : true;
-  info.router = { scoring, numGroups, topkGroups, renormalize, scale: configNumber(c, ["routed_scaling_factor"]) ?? 1 };
+  const numGroups = configNumber(ckpt, ["n_group"], true) ?? 1;
+  const topkGroups = configNumber(ckpt, ["topk_group"], true) ?? numGroups;
+  const norm = c.norm_topk_prob ?? true;
+  if (typeof norm !== "boolean") throw new CheckpointError(`${ckpt.path}: config.json's norm_topk_prob must be true or false, got ${describeValue(norm)}`);
+  info.router = { scoring, numGroups, topkGroups, renormalize: norm, scale: configNumber(ckpt, ["routed_scaling_factor"]) ?? 1 };
   reader.readSelectionBias = () => (biasName === undefined ? undefined : ckpt.readF32(biasName));
 }
 
-function configNumber(config: Record<string, unknown>, keys: readonly string[]): number | undefined {
+// The first of `keys` config.json gives (null counts as absent). A value of another kind is an
+// error naming the key: read as absent, it would load the layer with a default the model does not
+// use (a routed_scaling_factor of "2.5" as 1).
+function configNumber(ckpt: Checkpoint, keys: readonly string[], integer = false): number | undefined {
   for (const key of keys) {
-    const v = config[key];
-    if (typeof v === "number" && Number.isFinite(v)) return v;
+    const v = ckpt.config[key];
+    if (v === undefined || v === null) continue;
+    const ok = typeof v === "number" && (integer ? Number.isSafeInteger(v) && v >= 1 : Number.isFinite(v));
+    if (!ok) throw new CheckpointError(`${ckpt.path}: config.json's ${key} must be ${integer ? "an integer >= 1" : "a finite number"}, got ${describeValue(v)}`);
+    return v as number;
   }
   return undefined;
 }
@@ -410,13 +418,12 @@ function configActivation(ckpt: Checkpoint, gated: boolean, override: Activation
   throw new CheckpointError(`${ckpt.path}: config.json's activation ${act} is not one the library computes for ${gated ? "gated" : "non-gated"} experts (give an activation to override)`);
 }
 
-function configTopk(config: Record<string, unknown>): number | undefined {
-  const k = configNumber(config, ["num_experts_per_tok", "experts_per_token", "moe_topk"]);
-  return k !== undefined && Number.isSafeInteger(k) && k > 0 ? k : undefined;
+function configTopk(ckpt: Checkpoint): number | undefined {
+  return configNumber(ckpt, ["num_experts_per_tok", "experts_per_token", "moe_topk"], true);
 }
 
 function checkExpertCount(ckpt: Checkpoint, count: number): void {
-  const configured = configNumber(ckpt.config, ["num_experts", "num_local_experts", "n_routed_experts"]);
+  const configured = configNumber(ckpt, ["num_experts", "num_local_experts", "n_routed_experts"], true);
   if (configured !== undefined && configured !== count) {
     throw new CheckpointError(`${ckpt.path}: the layer has ${count} experts, config.json says ${configured}`);
   }
@@ -461,12 +468,12 @@ function perExpertLayer(ckpt: Checkpoint, prefix: string, experts: Map<string, S
     numExperts: count,
     activation,
     layout: "halves",
-    topk: configTopk(ckpt.config),
+    topk: configTopk(ckpt),
     bias: hasBias,
     router: DEFAULT_ROUTER,
     source: `${prefix}.{e}.{${names.filter((n) => n !== undefined).join(",")}}`,
   };
-  const blockSize = fp8BlockSize(ckpt.config);
+  const blockSize = fp8BlockSize(ckpt);
   const readWeight = (e: number, proj: string): Uint16Array => {
     const name = weight(e, proj);
     if (ckpt.tensor(name).dtype !== "F8_E4M3") return ckpt.readBf16(name);
@@ -530,14 +537,14 @@ function stackedLayer(ckpt: Checkpoint, prefix: string, options: ExpertLayerOpti
     activation,
     // gpt-oss alternates gate and up columns; other stacks put the gate half first.
     layout: gptOss ? "interleaved" : "halves",
-    topk: configTopk(ckpt.config),
+    topk: configTopk(ckpt),
     bias: hasBias,
     router: DEFAULT_ROUTER,
     source: `${prefix}.{gate_up_proj,down_proj}${hasBias ? " (+ _bias)" : ""}${transposed ? " [in, out]" : ""}`,
   };
   if (activation === "swiglu_oai") {
-    info.alpha = configNumber(ckpt.config, ["swiglu_alpha"]) ?? SWIGLU_OAI_DEFAULT_ALPHA;
-    info.limit = configNumber(ckpt.config, ["swiglu_limit"]) ?? SWIGLU_OAI_DEFAULT_LIMIT;
+    info.alpha = configNumber(ckpt, ["swiglu_alpha"]) ?? SWIGLU_OAI_DEFAULT_ALPHA;
+    info.limit = configNumber(ckpt, ["swiglu_limit"]) ?? SWIGLU_OAI_DEFAULT_LIMIT;
   }
   return {
     info,
@@ -571,11 +578,13 @@ function transpose(m: Uint16Array, rows: number, cols: number): Uint16Array {
   return out;
 }
 
-function fp8BlockSize(config: Record<string, unknown>): [number, number] {
-  const q = config.quantization_config;
+function fp8BlockSize(ckpt: Checkpoint): [number, number] {
+  const q = ckpt.config.quantization_config;
   const size = typeof q === "object" && q !== null ? (q as Record<string, unknown>).weight_block_size : undefined;
+  if (size === undefined || size === null) return [128, 128];
   if (Array.isArray(size) && size.length === 2 && size.every((d) => Number.isSafeInteger(d) && d > 0)) return size as [number, number];
-  return [128, 128];
+  // Read as absent, another block size would dequantize every block with the wrong scale.
+  throw new CheckpointError(`${ckpt.path}: config.json's quantization_config.weight_block_size must be two integers >= 1, got ${JSON.stringify(size)}`);
 }
 
 // e4m3 weight [out, in] times one f32 scale per block of [bo, bi] (the last blocks partial), in f32

@@ -424,6 +424,17 @@ describe("checkpoints", () => {
     ["FP8 weights without their scales", (t) => (t[`${P}.0.gate_proj.weight`] = { dtype: "F8_E4M3", shape: [4, 8], data: new Uint8Array(32) }), {}, /F8_E4M3 without .*experts\.0\.gate_proj\.weight_scale_inv/],
     ["integer weights", (t) => (t[`${P}.0.down_proj.weight`] = { dtype: "I32", shape: [8, 4], data: new Float32Array(32) }), {}, /experts\.0\.down_proj\.weight is I32; weights must be BF16, F16 or F32/],
     ["MXFP4 stacked experts", (t) => (t[`model.layers.2.mlp.experts.gate_up_proj_blocks`] = { dtype: "U8", shape: [2], data: new Uint8Array(2) }), { layer: 2 }, /MXFP4 expert weights are not read/],
+    // A config.json value of the wrong kind: read as absent, it would load the model's layer with a default.
+    ["a routed_scaling_factor given as a string", (_, c) => (c.routed_scaling_factor = "2.5"), {}, /routed_scaling_factor must be a finite number, got string "2\.5"/],
+    ["a fractional n_group", (_, c) => (c.n_group = 1.5), {}, /n_group must be an integer >= 1, got number 1\.5/],
+    ["norm_topk_prob given as a number", (_, c) => (c.norm_topk_prob = 1), {}, /norm_topk_prob must be true or false, got number 1/],
+    ["num_experts_per_tok 0", (_, c) => (c.num_experts_per_tok = 0), {}, /num_experts_per_tok must be an integer >= 1, got number 0/],
+    ["an expert count given as a string", (_, c) => (c.num_experts = "4"), {}, /num_experts must be an integer >= 1, got string "4"/],
+    ["an FP8 block size that is not two integers", (t, c) => {
+      t[`${P}.0.gate_proj.weight`] = { dtype: "F8_E4M3", shape: [4, 8], data: new Uint8Array(32) };
+      t[`${P}.0.gate_proj.weight_scale_inv`] = { dtype: "F32", shape: [1, 1], data: Float32Array.of(1) };
+      c.quantization_config = { quant_method: "fp8", weight_block_size: [128] };
+    }, {}, /weight_block_size must be two integers >= 1, got \[128\]/],
   ];
   for (const [name, mutate, options, message] of BAD) {
     seededTest(`a bad checkpoint: ${name} -> CheckpointError`, (rng) => {
