@@ -51,6 +51,8 @@ function expectTensor<D extends DType>(fn: string, name: string, t: Tensor | und
   return t as Tensor<D>;
 }
 
+const I32_MAX = 2 ** 31 - 1;
+
 function expectInt(fn: string, name: string, value: number, min: number): number {
   if (!Number.isSafeInteger(value) || value < min) fail(fn, `${name} must be an integer >= ${min}, got ${shownValue(value)}`);
   return value;
@@ -205,6 +207,8 @@ export function permute(ctx: Context, o: PermuteOptions): PermuteResult {
   const topk = routing.shape[1]!;
   if (o.probs !== undefined) expectTensor(fn, "probs", o.probs, "f32", [T, topk], "[T, topk]");
   const numExperts = expectInt(fn, "numExperts", o.numExperts, 1);
+  // Expert ids and rows are i32 on the device: refused here, before outputs of such sizes are allocated.
+  if (numExperts > I32_MAX) fail(fn, `numExperts (${numExperts}) exceeds 2^31-1`);
   const start = expectInt(fn, "localExpertStart", o.localExpertStart ?? 0, 0);
   const eLocal = expectInt(fn, "numLocalExperts", o.numLocalExperts ?? numExperts - start, 1);
   if (start + eLocal > numExperts) fail(fn, `localExpertStart + numLocalExperts (${start} + ${eLocal}) exceeds numExperts (${numExperts})`);
@@ -214,6 +218,7 @@ export function permute(ctx: Context, o: PermuteOptions): PermuteResult {
   if (quantize && H % MX_BLOCK !== 0) fail(fn, `quantize needs H (${H}) to be a multiple of 32`);
   const invalid = scalarPtr(fn, "invalidCount", o.invalidCount);
   const rows = maxRows(T, topk, eLocal, alignment);
+  if (rows > I32_MAX) fail(fn, `max_rows (${rows}) for ${T} tokens, topk ${topk}, ${eLocal} local experts and alignment ${alignment} exceeds 2^31-1 (row indices are i32)`);
   const given = o.out ?? {};
   // An earlier result's derived fields: maxRows must be this call's capacity, and nUsed the view
   // of the expertOffsets passed with it (a lone nUsed would not be where the count is written).
@@ -647,6 +652,7 @@ export function route(ctx: Context, o: RouteOptions): RouteOutputs {
   const logits = expectTensor(fn, "logits", o.logits, "f32", [null, null], "[T, E]");
   const [T, E] = logits.shape as [number, number];
   const topk = expectInt(fn, "topk", o.topk, 1);
+  if (topk > E) fail(fn, `topk (${topk}) exceeds the ${E} experts of logits [T, E]`);
   const scoring = o.scoring ?? "softmax";
   if (ROUTE_SCORING[scoring] === undefined) fail(fn, `scoring must be "softmax" or "sigmoid", got ${shownValue(scoring)}`);
   if (o.selectionBias !== undefined) expectTensor(fn, "selectionBias", o.selectionBias, "f32", [E], "[E]");
