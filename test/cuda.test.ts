@@ -432,6 +432,8 @@ describe.skipIf(SKIP)("CUDA backend vs host backend", () => {
     ["qwen3 softmax top-8 of 128", 128, { topk: 8 }, false],
     ["deepseek-v3 sigmoid + bias, 8 groups, top-4 groups, top-8 of 256, scale 2.5", 256, { topk: 8, scoring: "sigmoid", numGroups: 8, topkGroups: 4, scale: 2.5 }, true],
     ["softmax + bias, top-32 of 64 groups of one", 64, { topk: 32, numGroups: 64, topkGroups: 40, renormalize: false }, true],
+    ["softmax top-4 of 200 (lanes with fewer experts)", 200, { topk: 4 }, false],
+    ["softmax top-6 of 384 (more experts than the warp kernel keeps in registers)", 384, { topk: 6 }, false],
   ] as const) {
     seededTest(`route: ${name}, T = 0, 1, 8192`, (rng) => {
       let compared = 0;

@@ -2,8 +2,9 @@
 //
 // A warp per token: lane l looks at experts l, l + 32, ...; each pick is a warp-wide best under
 // route_before (core/route_math.h: larger choice first, NaN last, lower id on ties), so a token
-// costs topk passes of num_experts / 32 choices and five shuffles, a few microseconds at T = 1
-// where one thread walking all experts topk times took tens. Group values (top-2 sums) are taken
+// costs topk passes over the lane's num_experts / 32 choices (held in registers up to 256
+// experts) and five shuffles, where one thread walking all experts topk times took tens of
+// microseconds. Group values (top-2 sums) are taken
 // by one lane per group, in the host's order. Sums the host takes in order (the softmax's, the
 // weights') are taken in the same order through shuffles, so the arithmetic is the host's but for
 // the device's exp (within 2 ulp): two choices within an ulp may be ordered differently, and
@@ -23,6 +24,9 @@ namespace {
 constexpr int kRouteThreads = 128;
 constexpr int kRouteWarps = kRouteThreads / 32;
 constexpr unsigned kFullMask = 0xffffffffu;
+// Experts per lane whose choices the warp kernel keeps in registers (up to 256 experts); more
+// are reloaded on each of the topk passes.
+constexpr int kCachedChoices = 8;
 
 __global__ void __launch_bounds__(kRouteThreads) route_thread_kernel(fmoe_route_args a) {
   const int64_t t = int64_t(blockIdx.x) * kRouteThreads + threadIdx.x;
@@ -94,20 +98,48 @@ __global__ void __launch_bounds__(kRouteThreads) route_warp_kernel(fmoe_route_ar
   }
   // Experts, best first; lane k keeps slot k's id.
   const int64_t size = E / r.num_groups;
-  float prev = 0.0f;
-  int64_t prev_id = -1, mine = -1;
-  for (int64_t k = 0; k < r.topk; ++k) {
-    float best = 0.0f;
-    int64_t best_id = -1;
-    for (int64_t e = lane; e < E; e += 32) {
-      if (!((chosen >> (e / size)) & 1)) continue;
-      const float c = route_choice(r, e);
-      if (prev_id >= 0 && !route_before(prev, prev_id, c, e)) continue;
-      if (best_id < 0 || route_before(c, e, best, best_id)) best = c, best_id = e;
+  int64_t mine = -1;
+  if (E <= 32 * kCachedChoices) {
+    // The lane's choices are computed once and kept in registers; a pick clears its bit.
+    float choice[kCachedChoices];
+    uint32_t open = 0;  // bit j: expert lane + 32 j is still a candidate
+#pragma unroll
+    for (int j = 0; j < kCachedChoices; ++j) {
+      const int64_t e = lane + 32 * j;
+      const bool ok = e < E && ((chosen >> (e / size)) & 1);
+      choice[j] = ok ? route_choice(r, e) : 0.0f;
+      open |= uint32_t(ok) << j;
     }
-    warp_best(best, best_id);
-    if (lane == k) mine = best_id;
-    prev = best, prev_id = best_id;
+    for (int64_t k = 0; k < r.topk; ++k) {
+      float best = 0.0f;
+      int64_t best_id = -1;
+#pragma unroll
+      for (int j = 0; j < kCachedChoices; ++j) {
+        const int64_t e = lane + 32 * j;
+        if (((open >> j) & 1) && (best_id < 0 || route_before(choice[j], e, best, best_id)))
+          best = choice[j], best_id = e;
+      }
+      warp_best(best, best_id);  // topk <= the eligible experts: best_id >= 0
+      if ((best_id & 31) == lane) open &= ~(1u << (best_id >> 5));
+      if (lane == k) mine = best_id;
+    }
+  } else {
+    // More experts than registers: each pass reloads them and takes the best after the last pick.
+    float prev = 0.0f;
+    int64_t prev_id = -1;
+    for (int64_t k = 0; k < r.topk; ++k) {
+      float best = 0.0f;
+      int64_t best_id = -1;
+      for (int64_t e = lane; e < E; e += 32) {
+        if (!((chosen >> (e / size)) & 1)) continue;
+        const float c = route_choice(r, e);
+        if (prev_id >= 0 && !route_before(prev, prev_id, c, e)) continue;
+        if (best_id < 0 || route_before(c, e, best, best_id)) best = c, best_id = e;
+      }
+      warp_best(best, best_id);
+      if (lane == k) mine = best_id;
+      prev = best, prev_id = best_id;
+    }
   }
   const int k = int(r.topk);
   const float w = lane < k ? route_score(r, mine) : 0.0f;
@@ -119,8 +151,11 @@ __global__ void __launch_bounds__(kRouteThreads) route_warp_kernel(fmoe_route_ar
 }
 
 bool route_by_thread() {
-  const char* v = std::getenv("FMOE_ROUTE_KERNEL");
-  return v != nullptr && std::strcmp(v, "thread") == 0;
+  static const bool by_thread = [] {
+    const char* v = std::getenv("FMOE_ROUTE_KERNEL");
+    return v != nullptr && std::strcmp(v, "thread") == 0;
+  }();
+  return by_thread;
 }
 
 }  // namespace
