@@ -219,8 +219,7 @@ export class Context {
   empty<D extends DType>(shape: readonly number[], dtype: D): Tensor<D> {
     this.assertAlive();
     checkDType("empty", dtype);
-    shapeNumel(shape, "empty");
-    return Tensor._allocate(this, shape, dtype);
+    return Tensor._allocate(this, shape, dtype, "empty");
   }
 
   /** A tensor of `shape` and `dtype` with every element zero. */

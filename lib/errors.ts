@@ -89,7 +89,7 @@ export function optionNames<T>(names: { [K in keyof Required<T>]: true }): reado
  */
 export function checkOptions(fn: string, what: string, options: unknown, names: readonly string[]): void {
   if (options === null || typeof options !== "object" || Array.isArray(options)) {
-    throw new FmoeError(Status.INVALID_ARGUMENT, `${fn}: ${what} must be an object, got ${options === null ? "null" : Array.isArray(options) ? "an array" : typeof options}`);
+    throw new FmoeError(Status.INVALID_ARGUMENT, `${fn}: ${what} must be an object, got ${describeValue(options)}`);
   }
   for (const key of Object.keys(options)) {
     if (!names.includes(key)) {

@@ -110,8 +110,8 @@ export class Tensor<D extends DType = DType> {
   }
 
   /** @internal Allocates an uninitialised tensor; use ctx.empty(). */
-  static _allocate<D extends DType>(ctx: Context, shape: readonly number[], dtype: D): Tensor<D> {
-    const bytes = shapeNumel(shape) * bytesPerElement(dtype);
+  static _allocate<D extends DType>(ctx: Context, shape: readonly number[], dtype: D, what = "shape"): Tensor<D> {
+    const bytes = shapeNumel(shape, what) * bytesPerElement(dtype);
     const ptr = ffi.alloc(ctx._handle, bytes);
     return new Tensor(ctx, ptr, shape, dtype);
   }
