@@ -23,7 +23,9 @@
 // median of 20 single launches (events around each) and the mean of 20 back-to-back launches,
 // rotating over 8 disjoint expert sets of a weight buffer of 8 * topk experts, so that L2 (50 MB)
 // does not serve the weights. Prints GB/s of weight bytes (+ scales) read.
-// Exit code: 0 = all passed, 1 = a mismatch, 2 = a CUDA error, 3 = a kernel that never finished.
+// Arguments: none (correctness, then timing), "correct" (correctness only), "waves" (the sweep of
+// waves_main). Exit code: 0 = all passed, 1 = a mismatch, 2 = a CUDA error, 3 = a kernel that
+// never finished.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <unistd.h>
@@ -141,6 +143,7 @@ struct Problem {
   int token_tile = 0;             // 0 = the config's choice
   std::vector<int> splits = {0};  // 0 = the config's choice
 };
+
 
 int64_t out_cols(const Problem& p) { return p.act >= FMOE_ACT_SILU ? p.n / 2 : p.n; }
 
@@ -460,6 +463,35 @@ struct Shape {
   int act;  // fc1's epilogue (-1 for fc2)
 };
 
+// Median and minimum time (us) of `launches` single launches of `cfg`, each on the next routing
+// of `sets`, after 8 untimed ones.
+void time_launches(SmallMmArgs args, const SmallMmConfig& cfg, const std::vector<int32_t*>& sets,
+                   int launches, int num_sms, double* median_us, double* min_us) {
+  cudaEvent_t e0, e1;
+  CHECK_CUDA(cudaEventCreate(&e0));
+  CHECK_CUDA(cudaEventCreate(&e1));
+  for (int i = 0; i < 8; ++i) {
+    args.group_offsets = sets[size_t(i) % sets.size()];
+    CHECK_CUDA(fmoe::cuda::grouped_mm_small_with(args, cfg, num_sms, 0));
+  }
+  std::vector<float> ms;
+  for (int i = 0; i < launches; ++i) {
+    args.group_offsets = sets[size_t(i) % sets.size()];
+    CHECK_CUDA(cudaEventRecord(e0));
+    CHECK_CUDA(fmoe::cuda::grouped_mm_small_with(args, cfg, num_sms, 0));
+    CHECK_CUDA(cudaEventRecord(e1));
+    sync_or_die(0, "timing");
+    float t = 0;
+    CHECK_CUDA(cudaEventElapsedTime(&t, e0, e1));
+    ms.push_back(t);
+  }
+  std::sort(ms.begin(), ms.end());
+  *median_us = ms[ms.size() / 2] * 1e3;
+  *min_us = ms.front() * 1e3;
+  CHECK_CUDA(cudaEventDestroy(e0));
+  CHECK_CUDA(cudaEventDestroy(e1));
+}
+
 bool bench(const Shape& s, bool fp8, int num_sms) {
   // Weight buffer of kSets * topk experts; launch i uses experts {i % kSets + kSets j}: disjoint
   // sets, kSets - 1 of them (>= 7 x 12 MB even for qwen3 fc2 mxfp8, beyond the 50 MB L2) read
@@ -501,25 +533,11 @@ bool bench(const Shape& s, bool fp8, int num_sms) {
   const double bytes =
       double(s.topk) * double(s.n) * double(s.k) * (fp8 ? 1.0 + 1.0 / 32.0 : 2.0);
   SmallMmArgs args = d.args;
+  double med_us = 0, min_us = 0;
+  time_launches(args, cfg, dev_sets, 20, num_sms, &med_us, &min_us);
   cudaEvent_t e0, e1;
   CHECK_CUDA(cudaEventCreate(&e0));
   CHECK_CUDA(cudaEventCreate(&e1));
-  for (int i = 0; i < 8; ++i) {
-    args.group_offsets = dev_sets[i % kSets];
-    CHECK_CUDA(fmoe::cuda::grouped_mm_small(args, num_sms, 0));
-  }
-  std::vector<float> ms;
-  for (int i = 0; i < 20; ++i) {
-    args.group_offsets = dev_sets[i % kSets];
-    CHECK_CUDA(cudaEventRecord(e0));
-    CHECK_CUDA(fmoe::cuda::grouped_mm_small(args, num_sms, 0));
-    CHECK_CUDA(cudaEventRecord(e1));
-    sync_or_die(0, "timing");
-    float t = 0;
-    CHECK_CUDA(cudaEventElapsedTime(&t, e0, e1));
-    ms.push_back(t);
-  }
-  std::sort(ms.begin(), ms.end());
   CHECK_CUDA(cudaEventRecord(e0));
   for (int i = 0; i < 20; ++i) {
     args.group_offsets = dev_sets[i % kSets];
@@ -529,10 +547,10 @@ bool bench(const Shape& s, bool fp8, int num_sms) {
   sync_or_die(0, "timing");
   float total = 0;
   CHECK_CUDA(cudaEventElapsedTime(&total, e0, e1));
-  const double med_us = ms[ms.size() / 2] * 1e3, mean_us = total * 1e3 / 20;
+  const double mean_us = total * 1e3 / 20;
   std::printf("  TIME %-34s %7.1f MB: median %7.1f us (min %6.1f) %6.0f GB/s | back-to-back "
               "%7.1f us %6.0f GB/s | floor@2.95TB/s %6.1f us\n",
-              p.name.c_str(), bytes / 1e6, med_us, ms.front() * 1e3, bytes / (med_us * 1e3),
+              p.name.c_str(), bytes / 1e6, med_us, min_us, bytes / (med_us * 1e3),
               mean_us, bytes / (mean_us * 1e3), bytes / 2.95e6);
   std::fflush(stdout);
   CHECK_CUDA(cudaEventDestroy(e0));
@@ -542,9 +560,102 @@ bool bench(const Shape& s, bool fp8, int num_sms) {
   return ok;
 }
 
+
+// ---- "waves": time against the number of used groups, per split (bench/NOTES.md v18) ---------
+// The decode layer at T = 8 uses ~52 of qwen3's 128 experts: 1248 FC1 items over 528 MXFP8 CTA
+// slots (2.36 per slot). This sweep times the kernel while the used groups (so the items) cross a
+// multiple of the slots, with the host's config and each split-K factor forced, and mixtral's
+// FC1 and FC2 at T = 1 (two experts) with each split, persistent and one CTA per item.
+void waves_case(const char* name, int64_t groups, int64_t n, int64_t k, int act, int64_t rows,
+                const std::vector<int>& used_list, bool fp8, int num_sms, bool mixtral_grid) {
+  constexpr int kSets = 8;
+  for (int used : used_list) {
+    // kSets routings of `rows` rows over `used` distinct groups (1 row each, the rest spread).
+    std::vector<std::vector<int32_t>> sets(kSets);
+    for (int v = 0; v < kSets; ++v) {
+      std::vector<int> sizes(size_t(groups), 0);
+      std::vector<int> order(static_cast<size_t>(groups));
+      for (int64_t g = 0; g < groups; ++g) order[size_t(g)] = int(g);
+      uint32_t st = 12345u + 977u * uint32_t(v) + uint32_t(used);
+      for (int64_t g = groups - 1; g > 0; --g) {  // Fisher-Yates on a small LCG
+        st = st * 1664525u + 1013904223u;
+        std::swap(order[size_t(g)], order[size_t((st >> 8) % uint32_t(g + 1))]);
+      }
+      for (int i = 0; i < used; ++i) sizes[size_t(order[size_t(i)])] = 1;
+      for (int64_t r = used; r < rows; ++r) sizes[size_t(order[size_t(r % used)])] += 1;
+      sets[size_t(v)] = offsets_from_sizes(sizes);
+    }
+    Problem p;
+    p.name = std::string(name) + (fp8 ? " mxfp8" : " bf16");
+    p.groups = groups;
+    p.offsets = sets[0];
+    p.rows = rows;
+    p.n = n;
+    p.k = k;
+    p.fp8 = fp8;
+    p.act = act;
+    p.max_rows = 8;
+    std::vector<int> rg, src;
+    bool overlap;
+    row_plan(p, &rg, &src, &overlap);
+    Dev d = upload(p, rg, src, 7);
+    std::vector<int32_t*> dev_sets;
+    for (auto& v : sets) dev_sets.push_back(upload_vec(v));
+    const SmallMmConfig base = fmoe::cuda::grouped_mm_small_config(d.args, num_sms);
+    std::vector<SmallMmConfig> cfgs{base};
+    const int64_t tiles = act >= FMOE_ACT_SILU ? (n / 2 + 31) / 32 : (n + 63) / 64;
+    const int64_t items = int64_t(used) * tiles;
+    const int resident = base.ctas_per_sm * num_sms;
+    for (int s : {1, 2, 4}) {
+      if (s == base.splits && !mixtral_grid) continue;
+      SmallMmConfig c = base;
+      c.splits = s;
+      c.grid = int(std::min<int64_t>(items, resident / s) * s);  // persistent
+      cfgs.push_back(c);
+      if (mixtral_grid) {
+        c.grid = int(items * s);  // one CTA per item
+        cfgs.push_back(c);
+      }
+    }
+    for (const SmallMmConfig& cfg : cfgs) {
+      SmallMmArgs args = d.args;
+      CHECK_CUDA(cudaMemset(d.c, 0xFF, p.rows * out_cols(p) * 2));
+      CHECK_CUDA(fmoe::cuda::grouped_mm_small_with(args, cfg, num_sms, 0));
+      sync_or_die(0, "waves kernel");
+      const bool ok = compare(p, rg, d, p.name + " " + cfg_str(cfg));
+      if (!ok) return;
+      double us = 0, min_us = 0;
+      time_launches(args, cfg, dev_sets, 30, num_sms, &us, &min_us);
+      const double bytes = double(used) * double(n) * double(k) * (fp8 ? 1.0 + 1.0 / 32.0 : 2.0);
+      const int slots = std::min<int>(cfg.grid, resident) / cfg.splits;
+      std::printf("  WAVES %-11s %-5s used %3d items %5lld splits %d grid %4d slots %4d waves "
+                  "%5.2f: %7.1f us %6.0f GB/s\n",
+                  name, fp8 ? "mxfp8" : "bf16", used, (long long)items, cfg.splits, cfg.grid,
+                  slots, double(items) / slots, us, bytes / (us * 1e3));
+      std::fflush(stdout);
+    }
+    for (auto* ptr : dev_sets) cudaFree(ptr);
+    release(d);
+  }
+}
+
+int waves_main(int num_sms) {
+  for (bool fp8 : {true, false}) {
+    waves_case("qwen3-fc1", 128, 1536, 2048, FMOE_ACT_SILU, 64, {40, 44, 45, 48, 52, 56, 60, 64},
+               fp8, num_sms, false);
+    waves_case("qwen3-fc2", 128, 2048, 768, -1, 64, {33, 34, 40, 48, 52, 56, 64}, fp8, num_sms,
+               false);
+    waves_case("nemo-fc1", 128, 1856, 2688, FMOE_ACT_SQUARED_RELU, 48, {36, 37, 42, 48}, fp8,
+               num_sms, false);
+    waves_case("mixtral-fc2", 8, 4096, 14336, -1, 2, {2}, fp8, num_sms, true);
+    waves_case("mixtral-fc1", 8, 28672, 4096, FMOE_ACT_SILU, 2, {2}, fp8, num_sms, true);
+  }
+  return 0;
+}
+
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
   CHECK_CUDA(cudaSetDevice(0));
   cudaDeviceProp prop;
   CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
@@ -555,6 +666,7 @@ int main() {
     std::printf("needs a Hopper GPU (sm_90)\n");
     return 2;
   }
+  if (argc > 1 && std::string(argv[1]) == "waves") return waves_main(num_sms);
   std::vector<Problem> cases;
   for (bool fp8 : {false, true}) {
     {
@@ -652,6 +764,10 @@ int main() {
   uint32_t seed = 1;
   for (const Problem& p : cases) all_ok = run_case(p, num_sms, seed++) && all_ok;
 
+  if (argc > 1 && std::string(argv[1]) == "correct") {  // correctness only, no timing
+    std::printf("%s\n", all_ok ? "ALL PASSED" : "FAILURES (see above)");
+    return all_ok ? 0 : 1;
+  }
   std::printf("decode timing, T = 1 (also verified):\n");
   const Shape shapes[] = {
       {"qwen3 fc1 n1536 k2048 x8 silu", 1536, 2048, 8, FMOE_ACT_SILU},

@@ -32,7 +32,7 @@
 //   weights_before_wait the producer issues the first item's weight stages before waiting for
 //   the kernel ahead, so they load under its tail; routed, only the consumers wait, before their
 //   first store.
-// - Split-K (splits = 2 or 4) when items are too few to give every SM two: a thread-block cluster
+// - Split-K (splits = 2 or 4, MXFP8 2) when items are too few to give every SM two: a cluster
 //   of `splits` CTAs shares an item, CTA rank s reduces k-blocks [s*KB/S, (s+1)*KB/S), and the
 //   partial tiles are summed through distributed shared memory in rank order (deterministic).
 // - One producer warp (warp 4) fills a kStages ring of 128-byte-wide k slices: lane 0 issues the
@@ -127,7 +127,12 @@ constexpr int kConsumerThreads = 128;
 constexpr int kThreads = kConsumerThreads + 32;
 constexpr int kRedStride = kTileW + 4;  // f32 words per token row: +4 makes fragment stores
                                         // conflict-free (bank = 4 * token + row)
+// Split-K factors: 2 and 4; MXFP8 picks at most 2. Measured on an H100 (bench/NOTES.md v18),
+// mixtral's FC2 at T = 1 (128 items over a 14336-long k) alone: MXFP8 68-69 us in clusters of 4
+// (512 CTAs), 54-55 us in pairs (256 CTAs), 60 us unsplit; bf16 91, 88 and 90 us, yet the bf16
+// layer was 1.2% slower with pairs, so bf16 keeps 4.
 constexpr int kMaxSplits = 4;
+constexpr int kMaxFp8Splits = 2;
 // MXFP8's token tiles: the promotion costs per token column, padding included. The 32-wide tile
 // (v1) spent the consumer's time on padding (qwen3 T = 32 at 2x the bf16 time), so 16 at most,
 // and 8 while the groups average at most kFp8NarrowRows rows (measured on an H200 at T = 32 and
@@ -971,7 +976,8 @@ SmallMmConfig grouped_mm_small_config(const SmallMmArgs& a, int num_sms) {
   // leave it half empty at the start and end of every part).
   const int64_t items = units_bound(a, cfg.token_tile) * tiles_per_group(a);
   const int64_t k_blocks = k_stages(a);
-  while (cfg.splits < kMaxSplits && items * cfg.splits < 2 * int64_t(num_sms) &&
+  const int max_splits = fp8 ? kMaxFp8Splits : kMaxSplits;
+  while (cfg.splits < max_splits && items * cfg.splits < 2 * int64_t(num_sms) &&
          k_blocks >= 8 * 2 * cfg.splits)
     cfg.splits *= 2;
   switch (cfg.token_tile) {
