@@ -144,7 +144,6 @@ struct Problem {
   std::vector<int> splits = {0};  // 0 = the config's choice
 };
 
-
 int64_t out_cols(const Problem& p) { return p.act >= FMOE_ACT_SILU ? p.n / 2 : p.n; }
 
 // Which group each row belongs to (or -1 when not written), and its source row of a.
@@ -559,7 +558,6 @@ bool bench(const Shape& s, bool fp8, int num_sms) {
   release(d);
   return ok;
 }
-
 
 // ---- "waves": time against the number of used groups, per split (bench/NOTES.md v18) ---------
 // The decode layer at T = 8 uses ~52 of qwen3's 128 experts: 1248 FC1 items over 528 MXFP8 CTA
