@@ -1,13 +1,16 @@
-// Pieces every standalone kernel check of bench/dev/ uses: the CUDA error check, and a
-// counter-based random fill (the same values for a given (index, seed) on any launch shape).
+// Pieces every standalone kernel check of bench/dev/ uses: the CUDA error check, a counter-based
+// random fill (the same values for a given (index, seed) on any launch shape), a wait that reports
+// a hang, and the timing of single launches.
 #pragma once
 
 #include <cuda_runtime.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
+#include <vector>
 
 // A failing CUDA call ends the check with exit code 2 (mismatches use 1, hangs 3).
 #define CHECK_CUDA(call)                                                                   \
@@ -69,4 +72,32 @@ inline void sync_or_die(cudaStream_t stream, const char* what, double timeout_s 
     usleep(200);
   }
   CHECK_CUDA(cudaEventDestroy(ev));
+}
+
+// Median and fastest time (ms) of `iters` single launches on the default stream, each between
+// two events, after `warmup` untimed ones. `launch` enqueues one (checking its own errors).
+struct LaunchTimes {
+  float median_ms, min_ms;
+};
+template <class Launch>
+LaunchTimes time_launches(const char* what, int warmup, int iters, Launch&& launch) {
+  cudaEvent_t e0, e1;
+  CHECK_CUDA(cudaEventCreate(&e0));
+  CHECK_CUDA(cudaEventCreate(&e1));
+  for (int i = 0; i < warmup; ++i) launch();
+  sync_or_die(0, what);
+  std::vector<float> ms;
+  for (int i = 0; i < iters; ++i) {
+    CHECK_CUDA(cudaEventRecord(e0));
+    launch();
+    CHECK_CUDA(cudaEventRecord(e1));
+    sync_or_die(0, what);
+    float t = 0;
+    CHECK_CUDA(cudaEventElapsedTime(&t, e0, e1));
+    ms.push_back(t);
+  }
+  CHECK_CUDA(cudaEventDestroy(e0));
+  CHECK_CUDA(cudaEventDestroy(e1));
+  std::sort(ms.begin(), ms.end());
+  return {ms[ms.size() / 2], ms.front()};
 }

@@ -421,25 +421,7 @@ void add_row_map(Problem& p) {
 
 // ---- timing -----------------------------------------------------------------------------------
 float median_ms(const std::string& what, int iters, const std::function<void()>& launch) {
-  cudaEvent_t e0, e1;
-  CHECK_CUDA(cudaEventCreate(&e0));
-  CHECK_CUDA(cudaEventCreate(&e1));
-  for (int i = 0; i < 3; ++i) launch();
-  sync_or_die(0, (what + " warm-up").c_str());
-  std::vector<float> ms;
-  for (int i = 0; i < iters; ++i) {
-    CHECK_CUDA(cudaEventRecord(e0));
-    launch();
-    CHECK_CUDA(cudaEventRecord(e1));
-    sync_or_die(0, what.c_str());
-    float t = 0;
-    CHECK_CUDA(cudaEventElapsedTime(&t, e0, e1));
-    ms.push_back(t);
-  }
-  CHECK_CUDA(cudaEventDestroy(e0));
-  CHECK_CUDA(cudaEventDestroy(e1));
-  std::sort(ms.begin(), ms.end());
-  return ms[ms.size() / 2];
+  return time_launches(what.c_str(), 3, iters, launch).median_ms;
 }
 
 // The library's activation pass, launched as CudaBackend::activation_quant launches it.

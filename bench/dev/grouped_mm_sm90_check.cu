@@ -305,28 +305,13 @@ bool bench(const std::string& name, int64_t groups, int64_t rows_per_group, int6
     CHECK_CUDA(fmoe::cuda::grouped_mm_sm90_bf16_block_n(d.args, num_sms, bn, 0));
     sync_or_die(0, (name + " sm90 kernel").c_str());
     ok = compare(p, rg, d, (name + (bn == picked ? " (picked)" : "")).c_str(), bn) && ok;
-    cudaEvent_t e0, e1;
-    CHECK_CUDA(cudaEventCreate(&e0));
-    CHECK_CUDA(cudaEventCreate(&e1));
-    for (int i = 0; i < 3; ++i)
+    const LaunchTimes t = time_launches((name + " timing").c_str(), 3, 20, [&] {
       CHECK_CUDA(fmoe::cuda::grouped_mm_sm90_bf16_block_n(d.args, num_sms, bn, 0));
-    std::vector<float> ms;
-    for (int i = 0; i < 20; ++i) {
-      CHECK_CUDA(cudaEventRecord(e0));
-      CHECK_CUDA(fmoe::cuda::grouped_mm_sm90_bf16_block_n(d.args, num_sms, bn, 0));
-      CHECK_CUDA(cudaEventRecord(e1));
-      sync_or_die(0, (name + " timing").c_str());
-      float t = 0;
-      CHECK_CUDA(cudaEventElapsedTime(&t, e0, e1));
-      ms.push_back(t);
-    }
-    std::sort(ms.begin(), ms.end());
-    const float med = ms[ms.size() / 2];
+    });
+    const float med = t.median_ms;
     std::printf("  TIME %-40s BN=%d%s: median %.3f ms (min %.3f), %.1f TFLOP/s\n", name.c_str(),
-                bn, bn == picked ? " (picked)" : "", med, ms.front(), flops / (med * 1e-3) / 1e12);
+                bn, bn == picked ? " (picked)" : "", med, t.min_ms, flops / (med * 1e-3) / 1e12);
     std::fflush(stdout);
-    CHECK_CUDA(cudaEventDestroy(e0));
-    CHECK_CUDA(cudaEventDestroy(e1));
   }
   release(d);
   return ok;

@@ -309,28 +309,6 @@ Problem make(const std::string& name, const std::vector<int>& sizes, int64_t ext
   return p;
 }
 
-template <class F>
-float median_ms(F&& launch) {
-  cudaEvent_t e0, e1;
-  CHECK_CUDA(cudaEventCreate(&e0));
-  CHECK_CUDA(cudaEventCreate(&e1));
-  for (int i = 0; i < 3; ++i) CHECK_CUDA(launch());
-  std::vector<float> ms;
-  for (int i = 0; i < 20; ++i) {
-    CHECK_CUDA(cudaEventRecord(e0));
-    CHECK_CUDA(launch());
-    CHECK_CUDA(cudaEventRecord(e1));
-    CHECK_CUDA(cudaEventSynchronize(e1));
-    float t = 0;
-    CHECK_CUDA(cudaEventElapsedTime(&t, e0, e1));
-    ms.push_back(t);
-  }
-  std::sort(ms.begin(), ms.end());
-  CHECK_CUDA(cudaEventDestroy(e0));
-  CHECK_CUDA(cudaEventDestroy(e1));
-  return ms[ms.size() / 2];
-}
-
 void bench(const std::string& name, int64_t groups, int64_t rows_per_group, int64_t n, int64_t k,
            int num_sms) {
   Problem p = make(name, std::vector<int>(size_t(groups), int(rows_per_group)), 0, n, k, false);
@@ -339,10 +317,12 @@ void bench(const std::string& name, int64_t groups, int64_t rows_per_group, int6
   const double flops = 2.0 * double(p.rows) * double(n) * double(k);
   const int picked = fmoe::cuda::grouped_mm_sm90_pick_block_n(d.mx, num_sms);
   for (int bn : {fmoe::cuda::kSm90MxFp8Wgmma, 128, 256}) {
-    const float mx = median_ms(
-        [&] { return fmoe::cuda::grouped_mm_sm90_mxfp8_block_n(d.mx, num_sms, bn, 0); });
-    const float bf = median_ms(
-        [&] { return fmoe::cuda::grouped_mm_sm90_bf16_block_n(d.bf, num_sms, bn ? bn : picked, 0); });
+    const float mx = time_launches("mxfp8 timing", 3, 20, [&] {
+      CHECK_CUDA(fmoe::cuda::grouped_mm_sm90_mxfp8_block_n(d.mx, num_sms, bn, 0));
+    }).median_ms;
+    const float bf = time_launches("bf16 timing", 3, 20, [&] {
+      CHECK_CUDA(fmoe::cuda::grouped_mm_sm90_bf16_block_n(d.bf, num_sms, bn ? bn : picked, 0));
+    }).median_ms;
     std::printf("  TIME %-44s %s%s: mxfp8 %.3f ms %.1f TFLOP/s | bf16 %.3f ms %.1f TFLOP/s\n",
                 name.c_str(), design_name(bn).c_str(), bn == picked ? " (picked)" : "", mx,
                 flops / (mx * 1e-3) / 1e12, bf, flops / (bf * 1e-3) / 1e12);

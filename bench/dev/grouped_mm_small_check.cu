@@ -462,33 +462,15 @@ struct Shape {
   int act;  // fc1's epilogue (-1 for fc2)
 };
 
-// Median and minimum time (us) of `launches` single launches of `cfg`, each on the next routing
-// of `sets`, after 8 untimed ones.
-void time_launches(SmallMmArgs args, const SmallMmConfig& cfg, const std::vector<int32_t*>& sets,
-                   int launches, int num_sms, double* median_us, double* min_us) {
-  cudaEvent_t e0, e1;
-  CHECK_CUDA(cudaEventCreate(&e0));
-  CHECK_CUDA(cudaEventCreate(&e1));
-  for (int i = 0; i < 8; ++i) {
-    args.group_offsets = sets[size_t(i) % sets.size()];
+// Median and fastest time of single launches of `cfg`, each on the next routing of `sets`, after
+// 8 untimed ones.
+LaunchTimes time_config(SmallMmArgs args, const SmallMmConfig& cfg,
+                        const std::vector<int32_t*>& sets, int launches, int num_sms) {
+  size_t next = 0;
+  return time_launches("timing", 8, launches, [&] {
+    args.group_offsets = sets[next++ % sets.size()];
     CHECK_CUDA(fmoe::cuda::grouped_mm_small_with(args, cfg, num_sms, 0));
-  }
-  std::vector<float> ms;
-  for (int i = 0; i < launches; ++i) {
-    args.group_offsets = sets[size_t(i) % sets.size()];
-    CHECK_CUDA(cudaEventRecord(e0));
-    CHECK_CUDA(fmoe::cuda::grouped_mm_small_with(args, cfg, num_sms, 0));
-    CHECK_CUDA(cudaEventRecord(e1));
-    sync_or_die(0, "timing");
-    float t = 0;
-    CHECK_CUDA(cudaEventElapsedTime(&t, e0, e1));
-    ms.push_back(t);
-  }
-  std::sort(ms.begin(), ms.end());
-  *median_us = ms[ms.size() / 2] * 1e3;
-  *min_us = ms.front() * 1e3;
-  CHECK_CUDA(cudaEventDestroy(e0));
-  CHECK_CUDA(cudaEventDestroy(e1));
+  });
 }
 
 bool bench(const Shape& s, bool fp8, int num_sms) {
@@ -532,8 +514,8 @@ bool bench(const Shape& s, bool fp8, int num_sms) {
   const double bytes =
       double(s.topk) * double(s.n) * double(s.k) * (fp8 ? 1.0 + 1.0 / 32.0 : 2.0);
   SmallMmArgs args = d.args;
-  double med_us = 0, min_us = 0;
-  time_launches(args, cfg, dev_sets, 20, num_sms, &med_us, &min_us);
+  const LaunchTimes times = time_config(args, cfg, dev_sets, 20, num_sms);
+  const double med_us = times.median_ms * 1e3, min_us = times.min_ms * 1e3;
   cudaEvent_t e0, e1;
   CHECK_CUDA(cudaEventCreate(&e0));
   CHECK_CUDA(cudaEventCreate(&e1));
@@ -622,8 +604,7 @@ void waves_case(const char* name, int64_t groups, int64_t n, int64_t k, int act,
       sync_or_die(0, "waves kernel");
       const bool ok = compare(p, rg, d, p.name + " " + cfg_str(cfg));
       if (!ok) return;
-      double us = 0, min_us = 0;
-      time_launches(args, cfg, dev_sets, 30, num_sms, &us, &min_us);
+      const double us = time_config(args, cfg, dev_sets, 30, num_sms).median_ms * 1e3;
       const double bytes = double(used) * double(n) * double(k) * (fp8 ? 1.0 + 1.0 / 32.0 : 2.0);
       const int slots = std::min<int>(cfg.grid, resident) / cfg.splits;
       std::printf("  WAVES %-11s %-5s used %3d items %5lld splits %d grid %4d slots %4d waves "
