@@ -23,9 +23,9 @@
 // median of 20 single launches (events around each) and the mean of 20 back-to-back launches,
 // rotating over 8 disjoint expert sets of a weight buffer of 8 * topk experts, so that L2 (50 MB)
 // does not serve the weights. Prints GB/s of weight bytes (+ scales) read.
-// Arguments: none (correctness, then timing), "correct" (correctness only), "waves" (the sweep of
-// waves_main). Exit code: 0 = all passed, 1 = a mismatch, 2 = a CUDA error, 3 = a kernel that
-// never finished.
+// Arguments: none (correctness, then timing), "correct" (correctness only), "waves [mxfp8|bf16]
+// [case]" (the sweep of waves_main, optionally one format and one case). Exit code: 0 = all
+// passed, 1 = a mismatch, 2 = a CUDA error, 3 = a kernel that never finished.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <unistd.h>
@@ -618,16 +618,20 @@ void waves_case(const char* name, int64_t groups, int64_t n, int64_t k, int act,
   }
 }
 
-int waves_main(int num_sms) {
+// dtype: "mxfp8", "bf16" or "" (both); only: a case name, or "" (all).
+int waves_main(int num_sms, const std::string& dtype, const std::string& only) {
   for (bool fp8 : {true, false}) {
-    waves_case("qwen3-fc1", 128, 1536, 2048, FMOE_ACT_SILU, 64, {40, 44, 45, 48, 52, 56, 60, 64},
-               fp8, num_sms, false);
-    waves_case("qwen3-fc2", 128, 2048, 768, -1, 64, {33, 34, 40, 48, 52, 56, 64}, fp8, num_sms,
-               false);
-    waves_case("nemo-fc1", 128, 1856, 2688, FMOE_ACT_SQUARED_RELU, 48, {36, 37, 42, 48}, fp8,
-               num_sms, false);
-    waves_case("mixtral-fc2", 8, 4096, 14336, -1, 2, {2}, fp8, num_sms, true);
-    waves_case("mixtral-fc1", 8, 28672, 4096, FMOE_ACT_SILU, 2, {2}, fp8, num_sms, true);
+    if (!dtype.empty() && dtype != (fp8 ? "mxfp8" : "bf16")) continue;
+    auto run = [&](const char* name, int64_t groups, int64_t n, int64_t k, int act, int64_t rows,
+                   const std::vector<int>& used, bool mixtral_grid) {
+      if (only.empty() || only == name)
+        waves_case(name, groups, n, k, act, rows, used, fp8, num_sms, mixtral_grid);
+    };
+    run("qwen3-fc1", 128, 1536, 2048, FMOE_ACT_SILU, 64, {40, 44, 45, 48, 52, 56, 60, 64}, false);
+    run("qwen3-fc2", 128, 2048, 768, -1, 64, {33, 34, 40, 48, 52, 56, 64}, false);
+    run("nemo-fc1", 128, 1856, 2688, FMOE_ACT_SQUARED_RELU, 48, {36, 37, 42, 48}, false);
+    run("mixtral-fc2", 8, 4096, 14336, -1, 2, {2}, true);
+    run("mixtral-fc1", 8, 28672, 4096, FMOE_ACT_SILU, 2, {2}, true);
   }
   return 0;
 }
@@ -645,7 +649,8 @@ int main(int argc, char** argv) {
     std::printf("needs a Hopper GPU (sm_90)\n");
     return 2;
   }
-  if (argc > 1 && std::string(argv[1]) == "waves") return waves_main(num_sms);
+  if (argc > 1 && std::string(argv[1]) == "waves")
+    return waves_main(num_sms, argc > 2 ? argv[2] : "", argc > 3 ? argv[3] : "");
   std::vector<Problem> cases;
   for (bool fp8 : {false, true}) {
     {

@@ -43,15 +43,16 @@
 //   (warps 0-3) runs the wgmmas and releases the stage (`empty`, 4 warp arrivals).
 // - MXFP8: e4m3 x e4m3 wgmma (k32 = one scale block) into zeroed temporaries, then promoted:
 //   acc += tmp * (scale_w[row] * scale_x[token]) in f32. A stage's four k32 blocks go to four
-//   temporaries in one wgmma group (one wait per stage). The scales arrive as the two aligned
-//   words that cover the stage's 4 scale bytes of a row (mx_scale_words.cuh: k/32 need not be a
-//   multiple of 4); while a thread's scale bytes are all in [64, 191] (any but extreme scales)
-//   a product of two scales is one integer add of their f32 exponent fields, else the bytes are
-//   decoded and multiplied: the same bits either way. The token tile is 8 while the groups
-//   average at most 6 rows, else at most 16 (the promotion costs per token column), and the
-//   ring is 4 deep, for 4 CTAs per SM. Both warps' per-stage work is kept small: at 4 CTAs per
-//   SM the producer warp's and the consumers' instructions per stage, not the memory, set the
-//   pace (bench/NOTES.md v14).
+//   temporaries in one wgmma group (one wait per stage), and the stage goes back to the
+//   producer as soon as that wait returns, ahead of the promotion (registers only). The scales
+//   arrive as the two aligned words that cover the stage's 4 scale bytes of a row
+//   (mx_scale_words.cuh: k/32 need not be a multiple of 4); while a thread's scale bytes are all
+//   in [64, 191] (any but extreme scales) a product of two scales is one integer add of their
+//   f32 exponent fields, else the bytes are decoded and multiplied: the same bits either way.
+//   The token tile is 8 while the groups average at most 6 rows, else at most 16 (the promotion
+//   costs per token column), and the ring is 4 deep, for 4 CTAs per SM. Both warps' per-stage
+//   work is kept small: at 4 CTAs per SM the producer warp's and the consumers' instructions per
+//   stage, not the memory, set the pace (bench/NOTES.md v14).
 // - Epilogue: accumulators -> f32 tile in shared memory [token][weight row]; (split-K: cluster
 //   barrier, then each rank finishes a share of the tile, summing the ranks' tiles in order);
 //   + bias, round to bf16; with an activation: widen, activation in f32, round to bf16 (the
@@ -104,7 +105,9 @@ namespace cg = cooperative_groups;
 //   token tiles 8 and 16, 2 at 32), since weights in flight set a decode kernel's bandwidth: 7,
 //   6 and 8 stages (56, 48 and 64 KB of weights per CTA). MXFP8 4 (32 KB per CTA): its consumer
 //   decodes scales and promotes every k32 block, so a CTA's one warpgroup is latency-bound; 4
-//   stages fit 4 CTAs per SM (4 consumer warpgroups, 128 KB in flight).
+//   stages fit 4 CTAs per SM (4 consumer warpgroups, 128 KB in flight). Measured on an H200
+//   (bench/NOTES.md v19): 3 CTAs x 6 stages and 2 x 10 are 2% and 11% slower over the decode
+//   cells, and the deeper ring slower even where a launch has only 2 CTAs per SM.
 // kMaxGroups = 512: the group tables (6 KB) stay small next to the ring.
 constexpr int kTileW = 64;
 constexpr int kHalfTileW = kTileW / 2;  // rows per TMA box (gate and up halves of a gated tile)
@@ -115,7 +118,6 @@ constexpr int kStageK = 128;
 constexpr int bf16_ctas_per_sm(int token_tile) { return token_tile == 32 ? 2 : 3; }
 constexpr int kSmemPerSm = 228 * 1024;     // shared memory of an SM (H100, H200)
 constexpr int kSmemReservedPerCta = 1024;  // of it, reserved for each resident CTA
-constexpr int kFp8Stages = 4;
 constexpr int kFp8CtasPerSm = 4;
 constexpr int kMaxGroups = 512;
 // Routing entries (T * topk) up to which the bf16 kernel may build its group table from the
@@ -165,12 +167,12 @@ struct SmallLayout {
   static constexpr int kTableBytes = (3 * kMaxGroups + 1 + (kRouted ? kMaxRoutedSlots : 0)) * 4;
   // What does not grow with the ring: alignment slack, the f32 tile, the group tables.
   static constexpr int kFixedBytes = 1024 + kRedBytes + kTableBytes;
-  // bf16: the deepest ring (a stage: its buffer and two barriers) that leaves
-  // bf16_ctas_per_sm(NT) CTAs per SM room for the rest: 7, 6 and 8 stages at tiles 8, 16, 32.
+  // The deepest ring (a stage: its buffer and two barriers) that leaves the planned CTAs per SM
+  // room for the rest: bf16 7, 6 and 8 stages at tiles 8, 16, 32; MXFP8 4 at tiles 8 and 16
+  // (3 at 32, a width only a forced config launches).
+  static constexpr int kPlannedCtasPerSm = kFp8 ? kFp8CtasPerSm : bf16_ctas_per_sm(NT);
   static constexpr int kStages =
-      kFp8 ? kFp8Stages
-           : (kSmemPerSm / bf16_ctas_per_sm(NT) - kSmemReservedPerCta - kFixedBytes) /
-                 (kStageBytes + 2 * 8);
+      (kSmemPerSm / kPlannedCtasPerSm - kSmemReservedPerCta - kFixedBytes) / (kStageBytes + 2 * 8);
   static constexpr int kBarBytes = 2 * kStages * 8;
   // MXFP8, in each stage's scale area past the copied words: a pair of words of 0x7F bytes
   // (scale 1) that padding token columns read.
@@ -181,6 +183,7 @@ struct SmallLayout {
   static_assert(kStageBytes % 1024 == 0, "stage buffers keep the 1024-byte swizzle alignment");
   static_assert(!kRouted || (!kFp8 && kRedBytes >= 2 * kMaxRoutedSlots * 4),
                 "routed: bf16, and the f32 tile holds the set-up's scratch");
+  static_assert(kStages >= 3, "a ring too shallow to stream");
   static_assert(kSmemBytes <= 227 * 1024, "exceeds the 227 KB of shared memory per block");
   // MXFP8 tiles up to kMaxFp8TokenTile (the widths the host picks) keep kFp8CtasPerSm CTAs per
   // SM: 228 KB of shared memory per SM, 1 KB of it reserved per CTA.
@@ -618,6 +621,10 @@ __global__ void __launch_bounds__(kThreads, SmallLayout<NT, kFp8, kRouted>::kMin
         for (int j4 = 0; j4 < kStageK / 32; ++j4)
 #pragma unroll
           for (int i = 0; i < kAcc; ++i) ptx::wgmma_fence_operand(t[j4][i]);
+        // Every wgmma of this stage is complete and its scale words are in registers: release it
+        // before the promotion, which reads registers only, so the producer refills it sooner.
+        __syncwarp();
+        if (lane == 0) ptx::mbar_arrive(&empty[stage]);
         // acc += t * (scale_w * scale_x): the scales' product first, since a sum of 32 e4m3
         // products reaches 2^22.6, and times one extreme scale alone (2^111 against a token's
         // 2^-127) it overflows where the dequantized products are finite. Both branches give
@@ -659,9 +666,6 @@ __global__ void __launch_bounds__(kThreads, SmallLayout<NT, kFp8, kRouted>::kMin
               acc[a0 + 2] = fmaf(t[j4][a0 + 2], f[1][j4] * f[2 + j][j4], acc[a0 + 2]);
             }
         }
-        // Every wgmma of this stage is complete and the scales were read: release it now.
-        __syncwarp();
-        if (lane == 0) ptx::mbar_arrive(&empty[stage]);
       }
       ptx::next_stage<kStages>(stage, phase);
     }
