@@ -52,7 +52,8 @@
 //   The token tile is 8 while the groups average at most 6 rows, else at most 16 (the promotion
 //   costs per token column), and the ring is 4 deep, for 4 CTAs per SM. Both warps' per-stage
 //   work is kept small: at 4 CTAs per SM the producer warp's and the consumers' instructions per
-//   stage, not the memory, set the pace (bench/NOTES.md v14).
+//   stage set the pace (bench/NOTES.md v14) until that work was cut; now the consumers wait for
+//   data with the ring full (v19).
 // - Epilogue: accumulators -> f32 tile in shared memory [token][weight row]; (split-K: cluster
 //   barrier, then each rank finishes a share of the tile, summing the ranks' tiles in order);
 //   + bias, round to bf16; with an activation: widen, activation in f32, round to bf16 (the
