@@ -186,13 +186,12 @@ struct SmallLayout {
                 "routed: bf16, and the f32 tile holds the set-up's scratch");
   static_assert(kStages >= 3, "a ring too shallow to stream");
   static_assert(kSmemBytes <= 227 * 1024, "exceeds the 227 KB of shared memory per block");
-  // MXFP8 tiles up to kMaxFp8TokenTile (the widths the host picks) keep kFp8CtasPerSm CTAs per
-  // SM: 228 KB of shared memory per SM, 1 KB of it reserved per CTA.
-  static constexpr int kMinCtasPerSm = kFp8 && NT <= kMaxFp8TokenTile ? kFp8CtasPerSm : 1;
-  static_assert(kMinCtasPerSm * (kSmemBytes + kSmemReservedPerCta) <= kSmemPerSm,
-                "fewer CTAs per SM than planned");
-  static_assert(kFp8 || bf16_ctas_per_sm(NT) * (kSmemBytes + kSmemReservedPerCta) <= kSmemPerSm,
-                "the bf16 ring costs a CTA per SM");
+  // Every ring leaves its planned CTAs per SM room: 228 KB per SM, 1 KB of it reserved per CTA.
+  static_assert(kPlannedCtasPerSm * (kSmemBytes + kSmemReservedPerCta) <= kSmemPerSm,
+                "the ring costs a CTA per SM");
+  // The launch bound: MXFP8 tiles up to kMaxFp8TokenTile (the widths the host picks) promise
+  // ptxas the planned CTAs per SM, so their registers fit them.
+  static constexpr int kMinCtasPerSm = kFp8 && NT <= kMaxFp8TokenTile ? kPlannedCtasPerSm : 1;
 };
 
 struct SmallParams {

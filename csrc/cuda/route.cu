@@ -4,11 +4,11 @@
 // route_before (core/route_math.h: larger choice first, NaN last, lower id on ties), so a token
 // costs topk passes over the lane's num_experts / 32 choices (held in registers up to 256
 // experts) and five shuffles, where one thread walking all experts topk times took tens of
-// microseconds. Group values (top-2 sums) are taken
-// by one lane per group, in the host's order. Sums the host takes in order (the softmax's, the
-// weights') are taken in the same order through shuffles, so the arithmetic is the host's but for
-// the device's exp (within 2 ulp): two choices within an ulp may be ordered differently, and
-// softmax without a bias or groups chooses by the logits, exactly as the host does.
+// microseconds. Group values (top-2 sums) are taken by one lane per group, in the host's order.
+// Sums the host takes in order (the softmax's, the weights') are taken in the same order through
+// shuffles, so the arithmetic is the host's but for the device's exp (within 2 ulp): two choices
+// within an ulp may be ordered differently, and softmax without a bias or groups chooses by the
+// logits, exactly as the host does.
 // FMOE_ROUTE_KERNEL=thread runs route_token (the host's code) one thread per token instead, for
 // comparisons.
 #include <cstdlib>
