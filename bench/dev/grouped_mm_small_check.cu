@@ -462,6 +462,34 @@ struct Shape {
   int act;  // fc1's epilogue (-1 for fc2)
 };
 
+// A timed problem over several routings (group sizes per routing): made and checked on the
+// first, each routing's offsets uploaded for the timed launches to rotate over.
+struct RotatedProblem {
+  Problem p;
+  std::vector<int> rg, src;
+  Dev d;
+  std::vector<int32_t*> dev_sets;
+};
+// max_rows > 0 replaces the bound make() derives from the first routing.
+RotatedProblem upload_rotated(const std::string& name, const std::vector<std::vector<int>>& routings,
+                              int64_t n, int64_t k, bool fp8, int act, int max_rows,
+                              uint32_t seed) {
+  RotatedProblem r;
+  r.p = make(name, routings[0], 0, n, k, false, fp8);
+  r.p.act = act;
+  if (max_rows > 0) r.p.max_rows = max_rows;
+  bool overlap;
+  row_plan(r.p, &r.rg, &r.src, &overlap);
+  r.d = upload(r.p, r.rg, r.src, seed);
+  for (const std::vector<int>& sizes : routings)
+    r.dev_sets.push_back(upload_vec(offsets_from_sizes(sizes)));
+  return r;
+}
+void release(RotatedProblem& r) {
+  for (auto* ptr : r.dev_sets) cudaFree(ptr);
+  release(r.d);
+}
+
 // Median and fastest time of single launches of `cfg`, each on the next routing of `sets`, after
 // 8 untimed ones.
 LaunchTimes time_config(SmallMmArgs args, const SmallMmConfig& cfg,
@@ -479,21 +507,13 @@ bool bench(const Shape& s, bool fp8, int num_sms) {
   // between two uses of one set.
   constexpr int kSets = 8;
   const int64_t groups = kSets * s.topk;
-  Problem p;
-  std::vector<std::vector<int32_t>> sets(kSets);
-  for (int v = 0; v < kSets; ++v) {
-    std::vector<int> sizes(size_t(groups), 0);
-    for (int64_t j = 0; j < s.topk; ++j) sizes[size_t(v + kSets * j)] = 1;
-    sets[v] = offsets_from_sizes(sizes);
-    if (v == 0) p = make(s.name, sizes, 0, s.n, s.k, false, fp8);  // checked on the first set
-  }
-  p.act = s.act;
-  std::vector<int> rg, src;
-  bool overlap;
-  row_plan(p, &rg, &src, &overlap);
-  Dev d = upload(p, rg, src, 99);
-  std::vector<int32_t*> dev_sets;
-  for (auto& v : sets) dev_sets.push_back(upload_vec(v));
+  std::vector<std::vector<int>> routings(kSets, std::vector<int>(size_t(groups), 0));
+  for (int v = 0; v < kSets; ++v)
+    for (int64_t j = 0; j < s.topk; ++j) routings[size_t(v)][size_t(v + kSets * j)] = 1;
+  RotatedProblem rp = upload_rotated(s.name, routings, s.n, s.k, fp8, s.act, 0, 99);
+  const Problem& p = rp.p;
+  Dev& d = rp.d;
+  const std::vector<int32_t*>& dev_sets = rp.dev_sets;
   if (!fmoe::cuda::grouped_mm_small_supported(d.args)) {
     std::printf("  FAIL %s: not supported\n", p.name.c_str());
     return false;
@@ -502,7 +522,7 @@ bool bench(const Shape& s, bool fp8, int num_sms) {
   CHECK_CUDA(cudaMemset(d.c, 0xFF, p.rows * out_cols(p) * 2));
   CHECK_CUDA(fmoe::cuda::grouped_mm_small(d.args, num_sms, 0));
   sync_or_die(0, (p.name + " kernel").c_str());
-  bool ok = compare(p, rg, d, p.name + " " + cfg_str(cfg));
+  bool ok = compare(p, rp.rg, d, p.name + " " + cfg_str(cfg));
 
   const double bytes =
       double(s.topk) * double(s.n) * double(s.k) * (fp8 ? 1.0 + 1.0 / 32.0 : 2.0);
@@ -529,8 +549,7 @@ bool bench(const Shape& s, bool fp8, int num_sms) {
   std::fflush(stdout);
   CHECK_CUDA(cudaEventDestroy(e0));
   CHECK_CUDA(cudaEventDestroy(e1));
-  for (auto* ptr : dev_sets) cudaFree(ptr);
-  release(d);
+  release(rp);
   return ok;
 }
 
@@ -544,10 +563,10 @@ void waves_case(const char* name, int64_t groups, int64_t n, int64_t k, int act,
   constexpr int kSets = 8;
   for (int used : used_list) {
     // kSets routings of `rows` rows over `used` distinct groups (1 row each, the rest spread).
-    Problem p;
-    std::vector<std::vector<int32_t>> sets(kSets);
+    std::vector<std::vector<int>> routings(kSets);
     for (int v = 0; v < kSets; ++v) {
-      std::vector<int> sizes(size_t(groups), 0);
+      std::vector<int>& sizes = routings[size_t(v)];
+      sizes.assign(size_t(groups), 0);
       std::vector<int> order(static_cast<size_t>(groups));
       for (int64_t g = 0; g < groups; ++g) order[size_t(g)] = int(g);
       uint32_t st = 12345u + 977u * uint32_t(v) + uint32_t(used);
@@ -557,17 +576,11 @@ void waves_case(const char* name, int64_t groups, int64_t n, int64_t k, int act,
       }
       for (int i = 0; i < used; ++i) sizes[size_t(order[size_t(i)])] = 1;
       for (int64_t r = used; r < rows; ++r) sizes[size_t(order[size_t(r % used)])] += 1;
-      sets[size_t(v)] = offsets_from_sizes(sizes);
-      if (v == 0) p = make(name, sizes, 0, n, k, false, fp8);  // checked on the first set
     }
-    p.act = act;
-    p.max_rows = 8;  // the host's bound, as at T = 8, not the largest group of these routings
-    std::vector<int> rg, src;
-    bool overlap;
-    row_plan(p, &rg, &src, &overlap);
-    Dev d = upload(p, rg, src, 7);
-    std::vector<int32_t*> dev_sets;
-    for (auto& v : sets) dev_sets.push_back(upload_vec(v));
+    // Rows per group bounded by the host's bound at T = 8, not by the largest group here.
+    RotatedProblem rp = upload_rotated(name, routings, n, k, fp8, act, 8, 7);
+    const Problem& p = rp.p;
+    Dev& d = rp.d;
     const SmallMmConfig base = fmoe::cuda::grouped_mm_small_config(d.args, num_sms);
     std::vector<SmallMmConfig> cfgs{base};
     const int64_t tiles = act >= FMOE_ACT_SILU ? (n / 2 + 31) / 32 : (n + 63) / 64;
@@ -589,9 +602,12 @@ void waves_case(const char* name, int64_t groups, int64_t n, int64_t k, int act,
       CHECK_CUDA(cudaMemset(d.c, 0xFF, p.rows * out_cols(p) * 2));
       CHECK_CUDA(fmoe::cuda::grouped_mm_small_with(args, cfg, num_sms, 0));
       sync_or_die(0, "waves kernel");
-      const bool ok = compare(p, rg, d, p.name + " " + cfg_str(cfg));
-      if (!ok) return;
-      const double us = time_config(args, cfg, dev_sets, 30, num_sms).median_ms * 1e3;
+      const bool ok = compare(p, rp.rg, d, p.name + " " + cfg_str(cfg));
+      if (!ok) {
+        release(rp);
+        return;
+      }
+      const double us = time_config(args, cfg, rp.dev_sets, 30, num_sms).median_ms * 1e3;
       const double bytes = double(used) * double(n) * double(k) * (fp8 ? 1.0 + 1.0 / 32.0 : 2.0);
       const int slots = std::min<int>(cfg.grid, resident) / cfg.splits;
       std::printf("  WAVES %-11s %-5s used %3d items %5lld splits %d grid %4d slots %4d waves "
@@ -600,8 +616,7 @@ void waves_case(const char* name, int64_t groups, int64_t n, int64_t k, int act,
                   slots, double(items) / slots, us, bytes / (us * 1e3));
       std::fflush(stdout);
     }
-    for (auto* ptr : dev_sets) cudaFree(ptr);
-    release(d);
+    release(rp);
   }
 }
 
