@@ -138,6 +138,40 @@ FMOE_HD float mx_divide_by_scale(float x, uint8_t scale_byte) {
   return (x * f32_from_bits(uint32_t(127 - s1) << 23)) * f32_from_bits(uint32_t(127 - s2) << 23);
 }
 
+// The MXFP8 round trip of one element, dequant(quant(x)) as bf16 bits:
+//   f32_to_bf16(mx_dequantize(f32_to_e4m3(mx_divide_by_scale(x, sb)), sb))
+// without the scalar functions' branches and int-to-float conversions. Exact for a finite bf16 x
+// of a block whose scale byte sb satisfies mx_round_trip_fast_ok (then |x| <= 448 * 2^s, as
+// e8m0_scale_for_amax guarantees for every element of the block, so nothing saturates):
+// - e4m3 normals (|x| >= 2^(s-6)) keep 4 significant bits: x's bf16 bits rounded to 3 fraction
+//   bits, to nearest even, a carry moving into the exponent as in f32_to_e4m3;
+// - e4m3 subnormals are the multiples of 2^(s-9): adding 1.5 * 2^(s+14) in f32 rounds |x| to one
+//   (the sum's ulp), to nearest even, and subtracting it back is exact;
+// - the sign is put back afterwards, so values that round to zero stay -0 as in f32_to_e4m3.
+// The scale range keeps 2^(s-6) a bf16 normal, every result and the subnormal steps far above
+// f32's subnormals (no flush-to-zero can differ) and 1.5 * 2^(s+15) below f32's largest power.
+// test/numerics.test.ts checks it against the composition above for every bf16 value and scale.
+constexpr uint8_t kMxFastRoundTripMinScale = 17;   // s >= -110
+constexpr uint8_t kMxFastRoundTripMaxScale = 239;  // s <= 112
+FMOE_HD bool mx_round_trip_fast_ok(uint8_t scale_byte) {
+  return scale_byte >= kMxFastRoundTripMinScale && scale_byte <= kMxFastRoundTripMaxScale;
+}
+FMOE_HD uint16_t mx_round_trip_fast(uint16_t x, uint8_t scale_byte) {
+  const uint32_t sign = x & 0x8000u, mag = x & 0x7FFFu;
+  const uint32_t normal = (mag + 7u + ((mag >> 4) & 1u)) & 0xFFF0u;
+  const float step = f32_from_bits(((uint32_t(scale_byte) + 14u) << 23) | 0x400000u);
+  const float sub = (bf16_to_f32(uint16_t(mag)) + step) - step;
+  const uint32_t smallest_normal = (uint32_t(scale_byte) - 6u) << 7;  // bf16 bits of 2^(s-6)
+  return uint16_t(sign | (mag >= smallest_normal ? normal : f32_bits(sub) >> 16));
+}
+
+// The same round trip through the scalar functions, for any scale byte (NaN scale: NaN).
+FMOE_HD uint16_t mx_round_trip_exact(uint16_t x, uint8_t scale_byte) {
+  const uint8_t q =
+      scale_byte == kE8m0Nan ? kE4m3Nan : f32_to_e4m3(mx_divide_by_scale(bf16_to_f32(x), scale_byte));
+  return f32_to_bf16(mx_dequantize(q, scale_byte));
+}
+
 // Quantizes one block of 32 bf16 values: writes 32 e4m3 bytes and returns the scale byte.
 FMOE_HD uint8_t mx_quantize_block(const uint16_t* in, uint8_t* out) {
   float amax = 0.0f;

@@ -12,13 +12,12 @@ namespace fmoe::cuda {
 constexpr unsigned kFullWarp = 0xFFFFFFFFu;
 
 // Each lane holds kPerLane consecutive bf16 values of a block; 32 / kPerLane consecutive lanes
-// (aligned to that count) hold one block. Writes the lane's e4m3 bytes and returns the block's
-// e8m0 scale (the same value on every lane of the block).
+// (aligned to that count) hold one block. Returns the block's e8m0 scale (the same value on every
+// lane of the block), kE8m0Nan if it holds an Inf or NaN.
 // Every lane of the warp must call this (full-mask shuffles); lanes without data pass zeros and
 // ignore the result.
 template <int kPerLane>
-__device__ __forceinline__ uint8_t mx_quantize_lanes(const uint16_t (&v)[kPerLane],
-                                                     uint8_t (&q)[kPerLane]) {
+__device__ __forceinline__ uint8_t mx_scale_lanes(const uint16_t (&v)[kPerLane]) {
   static_assert(kPerLane >= 1 && kMxBlock % kPerLane == 0 && kMxBlock / kPerLane <= 32, "");
   constexpr int kLanes = kMxBlock / kPerLane;
   // Largest magnitude as bf16 bits: for finite values the integer order is the numeric order,
@@ -29,12 +28,19 @@ __device__ __forceinline__ uint8_t mx_quantize_lanes(const uint16_t (&v)[kPerLan
   for (int i = 0; i < kPerLane; ++i) amax = max(amax, uint32_t(v[i] & 0x7FFFu));
 #pragma unroll
   for (int d = 1; d < kLanes; d <<= 1) amax = max(amax, __shfl_xor_sync(kFullWarp, amax, d));
-  if (amax >= 0x7F80u) {
+  return amax >= 0x7F80u ? kE8m0Nan : e8m0_scale_for_amax(bf16_to_f32(uint16_t(amax)));
+}
+
+// As mx_scale_lanes; also writes the lane's e4m3 bytes.
+template <int kPerLane>
+__device__ __forceinline__ uint8_t mx_quantize_lanes(const uint16_t (&v)[kPerLane],
+                                                     uint8_t (&q)[kPerLane]) {
+  const uint8_t scale = mx_scale_lanes<kPerLane>(v);
+  if (scale == kE8m0Nan) {
 #pragma unroll
     for (int i = 0; i < kPerLane; ++i) q[i] = kE4m3Nan;
-    return kE8m0Nan;
+    return scale;
   }
-  uint8_t scale = e8m0_scale_for_amax(bf16_to_f32(uint16_t(amax)));
 #pragma unroll
   for (int i = 0; i < kPerLane; ++i)
     q[i] = f32_to_e4m3(mx_divide_by_scale(bf16_to_f32(v[i]), scale));
@@ -66,12 +72,19 @@ __device__ __forceinline__ uint4 mx_regs_gather_chunk(int m, Elem elem) {
 
 // The MXFP8 round trip of 8 consecutive bf16 (4 consecutive lanes hold one 32-block, as for
 // mx_quantize_lanes): dequant(quant(v)) as bf16, exact (the value has 4 significant bits) but for
-// results below bf16's normal range. Every lane of the warp must call it.
+// results below bf16's normal range. Every lane of the warp must call it. Blocks of ordinary
+// scales take numerics.h's mx_round_trip_fast (a few integer and f32 ops per element, no branch;
+// the FC1 epilogue of the MXFP8 prefill GEMM runs this for each of its outputs), the rest
+// (NaN, |s| > 110) the scalar functions; both give the same bits.
 __device__ __forceinline__ void mx_round_trip_lanes(uint16_t (&v)[8]) {
-  uint8_t q[8];
-  const uint8_t scale = mx_quantize_lanes<8>(v, q);
+  const uint8_t scale = mx_scale_lanes<8>(v);
+  if (mx_round_trip_fast_ok(scale)) {
 #pragma unroll
-  for (int i = 0; i < 8; ++i) v[i] = f32_to_bf16(mx_dequantize(q[i], scale));
+    for (int i = 0; i < 8; ++i) v[i] = mx_round_trip_fast(v[i], scale);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = mx_round_trip_exact(v[i], scale);
+  }
 }
 
 // 8 bf16 <-> one 16-byte vector.
