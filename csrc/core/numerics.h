@@ -138,34 +138,61 @@ FMOE_HD float mx_divide_by_scale(float x, uint8_t scale_byte) {
   return (x * f32_from_bits(uint32_t(127 - s1) << 23)) * f32_from_bits(uint32_t(127 - s2) << 23);
 }
 
-// The MXFP8 round trip of one element, dequant(quant(x)) as bf16 bits:
-//   f32_to_bf16(mx_dequantize(f32_to_e4m3(mx_divide_by_scale(x, sb)), sb))
-// without the scalar functions' branches and int-to-float conversions. Exact for a finite bf16 x
-// of a block whose scale byte sb satisfies mx_round_trip_fast_ok (then |x| <= 448 * 2^s, as
-// e8m0_scale_for_amax guarantees for every element of the block, so nothing saturates):
+// MXFP8 quantization and round trip of one element without the scalar functions' branches and
+// int-to-float conversions, for the CUDA kernels' inner loops. For a finite bf16 x of a block
+// whose scale byte sb satisfies mx_fast_scale_ok (then |x| <= 448 * 2^s, as e8m0_scale_for_amax
+// guarantees for every element of the block, so nothing saturates), with s = sb - 127:
 // - e4m3 normals (|x| >= 2^(s-6)) keep 4 significant bits: x's bf16 bits rounded to 3 fraction
-//   bits, to nearest even, a carry moving into the exponent as in f32_to_e4m3;
+//   bits, to nearest even, a carry moving into the exponent as in f32_to_e4m3; the code is those
+//   bits with the exponent rebased from bf16's to e4m3's under the scale;
 // - e4m3 subnormals are the multiples of 2^(s-9): adding 1.5 * 2^(s+14) in f32 rounds |x| to one
-//   (the sum's ulp), to nearest even, and subtracting it back is exact;
-// - the sign is put back afterwards, so values that round to zero stay -0 as in f32_to_e4m3.
-// The scale range keeps 2^(s-6) a bf16 normal, every result and the subnormal steps far above
-// f32's subnormals (no flush-to-zero can differ) and 1.5 * 2^(s+15) below f32's largest power.
-// test/numerics.test.ts checks it against the composition above for every bf16 value and scale.
-constexpr uint8_t kMxFastRoundTripMinScale = 17;   // s >= -110
-constexpr uint8_t kMxFastRoundTripMaxScale = 239;  // s <= 112
-FMOE_HD bool mx_round_trip_fast_ok(uint8_t scale_byte) {
-  return scale_byte >= kMxFastRoundTripMinScale && scale_byte <= kMxFastRoundTripMaxScale;
-}
-FMOE_HD uint16_t mx_round_trip_fast(uint16_t x, uint8_t scale_byte) {
-  const uint32_t sign = x & 0x8000u, mag = x & 0x7FFFu;
-  const uint32_t normal = (mag + 7u + ((mag >> 4) & 1u)) & 0xFFF0u;
-  const float step = f32_from_bits(((uint32_t(scale_byte) + 14u) << 23) | 0x400000u);
-  const float sub = (bf16_to_f32(uint16_t(mag)) + step) - step;
-  const uint32_t smallest_normal = (uint32_t(scale_byte) - 6u) << 7;  // bf16 bits of 2^(s-6)
-  return uint16_t(sign | (mag >= smallest_normal ? normal : f32_bits(sub) >> 16));
+//   (the sum's ulp), to nearest even; the sum's low bits are the code (0..8, 8 the smallest
+//   normal) and subtracting the addend back is exact;
+// - the sign goes back on afterwards, so values that round to zero keep it, as in f32_to_e4m3.
+// The scale range keeps 2^(s-6) a bf16 normal, the subnormal steps far above f32's subnormals
+// (no flush-to-zero can differ) and 1.5 * 2^(s+15) below f32's largest power of two.
+// test/numerics.test.ts checks both against the scalar functions for every bf16 value and scale.
+constexpr uint8_t kMxFastMinScale = 17;   // s >= -110
+constexpr uint8_t kMxFastMaxScale = 239;  // s <= 112
+FMOE_HD bool mx_fast_scale_ok(uint8_t scale_byte) {
+  return scale_byte >= kMxFastMinScale && scale_byte <= kMxFastMaxScale;
 }
 
-// The same round trip through the scalar functions, for any scale byte (NaN scale: NaN).
+struct MxFastParts {
+  uint32_t sign, mag;  // bf16 sign bit and magnitude bits of x
+  uint32_t rounded;    // e4m3 normal range: |x| rounded to 4 significant bits, bf16 bits
+  uint32_t sum_bits;   // subnormal range: f32 bits of |x| + step
+  uint32_t step_bits;  // f32 bits of step = 1.5 * 2^(s+14)
+  bool normal;         // |x| >= 2^(s-6)
+};
+FMOE_HD MxFastParts mx_fast_parts(uint16_t x, uint8_t scale_byte) {
+  MxFastParts p;
+  p.sign = x & 0x8000u;
+  p.mag = x & 0x7FFFu;
+  p.rounded = (p.mag + 7u + ((p.mag >> 4) & 1u)) & 0xFFF0u;
+  p.step_bits = ((uint32_t(scale_byte) + 14u) << 23) | 0x400000u;
+  p.sum_bits = f32_bits(bf16_to_f32(uint16_t(p.mag)) + f32_from_bits(p.step_bits));
+  p.normal = p.mag >= (uint32_t(scale_byte) - 6u) << 7;  // bf16 bits of 2^(s-6)
+  return p;
+}
+
+// = f32_to_e4m3(mx_divide_by_scale(bf16_to_f32(x), sb)) where mx_fast_scale_ok(sb).
+FMOE_HD uint8_t mx_quantize_fast(uint16_t x, uint8_t scale_byte) {
+  const MxFastParts p = mx_fast_parts(x, scale_byte);
+  const uint32_t code =
+      p.normal ? (p.rounded >> 4) - ((uint32_t(scale_byte) - 7u) << 3) : p.sum_bits - p.step_bits;
+  return uint8_t((p.sign >> 8) | code);
+}
+
+// = mx_round_trip_exact(x, sb) where mx_fast_scale_ok(sb).
+FMOE_HD uint16_t mx_round_trip_fast(uint16_t x, uint8_t scale_byte) {
+  const MxFastParts p = mx_fast_parts(x, scale_byte);
+  const float sub = f32_from_bits(p.sum_bits) - f32_from_bits(p.step_bits);
+  return uint16_t(p.sign | (p.normal ? p.rounded : f32_bits(sub) >> 16));
+}
+
+// The round trip dequant(quant(x)) as bf16 bits through the scalar functions, for any scale byte
+// (NaN scale: NaN).
 FMOE_HD uint16_t mx_round_trip_exact(uint16_t x, uint8_t scale_byte) {
   const uint8_t q =
       scale_byte == kE8m0Nan ? kE4m3Nan : f32_to_e4m3(mx_divide_by_scale(bf16_to_f32(x), scale_byte));

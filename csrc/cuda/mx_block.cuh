@@ -31,19 +31,23 @@ __device__ __forceinline__ uint8_t mx_scale_lanes(const uint16_t (&v)[kPerLane])
   return amax >= 0x7F80u ? kE8m0Nan : e8m0_scale_for_amax(bf16_to_f32(uint16_t(amax)));
 }
 
-// As mx_scale_lanes; also writes the lane's e4m3 bytes.
+// As mx_scale_lanes; also writes the lane's e4m3 bytes. Blocks of ordinary scales take
+// numerics.h's mx_quantize_fast, the rest (NaN, |s| > 110) the scalar functions: the same bytes.
 template <int kPerLane>
 __device__ __forceinline__ uint8_t mx_quantize_lanes(const uint16_t (&v)[kPerLane],
                                                      uint8_t (&q)[kPerLane]) {
   const uint8_t scale = mx_scale_lanes<kPerLane>(v);
-  if (scale == kE8m0Nan) {
+  if (mx_fast_scale_ok(scale)) {
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) q[i] = mx_quantize_fast(v[i], scale);
+  } else if (scale == kE8m0Nan) {
 #pragma unroll
     for (int i = 0; i < kPerLane; ++i) q[i] = kE4m3Nan;
-    return scale;
-  }
+  } else {
 #pragma unroll
-  for (int i = 0; i < kPerLane; ++i)
-    q[i] = f32_to_e4m3(mx_divide_by_scale(bf16_to_f32(v[i]), scale));
+    for (int i = 0; i < kPerLane; ++i)
+      q[i] = f32_to_e4m3(mx_divide_by_scale(bf16_to_f32(v[i]), scale));
+  }
   return scale;
 }
 
@@ -78,7 +82,7 @@ __device__ __forceinline__ uint4 mx_regs_gather_chunk(int m, Elem elem) {
 // (NaN, |s| > 110) the scalar functions; both give the same bits.
 __device__ __forceinline__ void mx_round_trip_lanes(uint16_t (&v)[8]) {
   const uint8_t scale = mx_scale_lanes<8>(v);
-  if (mx_round_trip_fast_ok(scale)) {
+  if (mx_fast_scale_ok(scale)) {
 #pragma unroll
     for (int i = 0; i < 8; ++i) v[i] = mx_round_trip_fast(v[i], scale);
   } else {
