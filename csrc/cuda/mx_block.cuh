@@ -1,6 +1,7 @@
 // The MXFP8 block rule of core/numerics.h, spread over the lanes of a warp that hold one
 // 32-element block together. Only the reduction (amax) is distributed; every element goes through
-// numerics.h's scalar functions, so the bytes equal the host's mx_quantize_block bit for bit.
+// numerics.h (its branch-free forms for ordinary scales, proven equal to the scalar functions by
+// test/numerics.test.ts), so the bytes equal the host's mx_quantize_block bit for bit.
 #pragma once
 
 #include <cstdint>
