@@ -6,6 +6,7 @@
 // so the block's amax is a warp reduction.
 #include <algorithm>
 
+#include "cuda/activation.cuh"
 #include "cuda/backend.h"
 #include "cuda/configs.h"
 #include "cuda/mx_block.cuh"
@@ -26,31 +27,14 @@ struct ActParams {
   float alpha, limit;
 };
 
-// The formulas of fmoe.h in f32, in the host backend's order of operations, and with NaN kept
-// the way its comparisons keep it (fminf / fmaxf would replace a NaN by the bound). CUDA's
-// expf / tanhf agree with the host's libm to an ulp or two and nvcc may fuse a multiply-add, so a
-// result on a bf16 rounding boundary can differ from the host's by one bf16 ulp: the tests
-// compare with a tolerance.
+// act of column j of an FC1 output row (activation.cuh's formulas).
 __device__ __forceinline__ float activate(const ActParams& p, const uint16_t* row, int64_t j) {
-  if (p.activation == FMOE_ACT_SQUARED_RELU) {
-    const float g = bf16_to_f32(row[j]);
-    const float r = g < 0.0f ? 0.0f : g;
-    return r * r;
-  }
+  if (p.activation == FMOE_ACT_SQUARED_RELU)
+    return activation_value(p.activation, bf16_to_f32(row[j]), 0.0f, p.alpha, p.limit);
   const bool halves = p.layout == FMOE_LAYOUT_HALVES;
   const float g = bf16_to_f32(halves ? row[j] : row[2 * j]);
   const float u = bf16_to_f32(halves ? row[p.ffn + j] : row[2 * j + 1]);
-  switch (p.activation) {
-    case FMOE_ACT_SILU:
-      return g / (1.0f + expf(-g)) * u;
-    case FMOE_ACT_GELU:
-      return 0.5f * g * (1.0f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g))) * u;
-    default: {  // FMOE_ACT_SWIGLU_OAI
-      const float gc = g > p.limit ? p.limit : g;
-      const float uc = u > p.limit ? p.limit : (u < -p.limit ? -p.limit : u);
-      return (uc + 1.0f) * gc * (1.0f / (1.0f + expf(-(p.alpha * gc))));
-    }
-  }
+  return activation_value(p.activation, g, u, p.alpha, p.limit);
 }
 
 __global__ void activation_kernel(ActParams p) {

@@ -81,6 +81,7 @@
 #include <cstring>
 
 #include "core/numerics.h"
+#include "cuda/activation.cuh"
 #include "cuda/block_scan.cuh"
 #include "cuda/group_tiles.cuh"
 #include "cuda/mx_scale_words.cuh"
@@ -227,25 +228,6 @@ __device__ __forceinline__ int weight_row(const SmallParams& p, int tile, int m)
   if (p.gated_halves)
     return m < kHalfTileW ? tile * kHalfTileW + m : p.n / 2 + tile * kHalfTileW + (m - kHalfTileW);
   return tile * kTileW + m;
-}
-
-// The activation formulas of activation.cu (host: activation.cpp), NaN-preserving comparisons.
-__device__ __forceinline__ float activate(const SmallParams& p, float g, float u) {
-  switch (p.activation) {
-    case FMOE_ACT_SQUARED_RELU: {
-      const float r = g < 0.0f ? 0.0f : g;
-      return r * r;
-    }
-    case FMOE_ACT_SILU:
-      return g / (1.0f + expf(-g)) * u;
-    case FMOE_ACT_GELU:
-      return 0.5f * g * (1.0f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g))) * u;
-    default: {  // FMOE_ACT_SWIGLU_OAI
-      const float gc = g > p.limit ? p.limit : g;
-      const float uc = u > p.limit ? p.limit : (u < -p.limit ? -p.limit : u);
-      return (uc + 1.0f) * gc * (1.0f / (1.0f + expf(-(p.alpha * gc))));
-    }
-  }
 }
 
 __device__ __forceinline__ float round_bf16(float x) { return bf16_to_f32(f32_to_bf16(x)); }
@@ -746,14 +728,16 @@ __global__ void __launch_bounds__(kThreads, SmallLayout<NT, kFp8, kRouted>::kMin
         if (!gated) {
           const int wr = col + i;  // plain tile: weight row == output column
           const float h = x[i] + (bias ? __ldg(bias + wr) : 0.0f);
-          out[i] = p.activation < 0 ? f32_to_bf16(h) : f32_to_bf16(activate(p, round_bf16(h), 0.f));
+          out[i] = p.activation < 0 ? f32_to_bf16(h)
+                                    : f32_to_bf16(activation_value(p.activation, round_bf16(h),
+                                                                   0.f, p.alpha, p.limit));
         } else {
           const int o = col + i;
           const int wg = p.gated_halves ? o : 2 * o;
           const int wu = p.gated_halves ? p.n / 2 + o : 2 * o + 1;
           const float g = round_bf16(x[i] + (bias ? __ldg(bias + wg) : 0.0f));
           const float u = round_bf16(x[8 + i] + (bias ? __ldg(bias + wu) : 0.0f));
-          out[i] = f32_to_bf16(activate(p, g, u));
+          out[i] = f32_to_bf16(activation_value(p.activation, g, u, p.alpha, p.limit));
         }
       }
       uint4 packed;
