@@ -505,6 +505,11 @@ describe.skipIf(SKIP)("CUDA backend vs host backend", () => {
     // layer draws its tiles dynamically and then halves the last tile of every group, here in the
     // halves layout, whose B tile comes in runs of gate and up rows.
     { name: "prefill: half last tiles in larger groups, halves silu, wide tiles, T = 4200, 32 experts", T: 4200, H: 64, I: 256, E: 32, topk: 2, activation: "silu", bias: true },
+    // 1024 rows or more per expert (of the permuted buffer's capacity): MXFP8 takes the 128 x 256
+    // register-kernel tiles (256 tokens), whose gated FC1 trades gate and up halves between the
+    // warpgroups; skewed routing leaves some experts a few rows on those tiles.
+    { name: "prefill: 256-token MXFP8 tiles, halves silu, T = 2100, 4 experts", T: 2100, H: 128, I: 192, E: 4, topk: 2, activation: "silu", bias: true },
+    { name: "prefill: 256-token MXFP8 tiles, interleaved swiglu_oai, skewed, T = 2100, 4 experts", T: 2100, H: 192, I: 128, E: 4, topk: 2, activation: "swiglu_oai", layout: "interleaved", alpha: 1.702, limit: 7, pattern: "skewed", bias: true },
   );
   for (const c of MOE) {
     for (const format of c.formats ?? (["bf16", "mxfp8"] as const)) {
