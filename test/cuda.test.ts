@@ -488,10 +488,15 @@ describe.skipIf(SKIP)("CUDA backend vs host backend", () => {
     // The decode path past 32 tokens (T * topk <= 16 E): groups over the token tile take several tiles.
     { name: "decode path, T = 96: all 192 rows on one expert", T: 96, H: 128, I: 64, E: 128, topk: 2, activation: "silu", pattern: "one-expert", bias: true },
     { name: "decode path, T = 100: skewed routing, out-of-range ids", T: 100, H: 64, I: 32, E: 64, topk: 2, activation: "gelu", pattern: "skewed", invalid: 15 },
-    // bf16 FC1 lays out its rows from the routing map itself up to 256 entries: at the limit, with
-    // groups over the token tile and experts repeated in a token; and an expert slice.
+    // FC1 lays out its rows from the routing map itself up to 256 entries: at the limit, with
+    // groups over the token tile and experts repeated in a token (MXFP8: its 16-token tile, so
+    // permute's quantized copy); and an expert slice.
     { name: "decode, 256 routing entries: T = 32, topk 8, skewed, out-of-range ids", T: 32, H: 128, I: 64, E: 24, topk: 8, activation: "silu", pattern: "skewed", invalid: 30, bias: true },
     { name: "decode, expert slice [5, 13) of 16, T = 3, topk 6, out-of-range ids", T: 3, H: 64, I: 32, E: 16, start: 5, local: 8, topk: 6, activation: "gelu", invalid: 4 },
+    // MXFP8 FC1 routes itself at the 8-token tile (the input rows quantized beside the routing):
+    // groups over the tile, and every token on one expert.
+    { name: "decode, T = 20, topk 2, groups over the 8-token tile, skewed, out-of-range ids", T: 20, H: 128, I: 64, E: 16, topk: 2, activation: "swiglu_oai", pattern: "skewed", invalid: 6, bias: true },
+    { name: "decode, T = 8, topk 1, every token on one expert", T: 8, H: 192, I: 64, E: 12, topk: 1, activation: "silu", pattern: "one-expert" },
     // Prefill with H % 64 == 0 and I % 64 == 0: MXFP8 takes the weights-in-registers kernels. Last
     // feature tiles partly past I and H (FC1 gated tiles are 128 features, FC2 and squared_relu 256).
     { name: "prefill: interleaved swiglu_oai, biases, H = 320, I = 192", T: 160, H: 320, I: 192, E: 4, topk: 2, activation: "swiglu_oai", layout: "interleaved", alpha: 1.702, limit: 7, bias: true },

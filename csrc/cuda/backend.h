@@ -82,6 +82,10 @@ class CudaBackend final : public Backend {
   Status activation_quant(BackendStream* s, const fmoe_activation_args& a) override;
   Status quantize_mxfp8(BackendStream* s, const uint16_t* in, int64_t rows, int64_t cols,
                         uint8_t* data, uint8_t* scale) override;
+  // quantize_mxfp8, optionally launched as a programmatic dependent of the kernel ahead, which
+  // must not write `in` (decode: the input rows quantized beside the routing kernel).
+  Status quantize_mxfp8_launch(BackendStream* s, const uint16_t* in, int64_t rows, int64_t cols,
+                               uint8_t* data, uint8_t* scale, bool overlap_previous);
   Status dequantize_mxfp8(BackendStream* s, const uint8_t* data, const uint8_t* scale,
                           int64_t rows, int64_t cols, float* out) override;
   // The MXFP8 round trip of bf16 [rows, cols] (cols % 64 == 0, 16-byte aligned rows) in the k

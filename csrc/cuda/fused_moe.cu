@@ -30,6 +30,10 @@
 //   permutation_map, or, up to 256 routing entries, through the same layout built from the
 //   routing map in each CTA, beside the routing kernel instead of after it) -> FC1 + activation
 //   (small kernel) -> [MXFP8: quantize the activation] -> FC2 (small kernel) -> unpermute.
+// MXFP8 quantizes the T input rows (not their T * topk copies) beside the routing kernel, and FC1
+// gathers them through its own layout where it routes itself (8-token tiles, up to
+// kMxRoutedMaxSlots entries, one wave of CTAs), else permute copies and quantizes the rows and
+// FC1 reads them after it.
 // The routing uses alignment 1 internally: padding changes no output of the fused op, and groups
 // without padding rows never ask the small kernel for more tiles of token rows than they need.
 // The choice between decode and prefill is made on the host from T, topk and E alone (static
@@ -55,6 +59,14 @@ namespace {
 // deepseek at T = 512); at 32 (qwen3 T = 512) the prefill path is as fast.
 constexpr int64_t kDecodeMaxTokens = 32;
 constexpr int64_t kDecodeRowsPerExpert = 16;
+
+// MXFP8 FC1 routes itself (the input quantized beside the routing) up to this many routing
+// entries, and only where its grid is one wave of CTAs: each CTA builds its table from the
+// routing map (one warp walks the entries), which a grid of a CTA per item pays again in every
+// wave. Measured on an H100 (bench/NOTES.md v22): routed everywhere, T = 1 and 8 ran 2-14%
+// faster where the grid was one wave, mixtral T = 1 (1.7 waves) 2.5% slower, and 128-256
+// entries 0.5-2% slower.
+constexpr int64_t kMxRoutedMaxSlots = 64;
 
 // The prefill paths draw FC1's tiles from tile_counters[0] and FC2's from tile_counters[1]
 // (dynamic scheduling, grouped_mm_sm90.h), which needs each counter zero when its launch starts.
@@ -108,7 +120,8 @@ Status CudaBackend::fused_moe_decode(BackendStream* s, const PlanShape& shape,
   const int64_t rows = call.rows(/*alignment=*/1);
   const int64_t bound = std::max<int64_t>(1, call.tokens);
   // Gathering FC1's rows straight from `hidden` needs the rows unchanged: bf16, and the router
-  // weight not applied to the input. Otherwise permute copies (scales, quantizes) them.
+  // weight not applied to the input. Otherwise permute copies (scales, quantizes) them, or, MXFP8
+  // where FC1 routes itself, the input rows are quantized once each and FC1 gathers those.
   const bool gather = !call.mx && !call.weight_on_input;
 
   // The bf16 activation [rows, I]: act_out for bf16; for MXFP8 the fc1_out region (a bf16 region
@@ -133,9 +146,12 @@ Status CudaBackend::fused_moe_decode(BackendStream* s, const PlanShape& shape,
   }
   // The chain overlaps each launch with the tail of the kernel ahead (ptx/griddep.cuh): FC1 sets
   // up under the routing and waits for it (routed: streams beside it, waiting only before its
-  // stores); FC2's offsets and weights were ready before FC1 (or the quantize) let it launch (a
-  // small-kernel CTA does so only once it has waited for the kernel ahead), so its first weight
-  // stages load under FC1's tail and only its token rows wait; unpermute starts under FC2's tail.
+  // stores; MXFP8 routed: its first weight stages load beside the routing and the input's
+  // quantization, its tokens after the latter, which completes after the routing); FC2's offsets
+  // and weights were ready before FC1 (or the quantize) let it launch (a small-kernel CTA does so
+  // only once it has waited for the kernel ahead; the quantize kernel at once, as it was launched
+  // after FC1 completed), so its first weight stages load under FC1's tail or the quantize, and
+  // only its token rows wait; unpermute starts under FC2's tail.
   fc1.overlap_previous = true;
   cuda::SmallMmArgs fc2 = small_mm_args(call.fc2_args(rows), d.hidden_size, d.weight_format, bound);
   fc2.overlap_previous = true;
@@ -146,12 +162,34 @@ Status CudaBackend::fused_moe_decode(BackendStream* s, const PlanShape& shape,
   if (!decode || !cuda::grouped_mm_small_supported(fc1) || !cuda::grouped_mm_small_supported(fc2))
     return FMOE_OK;
   *handled = true;
+  FMOE_TRY(activate());
+  // MXFP8 routed: a / a_scale = the quantized input rows, [T, H] at the head of the permuted
+  // region (which holds T * topk rows or more whenever FC1 routes), written by the kernel ahead.
+  const int sms = props_.multiProcessorCount;
+  bool quantized_input = false;
+  if (call.mx && !call.weight_on_input && !call.skip_permute &&
+      call.tokens * call.topk <= kMxRoutedMaxSlots) {
+    cuda::SmallMmArgs routed = fc1;
+    routed.a_rows = call.tokens;
+    routed.routing_map = a.routing_map;
+    routed.topk = call.topk;
+    routed.expert_start = d.local_expert_start;
+    routed.weights_before_wait = true;
+    if (cuda::grouped_mm_small_supported(routed)) {
+      const cuda::SmallMmConfig cfg = cuda::grouped_mm_small_config(routed, sms);
+      quantized_input = int64_t(cfg.grid) <= int64_t(cfg.ctas_per_sm) * sms;
+      if (quantized_input) fc1 = routed;
+    }
+  }
 
   const int32_t* routing = nullptr;
   FMOE_TRY(call.routing(*this, s, &routing));
-  FMOE_TRY(permute(s, call.permute_args(routing, invalid_count, 1, /*copy_rows=*/!gather)));
-  FMOE_TRY(activate());
-  const int sms = props_.multiProcessorCount;
+  FMOE_TRY(permute(s, call.permute_args(routing, invalid_count, 1,
+                                        /*copy_rows=*/!gather && !quantized_input)));
+  if (quantized_input)  // beside the routing kernel: FC1's weights load under both
+    FMOE_TRY(quantize_mxfp8_launch(s, static_cast<const uint16_t*>(a.hidden), call.tokens,
+                                   d.hidden_size, static_cast<uint8_t*>(call.permuted),
+                                   call.permuted_scale, /*overlap_previous=*/true));
   FMOE_CHECK_CUDA(cuda::grouped_mm_small(fc1, sms, stream_of(s)));
   if (call.mx)  // rows the GEMM skipped hold stale bf16 here; their quantized bytes are never read
     FMOE_TRY(quantize_mxfp8(s, static_cast<const uint16_t*>(act_bf16), rows, d.ffn,

@@ -22,11 +22,12 @@
 //   with long items launches a CTA per item of the host's bound instead (kFp8PerItemMinKBlocks):
 //   CTAs past the device-side count exit at once. Inside a group the items go tile-major: units
 //   sharing a weight tile run side by side.
-// - Routed (bf16, up to kMaxRoutedSlots routing entries): each CTA builds the same table, and the
-//   row -> token gather, from the routing map itself, in permute's layout at alignment 1. The
-//   routing kernel ahead writes the offsets and maps the later steps read, but this kernel needs
-//   nothing from it: at decode its weights no longer wait for the routing's launch, run and
-//   write-back (bench/NOTES.md v13).
+// - Routed (up to kMaxRoutedSlots routing entries; MXFP8 at the 8-token tile): each CTA builds the
+//   same table, and the row -> token gather, from the routing map itself, in permute's layout at
+//   alignment 1. The routing kernel ahead writes the offsets and maps the later steps read, but
+//   this kernel needs nothing from it: at decode its weights no longer wait for the routing's
+//   launch, run and write-back (bench/NOTES.md v13). MXFP8 gathers the tokens' quantized rows,
+//   which a kernel beside the routing writes (weights_before_wait: the weights load first).
 // - Launch overlap (ptx/griddep.cuh): every CTA lets the next kernel launch once it has waited
 //   for the kernel ahead (the next one reads the routing's offsets before its own wait); with
 //   weights_before_wait the producer issues the first item's weight stages before waiting for
@@ -122,11 +123,12 @@ constexpr int kSmemPerSm = 228 * 1024;     // shared memory of an SM (H100, H200
 constexpr int kSmemReservedPerCta = 1024;  // of it, reserved for each resident CTA
 constexpr int kFp8CtasPerSm = 4;
 constexpr int kMaxGroups = 512;
-// Routing entries (T * topk) up to which the bf16 kernel may build its group table from the
-// routing itself (SmallMmArgs::routing_map): its row -> token table (1 KB) fits beside the ring
-// without costing a stage at any token tile. (MXFP8 reads permute's quantized copy, whose rows
-// the routing kernel writes: it has no routed mode, and its 4 CTAs per SM no room for the table.)
+// Routing entries (T * topk) up to which the kernel may build its group table from the routing
+// itself (SmallMmArgs::routing_map): its row -> token table (1 KB) fits beside the ring without
+// costing a stage at any bf16 token tile, and at MXFP8's 8-token tile (at 16, 4 CTAs per SM
+// would lose a stage: MXFP8 routes at kFp8RoutedTokenTile only).
 constexpr int kMaxRoutedSlots = 256;
+constexpr int kFp8RoutedTokenTile = 8;
 constexpr int kConsumerThreads = 128;
 constexpr int kThreads = kConsumerThreads + 32;
 constexpr int kRedStride = kTileW + 4;  // f32 words per token row: +4 makes fragment stores
@@ -156,7 +158,7 @@ constexpr int64_t kFp8PerItemMinKBlocks = 32;
 constexpr uint32_t kScaleOneWord = 0x7F7F7F7Fu;
 
 // kRouted: the kernel builds its group table from the routing map (SmallMmArgs::routing_map),
-// with a row -> token table of kMaxRoutedSlots entries; bf16 only.
+// with a row -> token table of kMaxRoutedSlots entries.
 template <int NT, bool kFp8, bool kRouted = false>
 struct SmallLayout {
   static constexpr int kWBytes = kTileW * kStageK;
@@ -173,8 +175,11 @@ struct SmallLayout {
   // room for the rest: bf16 7, 6 and 8 stages at tiles 8, 16, 32; MXFP8 4 at tiles 8 and 16
   // (3 at 32, a width only a forced config launches).
   static constexpr int kPlannedCtasPerSm = kFp8 ? kFp8CtasPerSm : bf16_ctas_per_sm(NT);
-  static constexpr int kStages =
-      (kSmemPerSm / kPlannedCtasPerSm - kSmemReservedPerCta - kFixedBytes) / (kStageBytes + 2 * 8);
+  static constexpr int ring_stages(int fixed_bytes) {
+    return (kSmemPerSm / kPlannedCtasPerSm - kSmemReservedPerCta - fixed_bytes) /
+           (kStageBytes + 2 * 8);
+  }
+  static constexpr int kStages = ring_stages(kFixedBytes);
   static constexpr int kBarBytes = 2 * kStages * 8;
   // MXFP8, in each stage's scale area past the copied words: a pair of words of 0x7F bytes
   // (scale 1) that padding token columns read.
@@ -183,8 +188,10 @@ struct SmallLayout {
                 "the copied scale words reach the scale-1 words");
   static constexpr int kSmemBytes = kFixedBytes + kStages * kStageBytes + kBarBytes;
   static_assert(kStageBytes % 1024 == 0, "stage buffers keep the 1024-byte swizzle alignment");
-  static_assert(!kRouted || (!kFp8 && kRedBytes >= 2 * kMaxRoutedSlots * 4),
-                "routed: bf16, and the f32 tile holds the set-up's scratch");
+  static_assert(!kRouted || kRedBytes >= 2 * kMaxRoutedSlots * 4,
+                "routed: the f32 tile holds the set-up's scratch");
+  static_assert(!kRouted || kStages == ring_stages(kFixedBytes - kMaxRoutedSlots * 4),
+                "the routed table costs a stage");
   static_assert(kStages >= 3, "a ring too shallow to stream");
   static_assert(kSmemBytes <= 227 * 1024, "exceeds the 227 KB of shared memory per block");
   // Every ring leaves its planned CTAs per SM room: 228 KB per SM, 1 KB of it reserved per CTA.
@@ -799,6 +806,15 @@ bool fp8_grid_per_item(const SmallMmArgs& a, int splits) {
 
 int token_tile_for(int64_t max_rows) { return max_rows <= 8 ? 8 : (max_rows <= 16 ? 16 : 32); }
 
+// The token tile the configuration picks. MXFP8 promotes every k32 block per token column: its
+// consumer's work grows with the token tile, so it stops at 8 or 16 and a larger group takes
+// several units (consecutive items, the weight tile read again from L2). bf16's consumer is cheap
+// at any width.
+int token_tile_of(const SmallMmArgs& a) {
+  const bool fp8 = a.format == FMOE_WEIGHTS_MXFP8;
+  return token_tile_for(std::min<int64_t>(a.max_rows_per_group, fp8 ? fp8_token_tile_cap(a) : 32));
+}
+
 // Host bound of the unit count: one unit per used group while groups respect the token tile
 // (used groups <= min(groups, rows)), plus rows / tile when they may not.
 int64_t units_bound(const SmallMmArgs& a, int token_tile) {
@@ -926,12 +942,13 @@ bool grouped_mm_small_supported(const SmallMmArgs& a) {
   if (a.format != FMOE_WEIGHTS_BF16 && !fp8) return false;
   if (!a.a || !a.b || !a.c || (!a.group_offsets && !a.routing_map)) return false;
   // Routed: slots = a_rows * topk entries, each at most one row of c.
-  if (a.routing_map && (fp8 || a.topk < 1 || a.a_rows < 0 || a.expert_start < 0 ||
+  if (a.routing_map && (a.topk < 1 || a.a_rows < 0 || a.expert_start < 0 ||
                         a.a_rows * a.topk > std::min<int64_t>(kMaxRoutedSlots, a.rows)))
     return false;
   if (fp8 && (!a.a_scale || !a.b_scale)) return false;
   if (a.rows < 0 || a.n < 8 || a.k < 8 || a.groups < 1 || a.groups > kMaxGroups) return false;
   if (a.max_rows_per_group < 1) return false;
+  if (a.routing_map && fp8 && token_tile_of(a) != kFp8RoutedTokenTile) return false;
   const int64_t act = a.epilogue.activation;
   if (act < -1 || act > FMOE_ACT_SWIGLU_OAI) return false;
   if (is_gated(a) && a.epilogue.layout != FMOE_LAYOUT_HALVES &&
@@ -954,11 +971,7 @@ bool grouped_mm_small_supported(const SmallMmArgs& a) {
 SmallMmConfig grouped_mm_small_config(const SmallMmArgs& a, int num_sms) {
   SmallMmConfig cfg;
   const bool fp8 = a.format == FMOE_WEIGHTS_MXFP8;
-  // MXFP8 promotes every k32 block per token column: its consumer's work grows with the token
-  // tile, so it stops at 8 or 16 and a larger group takes several units (consecutive items, the
-  // weight tile read again from L2). bf16's consumer is cheap at any width.
-  cfg.token_tile =
-      token_tile_for(std::min<int64_t>(a.max_rows_per_group, fp8 ? fp8_token_tile_cap(a) : 32));
+  cfg.token_tile = token_tile_of(a);
   // Split-K while the items cannot give every SM two CTAs (the fewest that keep ~100 KB in
   // flight per SM) and each part keeps >= 8 stages of k (the ring is 4-6 deep: fewer would
   // leave it half empty at the start and end of every part).
@@ -981,6 +994,10 @@ cudaError_t grouped_mm_small_with(const SmallMmArgs& a, SmallMmConfig cfg, int n
   if (cfg.splits != 1 && cfg.splits != 2 && cfg.splits != 4) return cudaErrorInvalidValue;
   if (cfg.grid > 0 && cfg.grid % cfg.splits != 0) return cudaErrorInvalidValue;
   if (a.rows == 0) return cudaSuccess;  // no row can be written
+  if (a.format == FMOE_WEIGHTS_MXFP8 && a.routing_map)
+    return cfg.token_tile == kFp8RoutedTokenTile
+               ? launch<kFp8RoutedTokenTile, true, true>(a, cfg, num_sms, stream)
+               : cudaErrorInvalidValue;
   if (a.format == FMOE_WEIGHTS_MXFP8) return launch_tile<true, false>(a, cfg, num_sms, stream);
   if (a.routing_map) return launch_tile<false, true>(a, cfg, num_sms, stream);
   return launch_tile<false, false>(a, cfg, num_sms, stream);

@@ -49,7 +49,9 @@ struct SmallMmArgs {
   // and <= rows. Each CTA builds its group table from it, so with overlap_previous the kernel
   // reads nothing from the kernel ahead (the routing kernel that writes the offsets the next
   // steps read): its weights and tokens load from its start; it waits for the kernel ahead before
-  // its first store only, so that it still completes after it.
+  // its first store only, so that it still completes after it. With weights_before_wait as well,
+  // a / a_scale come from the kernel ahead (MXFP8: the tokens quantized beside the routing): the
+  // first weight stages load before the wait, the tokens after it.
   const int32_t* routing_map = nullptr;
   int64_t topk = 0;
   int64_t expert_start = 0;
@@ -86,8 +88,9 @@ struct SmallMmConfig {
 // Whether the kernel handles these arguments: n % 8 == 0 (n % 16 with a gated activation), k % 8
 // == 0 (k % 32 for mxfp8), ldc % 8 == 0 and >= out_cols, 1 <= groups <= 512,
 // max_rows_per_group >= 1, a / b / c 16-byte aligned, bias 4-byte aligned, scales 4-byte aligned
-// (mxfp8), sizes within int32 indexing; with routing_map: bf16, topk >= 1, expert_start >= 0,
-// a_rows * topk <= min(256, rows). False means the caller falls back; nothing is enqueued.
+// (mxfp8), sizes within int32 indexing; with routing_map: topk >= 1, expert_start >= 0,
+// a_rows * topk <= min(256, rows), and for mxfp8 a token tile of 8 (the configuration's pick).
+// False means the caller falls back; nothing is enqueued.
 bool grouped_mm_small_supported(const SmallMmArgs& a);
 
 // The configuration grouped_mm_small would launch on a device with `num_sms` SMs.

@@ -8,6 +8,7 @@
 #include "cuda/backend.h"
 #include "cuda/configs.h"
 #include "cuda/mx_block.cuh"
+#include "cuda/ptx/griddep.cuh"
 
 namespace fmoe {
 namespace cuda {
@@ -16,9 +17,15 @@ namespace {
 // Each thread step quantizes 8 consecutive elements; 4 consecutive lanes hold one 32-element
 // block (cols % 32 == 0, so blocks never straddle rows and the scale of element i is i / 32).
 // The loop steps a whole warp at a time so that the 4-lane reductions always have every lane.
+// Launch overlap (ptx/griddep.cuh; no-ops unless a launch asks for it): the next kernel may launch
+// at once, as it waits for this one before reading what it writes; launched as a programmatic
+// dependent (the decode layer quantizing its input beside the routing kernel), the input must not
+// come from the kernel ahead, and a CTA waits for that kernel before it exits, so that this one
+// completes after it.
 template <bool kVec>
 __global__ void quantize_kernel(const uint16_t* in, int64_t groups8, uint8_t* data,
                                 uint8_t* scale) {
+  ptx::griddep_launch_dependents();
   const int lane = threadIdx.x % 32;
   const int64_t warp0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) - lane;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
@@ -46,6 +53,7 @@ __global__ void quantize_kernel(const uint16_t* in, int64_t groups8, uint8_t* da
       if (g % 4 == 0) scale[g / 4] = sc;
     }
   }
+  ptx::griddep_wait();
 }
 
 // The MXFP8 round trip of every 32-block of [rows, cols] (cols % 64 == 0), written in the k order
@@ -116,16 +124,27 @@ using namespace cuda;
 
 Status CudaBackend::quantize_mxfp8(BackendStream* s, const uint16_t* in, int64_t rows,
                                    int64_t cols, uint8_t* data, uint8_t* scale) {
+  return quantize_mxfp8_launch(s, in, rows, cols, data, scale, /*overlap_previous=*/false);
+}
+
+Status CudaBackend::quantize_mxfp8_launch(BackendStream* s, const uint16_t* in, int64_t rows,
+                                          int64_t cols, uint8_t* data, uint8_t* scale,
+                                          bool overlap_previous) {
   FMOE_TRY(activate());
   const int64_t groups8 = rows * cols / 8;
   if (groups8 == 0) return FMOE_OK;
-  const unsigned grid = grid_blocks(groups8, kElementwiseThreads);
-  if (aligned_to(in, 16) && aligned_to(data, 8))
-    quantize_kernel<true><<<grid, kElementwiseThreads, 0, stream_of(s)>>>(in, groups8, data,
-                                                                          scale);
-  else
-    quantize_kernel<false><<<grid, kElementwiseThreads, 0, stream_of(s)>>>(in, groups8, data,
-                                                                           scale);
+  cudaLaunchConfig_t lc = {};
+  lc.gridDim = dim3(grid_blocks(groups8, kElementwiseThreads));
+  lc.blockDim = dim3(kElementwiseThreads);
+  lc.stream = stream_of(s);
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  lc.attrs = overlap_previous ? attr : nullptr;
+  lc.numAttrs = overlap_previous ? 1 : 0;
+  const bool vec = aligned_to(in, 16) && aligned_to(data, 8);
+  FMOE_CHECK_CUDA(vec ? cudaLaunchKernelEx(&lc, quantize_kernel<true>, in, groups8, data, scale)
+                      : cudaLaunchKernelEx(&lc, quantize_kernel<false>, in, groups8, data, scale));
   FMOE_CHECK_LAUNCH("quantize_kernel");
   return FMOE_OK;
 }
