@@ -149,9 +149,8 @@ Status CudaBackend::fused_moe_decode(BackendStream* s, const PlanShape& shape,
   // stores; MXFP8 routed: its first weight stages load beside the routing and the input's
   // quantization, its tokens after the latter, which completes after the routing); FC2's offsets
   // and weights were ready before FC1 (or the quantize) let it launch (a small-kernel CTA does so
-  // only once it has waited for the kernel ahead; the quantize kernel at once, as it was launched
-  // after FC1 completed), so its first weight stages load under FC1's tail or the quantize, and
-  // only its token rows wait; unpermute starts under FC2's tail.
+  // only once it has waited for the kernel ahead), so its first weight stages load under FC1's
+  // tail and only its token rows wait; unpermute starts under FC2's tail.
   fc1.overlap_previous = true;
   cuda::SmallMmArgs fc2 = small_mm_args(call.fc2_args(rows), d.hidden_size, d.weight_format, bound);
   fc2.overlap_previous = true;
