@@ -63,9 +63,9 @@ constexpr int64_t kDecodeRowsPerExpert = 16;
 // MXFP8 FC1 routes itself (the input quantized beside the routing) up to this many routing
 // entries, and only where its grid is one wave of CTAs: each CTA builds its table from the
 // routing map (one warp walks the entries), which a grid of a CTA per item pays again in every
-// wave. Measured on an H100 (bench/NOTES.md v22): routed everywhere, T = 1 and 8 ran 2-14%
-// faster where the grid was one wave, mixtral T = 1 (1.7 waves) 2.5% slower, and 128-256
-// entries 0.5-2% slower.
+// wave. Measured on an H100 (bench/NOTES.md v22, item 85): routed, T = 1 and 8 ran 2-14% faster
+// where the grid was one wave; routed up to 256 entries, deepseek-v3 T = 32 (a CTA per item over
+// ~20 waves) ran 2% slower.
 constexpr int64_t kMxRoutedMaxSlots = 64;
 
 // The prefill paths draw FC1's tiles from tile_counters[0] and FC2's from tile_counters[1]
