@@ -31,9 +31,9 @@
 //   routing map in each CTA, beside the routing kernel instead of after it) -> FC1 + activation
 //   (small kernel) -> [MXFP8: quantize the activation] -> FC2 (small kernel) -> unpermute.
 // MXFP8 quantizes the T input rows (not their T * topk copies) beside the routing kernel, and FC1
-// gathers them through its own layout where it routes itself (8-token tiles, up to
-// kMxRoutedMaxSlots entries, one wave of CTAs), else permute copies and quantizes the rows and
-// FC1 reads them after it.
+// gathers them through its own layout where it routes itself (8-token tiles, up to 256 entries,
+// kMxRoutedMaxSlotsOverWaves where its grid takes several waves), else permute copies and
+// quantizes the rows and FC1 reads them after it.
 // The routing uses alignment 1 internally: padding changes no output of the fused op, and groups
 // without padding rows never ask the small kernel for more tiles of token rows than they need.
 // The choice between decode and prefill is made on the host from T, topk and E alone (static
@@ -60,13 +60,13 @@ namespace {
 constexpr int64_t kDecodeMaxTokens = 32;
 constexpr int64_t kDecodeRowsPerExpert = 16;
 
-// MXFP8 FC1 routes itself (the input quantized beside the routing) up to this many routing
-// entries, and only where its grid is one wave of CTAs: each CTA builds its table from the
-// routing map (one warp walks the entries), which a grid of a CTA per item pays again in every
-// wave. Measured on an H100 (bench/NOTES.md v22, item 85): routed, T = 1 and 8 ran 2-14% faster
-// where the grid was one wave; routed up to 256 entries, deepseek-v3 T = 32 (a CTA per item over
-// ~20 waves) ran 2% slower.
-constexpr int64_t kMxRoutedMaxSlots = 64;
+// MXFP8 FC1 routes itself (the input quantized beside the routing) wherever its grid is one wave
+// of CTAs (persistent grids always are), and on grids of a CTA per item over several waves up to
+// this many routing entries: each CTA builds its table from the routing map (one warp walks the
+// entries), which such a grid pays again in every CTA. Measured on an H100 (bench/NOTES.md v22,
+// items 85 and 87): routed, T = 1 and 8 ran 2-14% faster, the persistent T = 32 grids 0.4-2%
+// faster, and deepseek-v3 T = 32 (256 entries, ~20 waves of a CTA per item) 2% slower.
+constexpr int64_t kMxRoutedMaxSlotsOverWaves = 64;
 
 // The prefill paths draw FC1's tiles from tile_counters[0] and FC2's from tile_counters[1]
 // (dynamic scheduling, grouped_mm_sm90.h), which needs each counter zero when its launch starts.
@@ -166,8 +166,7 @@ Status CudaBackend::fused_moe_decode(BackendStream* s, const PlanShape& shape,
   // region (which holds T * topk rows or more whenever FC1 routes), written by the kernel ahead.
   const int sms = props_.multiProcessorCount;
   bool quantized_input = false;
-  if (call.mx && !call.weight_on_input && !call.skip_permute &&
-      call.tokens * call.topk <= kMxRoutedMaxSlots) {
+  if (call.mx && !call.weight_on_input && !call.skip_permute) {
     cuda::SmallMmArgs routed = fc1;
     routed.a_rows = call.tokens;
     routed.routing_map = a.routing_map;
@@ -176,7 +175,8 @@ Status CudaBackend::fused_moe_decode(BackendStream* s, const PlanShape& shape,
     routed.weights_before_wait = true;
     if (cuda::grouped_mm_small_supported(routed)) {
       const cuda::SmallMmConfig cfg = cuda::grouped_mm_small_config(routed, sms);
-      quantized_input = int64_t(cfg.grid) <= int64_t(cfg.ctas_per_sm) * sms;
+      quantized_input = call.tokens * call.topk <= kMxRoutedMaxSlotsOverWaves ||
+                        int64_t(cfg.grid) <= int64_t(cfg.ctas_per_sm) * sms;
       if (quantized_input) fc1 = routed;
     }
   }
