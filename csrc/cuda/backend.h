@@ -35,6 +35,11 @@ struct Event {
   cudaEvent_t event;
 };
 
+// How the MXFP8 quantize kernel is launched against the kernel ahead on the stream (quantize.cu):
+// plainly; as a programmatic dependent whose input that kernel does not write (the decode layer's
+// input, quantized beside the routing kernel); or as one that waits for it before reading.
+enum QuantizeOverlap { kNoOverlap = 0, kBesideInput = 1, kAfterPrevious = 2 };
+
 // Called once per context by make_cuda_backend (device already current): raises the dynamic
 // shared-memory limit of the kernels that need more than 48 KiB. Done here, not at launch,
 // because a launch may be inside a stream capture.
@@ -82,10 +87,10 @@ class CudaBackend final : public Backend {
   Status activation_quant(BackendStream* s, const fmoe_activation_args& a) override;
   Status quantize_mxfp8(BackendStream* s, const uint16_t* in, int64_t rows, int64_t cols,
                         uint8_t* data, uint8_t* scale) override;
-  // quantize_mxfp8, optionally launched as a programmatic dependent of the kernel ahead, which
-  // must not write `in` (decode: the input rows quantized beside the routing kernel).
+  // quantize_mxfp8, optionally launched as a programmatic dependent of the kernel ahead
+  // (cuda::QuantizeOverlap).
   Status quantize_mxfp8_launch(BackendStream* s, const uint16_t* in, int64_t rows, int64_t cols,
-                               uint8_t* data, uint8_t* scale, bool overlap_previous);
+                               uint8_t* data, uint8_t* scale, cuda::QuantizeOverlap overlap);
   Status dequantize_mxfp8(BackendStream* s, const uint8_t* data, const uint8_t* scale,
                           int64_t rows, int64_t cols, float* out) override;
   // The MXFP8 round trip of bf16 [rows, cols] (cols % 64 == 0, 16-byte aligned rows) in the k

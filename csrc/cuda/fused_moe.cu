@@ -188,11 +188,15 @@ Status CudaBackend::fused_moe_decode(BackendStream* s, const PlanShape& shape,
   if (quantized_input)  // beside the routing kernel: FC1's weights load under both
     FMOE_TRY(quantize_mxfp8_launch(s, static_cast<const uint16_t*>(a.hidden), call.tokens,
                                    d.hidden_size, static_cast<uint8_t*>(call.permuted),
-                                   call.permuted_scale, /*overlap_previous=*/true));
+                                   call.permuted_scale, cuda::kBesideInput));
   FMOE_CHECK_CUDA(cuda::grouped_mm_small(fc1, sms, stream_of(s)));
-  if (call.mx)  // rows the GEMM skipped hold stale bf16 here; their quantized bytes are never read
-    FMOE_TRY(quantize_mxfp8(s, static_cast<const uint16_t*>(act_bf16), rows, d.ffn,
-                            static_cast<uint8_t*>(call.act_out), call.act_scale));
+  // MXFP8: rows the GEMM skipped hold stale bf16 here; their quantized bytes are never read. The
+  // quantization launches under FC1's tail (FC1's CTAs let it once they have waited for the
+  // kernel ahead) and waits for FC1 before its first read.
+  if (call.mx)
+    FMOE_TRY(quantize_mxfp8_launch(s, static_cast<const uint16_t*>(act_bf16), rows, d.ffn,
+                                   static_cast<uint8_t*>(call.act_out), call.act_scale,
+                                   cuda::kAfterPrevious));
   FMOE_CHECK_CUDA(cuda::grouped_mm_small(fc2, sms, stream_of(s)));
   return unpermute_launch(s, call.unpermute_args(rows), /*overlap_previous=*/true);
 }

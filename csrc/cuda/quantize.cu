@@ -17,16 +17,18 @@ namespace {
 // Each thread step quantizes 8 consecutive elements; 4 consecutive lanes hold one 32-element
 // block (cols % 32 == 0, so blocks never straddle rows and the scale of element i is i / 32).
 // The loop steps a whole warp at a time so that the 4-lane reductions always have every lane.
-// overlap (the decode layer quantizing its input beside the routing kernel, launched as its
-// programmatic dependent; ptx/griddep.cuh): the input does not come from the kernel ahead, the
-// next kernel may launch at once (it waits for this one before reading what it writes), and a CTA
-// waits for the kernel ahead before it exits, so that this one completes after it. Without it the
-// next kernel launches as this one's CTAs exit: measured on an H100 (bench/NOTES.md v22), FC2
-// launched at the start of the activation's quantization ran the decode layer 1-3% slower.
+// Launch overlap (QuantizeOverlap, ptx/griddep.cuh). kBesideInput: the input does not come from
+// the kernel ahead, the next kernel may launch at once (it waits for this one before reading what
+// it writes), and a CTA waits for the kernel ahead before it exits, so that this one completes
+// after it. kAfterPrevious: the input comes from the kernel ahead, waited for before any read; the
+// launch only saves its latency under that kernel's tail. Otherwise, and in both, the next kernel
+// launches as this one's CTAs exit: measured on an H100 (bench/NOTES.md v22), FC2 launched at the
+// start of the activation's quantization ran the decode layer 1-3% slower.
 template <bool kVec>
 __global__ void quantize_kernel(const uint16_t* in, int64_t groups8, uint8_t* data,
-                                uint8_t* scale, bool overlap) {
-  if (overlap) ptx::griddep_launch_dependents();
+                                uint8_t* scale, int overlap) {
+  if (overlap == kAfterPrevious) ptx::griddep_wait();
+  if (overlap == kBesideInput) ptx::griddep_launch_dependents();
   const int lane = threadIdx.x % 32;
   const int64_t warp0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) - lane;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
@@ -54,7 +56,7 @@ __global__ void quantize_kernel(const uint16_t* in, int64_t groups8, uint8_t* da
       if (g % 4 == 0) scale[g / 4] = sc;
     }
   }
-  if (overlap) ptx::griddep_wait();
+  if (overlap == kBesideInput) ptx::griddep_wait();
 }
 
 // The MXFP8 round trip of every 32-block of [rows, cols] (cols % 64 == 0), written in the k order
@@ -125,12 +127,12 @@ using namespace cuda;
 
 Status CudaBackend::quantize_mxfp8(BackendStream* s, const uint16_t* in, int64_t rows,
                                    int64_t cols, uint8_t* data, uint8_t* scale) {
-  return quantize_mxfp8_launch(s, in, rows, cols, data, scale, /*overlap_previous=*/false);
+  return quantize_mxfp8_launch(s, in, rows, cols, data, scale, kNoOverlap);
 }
 
 Status CudaBackend::quantize_mxfp8_launch(BackendStream* s, const uint16_t* in, int64_t rows,
                                           int64_t cols, uint8_t* data, uint8_t* scale,
-                                          bool overlap_previous) {
+                                          QuantizeOverlap overlap) {
   FMOE_TRY(activate());
   const int64_t groups8 = rows * cols / 8;
   if (groups8 == 0) return FMOE_OK;
@@ -141,13 +143,13 @@ Status CudaBackend::quantize_mxfp8_launch(BackendStream* s, const uint16_t* in, 
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
-  lc.attrs = overlap_previous ? attr : nullptr;
-  lc.numAttrs = overlap_previous ? 1 : 0;
+  lc.attrs = overlap != kNoOverlap ? attr : nullptr;
+  lc.numAttrs = overlap != kNoOverlap ? 1 : 0;
   const bool vec = aligned_to(in, 16) && aligned_to(data, 8);
   FMOE_CHECK_CUDA(vec ? cudaLaunchKernelEx(&lc, quantize_kernel<true>, in, groups8, data, scale,
-                                           overlap_previous)
+                                           int(overlap))
                       : cudaLaunchKernelEx(&lc, quantize_kernel<false>, in, groups8, data, scale,
-                                           overlap_previous));
+                                           int(overlap)));
   FMOE_CHECK_LAUNCH("quantize_kernel");
   return FMOE_OK;
 }
