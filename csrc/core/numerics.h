@@ -176,7 +176,7 @@ FMOE_HD MxFastParts mx_fast_parts(uint16_t x, uint8_t scale_byte) {
   return p;
 }
 
-// = f32_to_e4m3(mx_divide_by_scale(bf16_to_f32(x), sb)) where mx_fast_scale_ok(sb).
+// = mx_quantize_exact(x, sb) where mx_fast_scale_ok(sb).
 FMOE_HD uint8_t mx_quantize_fast(uint16_t x, uint8_t scale_byte) {
   const MxFastParts p = mx_fast_parts(x, scale_byte);
   const uint32_t code =
@@ -191,12 +191,17 @@ FMOE_HD uint16_t mx_round_trip_fast(uint16_t x, uint8_t scale_byte) {
   return uint16_t(p.sign | (p.normal ? p.rounded : f32_bits(sub) >> 16));
 }
 
+// The e4m3 code of x in a block of scale byte sb through the scalar functions, for any scale
+// byte (NaN scale: the NaN code).
+FMOE_HD uint8_t mx_quantize_exact(uint16_t x, uint8_t scale_byte) {
+  return scale_byte == kE8m0Nan ? kE4m3Nan
+                                : f32_to_e4m3(mx_divide_by_scale(bf16_to_f32(x), scale_byte));
+}
+
 // The round trip dequant(quant(x)) as bf16 bits through the scalar functions, for any scale byte
 // (NaN scale: NaN).
 FMOE_HD uint16_t mx_round_trip_exact(uint16_t x, uint8_t scale_byte) {
-  const uint8_t q =
-      scale_byte == kE8m0Nan ? kE4m3Nan : f32_to_e4m3(mx_divide_by_scale(bf16_to_f32(x), scale_byte));
-  return f32_to_bf16(mx_dequantize(q, scale_byte));
+  return f32_to_bf16(mx_dequantize(mx_quantize_exact(x, scale_byte), scale_byte));
 }
 
 // Quantizes one block of 32 bf16 values: writes 32 e4m3 bytes and returns the scale byte.
@@ -209,13 +214,8 @@ FMOE_HD uint8_t mx_quantize_block(const uint16_t* in, uint8_t* out) {
     float a = bf16_to_f32(uint16_t(mag));
     amax = a > amax ? a : amax;
   }
-  if (bad) {
-    for (int i = 0; i < kMxBlock; ++i) out[i] = kE4m3Nan;
-    return kE8m0Nan;
-  }
-  uint8_t scale = e8m0_scale_for_amax(amax);
-  for (int i = 0; i < kMxBlock; ++i)
-    out[i] = f32_to_e4m3(mx_divide_by_scale(bf16_to_f32(in[i]), scale));
+  const uint8_t scale = bad ? kE8m0Nan : e8m0_scale_for_amax(amax);
+  for (int i = 0; i < kMxBlock; ++i) out[i] = mx_quantize_exact(in[i], scale);
   return scale;
 }
 

@@ -33,7 +33,7 @@ __device__ __forceinline__ uint8_t mx_scale_lanes(const uint16_t (&v)[kPerLane])
 }
 
 // As mx_scale_lanes; also writes the lane's e4m3 bytes. Blocks of ordinary scales take
-// numerics.h's mx_quantize_fast, the rest (NaN, |s| > 110) the scalar functions: the same bytes.
+// numerics.h's mx_quantize_fast, the rest (NaN, |s| > 110) mx_quantize_exact: the same bytes.
 template <int kPerLane>
 __device__ __forceinline__ uint8_t mx_quantize_lanes(const uint16_t (&v)[kPerLane],
                                                      uint8_t (&q)[kPerLane]) {
@@ -41,13 +41,9 @@ __device__ __forceinline__ uint8_t mx_quantize_lanes(const uint16_t (&v)[kPerLan
   if (mx_fast_scale_ok(scale)) {
 #pragma unroll
     for (int i = 0; i < kPerLane; ++i) q[i] = mx_quantize_fast(v[i], scale);
-  } else if (scale == kE8m0Nan) {
-#pragma unroll
-    for (int i = 0; i < kPerLane; ++i) q[i] = kE4m3Nan;
   } else {
 #pragma unroll
-    for (int i = 0; i < kPerLane; ++i)
-      q[i] = f32_to_e4m3(mx_divide_by_scale(bf16_to_f32(v[i]), scale));
+    for (int i = 0; i < kPerLane; ++i) q[i] = mx_quantize_exact(v[i], scale);
   }
   return scale;
 }
