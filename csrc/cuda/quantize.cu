@@ -140,11 +140,8 @@ Status CudaBackend::quantize_mxfp8_launch(BackendStream* s, const uint16_t* in, 
   lc.gridDim = dim3(grid_blocks(groups8, kElementwiseThreads));
   lc.blockDim = dim3(kElementwiseThreads);
   lc.stream = stream_of(s);
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  lc.attrs = overlap != kNoOverlap ? attr : nullptr;
-  lc.numAttrs = overlap != kNoOverlap ? 1 : 0;
+  cudaLaunchAttribute attr;
+  set_programmatic_launch(&lc, &attr, overlap != kNoOverlap);
   const bool vec = aligned_to(in, 16) && aligned_to(data, 8);
   FMOE_CHECK_CUDA(vec ? cudaLaunchKernelEx(&lc, quantize_kernel<true>, in, groups8, data, scale,
                                            int(overlap))

@@ -134,11 +134,8 @@ Status CudaBackend::unpermute_launch(BackendStream* s, const fmoe_unpermute_args
   lc.gridDim = dim3(unsigned(std::min<int64_t>(a.num_tokens * p.pieces, kMaxGridBlocks)));
   lc.blockDim = dim3(unsigned(threads));
   lc.stream = stream_of(s);
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  lc.attrs = overlap_previous ? attr : nullptr;
-  lc.numAttrs = overlap_previous ? 1 : 0;
+  cudaLaunchAttribute attr;
+  set_programmatic_launch(&lc, &attr, overlap_previous);
   FMOE_CHECK_CUDA(vec ? cudaLaunchKernelEx(&lc, unpermute_kernel<8>, p)
                       : cudaLaunchKernelEx(&lc, unpermute_kernel<1>, p));
   FMOE_CHECK_LAUNCH("unpermute_kernel");

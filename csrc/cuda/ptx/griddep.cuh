@@ -8,6 +8,8 @@
 // attribute, so a kernel can carry them whatever its launcher decides.
 #pragma once
 
+#include <cuda_runtime.h>
+
 namespace fmoe::ptx {
 
 __device__ __forceinline__ void griddep_launch_dependents() {
@@ -19,3 +21,18 @@ __device__ __forceinline__ void griddep_wait() {
 }
 
 }  // namespace fmoe::ptx
+
+namespace fmoe::cuda {
+
+// The host side: sets on `lc` the attribute that launches its kernel as a programmatic dependent
+// of the kernel ahead on the stream, when `overlap_previous` (else no attribute). `attr` backs
+// lc.attrs and must live until the launch.
+inline void set_programmatic_launch(cudaLaunchConfig_t* lc, cudaLaunchAttribute* attr,
+                                    bool overlap_previous) {
+  attr->id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr->val.programmaticStreamSerializationAllowed = 1;
+  lc->attrs = overlap_previous ? attr : nullptr;
+  lc->numAttrs = overlap_previous ? 1 : 0;
+}
+
+}  // namespace fmoe::cuda
