@@ -166,6 +166,7 @@ Status CudaBackend::fused_moe_decode(BackendStream* s, const PlanShape& shape,
   // region (which holds T * topk rows or more whenever FC1 routes), written by the kernel ahead.
   const int sms = props_.multiProcessorCount;
   bool quantized_input = false;
+  cuda::SmallMmConfig fc1_cfg;  // FC1's launch, picked once
   if (call.mx && !call.weight_on_input && !call.skip_permute) {
     cuda::SmallMmArgs routed = fc1;
     routed.a_rows = call.tokens;
@@ -177,9 +178,13 @@ Status CudaBackend::fused_moe_decode(BackendStream* s, const PlanShape& shape,
       const cuda::SmallMmConfig cfg = cuda::grouped_mm_small_config(routed, sms);
       quantized_input = call.tokens * call.topk <= kMxRoutedMaxSlotsOverWaves ||
                         int64_t(cfg.grid) <= int64_t(cfg.ctas_per_sm) * sms;
-      if (quantized_input) fc1 = routed;
+      if (quantized_input) {
+        fc1 = routed;
+        fc1_cfg = cfg;
+      }
     }
   }
+  if (!quantized_input) fc1_cfg = cuda::grouped_mm_small_config(fc1, sms);
 
   const int32_t* routing = nullptr;
   FMOE_TRY(call.routing(*this, s, &routing));
@@ -189,7 +194,7 @@ Status CudaBackend::fused_moe_decode(BackendStream* s, const PlanShape& shape,
     FMOE_TRY(quantize_mxfp8_launch(s, static_cast<const uint16_t*>(a.hidden), call.tokens,
                                    d.hidden_size, static_cast<uint8_t*>(call.permuted),
                                    call.permuted_scale, cuda::kBesideInput));
-  FMOE_CHECK_CUDA(cuda::grouped_mm_small(fc1, sms, stream_of(s)));
+  FMOE_CHECK_CUDA(cuda::grouped_mm_small_with(fc1, fc1_cfg, sms, stream_of(s)));
   // MXFP8: rows the GEMM skipped hold stale bf16 here; their quantized bytes are never read. The
   // quantization launches under FC1's tail (FC1's CTAs let it once they have waited for the
   // kernel ahead) and waits for FC1 before its first read.

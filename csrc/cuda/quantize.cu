@@ -17,7 +17,7 @@ namespace {
 // Each thread step quantizes 8 consecutive elements; 4 consecutive lanes hold one 32-element
 // block (cols % 32 == 0, so blocks never straddle rows and the scale of element i is i / 32).
 // The loop steps a whole warp at a time so that the 4-lane reductions always have every lane.
-// Launch overlap (QuantizeOverlap, ptx/griddep.cuh). kBesideInput: the input does not come from
+// Launch overlap (QuantizeOverlap, backend.h). kBesideInput: the input does not come from
 // the kernel ahead, the next kernel may launch at once (it waits for this one before reading what
 // it writes), and a CTA waits for the kernel ahead before it exits, so that this one completes
 // after it. kAfterPrevious: the input comes from the kernel ahead, waited for before any read; the
