@@ -2008,15 +2008,18 @@ cudaError_t launch_mx_regs_cfg(const fmoe_grouped_mm_args& a, const ActEpilogue&
 template <int kEpi, int kAct = 0>
 cudaError_t launch_mx_regs(const fmoe_grouped_mm_args& a, const ActEpilogue& act, int num_sms,
                            cudaStream_t stream, int32_t* tile_counter) {
-  // The 128 x 256 tile where groups average 1024 rows or more (a.rows / a.groups: the capacity,
-  // an upper bound of the real average). Measured on an H200 (bench/NOTES.md v6): 11% faster on
-  // mixtral at T = 8192 (16384 rows per expert), within -4..+4% at 256-640 rows per expert.
-  // FMOE_MX_REGS_TOKENS=128|256 forces a shape.
+  // The 128 x 256 tile where groups average 1024 rows or more, or 512 with n >= 4096 (a.rows /
+  // a.groups: the capacity, an upper bound of the real average). Measured on an H200
+  // (bench/NOTES.md v6): 11% faster on mixtral at T = 8192 (16384 rows per expert), within
+  // -4..+4% at 256-640 rows per expert (qwen3 T = 8192, 512 rows, n 1536 and 2048: 1.6% slower);
+  // on an H100 (v23): mixtral T = 2048 (512 rows, n 28672 and 4096) 8-10% faster, T = 512 (128)
+  // 5% slower. FMOE_MX_REGS_TOKENS=128|256 forces a shape.
   static const int forced = [] {
     const char* e = std::getenv("FMOE_MX_REGS_TOKENS");
     return e != nullptr ? std::atoi(e) : 0;
   }();
-  const bool wide = forced ? forced == 256 : a.rows >= 1024 * a.groups;
+  const bool wide = forced ? forced == 256
+                          : a.rows >= 1024 * a.groups || (a.rows >= 512 * a.groups && a.n >= 4096);
   return wide ? launch_mx_regs_cfg<Sm90MxRegsConfig<1>, kEpi, kAct>(a, act, num_sms, stream,
                                                                     tile_counter)
               : launch_mx_regs_cfg<Sm90MxRegsConfig<2>, kEpi, kAct>(a, act, num_sms, stream,
