@@ -63,9 +63,9 @@ constexpr int64_t kDecodeRowsPerExpert = 16;
 // MXFP8 FC1 routes itself (the input quantized beside the routing) wherever its grid is one wave
 // of CTAs (persistent grids always are), and on grids of a CTA per item over several waves up to
 // this many routing entries: each CTA builds its table from the routing map (one warp walks the
-// entries), which such a grid pays again in every CTA. Measured on an H100 (bench/NOTES.md v22,
-// items 85 and 87): routed, T = 1 and 8 ran 2-14% faster, the persistent T = 32 grids 0.4-2%
-// faster, and deepseek-v3 T = 32 (256 entries, ~20 waves of a CTA per item) 2% slower.
+// entries), which such a grid pays again in every CTA. Measured on an H100 (bench/NOTES.md v22
+// item 85, v23 item 89): routed, T = 1 and 8 ran 2-14% faster, the persistent T = 32 grids
+// 0.3-1.4% faster, and deepseek-v3 T = 32 (256 entries, ~20 waves of a CTA per item) 2% slower.
 constexpr int64_t kMxRoutedMaxSlotsOverWaves = 64;
 
 // The prefill paths draw FC1's tiles from tile_counters[0] and FC2's from tile_counters[1]

@@ -21,9 +21,9 @@ namespace {
 // the kernel ahead, the next kernel may launch at once (it waits for this one before reading what
 // it writes), and a CTA waits for the kernel ahead before it exits, so that this one completes
 // after it. kAfterPrevious: the input comes from the kernel ahead, waited for before any read; the
-// launch only saves its latency under that kernel's tail. Otherwise, and in both, the next kernel
-// launches as this one's CTAs exit: measured on an H100 (bench/NOTES.md v22), FC2 launched at the
-// start of the activation's quantization ran the decode layer 1-3% slower.
+// launch only saves its latency under that kernel's tail. With kAfterPrevious and kNoOverlap the
+// next kernel launches as this one's CTAs exit: measured on an H100 (bench/NOTES.md v22), FC2
+// launched at the start of the activation's quantization ran the decode layer 1-3% slower.
 template <bool kVec>
 __global__ void quantize_kernel(const uint16_t* in, int64_t groups8, uint8_t* data,
                                 uint8_t* scale, int overlap) {
