@@ -25,6 +25,36 @@ export const SWIGLU_OAI_DEFAULT_ALPHA = 1.702;
 export const SWIGLU_OAI_DEFAULT_LIMIT = 7.0;
 
 /**
+ * What fixes a layer's arithmetic: the part of fmoe_plan_desc that FusedMoE and the reference's
+ * fusedMoe share (FusedMoEConfig adds the buffers' sizes and the router).
+ */
+export interface LayerShape {
+  /** Model width H (multiple of 32 for mxfp8). */
+  hidden: number;
+  /** Per-expert intermediate size I (multiple of 32 for mxfp8). */
+  ffn: number;
+  /** Global routed expert count. */
+  numExperts: number;
+  /** Experts held by this layer (expert parallelism). Default numExperts - localExpertStart. */
+  numLocalExperts?: number;
+  /** Global id of the first local expert. Default 0. */
+  localExpertStart?: number;
+  /** Experts per token. */
+  topk: number;
+  activation: Activation;
+  /** Gated activations: layout of gate and up in FC1's output. Default "halves". */
+  layout?: GatedLayout;
+  /** swiglu_oai alpha. Default 1.702. */
+  alpha?: number;
+  /** swiglu_oai limit. Default 7.0. */
+  limit?: number;
+  /** Default "bf16". "mxfp8" quantizes activations too (MXFP8 GEMMs). */
+  weightFormat?: WeightFormat;
+  /** Scale the input rows by probs instead of the output (topk must be 1). Default false. */
+  applyRouterWeightOnInput?: boolean;
+}
+
+/**
  * Rows per expert group are padded to a multiple of this unless told otherwise (ops and
  * FusedMoE alike): 16 keeps every group a whole number of GEMM row tiles on the CUDA backend.
  */

@@ -5,19 +5,17 @@
  * config, forward() also takes the router's logits and routes them on the device (route()).
  */
 import {
-  type Activation,
   ACTIVATION_CODE,
   DEFAULT_ALIGNMENT,
   fc1Outputs,
-  type GatedLayout,
   isActivation,
   isGatedLayout,
   LAYOUT_CODE,
+  type LayerShape,
   maxRowsFor,
   SWIGLU_OAI_DEFAULT_ALPHA,
   SWIGLU_OAI_DEFAULT_LIMIT,
   WEIGHT_FORMAT_CODE,
-  type WeightFormat,
 } from "./config.ts";
 import { Context, type Event, type Stream, type WaitOptions } from "./context.ts";
 import { MX_BLOCK } from "./dtype.ts";
@@ -29,34 +27,11 @@ import { quantizeMxfp8, route, type RouteScoring, unswizzleScales } from "./ops.
 import { assertLiveTensor, describe, type Tensor } from "./tensor.ts";
 
 /** The static description of a layer (fmoe_plan_desc). */
-export interface FusedMoEConfig {
-  /** Model width H (multiple of 32 for mxfp8). */
-  hidden: number;
-  /** Per-expert intermediate size I (multiple of 32 for mxfp8). */
-  ffn: number;
-  /** Global routed expert count. */
-  numExperts: number;
-  /** Experts held by this layer (expert parallelism). Default numExperts - localExpertStart. */
-  numLocalExperts?: number;
-  /** Global id of the first local expert. Default 0. */
-  localExpertStart?: number;
-  /** Experts per token. */
-  topk: number;
-  activation: Activation;
-  /** Gated activations: layout of gate and up in FC1's output. Default "halves". */
-  layout?: GatedLayout;
-  /** swiglu_oai alpha. Default 1.702. */
-  alpha?: number;
-  /** swiglu_oai limit. Default 7.0. */
-  limit?: number;
-  /** Default "bf16". "mxfp8" quantizes activations too (MXFP8 GEMMs). */
-  weightFormat?: WeightFormat;
+export interface FusedMoEConfig extends LayerShape {
   /** Rows per expert group padded to a multiple of this. Default 16. */
   alignment?: number;
   /** Largest T forward() accepts (forwardGrouped: rows <= maxTokens * topk). */
   maxTokens: number;
-  /** Scale the input rows by probs instead of the output (topk must be 1). Default false. */
-  applyRouterWeightOnInput?: boolean;
   /** How forward({ routerLogits }) routes (route()); without it forward() takes routingMap and
    *  probs only. `{}`: softmax, renormalized (Qwen-MoE, Mixtral, gpt-oss). */
   router?: RouterConfig;

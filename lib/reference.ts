@@ -14,6 +14,7 @@ import {
   fc1Outputs,
   type GatedLayout,
   isGated,
+  type LayerShape,
   maxRowsFor,
   SWIGLU_OAI_DEFAULT_ALPHA,
   SWIGLU_OAI_DEFAULT_LIMIT,
@@ -498,20 +499,6 @@ export function route(a: RouteArgs): { routingMap: Int32Array; probs: Float32Arr
 // ------------------------------------------------------------------------------------------------
 // The whole layer
 
-export interface FusedMoeConfig {
-  hidden: number;
-  ffn: number;
-  numExperts: number;
-  numLocalExperts?: number;
-  localExpertStart?: number;
-  topk: number;
-  activation: Activation;
-  layout?: GatedLayout;
-  alpha?: number;
-  limit?: number;
-  weightFormat?: WeightFormat;
-  applyRouterWeightOnInput?: boolean;
-}
 
 export interface FusedMoeWeights {
   /** bf16 [E_local, N1, H], or e4m3 with fc1Scale e8m0 [E_local, N1, H/32]. With weightFormat
@@ -556,7 +543,7 @@ function weightOperand(w: Uint16Array | Uint8Array, scale: Uint8Array | undefine
  * Skip-permute mode: row r of group e gives out[r] = bf16(p[r] * y); rows beyond the sum of
  * tokensPerExpert (capped at numTokens) are zeros. Returns bf16 out and the invalid-id count.
  */
-export function fusedMoe(config: FusedMoeConfig, weights: FusedMoeWeights, inputs: FusedMoeInputs): { out: Uint16Array; invalidCount: number } {
+export function fusedMoe(config: LayerShape, weights: FusedMoeWeights, inputs: FusedMoeInputs): { out: Uint16Array; invalidCount: number } {
   const H = config.hidden;
   const I = config.ffn;
   const start = config.localExpertStart ?? 0;
