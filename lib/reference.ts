@@ -499,7 +499,6 @@ export function route(a: RouteArgs): { routingMap: Int32Array; probs: Float32Arr
 // ------------------------------------------------------------------------------------------------
 // The whole layer
 
-
 export interface FusedMoeWeights {
   /** bf16 [E_local, N1, H], or e4m3 with fc1Scale e8m0 [E_local, N1, H/32]. With weightFormat
    *  mxfp8, bf16 weights are quantized here with the MXFP8 rule. */
