@@ -497,10 +497,12 @@ describe.skipIf(SKIP)("CUDA backend vs host backend", () => {
     // groups over the tile, and every token on one expert.
     { name: "decode, T = 20, topk 2, groups over the 8-token tile, skewed, out-of-range ids", T: 20, H: 128, I: 64, E: 16, topk: 2, activation: "swiglu_oai", pattern: "skewed", invalid: 6, bias: true },
     { name: "decode, T = 8, topk 1, every token on one expert", T: 8, H: 192, I: 64, E: 12, topk: 1, activation: "silu", pattern: "one-expert" },
-    // Split-K at decode (few items, k >= 4096): the ranks' partial tiles summed in the epilogue;
-    // the squared_relu tile ends past I = 96 (a last tile half outside the activation).
-    { name: "decode split-K: T = 1, H = 4096, interleaved swiglu_oai, biases", T: 1, H: 4096, I: 64, E: 4, topk: 2, activation: "swiglu_oai", layout: "interleaved", alpha: 1.702, limit: 7, bias: true },
+    // Split-K at decode (few items, >= 32 stages of k per part): the ranks' partial tiles summed
+    // in the epilogue; the squared_relu tile ends past I = 96 (a last tile half outside the
+    // activation). FC1 splits bf16 in 2 parts at H = 4096 and in 4 at 8192, MXFP8 in 2 at 8192.
+    { name: "decode split-K: T = 1, H = 8192, interleaved swiglu_oai, biases", T: 1, H: 8192, I: 64, E: 4, topk: 2, activation: "swiglu_oai", layout: "interleaved", alpha: 1.702, limit: 7, bias: true },
     { name: "decode split-K: T = 3, H = 4096, I = 96, squared_relu, out-of-range ids", T: 3, H: 4096, I: 96, E: 6, topk: 2, activation: "squared_relu", invalid: 1 },
+    { name: "decode split-K: T = 3, H = 8192, I = 96, squared_relu, out-of-range ids", T: 3, H: 8192, I: 96, E: 6, topk: 2, activation: "squared_relu", invalid: 1 },
     // Prefill with H % 64 == 0 and I % 64 == 0: MXFP8 takes the weights-in-registers kernels. Last
     // feature tiles partly past I and H (FC1 gated tiles are 128 features, FC2 and squared_relu 256).
     { name: "prefill: interleaved swiglu_oai, biases, H = 320, I = 192", T: 160, H: 320, I: 192, E: 4, topk: 2, activation: "swiglu_oai", layout: "interleaved", alpha: 1.702, limit: 7, bias: true },

@@ -39,8 +39,10 @@
 // The choice between decode and prefill is made on the host from T, topk and E alone (static
 // under capture); the routing decides nothing that needs a sync.
 #include <algorithm>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <utility>
 
 #include "core/context.h"
 #include "core/moe_call.h"
@@ -99,6 +101,27 @@ cuda::SmallMmArgs small_mm_args(const fmoe_grouped_mm_args& g, int64_t ldc, int6
   m.max_rows_per_group = max_rows_per_group;
   m.format = format;
   return m;
+}
+
+// FMOE_DECODE_SPLITS=F1,F2 forces the decode chain's split-K factors (1, 2 or 4; 0 keeps the
+// configuration's pick) for FC1 and FC2 (comparisons).
+int forced_decode_splits(int which) {
+  static const std::pair<int, int> forced = [] {
+    const char* e = std::getenv("FMOE_DECODE_SPLITS");
+    int f1 = 0, f2 = 0;
+    if (e != nullptr && std::sscanf(e, "%d,%d", &f1, &f2) != 2) f1 = f2 = 0;
+    auto valid = [](int v) { return v == 1 || v == 2 || v == 4 ? v : 0; };
+    return std::pair<int, int>(valid(f1), valid(f2));
+  }();
+  return which == 1 ? forced.first : forced.second;
+}
+
+cuda::SmallMmConfig with_forced_splits(cuda::SmallMmConfig cfg, int which) {
+  if (const int splits = forced_decode_splits(which)) {
+    cfg.splits = splits;
+    cfg.grid = 0;  // the launch sizes the grid for these splits
+  }
+  return cfg;
 }
 
 cuda::ActEpilogue act_epilogue(const fmoe_plan_desc& d) {
@@ -185,6 +208,7 @@ Status CudaBackend::fused_moe_decode(BackendStream* s, const PlanShape& shape,
     }
   }
   if (!quantized_input) fc1_cfg = cuda::grouped_mm_small_config(fc1, sms);
+  fc1_cfg = with_forced_splits(fc1_cfg, 1);
 
   const int32_t* routing = nullptr;
   FMOE_TRY(call.routing(*this, s, &routing));
@@ -202,7 +226,8 @@ Status CudaBackend::fused_moe_decode(BackendStream* s, const PlanShape& shape,
     FMOE_TRY(quantize_mxfp8_launch(s, static_cast<const uint16_t*>(act_bf16), rows, d.ffn,
                                    static_cast<uint8_t*>(call.act_out), call.act_scale,
                                    cuda::kAfterPrevious));
-  FMOE_CHECK_CUDA(cuda::grouped_mm_small(fc2, sms, stream_of(s)));
+  FMOE_CHECK_CUDA(cuda::grouped_mm_small_with(
+      fc2, with_forced_splits(cuda::grouped_mm_small_config(fc2, sms), 2), sms, stream_of(s)));
   return unpermute_launch(s, call.unpermute_args(rows), /*overlap_previous=*/true);
 }
 

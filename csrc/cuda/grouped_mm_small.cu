@@ -139,6 +139,13 @@ constexpr int kRedStride = kTileW + 4;  // f32 words per token row: +4 makes fra
 // layer was 1.2% slower with pairs, so bf16 keeps 4.
 constexpr int kMaxSplits = 4;
 constexpr int kMaxFp8Splits = 2;
+// A split keeps at least this many stages of k per part. At 8 (the rule before) the decode chain
+// split its T = 1 launches into parts of 8-23 stages, and most were faster whole: measured on an
+// H100 in the layer (bench/NOTES.md v24, item 94), unsplit saved nemotron's bf16 FC2 (29 stages)
+// 2.5 us of 58.6, gpt-oss's FC2 (bf16 45, MXFP8 23) 1.5 and 0.75 us, qwen3's FC1 (32, 16) 0.35 and
+// 0.7 us, nemotron's MXFP8 FC1 (21) 0.3 us; only nemotron's bf16 FC1 (42) lost, 0.5 us. Mixtral's
+// FC2 (224, 112) keeps its 4 and 2 parts.
+constexpr int64_t kMinStagesPerSplit = 32;
 // MXFP8's token tiles: the promotion costs per token column, padding included. The 32-wide tile
 // (v1) spent the consumer's time on padding (qwen3 T = 32 at 2x the bf16 time), so 16 at most,
 // and 8 while the groups average at most kFp8NarrowRows rows (measured on an H200 at T = 32 and
@@ -973,13 +980,13 @@ SmallMmConfig grouped_mm_small_config(const SmallMmArgs& a, int num_sms) {
   const bool fp8 = a.format == FMOE_WEIGHTS_MXFP8;
   cfg.token_tile = token_tile_of(a);
   // Split-K while the items cannot give every SM two CTAs (the fewest that keep ~100 KB in
-  // flight per SM) and each part keeps >= 8 stages of k (the ring is 4-6 deep: fewer would
-  // leave it half empty at the start and end of every part).
+  // flight per SM) and each part keeps >= kMinStagesPerSplit stages of k (launches of shorter
+  // parts measured faster whole).
   const int64_t items = units_bound(a, cfg.token_tile) * tiles_per_group(a);
   const int64_t k_blocks = k_stages(a);
   const int max_splits = fp8 ? kMaxFp8Splits : kMaxSplits;
   while (cfg.splits < max_splits && items * cfg.splits < 2 * int64_t(num_sms) &&
-         k_blocks >= 8 * 2 * cfg.splits)
+         k_blocks >= kMinStagesPerSplit * 2 * cfg.splits)
     cfg.splits *= 2;
   switch (cfg.token_tile) {
     case 8: fp8 ? describe<8, true>(&cfg, a, num_sms) : describe<8, false>(&cfg, a, num_sms); break;
