@@ -2043,16 +2043,29 @@ bool grouped_mm_sm90_supported(const fmoe_grouped_mm_args& a) {
 }
 
 namespace {
+constexpr int64_t kNarrowWasteDivisor = 8;
+
 // The cooperative tile width for the shape (256 or 128).
 int cooperative_block_n(const fmoe_grouped_mm_args& a, int num_sms) {
   // Too few wide tiles to give every SM one (rows is the static capacity: an upper bound of the
   // real count, so this errs toward wide): narrow tiles double the parallelism.
   const int64_t wide_tiles = ((a.rows + 127) / 128) * ((a.n + 255) / 256);
   if (wide_tiles < num_sms) return 128;
-  // A last wide tile mostly empty wastes more than narrow tiles lose in efficiency (~3%).
+  // A last wide tile mostly empty wastes more than narrow tiles lose in efficiency: narrow where
+  // the wide tiles compute more than n / kNarrowWasteDivisor columns beyond the narrow ones'. At
+  // 32 (the rule before: narrow tiles taken to lose ~3%), nemotron's FC1 (n = 1856: 6.9% more)
+  // and FC2 (2688: 4.8%) and gpt-oss's FC2 (2880: 4.4%) took ping-pong tiles; on an H100 their
+  // layers at T = 8192 ran 10% (nemotron) and 4% (gpt-oss) faster on wide ones (bench/NOTES.md
+  // v24, item 95).
+  // FMOE_SM90_NARROW_WASTE=N sets the divisor (comparisons).
+  static const int64_t divisor = [] {
+    const char* e = std::getenv("FMOE_SM90_NARROW_WASTE");
+    const int v = e ? std::atoi(e) : 0;
+    return v > 0 ? int64_t(v) : kNarrowWasteDivisor;
+  }();
   const int64_t waste_wide = (a.n + 255) / 256 * 256 - a.n;
   const int64_t waste_narrow = (a.n + 127) / 128 * 128 - a.n;
-  if ((waste_wide - waste_narrow) * 32 > a.n) return 128;
+  if ((waste_wide - waste_narrow) * divisor > a.n) return 128;
   return 256;
 }
 }  // namespace
