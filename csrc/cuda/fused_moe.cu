@@ -124,6 +124,17 @@ cuda::SmallMmConfig with_forced_splits(cuda::SmallMmConfig cfg, int which) {
   return cfg;
 }
 
+// FC1 laying out its rows from the routing map itself (the routing kernel's layout): its T input
+// rows, gathered per routing entry.
+cuda::SmallMmArgs routed_fc1(cuda::SmallMmArgs fc1, const fmoe_moe_args& a, const MoeCall& call,
+                             const fmoe_plan_desc& d) {
+  fc1.a_rows = call.tokens;
+  fc1.routing_map = a.routing_map;
+  fc1.topk = call.topk;
+  fc1.expert_start = d.local_expert_start;
+  return fc1;
+}
+
 cuda::ActEpilogue act_epilogue(const fmoe_plan_desc& d) {
   cuda::ActEpilogue act{};
   act.activation = int(d.activation);
@@ -158,12 +169,9 @@ Status CudaBackend::fused_moe_decode(BackendStream* s, const PlanShape& shape,
   if (gather) {
     fc1.a = a.hidden;
     fc1.a_rows = call.tokens;
-    // Small batches: FC1 lays the rows out from the routing map itself (the routing kernel's
-    // layout), so it does not wait for the routing kernel; else it reads its permutation_map.
-    cuda::SmallMmArgs routed = fc1;
-    routed.routing_map = a.routing_map;
-    routed.topk = call.topk;
-    routed.expert_start = d.local_expert_start;
+    // Small batches: FC1 lays the rows out from the routing map itself, so it does not wait for
+    // the routing kernel; else it reads its permutation_map.
+    const cuda::SmallMmArgs routed = routed_fc1(fc1, a, call, d);
     if (!call.skip_permute && cuda::grouped_mm_small_supported(routed)) fc1 = routed;
     else fc1.a_row_index = call.permutation_map;
   }
@@ -191,11 +199,7 @@ Status CudaBackend::fused_moe_decode(BackendStream* s, const PlanShape& shape,
   bool quantized_input = false;
   cuda::SmallMmConfig fc1_cfg;  // FC1's launch, picked once
   if (call.mx && !call.weight_on_input && !call.skip_permute) {
-    cuda::SmallMmArgs routed = fc1;
-    routed.a_rows = call.tokens;
-    routed.routing_map = a.routing_map;
-    routed.topk = call.topk;
-    routed.expert_start = d.local_expert_start;
+    cuda::SmallMmArgs routed = routed_fc1(fc1, a, call, d);
     routed.weights_before_wait = true;
     if (cuda::grouped_mm_small_supported(routed)) {
       const cuda::SmallMmConfig cfg = cuda::grouped_mm_small_config(routed, sms);

@@ -184,6 +184,17 @@ struct TileQueue {
 // Shared memory of the queue, kept a multiple of 16 bytes (what follows it stays aligned).
 constexpr int kTileQueueBytes = (int(sizeof(TileQueue)) + 15) / 16 * 16;
 
+// Ping-pong tiles: a warpgroup waits for its tile's first stage (sequence number seq) by the
+// parity of that fill, which only means "landed" once the stage's previous fill (seq - S) has
+// landed. That one may be the other warpgroup's and still in flight when the tile is published
+// (with k_blocks = S it is the other's first stage, issued before this warpgroup's last tile
+// ended). The producer waits for it before publishing the tile; it would wait for the stage's
+// release, which follows, before filling it anyway.
+template <int S>
+__device__ __forceinline__ void wait_previous_fill(uint64_t* full, int64_t seq) {
+  if (seq >= S) ptx::mbar_wait(&full[seq % S], uint32_t(seq / S - 1) & 1u);
+}
+
 // ---- Tile configurations: the one table ------------------------------------------------------
 // kBlockM = 128: two consumer warpgroups x wgmma's fixed m = 64.
 // kBlockK = 64: 64 bf16 = 128 bytes, exactly one 128-byte swizzle span per row (the widest
@@ -654,6 +665,8 @@ __device__ __forceinline__ void consume_bf16(float (&acc)[Cfg::kBlockN / 2], con
 //   most the ring's depth, and the epilogues fall in the other's mainloop.
 // - The i-th tile of the CTA starts at stage sequence number i * k_blocks (every tile of a launch
 //   has k_blocks stages), which gives a warpgroup its stage and phase without counting the other's.
+//   That phase is sound because the producer publishes a tile only once the previous fill of its
+//   first stage has landed (wait_previous_fill).
 // - A stage is released by the 4 warps of its owner; the tile queue's entries alternate between
 //   the warpgroups (kTileSlots is even: a slot always serves the same one), and the producer
 //   publishes the end twice, once for each.
@@ -805,6 +818,7 @@ __device__ __forceinline__ void produce_tma(const Sm90Params& p, const TileTable
   uint32_t phase = 0;
   for (int i = 0;; ++i) {
     const int t = TileQueue::draw(p.tile_counter, i);
+    if constexpr (Cfg::kPingPong) wait_previous_fill<S>(full, int64_t(i) * p.k_blocks);
     tt.queue->put(i, min(t, tt.total_tiles));
     if (t >= tt.total_tiles) {
       // Ping-pong: the entries alternate between the warpgroups, so each needs its own end.

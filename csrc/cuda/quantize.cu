@@ -26,7 +26,7 @@ namespace {
 // launched at the start of the activation's quantization ran the decode layer 1-3% slower.
 template <bool kVec>
 __global__ void quantize_kernel(const uint16_t* in, int64_t groups8, uint8_t* data,
-                                uint8_t* scale, int overlap) {
+                                uint8_t* scale, QuantizeOverlap overlap) {
   if (overlap == kAfterPrevious) ptx::griddep_wait();
   if (overlap == kBesideInput) ptx::griddep_launch_dependents();
   const int lane = threadIdx.x % 32;
@@ -144,9 +144,9 @@ Status CudaBackend::quantize_mxfp8_launch(BackendStream* s, const uint16_t* in, 
   set_programmatic_launch(&lc, &attr, overlap != kNoOverlap);
   const bool vec = aligned_to(in, 16) && aligned_to(data, 8);
   FMOE_CHECK_CUDA(vec ? cudaLaunchKernelEx(&lc, quantize_kernel<true>, in, groups8, data, scale,
-                                           int(overlap))
+                                           overlap)
                       : cudaLaunchKernelEx(&lc, quantize_kernel<false>, in, groups8, data, scale,
-                                           int(overlap)));
+                                           overlap));
   FMOE_CHECK_LAUNCH("quantize_kernel");
   return FMOE_OK;
 }
