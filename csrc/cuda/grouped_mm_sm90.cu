@@ -2070,7 +2070,7 @@ int cooperative_block_n(const fmoe_grouped_mm_args& a, int num_sms) {
   // 32 (the rule before: narrow tiles taken to lose ~3%), nemotron's FC1 (n = 1856: 6.9% more)
   // and FC2 (2688: 4.8%) and gpt-oss's FC2 (2880: 4.4%) took ping-pong tiles; on an H100 their
   // layers at T = 8192 ran 10% (nemotron) and 4% (gpt-oss) faster on wide ones (bench/NOTES.md
-  // v24, item 95).
+  // v24, item 95), on an H200 4% and 2% (v25, item 102).
   // FMOE_SM90_NARROW_WASTE=N sets the divisor (comparisons).
   static const int64_t divisor = [] {
     const char* e = std::getenv("FMOE_SM90_NARROW_WASTE");
