@@ -441,8 +441,9 @@ export interface RouteArgs {
 /**
  * fmoe_route in f64. Also returns each token's margin: the smallest gap between two choices the
  * routing decided between (consecutive picks, the last pick and the best expert left out, the
- * last group kept and the best group left out). Where it is tiny, f32 arithmetic may decide the
- * other way; tests compare ids only where it is not.
+ * last group kept and the best group left out), over the magnitude of the terms that make them.
+ * Where it is tiny, f32 arithmetic may decide the other way; tests compare ids only where it is
+ * not.
  */
 export function route(a: RouteArgs): { routingMap: Int32Array; probs: Float32Array; margin: Float64Array } {
   const { numTokens: T, numExperts: E, topk } = a;
@@ -456,7 +457,15 @@ export function route(a: RouteArgs): { routingMap: Int32Array; probs: Float32Arr
   const before = (x: number, i: number, y: number, j: number) =>
     Number.isNaN(x) !== Number.isNaN(y) ? Number.isNaN(y) : !Number.isNaN(x) && x !== y ? x > y : i < j;
   const order = (values: number[], ids: number[]) => ids.sort((i, j) => (before(values[i]!, i, values[j]!, j) ? -1 : 1));
-  const gap = (x: number, y: number) => (Number.isNaN(x) || Number.isNaN(y) ? Infinity : Math.abs(x - y));
+  // A gap relative to the magnitude of the terms its two sides are made of: an f32 softmax score
+  // is within ~1e-6 of the exact one relatively (exp of a rounded logit difference), and scores
+  // fall to 1e-5 where many experts are picked; a score plus a bias may be near 0 while its
+  // rounding error is that of the score.
+  const gap = (x: number, mx: number, y: number, my: number) => {
+    if (Number.isNaN(x) || Number.isNaN(y)) return Infinity;
+    const m = Math.max(mx, my);
+    return m === 0 ? 0 : Math.abs(x - y) / m;
+  };
   for (let t = 0; t < T; ++t) {
     const logits = Array.from(a.logits.subarray(t * E, (t + 1) * E));
     let score: number[];
@@ -470,20 +479,30 @@ export function route(a: RouteArgs): { routingMap: Int32Array; probs: Float32Arr
     }
     const byLogit = a.scoring === "softmax" && a.selectionBias === undefined && G === 1;
     const choice = byLogit ? logits : score.map((x, e) => x + (a.selectionBias?.[e] ?? 0));
+    const magnitude = byLogit ? logits.map(Math.abs) : choice.map((c, e) => Math.max(score[e]!, Math.abs(c)));
     let eligible = Array.from({ length: E }, (_, e) => e);
     if (G > 1) {
-      const value = Array.from({ length: G }, (_, g) => {
-        const best = order(choice, eligible.slice(g * size, (g + 1) * size));
-        return best.length === 1 ? choice[best[0]!]! : choice[best[0]!]! + choice[best[1]!]!;
-      });
+      const value: number[] = [];
+      const valueMagnitude: number[] = [];
+      for (let g = 0; g < G; ++g) {
+        const best = order(choice, eligible.slice(g * size, (g + 1) * size)).slice(0, 2);
+        value.push(best.reduce((v, e) => v + choice[e]!, 0));
+        valueMagnitude.push(best.reduce((v, e) => v + magnitude[e]!, 0));
+      }
       const groups = order(value, Array.from({ length: G }, (_, g) => g));
-      if (keepGroups < G) margin[t] = Math.min(margin[t]!, gap(value[groups[keepGroups - 1]!]!, value[groups[keepGroups]!]!));
+      if (keepGroups < G) {
+        const [last, next] = [groups[keepGroups - 1]!, groups[keepGroups]!];
+        margin[t] = Math.min(margin[t]!, gap(value[last]!, valueMagnitude[last]!, value[next]!, valueMagnitude[next]!));
+      }
       const kept = new Set(groups.slice(0, keepGroups));
       eligible = eligible.filter((e) => kept.has(Math.floor(e / size)));
     }
     const ranked = order(choice, eligible);
     for (let k = 0; k < topk; ++k) {
-      if (k + 1 < ranked.length) margin[t] = Math.min(margin[t]!, gap(choice[ranked[k]!]!, choice[ranked[k + 1]!]!));
+      if (k + 1 < ranked.length) {
+        const [e, f] = [ranked[k]!, ranked[k + 1]!];
+        margin[t] = Math.min(margin[t]!, gap(choice[e]!, magnitude[e]!, choice[f]!, magnitude[f]!));
+      }
     }
     const picked = ranked.slice(0, topk);
     const weights = picked.map((e) => score[e]!);

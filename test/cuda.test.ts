@@ -426,7 +426,8 @@ describe.skipIf(SKIP)("CUDA backend vs host backend", () => {
   // ----------------------------------------------------------------------------------------------
   // route: the same code per token on both backends, the device's exp within 2 ulp of the host's.
   // Softmax without a bias or groups chooses by the logits: ids bit-exact. Otherwise ids equal
-  // where the reference's margin exceeds 1e-6 (at least 90% of the tokens), weights within 1e-5.
+  // where the reference's relative margin exceeds 1e-5 (at least 90% of the tokens), weights within
+  // 1e-5.
 
   for (const [name, E, o, bias] of [
     ["qwen3 softmax top-8 of 128", 128, { topk: 8 }, false],
@@ -452,7 +453,7 @@ describe.skipIf(SKIP)("CUDA backend vs host backend", () => {
         if (exact) expectBitExact(g.ids, h.ids, "ids");
         const ref = R.route({ logits, numTokens: T, numExperts: E, topk: o.topk, scoring: "scoring" in o ? o.scoring : "softmax", selectionBias: bias ? b : undefined, numGroups: "numGroups" in o ? o.numGroups : 1, topkGroups: "topkGroups" in o ? o.topkGroups : 1, renormalize: "renormalize" in o ? o.renormalize : true, scale: "scale" in o ? o.scale : 1 });
         for (let t = 0; t < T; ++t) {
-          if (!exact && ref.margin[t]! <= 1e-6) continue;
+          if (!exact && ref.margin[t]! <= 1e-5) continue;
           ++compared;
           for (let j = 0; j < o.topk; ++j) {
             const i = t * o.topk + j;

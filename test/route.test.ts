@@ -1,9 +1,10 @@
 // route (fmoe_route) on the host backend: hand-worked cases (ties, NaN, groups, bias), then the
 // routers of the bench's models on fresh random logits against lib/reference.ts (f64).
 // - Ids: equal to the reference's, token by token, wherever the reference's margin (its smallest
-//   gap between two choices it decided between) exceeds 1e-6: f32 scores (a softmax's sum over
-//   the experts within a few 1e-8 of the exact one) may order closer choices the other way. At
-//   least 90% of the tokens must be compared that way, or the test fails.
+//   relative gap between two choices it decided between) exceeds 1e-5: an f32 softmax score is
+//   within ~1e-6 of the exact one, relatively (exp of a rounded logit difference), so closer
+//   choices may order the other way. At least 90% of the tokens must be compared that way, or
+//   the test fails.
 // - Weights: within 1e-5 (relative, or absolute below 1) of the reference's, on those tokens.
 // Every token's ids must be distinct and in range. Then: capture and replay, a layer routed this
 // way against the reference layer, and bad arguments refused with a message naming them.
@@ -93,7 +94,7 @@ describe("route (host backend)", () => {
       const ids = Array.from(got.ids.subarray(t * k, (t + 1) * k));
       expect(new Set(ids).size).toBe(k);
       for (const e of ids) expect(e >= 0 && e < r.E).toBe(true);
-      if (ref.margin[t]! <= 1e-6) continue;
+      if (ref.margin[t]! <= 1e-5) continue;
       ++compared;
       expect(ids).toEqual(Array.from(ref.routingMap.subarray(t * k, (t + 1) * k)));
       for (let j = 0; j < k; ++j) {
