@@ -3,8 +3,8 @@
  * bun run bench: times the fused MoE layer on the CUDA backend against the floor of each cell.
  *
  *   bun run bench [--cases a,b] [--tokens 1,8,...] [--dtype bf16|mxfp8] [--json FILE]
- *                 [--iters N] [--backend cuda|host] [--breakdown] [--compare OLD.json]
- *                 [--timing back-to-back|isolated]
+ *                 [--iters N] [--sets R] [--backend cuda|host] [--breakdown]
+ *                 [--compare OLD.json] [--timing back-to-back|isolated] [--help]
  *
  * --compare also prints this run beside an earlier `--json` file, cell by cell, with the
  * geometric mean of the time quotients and this run's times against both runs' floors
@@ -57,8 +57,26 @@ const { values } = parseFlags({
     breakdown: { type: "boolean", default: false },
     compare: { type: "string" },
     timing: { type: "string", default: "back-to-back" },
+    help: { type: "boolean", short: "h" },
   },
 } as const);
+
+if (values.help) {
+  console.log(`usage: bun run bench [flags]
+  --cases a,b          cases to run (default all: ${BENCH_CASES.map((c) => c.name).join(", ")})
+  --tokens 1,8,...     token counts T (default ${BENCH_TOKENS.join(",")})
+  --dtype bf16|mxfp8   the weights' format (default bf16)
+  --json FILE          also write the run as JSON (for --compare and bench:compare)
+  --iters N            timed replays per cell, at least 50 (default 60); the cell's time is their median
+  --sets R             input sets (routings) per cell, each its own graph, replayed in rotation (default 4)
+  --backend cuda|host  the backend timed (default cuda)
+  --breakdown          also time each step of the bf16 layer as its own op
+  --compare OLD.json   also print this run beside an earlier --json file, cell by cell
+  --timing back-to-back|isolated
+                       back-to-back (default): the GPU's time, each replay queued behind another;
+                       isolated: each replay on an idle stream, the host's submission included`);
+  process.exit(0);
+}
 
 // parseArgs, its errors (an unknown flag, a flag without its value) as a message and exit status 2.
 function parseFlags<T extends ParseArgsConfig>(config: T): ReturnType<typeof parseArgs<T>> {

@@ -49,6 +49,16 @@ describe("bench (host backend)", () => {
     }
   }, 120_000);
 
+  test("--help: every flag, exit status 0, no work", () => {
+    const r = bench("--help");
+    expect(r.code).toBe(0);
+    for (const flag of ["--cases", "--tokens", "--dtype", "--json", "--iters", "--sets", "--backend", "--breakdown", "--compare", "--timing"]) {
+      expect(r.out).toContain(`  ${flag} `);
+    }
+    expect(r.out).toContain("qwen3-30b-a3b");
+    expect(r.out).not.toMatch(/filling|copy bandwidth/);
+  });
+
   test("bad flags: a message naming the flag, exit status 2, before any work", () => {
     for (const [args, what] of [
       [["--tokens", "1,x"], /--tokens: "x" is not a positive integer/],
