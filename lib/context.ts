@@ -333,8 +333,8 @@ export class Context {
     const used = this.#captures.get(handle);
     for (const t of tensors) {
       if (t === undefined) continue;
-      t.assertAlive();
-      if (t.ctx !== this) throw new FmoeError(Status.INVALID_ARGUMENT, `${t.toString()} belongs to another context`);
+      t.assertAlive(fn);
+      if (t.ctx !== this) throw new FmoeError(Status.INVALID_ARGUMENT, `${fn}: ${t.toString()} belongs to another context`);
       used?.add(t);
     }
     return handle;

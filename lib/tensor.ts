@@ -38,9 +38,10 @@ export function shapeNumel(shape: readonly number[], what = "shape"): number {
  * runs TypeScript unchecked, so a number or a plain object can arrive), INVALID_STATE once
  * disposed.
  */
-export function assertLiveTensor(value: unknown, what: string): asserts value is Tensor {
+export function assertLiveTensor(value: unknown, what: string, ctx?: unknown): asserts value is Tensor {
   if (!(value instanceof Tensor)) throw new FmoeError(Status.INVALID_ARGUMENT, `${what} must be a Tensor, got ${describeValue(value)}`);
   value.assertAlive(what);
+  if (ctx !== undefined && value.ctx !== ctx) throw new FmoeError(Status.INVALID_ARGUMENT, `${what}: ${value.toString()} belongs to another context`);
 }
 
 /** "[2, 3] bf16" */
@@ -132,11 +133,11 @@ export class Tensor<D extends DType = DType> {
     return this.#base !== undefined;
   }
 
-  /** Throws FmoeError(INVALID_STATE) naming this tensor when it is disposed. */
+  /** Throws FmoeError(INVALID_STATE) naming this tensor (and `what`, its role) when it is disposed. */
   assertAlive(what?: string): void {
     if (!this.disposed) return;
-    const why = this.ctx.disposed ? "its context was disposed" : this.#disposed ? "it was disposed" : "its base tensor was disposed";
-    throw new FmoeError(Status.INVALID_STATE, `${what ?? "tensor"}: ${this.toString()} is disposed (${why})`);
+    const why = this.ctx.disposed ? "is gone: its context was disposed" : this.#disposed ? "was disposed" : "is gone: its base tensor was disposed";
+    throw new FmoeError(Status.INVALID_STATE, `${what ?? "tensor"}: ${this.toString()} ${why}`);
   }
 
   /** "Tensor(name, [2, 3] bf16)" */
@@ -150,10 +151,11 @@ export class Tensor<D extends DType = DType> {
    */
   view(offsetElements: number, shape: readonly number[]): Tensor<D> {
     this.assertAlive("view");
-    const n = shapeNumel(shape, "view");
     if (!Number.isSafeInteger(offsetElements)) {
-      throw new FmoeError(Status.INVALID_ARGUMENT, `view: offsetElements must be an integer, got ${shownValue(offsetElements)}`);
+      const hint = Array.isArray(offsetElements) ? " (view(offsetElements, shape): the offset comes first)" : "";
+      throw new FmoeError(Status.INVALID_ARGUMENT, `view: offsetElements must be an integer, got ${shownValue(offsetElements)}${hint}`);
     }
+    const n = shapeNumel(shape, "view");
     if (offsetElements < 0 || offsetElements + n > this.numel) {
       throw new FmoeError(
         Status.INVALID_ARGUMENT,

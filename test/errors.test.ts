@@ -58,6 +58,7 @@ describe("errors: contexts, tensors, the FmoeError class", () => {
     using t = x.zeros([4, 4], "f32");
     expectFmoe(() => t.fill(256), INVALID, "256");
     expectFmoe(() => t.view(10, [7]), INVALID, "[10, 17)");
+    expectFmoe(() => t.view([7] as unknown as number, 0 as unknown as number[]), INVALID, "the offset comes first");
     expectFmoe(() => t.reshape([3, 5]), INVALID, "reshape");
     using u = x.zeros([3], "f32");
     expectFmoe(() => t.copyFrom(u), INVALID, "bytes");
@@ -69,9 +70,30 @@ describe("errors: contexts, tensors, the FmoeError class", () => {
     using other = Context.create({ backend: "host" });
     using h = other.upload(randBf16(rng, 4 * 32), [4, 32], "bf16");
     using r = x.upload(new Int32Array(8), [4, 2]);
-    expectFmoe(() => permute(x, { hidden: h, routingMap: r, numExperts: 4 }), INVALID, "another context");
+    expectFmoe(() => permute(x, { hidden: h, routingMap: r, numExperts: 4 }), INVALID, "permute", "another context");
     using mine = x.zeros([4, 32], "bf16");
     expectFmoe(() => mine.copyFrom(h), INVALID, "another context");
+    using fc1 = x.upload(randWeights(rng, 4, 64, 32), [4, 64, 32], "bf16");
+    using fc2 = x.upload(randWeights(rng, 4, 32, 32), [4, 32, 32], "bf16");
+    using moe = new FusedMoE(x, { hidden: 32, ffn: 32, numExperts: 4, topk: 2, activation: "silu", maxTokens: 4 }, { fc1, fc2 });
+    using p = x.zeros([4, 2], "f32");
+    expectFmoe(() => moe.forward({ hidden: h, routingMap: r, probs: p }), INVALID, "FusedMoE: hidden", "another context");
+  });
+
+  seededTest("a weight disposed under its layer, and e4m3 weights for a bf16 layer, are refused by name", (rng) => {
+    const x = ctx();
+    const config = { hidden: 32, ffn: 32, numExperts: 4, topk: 2, activation: "silu", maxTokens: 4 } as const;
+    const fc1 = x.upload(randWeights(rng, 4, 64, 32), [4, 64, 32], "bf16");
+    using fc2 = x.upload(randWeights(rng, 4, 32, 32), [4, 32, 32], "bf16");
+    using moe = new FusedMoE(x, config, { fc1, fc2 });
+    using h = x.upload(randBf16(rng, 4 * 32), [4, 32], "bf16");
+    using r = x.upload(new Int32Array(8), [4, 2]);
+    using p = x.zeros([4, 2], "f32");
+    fc1.dispose();
+    expectFmoe(() => moe.forward({ hidden: h, routingMap: r, probs: p }), Status.INVALID_STATE, "weights.fc1", "borrows", "was disposed");
+    using q1 = x.empty([4, 64, 32], "e4m3");
+    using q2 = x.empty([4, 32, 32], "e4m3");
+    expectFmoe(() => new FusedMoE(x, config, { fc1: q1, fc2: q2 }), INVALID, "e4m3", 'weightFormat "mxfp8"');
   });
 
   seededTest("a stream of another context is refused, naming the call", (rng) => {

@@ -32,7 +32,8 @@ class HostBackend final : public Backend {
   fmoe_backend kind() const override { return FMOE_BACKEND_HOST; }
 
   Status device_name(std::string* out) override {
-    *out = "host (" + std::to_string(pool_.threads()) + " threads)";
+    const int n = pool_.threads();
+    *out = "host (" + std::to_string(n) + (n == 1 ? " thread)" : " threads)");
     return FMOE_OK;
   }
 
