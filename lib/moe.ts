@@ -18,13 +18,13 @@ import {
   WEIGHT_FORMAT_CODE,
 } from "./config.ts";
 import { Context, type Event, type Stream, type WaitOptions } from "./context.ts";
-import { MX_BLOCK } from "./dtype.ts";
+import { type DType, MX_BLOCK } from "./dtype.ts";
 import { booleanOption, checkOptions, describeValue, FmoeError, finiteOption, optionNames, shownValue, Status } from "./errors.ts";
 import * as ffi from "./ffi.ts";
 import type { Graph } from "./graph.ts";
 import { registerFinalizer, unregisterFinalizer } from "./lifetime.ts";
 import { quantizeMxfp8, route, type RouteScoring, unswizzleScales } from "./ops.ts";
-import { assertLiveTensor, describe, type Tensor } from "./tensor.ts";
+import { expectTensor, type Tensor } from "./tensor.ts";
 
 /** The static description of a layer (fmoe_plan_desc). */
 export interface FusedMoEConfig extends LayerShape {
@@ -129,16 +129,6 @@ function checkInt(name: string, value: number, min: number): number {
   return value;
 }
 
-function checkTensor(ctx: Context, name: string, t: Tensor | undefined, dtype: string, dims: readonly (number | null)[], spec: string): Tensor {
-  if (t === undefined) fail(`${name} is required (${spec} ${dtype})`);
-  assertLiveTensor(t, `FusedMoE: ${name}`, ctx);
-  const ok = t.dtype === dtype && t.shape.length === dims.length && dims.every((d, i) => d === null || d === t.shape[i]);
-  if (!ok) {
-    fail(`${name} must be ${spec} = [${dims.map((d) => (d === null ? "*" : String(d))).join(", ")}] ${dtype}, got ${describe(t.shape, t.dtype)}`);
-  }
-  return t;
-}
-
 /** Fills defaults and checks the ranges TypeScript can check (the library checks the rest). */
 export function resolveConfig(config: FusedMoEConfig): ResolvedFusedMoEConfig {
   checkOptions("FusedMoE", "config", config, CONFIG_OPTIONS);
@@ -234,11 +224,11 @@ export class FusedMoE {
       // The layer may run on any stream: weights it prepared on the default stream (quantized,
       // unswizzled) must be ready first.
       if (this.#owned.length > 0) ffi.streamSynchronize(ctx._handle, 0);
-      if (weights.fc1Bias !== undefined) checkTensor(this.ctx, "fc1Bias", weights.fc1Bias, "f32", [E, N1], "[E_local, N1]");
-      if (weights.fc2Bias !== undefined) checkTensor(this.ctx, "fc2Bias", weights.fc2Bias, "f32", [E, H], "[E_local, H]");
+      if (weights.fc1Bias !== undefined) this.#checkTensor("fc1Bias", weights.fc1Bias, "f32", [E, N1], "[E_local, N1]");
+      if (weights.fc2Bias !== undefined) this.#checkTensor("fc2Bias", weights.fc2Bias, "f32", [E, H], "[E_local, H]");
       if (weights.selectionBias !== undefined) {
         if (c.router === null) fail("selectionBias is for a layer with config.router");
-        checkTensor(this.ctx, "selectionBias", weights.selectionBias, "f32", [c.numExperts], "[numExperts]");
+        this.#checkTensor("selectionBias", weights.selectionBias, "f32", [c.numExperts], "[numExperts]");
       }
       this.#plan = ffi.planCreate(ctx._handle, {
         hidden_size: H,
@@ -291,6 +281,11 @@ export class FusedMoE {
     return new FusedMoE(ctx, config, weights);
   }
 
+  // A tensor argument of this layer (expectTensor, of this layer's context).
+  #checkTensor<D extends DType>(name: string, t: Tensor | undefined, dtype: D, dims: readonly (number | null)[], spec: string): Tensor<D> {
+    return expectTensor("FusedMoE", name, t, dtype, dims, spec, this.ctx);
+  }
+
   #prepareWeights(w: FusedMoEWeights, E: number, N1: number, H: number, I: number): FusedMoE["weights"] {
     const base = { fc1Bias: w.fc1Bias, fc2Bias: w.fc2Bias, selectionBias: w.selectionBias };
     if (this.config.weightFormat === "bf16") {
@@ -298,15 +293,15 @@ export class FusedMoE {
       if (w.fc1?.dtype === "e4m3" || w.fc2?.dtype === "e4m3") {
         fail('fc1/fc2 are e4m3, but weightFormat is "bf16" (the default): e4m3 weights with their scales need weightFormat "mxfp8"');
       }
-      const fc1 = checkTensor(this.ctx, "fc1", w.fc1, "bf16", [E, N1, H], "[E_local, N1, H]");
-      const fc2 = checkTensor(this.ctx, "fc2", w.fc2, "bf16", [E, H, I], "[E_local, H, I]");
+      const fc1 = this.#checkTensor("fc1", w.fc1, "bf16", [E, N1, H], "[E_local, N1, H]");
+      const fc2 = this.#checkTensor("fc2", w.fc2, "bf16", [E, H, I], "[E_local, H, I]");
       return { ...base, fc1, fc2 };
     }
     if (w.fc1?.dtype === "bf16") {
       // BF16 weights for an MXFP8 layer: quantize once on the device, with the same rule as
       // the activations.
-      const fc1 = checkTensor(this.ctx, "fc1", w.fc1, "bf16", [E, N1, H], "[E_local, N1, H]");
-      const fc2 = checkTensor(this.ctx, "fc2", w.fc2, "bf16", [E, H, I], "[E_local, H, I]");
+      const fc1 = this.#checkTensor("fc1", w.fc1, "bf16", [E, N1, H], "[E_local, N1, H]");
+      const fc2 = this.#checkTensor("fc2", w.fc2, "bf16", [E, H, I], "[E_local, H, I]");
       if (w.fc1Scale !== undefined || w.fc2Scale !== undefined) fail("bf16 weights take no scales (they are quantized here)");
       const q1 = quantizeMxfp8(this.ctx, fc1);
       this.#owned.push(q1.data, q1.scale);
@@ -314,8 +309,8 @@ export class FusedMoE {
       this.#owned.push(q2.data, q2.scale);
       return { ...base, fc1: q1.data, fc1Scale: q1.scale, fc2: q2.data, fc2Scale: q2.scale };
     }
-    const fc1 = checkTensor(this.ctx, "fc1", w.fc1, "e4m3", [E, N1, H], "[E_local, N1, H]");
-    const fc2 = checkTensor(this.ctx, "fc2", w.fc2, "e4m3", [E, H, I], "[E_local, H, I]");
+    const fc1 = this.#checkTensor("fc1", w.fc1, "e4m3", [E, N1, H], "[E_local, N1, H]");
+    const fc2 = this.#checkTensor("fc2", w.fc2, "e4m3", [E, H, I], "[E_local, H, I]");
     if (w.fc1Scale === undefined || w.fc2Scale === undefined) fail("e4m3 weights need fc1Scale and fc2Scale");
     if ((w.scaleLayout ?? "linear") === "swizzled") {
       const s1 = unswizzleScales(this.ctx, w.fc1Scale, { batch: E, rows: N1, scaleCols: H / MX_BLOCK });
@@ -324,8 +319,8 @@ export class FusedMoE {
       this.#owned.push(s2);
       return { ...base, fc1, fc2, fc1Scale: s1, fc2Scale: s2 };
     }
-    const fc1Scale = checkTensor(this.ctx, "fc1Scale", w.fc1Scale, "e8m0", [E, N1, H / MX_BLOCK], "[E_local, N1, H/32]");
-    const fc2Scale = checkTensor(this.ctx, "fc2Scale", w.fc2Scale, "e8m0", [E, H, I / MX_BLOCK], "[E_local, H, I/32]");
+    const fc1Scale = this.#checkTensor("fc1Scale", w.fc1Scale, "e8m0", [E, N1, H / MX_BLOCK], "[E_local, N1, H/32]");
+    const fc2Scale = this.#checkTensor("fc2Scale", w.fc2Scale, "e8m0", [E, H, I / MX_BLOCK], "[E_local, H, I/32]");
     return { ...base, fc1, fc2, fc1Scale, fc2Scale };
   }
 
@@ -389,7 +384,7 @@ export class FusedMoE {
 
   #output(given: Tensor | undefined, rows: number): { out: Tensor<"bf16">; allocated: boolean } {
     const H = this.config.hidden;
-    if (given !== undefined) return { out: checkTensor(this.ctx, "out", given, "bf16", [rows, H], "[T, H]") as Tensor<"bf16">, allocated: false };
+    if (given !== undefined) return { out: this.#checkTensor("out", given, "bf16", [rows, H], "[T, H]"), allocated: false };
     const out = this.ctx.empty([rows, H], "bf16");
     out.name = "out";
     return { out, allocated: true };
@@ -406,7 +401,7 @@ export class FusedMoE {
   forward(args: ForwardArgs): Tensor<"bf16"> {
     checkOptions("FusedMoE.forward", "args", args, FORWARD_OPTIONS);
     const c = this.config;
-    const hidden = checkTensor(this.ctx, "hidden", args.hidden, "bf16", [null, c.hidden], "[T, H]");
+    const hidden = this.#checkTensor("hidden", args.hidden, "bf16", [null, c.hidden], "[T, H]");
     const T = hidden.shape[0]!;
     if (T > c.maxTokens) fail(`hidden has ${T} tokens, more than maxTokens (${c.maxTokens})`);
     this.#claim(args.stream, "forward");
@@ -415,14 +410,14 @@ export class FusedMoE {
     if (args.routerLogits !== undefined) {
       if (c.router === null || this.#routed === undefined) fail("routerLogits needs config.router (how to route them)");
       if (args.routingMap !== undefined || args.probs !== undefined) fail("give routerLogits or routingMap and probs, not both");
-      const logits = checkTensor(this.ctx, "routerLogits", args.routerLogits, "f32", [T, c.numExperts], "[T, numExperts]");
+      const logits = this.#checkTensor("routerLogits", args.routerLogits, "f32", [T, c.numExperts], "[T, numExperts]");
       routing = this.#routed.routingMap.view(0, [T, c.topk]);
       probs = this.#routed.probs.view(0, [T, c.topk]);
       this.#handle();
       route(this.ctx, { logits, topk: c.topk, ...c.router, selectionBias: this.weights.selectionBias, out: { routingMap: routing as Tensor<"i32">, probs: probs as Tensor<"f32"> }, stream: args.stream });
     } else {
-      routing = checkTensor(this.ctx, "routingMap", args.routingMap, "i32", [T, c.topk], "[T, topk]");
-      probs = checkTensor(this.ctx, "probs", args.probs, "f32", [T, c.topk], "[T, topk]");
+      routing = this.#checkTensor("routingMap", args.routingMap, "i32", [T, c.topk], "[T, topk]");
+      probs = this.#checkTensor("probs", args.probs, "f32", [T, c.topk], "[T, topk]");
     }
     const { out, allocated } = this.#output(args.out, T);
     try {
@@ -442,11 +437,11 @@ export class FusedMoE {
   forwardGrouped(args: ForwardGroupedArgs): Tensor<"bf16"> {
     checkOptions("FusedMoE.forwardGrouped", "args", args, FORWARD_GROUPED_OPTIONS);
     const c = this.config;
-    const hidden = checkTensor(this.ctx, "hidden", args.hidden, "bf16", [null, c.hidden], "[rows, H]");
+    const hidden = this.#checkTensor("hidden", args.hidden, "bf16", [null, c.hidden], "[rows, H]");
     const rows = hidden.shape[0]!;
     if (rows > c.maxTokens * c.topk) fail(`hidden has ${rows} rows, more than maxTokens * topk (${c.maxTokens * c.topk})`);
-    const tpe = checkTensor(this.ctx, "tokensPerExpert", args.tokensPerExpert, "i32", [c.numLocalExperts], "[E_local]");
-    const probs = checkTensor(this.ctx, "probs", args.probs, "f32", [rows], "[rows]");
+    const tpe = this.#checkTensor("tokensPerExpert", args.tokensPerExpert, "i32", [c.numLocalExperts], "[E_local]");
+    const probs = this.#checkTensor("probs", args.probs, "f32", [rows], "[rows]");
     this.#claim(args.stream, "forwardGrouped");
     const { out, allocated } = this.#output(args.out, rows);
     try {

@@ -27,28 +27,13 @@ import { Context, type Stream } from "./context.ts";
 import { type DType, MX_BLOCK } from "./dtype.ts";
 import { booleanOption, checkOptions, describeValue, FmoeError, finiteOption, optionNames, shownValue, Status } from "./errors.ts";
 import * as ffi from "./ffi.ts";
-import { assertLiveTensor, describe, type Tensor } from "./tensor.ts";
+import { assertLiveTensor, describe, expectTensor, type Tensor } from "./tensor.ts";
 
 // ------------------------------------------------------------------------------------------------
 // Validation helpers
 
 function fail(fn: string, message: string): never {
   throw new FmoeError(Status.INVALID_ARGUMENT, `${fn}: ${message}`);
-}
-
-/**
- * Checks `t` against dtype and dims (null = any size). `spec` names the dims for the message,
- * e.g. "[T, topk]".
- */
-function expectTensor<D extends DType>(fn: string, name: string, t: Tensor | undefined, dtype: D, dims: readonly (number | null)[], spec: string): Tensor<D> {
-  if (t === undefined) fail(fn, `${name} is required (${spec} ${dtype})`);
-  assertLiveTensor(t, `${fn}: ${name}`);
-  const okShape = t.shape.length === dims.length && dims.every((d, i) => d === null || d === t.shape[i]);
-  if (t.dtype !== dtype || !okShape) {
-    const want = `[${dims.map((d) => (d === null ? "*" : String(d))).join(", ")}]`;
-    fail(fn, `${name} must be ${spec} = ${want} ${dtype}, got ${describe(t.shape, t.dtype)}`);
-  }
-  return t as Tensor<D>;
 }
 
 const I32_MAX = 2 ** 31 - 1;

@@ -44,6 +44,21 @@ export function assertLiveTensor(value: unknown, what: string, ctx?: unknown): a
   if (ctx !== undefined && value.ctx !== ctx) throw new FmoeError(Status.INVALID_ARGUMENT, `${what}: ${value.toString()} belongs to another context`);
 }
 
+/**
+ * `fn`'s tensor argument `name`: a live Tensor (of `ctx`, when given) of `dtype` and dims (null =
+ * any size). `spec` names the dims for the message, e.g. "[T, topk]".
+ */
+export function expectTensor<D extends DType>(fn: string, name: string, t: Tensor | undefined, dtype: D, dims: readonly (number | null)[], spec: string, ctx?: Context): Tensor<D> {
+  if (t === undefined) throw new FmoeError(Status.INVALID_ARGUMENT, `${fn}: ${name} is required (${spec} ${dtype})`);
+  assertLiveTensor(t, `${fn}: ${name}`, ctx);
+  const okShape = t.shape.length === dims.length && dims.every((d, i) => d === null || d === t.shape[i]);
+  if (t.dtype !== dtype || !okShape) {
+    const want = `[${dims.map((d) => (d === null ? "*" : String(d))).join(", ")}]`;
+    throw new FmoeError(Status.INVALID_ARGUMENT, `${fn}: ${name} must be ${spec} = ${want} ${dtype}, got ${describe(t.shape, t.dtype)}`);
+  }
+  return t as Tensor<D>;
+}
+
 /** "[2, 3] bf16" */
 export function describe(shape: readonly number[], dtype: DType): string {
   return `[${shape.join(", ")}] ${dtype}`;
