@@ -219,12 +219,14 @@ export class Context {
   empty<D extends DType>(shape: readonly number[], dtype: D): Tensor<D> {
     this.assertAlive();
     checkDType("empty", dtype);
+    this._refuseWhileCapturing("empty", "a tensor cannot be allocated");
     return Tensor._allocate(this, shape, dtype, "empty");
   }
 
   /** A tensor of `shape` and `dtype` with every element zero. */
   zeros<D extends DType>(shape: readonly number[], dtype: D, stream?: Stream): Tensor<D> {
     this._streamHandle("zeros", stream); // before allocating: a bad stream must not leave a tensor behind
+    this._refuseWhileCapturing("zeros", "a tensor cannot be allocated");
     return this.empty(shape, dtype).zero(stream);
   }
 
@@ -251,6 +253,7 @@ export class Context {
     if (n !== host.length) {
       throw new FmoeError(Status.INVALID_ARGUMENT, `upload: ${host.length} elements given for shape [${dims.join(", ")}] (${n} elements)`);
     }
+    this._refuseWhileCapturing("upload", "a tensor cannot be uploaded");
     const t = this.empty(dims, dt);
     try {
       // Ready for every stream on return: the copy runs on a stream of its own and is waited for
@@ -273,7 +276,8 @@ export class Context {
   /**
    * Records every op that `body` enqueues on `stream` into a Graph, without running them (on
    * the host backend too). Outputs must be preallocated before capture (pass `out` to ops):
-   * allocation and host copies cannot be captured. The capture is always ended, also when
+   * allocating, host copies and waiting for the device are refused inside it (INVALID_STATE),
+   * and a tensor disposed inside it is freed once it has ended. The capture is always ended, also when
    * `body` throws (then the partial graph is destroyed and the error rethrown).
    */
   capture(stream: Stream | undefined, body: () => void): Graph {
@@ -303,6 +307,16 @@ export class Context {
       throw failure;
     }
     return new Graph(this, handle, [...used]);
+  }
+
+  /**
+   * @internal Throws INVALID_STATE while a capture of this context is open: `${fn}: ${what} while
+   * a stream captures ...`. Memory is not allocated inside a capture (the graph would not record
+   * it, and CUDA refuses it there), so a graph's buffers are allocated before ctx.capture().
+   */
+  _refuseWhileCapturing(fn: string, what: string): void {
+    if (this.#captures.size === 0) return;
+    throw new FmoeError(Status.INVALID_STATE, `${fn}: ${what} while a stream captures: allocate before ctx.capture() (a graph records no allocation)`);
   }
 
   /** @internal Whether `stream` (the default stream when undefined) is capturing. */

@@ -208,6 +208,7 @@ export class FusedMoE {
   /** Creates the plan, prepares the weights (quantize / unswizzle as needed) and the workspace. */
   constructor(ctx: Context, config: FusedMoEConfig, weights: FusedMoEWeights) {
     if (!(ctx instanceof Context)) fail(`ctx must be a Context, got ${describeValue(ctx)}`);
+    ctx._refuseWhileCapturing("FusedMoE", "a layer cannot be built");
     this.ctx = ctx;
     const c = resolveConfig(config);
     this.config = c;
@@ -385,6 +386,7 @@ export class FusedMoE {
   #output(given: Tensor | undefined, rows: number): { out: Tensor<"bf16">; allocated: boolean } {
     const H = this.config.hidden;
     if (given !== undefined) return { out: this.#checkTensor("out", given, "bf16", [rows, H], "[T, H]"), allocated: false };
+    this.ctx._refuseWhileCapturing("FusedMoE", "out must be given");
     const out = this.ctx.empty([rows, H], "bf16");
     out.name = "out";
     return { out, allocated: true };
@@ -407,20 +409,26 @@ export class FusedMoE {
     this.#claim(args.stream, "forward");
     let routing: Tensor;
     let probs: Tensor;
+    let routeFrom: { logits: Tensor; router: NonNullable<typeof c.router> } | undefined;
     if (args.routerLogits !== undefined) {
       if (c.router === null || this.#routed === undefined) fail("routerLogits needs config.router (how to route them)");
       if (args.routingMap !== undefined || args.probs !== undefined) fail("give routerLogits or routingMap and probs, not both");
       const logits = this.#checkTensor("routerLogits", args.routerLogits, "f32", [T, c.numExperts], "[T, numExperts]");
       routing = this.#routed.routingMap.view(0, [T, c.topk]);
       probs = this.#routed.probs.view(0, [T, c.topk]);
+      routeFrom = { logits, router: c.router };
       this.#handle();
-      route(this.ctx, { logits, topk: c.topk, ...c.router, selectionBias: this.weights.selectionBias, out: { routingMap: routing as Tensor<"i32">, probs: probs as Tensor<"f32"> }, stream: args.stream });
     } else {
       routing = this.#checkTensor("routingMap", args.routingMap, "i32", [T, c.topk], "[T, topk]");
       probs = this.#checkTensor("probs", args.probs, "f32", [T, c.topk], "[T, topk]");
     }
+    // Before the routing is enqueued: a refused output (no `out` inside a capture) leaves no
+    // routing recorded in the graph.
     const { out, allocated } = this.#output(args.out, T);
     try {
+      if (routeFrom !== undefined) {
+        route(this.ctx, { logits: routeFrom.logits, topk: c.topk, ...routeFrom.router, selectionBias: this.weights.selectionBias, out: { routingMap: routing as Tensor<"i32">, probs: probs as Tensor<"f32"> }, stream: args.stream });
+      }
       this.#run({ hidden: hidden.ptr, routing_map: routing.ptr, probs: probs.ptr, output: out.ptr, num_tokens: T }, [hidden, routing, probs, out], args.stream);
     } catch (err) {
       if (allocated) out.dispose();

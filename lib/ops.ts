@@ -59,6 +59,7 @@ class Outputs {
 
   get<D extends DType>(name: string, given: Tensor | undefined, dtype: D, dims: readonly number[], spec: string): Tensor<D> {
     if (given !== undefined) return expectTensor(this.#fn, `out.${name}`, given, dtype, dims, spec);
+    this.#ctx._refuseWhileCapturing(this.#fn, `out.${name} must be given`);
     const t = this.#ctx.empty(dims, dtype);
     t.name = name;
     this.#allocated.push(t);

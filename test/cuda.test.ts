@@ -49,6 +49,7 @@ import * as ffi from "../lib/ffi.ts";
 import {
   CUDA_DEVICES,
   checkFreedBufferWaitsForItsWork,
+  checkCaptureRefusals,
   checkReplay,
   countEventLoopTurns,
   queueLongWork,
@@ -864,6 +865,10 @@ describe.skipIf(SKIP)("CUDA backend vs host backend", () => {
     } finally {
       for (const t of [...Object.values(out), fc2.data, fc2.scale]) t.dispose();
     }
+  });
+
+  seededTest("graphs: a capture refuses allocations and waits, holds frees until it ends, and records the rest", (rng) => {
+    checkCaptureRefusals(gpu(), rng);
   });
 
   function swizzleRows(rows: number): number {

@@ -25,6 +25,7 @@ import {
   unswizzleScales,
 } from "../lib/index.ts";
 import {
+  checkCaptureRefusals,
   checkReplay,
   expectBitExact,
   expectFmoe,
@@ -312,6 +313,10 @@ describe("graph capture and replay (host backend)", () => {
     using g2 = x.capture(stream, () => c.fill(1, stream));
     g2.launch(stream);
     expect(c.download()[0]).toBe(0x01010101);
+  });
+
+  seededTest("a capture refuses allocations and waits (INVALID_STATE), holds frees until it ends, and records the rest", (rng) => {
+    checkCaptureRefusals(ctx(), rng);
   });
 
   seededTest("capturing a stream that is already capturing is INVALID_STATE; a capture that throws ends it", () => {

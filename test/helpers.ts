@@ -16,7 +16,9 @@ import {
   type BackendChoice,
   type Event,
   FmoeError,
+  FusedMoE,
   groupedMmBf16,
+  permute,
   randomRouting,
   relFrobenius,
   Rng,
@@ -26,6 +28,7 @@ import {
   type Tensor,
 } from "../lib/index.ts";
 import { bf16ToF32 } from "../lib/dtype.ts";
+import * as ffi from "../lib/ffi.ts";
 
 // ------------------------------------------------------------------------------------------------
 // Seeds
@@ -418,6 +421,59 @@ export interface Mxfp8Vector {
   /** Expected e4m3 bytes at positions; the rest `dataFill` (default 0x00). */
   data: Record<number, number>;
   dataFill?: number;
+}
+
+/**
+ * What the thread that captures may not do, refused alike on every backend (CUDA captures in
+ * thread-local mode, which forbids these calls): allocate (a tensor, an op's or a layer's output
+ * left out, a layer, a plan) or wait for the device. Each refusal leaves the capture whole: the
+ * layer recorded around them replays to the eager result. A tensor disposed inside the capture
+ * stops counting as live at once and is freed once the capture has ended.
+ */
+export function checkCaptureRefusals(x: Context, rng: Rng): void {
+  const T = 3, H = 64, I = 32, E = 4, topk = 2;
+  const config = { hidden: H, ffn: I, numExperts: E, topk, activation: "silu", maxTokens: T } as const;
+  const desc: ffi.PlanDescFields = {
+    hidden_size: H, ffn: I, num_experts: E, num_local_experts: E, local_expert_start: 0, topk, activation: 1,
+    layout: 0, alpha: 1.702, limit: 7, weight_format: 0, alignment: 16, max_tokens: T, apply_router_weight_on_input: 0,
+  };
+  using stream = x.createStream();
+  const routing = randomRouting(rng, T, E, topk);
+  using hidden = x.upload(randBf16(rng, T * H), [T, H], "bf16");
+  using routingMap = x.upload(routing.routingMap, [T, topk], "i32");
+  using probs = x.upload(routing.probs, [T, topk], "f32");
+  using fc1 = x.upload(randWeights(rng, E, 2 * I, H), [E, 2 * I, H], "bf16");
+  using fc2 = x.upload(randWeights(rng, E, H, I), [E, H, I], "bf16");
+  using moe = new FusedMoE(x, config, { fc1, fc2 });
+  using eager = moe.forward({ hidden, routingMap, probs });
+  using out = x.empty([T, H], "bf16");
+  const plan = ffi.planCreate(x._handle, desc);
+  const doomed = x.empty([1000], "f32");
+  const live = x.liveAllocations();
+  const inCapture = /this thread is capturing a graph on stream/;
+  using graph = x.capture(stream, () => {
+    expectFmoe(() => x.empty([4], "f32"), Status.INVALID_STATE, "empty: a tensor cannot be allocated while a stream captures");
+    expectFmoe(() => x.zeros([4], "f32", stream), Status.INVALID_STATE, "zeros:", "while a stream captures");
+    expectFmoe(() => x.upload(new Float32Array(4)), Status.INVALID_STATE, "upload:", "while a stream captures");
+    expectFmoe(() => permute(x, { hidden, routingMap, numExperts: E, stream }), Status.INVALID_STATE, "permute: out.permuted must be given");
+    expectFmoe(() => moe.forward({ hidden, routingMap, probs, stream }), Status.INVALID_STATE, "FusedMoE: out must be given");
+    expectFmoe(() => new FusedMoE(x, config, { fc1, fc2 }), Status.INVALID_STATE, "FusedMoE: a layer cannot be built");
+    expectFmoe(() => x.synchronize(), Status.INVALID_STATE, "fmoe_context_synchronize", inCapture);
+    expectFmoe(() => stream.synchronize(), Status.INVALID_STATE, "fmoe_stream_synchronize: the stream is capturing");
+    expectFmoe(() => ffi.alloc(x._handle, 64), Status.INVALID_STATE, "fmoe_alloc", inCapture);
+    expectFmoe(() => ffi.planCreate(x._handle, desc), Status.INVALID_STATE, "fmoe_plan_create", inCapture);
+    expectFmoe(() => ffi.planDestroy(x._handle, plan), Status.INVALID_STATE, "fmoe_plan_destroy", inCapture);
+    moe.forward({ hidden, routingMap, probs, out, stream });
+    doomed.dispose();
+    expect(x.liveAllocations()).toEqual({ count: live.count - 1, bytes: live.bytes - 4000 });
+  });
+  ffi.planDestroy(x._handle, plan);
+  graph.launch(stream);
+  stream.synchronize();
+  expectBitExact(out.download(), eager.download(), "the layer captured around the refusals");
+  using after = x.empty([1000], "f32"); // allocating works again, and hands the held buffer to the cache
+  after.fill(0, stream);
+  expect(x.liveAllocations()).toEqual(live);
 }
 
 export const MXFP8_VECTORS: Mxfp8Vector[] = [

@@ -128,6 +128,8 @@ extern "C" FMOE_API int fmoe_context_destroy(fmoe_context_t ctx) {
       ctx->streams.clear();
       for (auto& kv : ctx->allocations) keep(b.free(reinterpret_cast<void*>(kv.first)));
       ctx->allocations.clear();
+      for (const auto& freed : ctx->frees_after_capture) keep(b.free(freed.first));
+      ctx->frees_after_capture.clear();
       keep(ctx->buffer_cache->release_all());
       ctx->buffer_cache.reset();
       ctx->backend.reset();
@@ -199,6 +201,9 @@ extern "C" FMOE_API int fmoe_context_synchronize(fmoe_context_t ctx) {
   return abi_call("fmoe_context_synchronize", [&]() -> Status {
     FMOE_CHECK_CTX("fmoe_context_synchronize");
     std::lock_guard<std::mutex> lock(ctx->mu);
+    FMOE_TRY(refuse_on_capturing_thread(
+        ctx, "fmoe_context_synchronize",
+        "a wait for the device cannot be captured (end the capture first)"));
     return ctx->backend->synchronize();
   });
 }
@@ -207,12 +212,39 @@ extern "C" FMOE_API int fmoe_context_synchronize(fmoe_context_t ctx) {
 // Memory
 // ---------------------------------------------------------------------------------------------
 
+Status fmoe::refuse_on_capturing_thread(fmoe_context_s* ctx, const char* fn, const char* why) {
+  for (const auto& [stream, thread] : ctx->capture_threads) {
+    if (thread != std::this_thread::get_id()) continue;
+    if (stream == nullptr)
+      return set_error(FMOE_ERR_INVALID_STATE,
+                       "%s: this thread is capturing a graph on the default stream; %s", fn, why);
+    return set_error(FMOE_ERR_INVALID_STATE,
+                     "%s: this thread is capturing a graph on stream %p; %s", fn,
+                     static_cast<void*>(stream), why);
+  }
+  return FMOE_OK;
+}
+
 namespace {
 bool any_stream_capturing(fmoe_context_s* ctx) {
   if (ctx->backend->is_capturing(nullptr)) return true;
   for (fmoe_stream_s* s : ctx->streams)
     if (ctx->backend->is_capturing(s->impl)) return true;
   return false;
+}
+
+// Hands the buffers freed during captures to the cache, once no stream captures.
+Status release_frees_after_capture(fmoe_context_s* ctx) {
+  if (ctx->frees_after_capture.empty() || any_stream_capturing(ctx)) return FMOE_OK;
+  std::vector<BackendStream*> streams{nullptr};
+  for (fmoe_stream_s* s : ctx->streams) streams.push_back(s->impl);
+  Status first = FMOE_OK;
+  for (const auto& [ptr, capacity] : ctx->frees_after_capture) {
+    Status st = ctx->buffer_cache->give(ptr, capacity, streams);
+    if (first == FMOE_OK) first = st;
+  }
+  ctx->frees_after_capture.clear();
+  return first;
 }
 }  // namespace
 
@@ -223,6 +255,10 @@ extern "C" FMOE_API int fmoe_alloc(fmoe_context_t ctx, int64_t bytes, void** out
     FMOE_TRY(c.not_null(out_ptr, "out_ptr").at_least(bytes, 0, "bytes").status());
     *out_ptr = nullptr;
     std::lock_guard<std::mutex> lock(ctx->mu);
+    FMOE_TRY(refuse_on_capturing_thread(
+        ctx, "fmoe_alloc",
+        "memory cannot be allocated inside a capture (allocate before fmoe_graph_capture_begin)"));
+    FMOE_TRY(release_frees_after_capture(ctx));
     const size_t capacity = BufferCache::size_class(size_t(bytes));
     const bool capturing = any_stream_capturing(ctx);
     void* p = capturing ? nullptr : ctx->buffer_cache->take(capacity);
@@ -252,9 +288,13 @@ extern "C" FMOE_API int fmoe_free(fmoe_context_t ctx, void* ptr) {
     const fmoe_context_s::Allocation a = it->second;
     ctx->live_bytes -= a.bytes;
     ctx->allocations.erase(it);
-    // Event queries are not allowed while a stream captures: then the backend's free, which waits
-    // for the work that may still use the buffer (cudaFree does; so does the host backend's).
-    if (any_stream_capturing(ctx)) return ctx->backend->free(ptr);
+    // While a stream captures, neither the cache's fence (an event recorded on every stream, the
+    // capturing one too) nor the backend's free (cudaFree waits for the whole device) may run.
+    if (any_stream_capturing(ctx)) {
+      ctx->frees_after_capture.emplace_back(ptr, a.capacity);
+      return FMOE_OK;
+    }
+    FMOE_TRY(release_frees_after_capture(ctx));
     std::vector<BackendStream*> streams{nullptr};
     for (fmoe_stream_s* s : ctx->streams) streams.push_back(s->impl);
     return ctx->buffer_cache->give(ptr, a.capacity, streams);
@@ -326,6 +366,7 @@ extern "C" FMOE_API int fmoe_stream_destroy(fmoe_context_t ctx, fmoe_stream_t st
                    "stream %p is not a live stream of this context", static_cast<void*>(stream));
     Status st = ctx->backend->stream_destroy(stream->impl);
     ctx->streams.erase(stream);
+    ctx->capture_threads.erase(stream);
     delete stream;
     return st;
   });
@@ -337,6 +378,10 @@ extern "C" FMOE_API int fmoe_stream_synchronize(fmoe_context_t ctx, fmoe_stream_
     std::lock_guard<std::mutex> lock(ctx->mu);
     BackendStream* s = nullptr;
     FMOE_TRY(Check(ctx, "fmoe_stream_synchronize").stream(stream, &s).status());
+    if (ctx->backend->is_capturing(s))
+      return set_error(FMOE_ERR_INVALID_STATE,
+                       "fmoe_stream_synchronize: the stream is capturing: its work is recorded, "
+                       "not run (end the capture first)");
     return ctx->backend->stream_synchronize(s);
   });
 }
@@ -354,7 +399,9 @@ extern "C" FMOE_API int fmoe_graph_capture_begin(fmoe_context_t ctx, fmoe_stream
     if (ctx->backend->is_capturing(s))
       return set_error(FMOE_ERR_INVALID_STATE,
                        "fmoe_graph_capture_begin: the stream is already capturing");
-    return ctx->backend->capture_begin(s);
+    FMOE_TRY(ctx->backend->capture_begin(s));
+    ctx->capture_threads[stream] = std::this_thread::get_id();
+    return FMOE_OK;
   });
 }
 
@@ -371,7 +418,10 @@ extern "C" FMOE_API int fmoe_graph_capture_end(fmoe_context_t ctx, fmoe_stream_t
       return set_error(FMOE_ERR_INVALID_STATE,
                        "fmoe_graph_capture_end: the stream is not capturing");
     BackendGraph* impl = nullptr;
-    FMOE_TRY(ctx->backend->capture_end(s, &impl));
+    const Status ended = ctx->backend->capture_end(s, &impl);
+    // A failed end still ends the capture (an invalidated one, say) unless the backend says not.
+    if (!ctx->backend->is_capturing(s)) ctx->capture_threads.erase(stream);
+    FMOE_TRY(ended);
     auto* g = new fmoe_graph_s{impl};
     ctx->graphs.insert(g);
     *out_graph = g;

@@ -10,6 +10,9 @@
 #include <new>
 #include <set>
 #include <stdexcept>
+#include <thread>
+#include <utility>
+#include <vector>
 
 #include "core/backend.h"
 #include "core/buffer_cache.h"
@@ -53,6 +56,14 @@ struct fmoe_context_s {
   std::set<fmoe_graph_s*> graphs;
   std::set<fmoe_event_s*> events;
   std::set<fmoe_plan_s*> plans;
+  // The thread that began each capture still open, by stream (nullptr: the default stream). CUDA
+  // captures in thread-local mode: until the capture ends, that thread may not allocate, free or
+  // wait for the device, while other threads may. The core refuses those calls on that thread
+  // alike on every backend, so code that runs on the host backend runs on CUDA.
+  std::map<fmoe_stream_s*, std::thread::id> capture_threads;
+  // Buffers fmoe_free took while a stream captured (no free may run then, from any thread): the
+  // first memory call after the last capture ends hands them to the cache.
+  std::vector<std::pair<void*, size_t>> frees_after_capture;
 };
 
 namespace fmoe {
@@ -133,5 +144,10 @@ void plan_registry_remove(fmoe_plan_s* plan);
 
 // Frees the plan's device state (the context's lock is held by the caller).
 void plan_release(fmoe_context_s* ctx, fmoe_plan_s* plan);
+
+// FMOE_ERR_INVALID_STATE when the calling thread has a capture open on `ctx` (capture_threads):
+// "<fn>: this thread is capturing a graph on <stream>; <why>". FMOE_OK otherwise. The context's
+// lock is held by the caller.
+Status refuse_on_capturing_thread(fmoe_context_s* ctx, const char* fn, const char* why);
 
 }  // namespace fmoe

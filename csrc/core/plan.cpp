@@ -160,6 +160,10 @@ extern "C" FMOE_API int fmoe_plan_create(fmoe_context_t ctx, const fmoe_plan_des
     PlanShape shape;
     FMOE_TRY(validate_desc(desc, &shape));
     std::lock_guard<std::mutex> lock(ctx->mu);
+    FMOE_TRY(refuse_on_capturing_thread(
+        ctx, "fmoe_plan_create",
+        "a plan allocates and waits for the device, which a capture cannot record (create it "
+        "before fmoe_graph_capture_begin)"));
     Backend& b = *ctx->backend;
     void* counter = nullptr;
     FMOE_TRY(b.alloc(sizeof(int32_t), &counter));
@@ -196,6 +200,10 @@ extern "C" FMOE_API int fmoe_plan_destroy(fmoe_context_t ctx, fmoe_plan_t plan) 
     std::lock_guard<std::mutex> lock(ctx->mu);
     FMOE_CHECK_ARG(ctx->plans.count(plan) != 0, "fmoe_plan_destroy",
                    "plan %p is not a live plan of this context", static_cast<void*>(plan));
+    FMOE_TRY(refuse_on_capturing_thread(
+        ctx, "fmoe_plan_destroy",
+        "a plan waits for the device when destroyed, which a capture cannot record (destroy it "
+        "after fmoe_graph_capture_end)"));
     ctx->plans.erase(plan);
     // A captured graph may still reference the counter: wait for queued work before freeing it.
     Status st = ctx->backend->synchronize();

@@ -159,23 +159,25 @@ FMOE_API int fmoe_context_device_props(fmoe_context_t ctx, fmoe_device_props* ou
 FMOE_API int fmoe_context_live_allocations(fmoe_context_t ctx, int64_t* out_count,
                                            int64_t* out_bytes);
 
-/* Waits for all work of the context (every stream). */
+/* Waits for all work of the context (every stream). Refused on a capturing thread (see Graphs). */
 FMOE_API int fmoe_context_synchronize(fmoe_context_t ctx);
 
 /* ---------------------------------------------------------------------------------------------
  * Memory
  * ------------------------------------------------------------------------------------------- */
 /* Allocates `bytes` (>= 0; 0 gives a valid unique pointer) of device memory, 256-byte aligned.
- * Contents are unspecified: the buffer may be one this context freed before (see fmoe_free). */
+ * Contents are unspecified: the buffer may be one this context freed before (see fmoe_free).
+ * Refused on a capturing thread (see Graphs): allocate a graph's buffers before its capture. */
 FMOE_API int fmoe_alloc(fmoe_context_t ctx, int64_t bytes, void** out_ptr);
 /* Frees a buffer from fmoe_alloc on this context. NULL is a no-op; any other pointer that is not
  * a live allocation of this context is FMOE_ERR_INVALID_ARGUMENT. Work queued before the free
  * (on any stream) may still use the buffer: a buffer of up to 256 MiB goes to the context's cache
  * (at most 2 GiB, and a sixteenth of the device's memory) without waiting, and fmoe_alloc hands
  * it out again, for a request of the same size class (a quarter of a power of two), only once
- * that work has finished. A larger buffer, or one freed while a stream captures, is released at
- * once, which waits for the device's work (cudaFree). The cache is released with the context, or
- * when an allocation runs out of memory. */
+ * that work has finished. A larger buffer is released at once, which waits for the device's work
+ * (cudaFree). A buffer freed while a stream of the context captures is held until the first
+ * fmoe_alloc or fmoe_free after the last capture ends, then treated as above. The cache is
+ * released with the context, or when an allocation runs out of memory. */
 FMOE_API int fmoe_free(fmoe_context_t ctx, void* ptr);
 
 typedef enum fmoe_memcpy_kind {
@@ -201,6 +203,7 @@ FMOE_API int fmoe_memset(fmoe_context_t ctx, void* ptr, int64_t value, int64_t b
 typedef struct fmoe_stream_s* fmoe_stream_t;
 FMOE_API int fmoe_stream_create(fmoe_context_t ctx, fmoe_stream_t* out_stream);
 FMOE_API int fmoe_stream_destroy(fmoe_context_t ctx, fmoe_stream_t stream);
+/* Refused (FMOE_ERR_INVALID_STATE) while the stream captures: its work is recorded, not run. */
 FMOE_API int fmoe_stream_synchronize(fmoe_context_t ctx, fmoe_stream_t stream);
 
 /* ---------------------------------------------------------------------------------------------
@@ -208,6 +211,10 @@ FMOE_API int fmoe_stream_synchronize(fmoe_context_t ctx, fmoe_stream_t stream);
  * Between begin and end, ops and memcpy/memset on `stream` are recorded, not run (device-to-host
  * and host-to-device copies may not be captured: FMOE_ERR_INVALID_STATE). A replay reads the
  * buffers' contents at replay time, so new routing written to the same buffers takes effect.
+ * The thread that began a capture may not, until it ends it, allocate (fmoe_alloc), wait for the
+ * device (fmoe_context_synchronize) or create or destroy a plan: FMOE_ERR_INVALID_STATE on every
+ * backend (CUDA captures in thread-local mode, which forbids those calls; other threads may make
+ * them).
  * ------------------------------------------------------------------------------------------- */
 typedef struct fmoe_graph_s* fmoe_graph_t;
 FMOE_API int fmoe_graph_capture_begin(fmoe_context_t ctx, fmoe_stream_t stream);
@@ -451,7 +458,8 @@ typedef struct fmoe_plan_desc {
   int64_t apply_router_weight_on_input; /* 0/1; 1 requires topk == 1 */
 } fmoe_plan_desc;
 
-/* Creates a plan. Allocates the plan's small device state (the invalid-id counter). */
+/* Creates a plan. Allocates the plan's small device state (the invalid-id counter). Neither this
+ * nor fmoe_plan_destroy (which waits for the device) may run on a capturing thread. */
 FMOE_API int fmoe_plan_create(fmoe_context_t ctx, const fmoe_plan_desc* desc,
                               fmoe_plan_t* out_plan);
 FMOE_API int fmoe_plan_destroy(fmoe_context_t ctx, fmoe_plan_t plan);
