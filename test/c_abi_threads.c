@@ -4,9 +4,12 @@
  *   own now and then: uploads, fused_moe (eager and captured into a graph, replayed), events,
  *   downloads, a refused call whose message must be the thread's own, frees into the shared
  *   buffer cache;
- * - two threads create and destroy contexts of their own, doing the same.
+ * - two threads create and destroy contexts of their own, doing the same;
+ * - first, one thread captures while another allocates and frees (held until the capture ends)
+ *   and is refused a wait for the whole context; the capturing thread is refused an allocation.
  * Routing ids include out-of-range ones, so every layer adds to its plan's invalid-id counter.
- * Exit status 0 when every call did what it should and nothing was left allocated. */
+ * Usage: c_abi_threads [backend] (FMOE_BACKEND_*, default host). Exit status 0 when every call did
+ * what it should and nothing was left allocated. */
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -19,6 +22,16 @@ enum { T = 6, H = 64, I = 32, E = 4, TOPK = 2, ROUNDS = 40, SHARED_THREADS = 4, 
 
 static fmoe_context_t shared_ctx;
 static fmoe_plan_t shared_plan;
+static int64_t backend = FMOE_BACKEND_HOST;
+
+/* `call` must fail with `status` and a message containing `part`. */
+static void expect_refusal(int got, const char* call, int status, const char* part) {
+  if (got != status || strstr(fmoe_last_error(), part) == NULL) {
+    fprintf(stderr, "%s: expected status %d naming \"%s\", got %d: %s\n", call, status, part, got,
+            fmoe_last_error());
+    exit(1);
+  }
+}
 
 /* `bytes` of finite bf16 values in a new buffer, uploaded on `stream`. */
 static void* upload_bf16(fmoe_context_t ctx, fmoe_stream_t stream, int64_t bytes, unsigned seed) {
@@ -130,7 +143,7 @@ static void* own_context_thread(void* arg) {
   const unsigned id = (unsigned)(size_t)arg;
   for (unsigned life = 0; life < 4; ++life) {
     fmoe_context_t ctx = NULL;
-    CHECK(fmoe_context_create(FMOE_BACKEND_HOST, 0, &ctx));
+    CHECK(fmoe_context_create(backend, 0, &ctx));
     fmoe_plan_t plan = make_plan(ctx);
     for (unsigned round = 0; round < ROUNDS / 4; ++round) run_layer(ctx, plan, NULL, id + round, round % 2);
     CHECK(fmoe_plan_destroy(ctx, plan));
@@ -139,8 +152,83 @@ static void* own_context_thread(void* arg) {
   return NULL;
 }
 
-int main(void) {
-  CHECK(fmoe_context_create(FMOE_BACKEND_HOST, 0, &shared_ctx));
+/* The two threads of capture_beside_another_thread take turns: each waits for the other's step. */
+static pthread_mutex_t turn_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t turn_cv = PTHREAD_COND_INITIALIZER;
+static int turn;
+
+static void take_turn(int t) {
+  pthread_mutex_lock(&turn_mu);
+  while (turn != t) pthread_cond_wait(&turn_cv, &turn_mu);
+  pthread_mutex_unlock(&turn_mu);
+}
+
+static void pass_turn(int t) {
+  pthread_mutex_lock(&turn_mu);
+  turn = t;
+  pthread_cond_broadcast(&turn_cv);
+  pthread_mutex_unlock(&turn_mu);
+}
+
+static void* beside_capture(void* arg) {
+  fmoe_context_t ctx = arg;
+  take_turn(1);
+  void* p = NULL;
+  CHECK(fmoe_alloc(ctx, 4096, &p)); /* another thread may allocate */
+  CHECK(fmoe_memset(ctx, p, 0, 4096, NULL));
+  expect_refusal(fmoe_context_synchronize(ctx), "fmoe_context_synchronize", FMOE_ERR_INVALID_STATE,
+                 "another thread is capturing");
+  CHECK(fmoe_free(ctx, p)); /* held until the capture ends */
+  pass_turn(2);
+  return NULL;
+}
+
+static void capture_beside_another_thread(void) {
+  fmoe_context_t ctx = NULL;
+  fmoe_stream_t stream = NULL;
+  CHECK(fmoe_context_create(backend, 0, &ctx));
+  CHECK(fmoe_stream_create(ctx, &stream));
+  void* buf = NULL;
+  CHECK(fmoe_alloc(ctx, 256, &buf));
+  pthread_t other;
+  if (pthread_create(&other, NULL, beside_capture, ctx) != 0) exit(2);
+  CHECK(fmoe_graph_capture_begin(ctx, stream));
+  void* refused = NULL;
+  expect_refusal(fmoe_alloc(ctx, 64, &refused), "fmoe_alloc", FMOE_ERR_INVALID_STATE,
+                 "this thread is capturing a graph on stream");
+  expect_refusal(fmoe_stream_synchronize(ctx, stream), "fmoe_stream_synchronize",
+                 FMOE_ERR_INVALID_STATE, "the stream is capturing");
+  CHECK(fmoe_memset(ctx, buf, 7, 256, stream));
+  pass_turn(1);
+  take_turn(2);
+  fmoe_graph_t graph = NULL;
+  CHECK(fmoe_graph_capture_end(ctx, stream, &graph));
+  CHECK(fmoe_graph_launch(ctx, graph, stream));
+  CHECK(fmoe_context_synchronize(ctx)); /* allowed again */
+  unsigned char host[256];
+  CHECK(fmoe_memcpy(ctx, host, buf, 256, FMOE_MEMCPY_DEVICE_TO_HOST, stream));
+  if (host[0] != 7 || host[255] != 7) {
+    fprintf(stderr, "capture beside another thread: the graph's memset did not run\n");
+    exit(1);
+  }
+  if (pthread_join(other, NULL) != 0) exit(2);
+  int64_t live = 0, live_bytes = 0;
+  CHECK(fmoe_context_live_allocations(ctx, &live, &live_bytes));
+  if (live != 1 || live_bytes != 256) {
+    fprintf(stderr, "capture beside another thread: %lld live allocations (%lld bytes), expected 1\n",
+            (long long)live, (long long)live_bytes);
+    exit(1);
+  }
+  CHECK(fmoe_free(ctx, buf)); /* after the capture: hands the held buffer to the cache too */
+  CHECK(fmoe_graph_destroy(ctx, graph));
+  CHECK(fmoe_stream_destroy(ctx, stream));
+  CHECK(fmoe_context_destroy(ctx));
+}
+
+int main(int argc, char** argv) {
+  if (argc > 1) backend = atoi(argv[1]);
+  capture_beside_another_thread();
+  CHECK(fmoe_context_create(backend, 0, &shared_ctx));
   shared_plan = make_plan(shared_ctx);
   pthread_t threads[SHARED_THREADS + OWN_THREADS];
   for (int i = 0; i < SHARED_THREADS + OWN_THREADS; ++i) {

@@ -109,7 +109,7 @@ extern "C" FMOE_API int fmoe_context_destroy(fmoe_context_t ctx) {
       Backend& b = *ctx->backend;
       keep(b.synchronize());
       // Everything still owned is released even when a step fails; the first failure is reported.
-      for (fmoe_plan_s* p : ctx->plans) plan_release(ctx, p);
+      for (fmoe_plan_s* p : ctx->plans) keep(plan_release(ctx, p));
       ctx->plans.clear();
       for (fmoe_graph_s* g : ctx->graphs) {
         keep(b.graph_destroy(g->impl));
@@ -204,6 +204,12 @@ extern "C" FMOE_API int fmoe_context_synchronize(fmoe_context_t ctx) {
     FMOE_TRY(refuse_on_capturing_thread(
         ctx, "fmoe_context_synchronize",
         "a wait for the device cannot be captured (end the capture first)"));
+    // A capturing stream cannot be waited for, from any thread (CUDA would end that capture).
+    if (!ctx->capture_threads.empty())
+      return set_error(FMOE_ERR_INVALID_STATE,
+                       "fmoe_context_synchronize: another thread is capturing a graph on stream "
+                       "%p; wait for the streams it does not capture with fmoe_stream_synchronize",
+                       static_cast<void*>(ctx->capture_threads.begin()->first));
     return ctx->backend->synchronize();
   });
 }
@@ -233,11 +239,16 @@ bool any_stream_capturing(fmoe_context_s* ctx) {
   return false;
 }
 
+std::vector<BackendStream*> all_streams(fmoe_context_s* ctx) {
+  std::vector<BackendStream*> streams{nullptr};
+  for (fmoe_stream_s* s : ctx->streams) streams.push_back(s->impl);
+  return streams;
+}
+
 // Hands the buffers freed during captures to the cache, once no stream captures.
 Status release_frees_after_capture(fmoe_context_s* ctx) {
   if (ctx->frees_after_capture.empty() || any_stream_capturing(ctx)) return FMOE_OK;
-  std::vector<BackendStream*> streams{nullptr};
-  for (fmoe_stream_s* s : ctx->streams) streams.push_back(s->impl);
+  const std::vector<BackendStream*> streams = all_streams(ctx);
   Status first = FMOE_OK;
   for (const auto& [ptr, capacity] : ctx->frees_after_capture) {
     Status st = ctx->buffer_cache->give(ptr, capacity, streams);
@@ -247,6 +258,17 @@ Status release_frees_after_capture(fmoe_context_s* ctx) {
   return first;
 }
 }  // namespace
+
+Status fmoe::release_buffer(fmoe_context_s* ctx, void* ptr, size_t capacity) {
+  // While a stream captures, neither the cache's fence (an event recorded on every stream, the
+  // capturing one too) nor the backend's free (cudaFree waits for the whole device) may run.
+  if (any_stream_capturing(ctx)) {
+    ctx->frees_after_capture.emplace_back(ptr, capacity);
+    return FMOE_OK;
+  }
+  FMOE_TRY(release_frees_after_capture(ctx));
+  return ctx->buffer_cache->give(ptr, capacity, all_streams(ctx));
+}
 
 extern "C" FMOE_API int fmoe_alloc(fmoe_context_t ctx, int64_t bytes, void** out_ptr) {
   return abi_call("fmoe_alloc", [&]() -> Status {
@@ -288,16 +310,7 @@ extern "C" FMOE_API int fmoe_free(fmoe_context_t ctx, void* ptr) {
     const fmoe_context_s::Allocation a = it->second;
     ctx->live_bytes -= a.bytes;
     ctx->allocations.erase(it);
-    // While a stream captures, neither the cache's fence (an event recorded on every stream, the
-    // capturing one too) nor the backend's free (cudaFree waits for the whole device) may run.
-    if (any_stream_capturing(ctx)) {
-      ctx->frees_after_capture.emplace_back(ptr, a.capacity);
-      return FMOE_OK;
-    }
-    FMOE_TRY(release_frees_after_capture(ctx));
-    std::vector<BackendStream*> streams{nullptr};
-    for (fmoe_stream_s* s : ctx->streams) streams.push_back(s->impl);
-    return ctx->buffer_cache->give(ptr, a.capacity, streams);
+    return release_buffer(ctx, ptr, a.capacity);
   });
 }
 

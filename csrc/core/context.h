@@ -142,8 +142,15 @@ class Check {
 bool plan_is_live(fmoe_plan_s* plan);
 void plan_registry_remove(fmoe_plan_s* plan);
 
-// Frees the plan's device state (the context's lock is held by the caller).
-void plan_release(fmoe_context_s* ctx, fmoe_plan_s* plan);
+// Frees the plan's device state (the context's lock is held by the caller), without waiting:
+// see release_buffer.
+Status plan_release(fmoe_context_s* ctx, fmoe_plan_s* plan);
+
+// Releases a buffer of `capacity` bytes that work queued before now may still use, without
+// waiting for the device: to the cache, behind a fence on every stream; while a stream of the
+// context captures (when neither that fence nor a free may run), held until the captures end.
+// The context's lock is held by the caller.
+Status release_buffer(fmoe_context_s* ctx, void* ptr, size_t capacity);
 
 // FMOE_ERR_INVALID_STATE when the calling thread has a capture open on `ctx` (capture_threads):
 // "<fn>: this thread is capturing a graph on <stream>; <why>". FMOE_OK otherwise. The context's

@@ -123,10 +123,14 @@ void plan_registry_remove(fmoe_plan_s* plan) {
   plan_registry().erase(plan);
 }
 
-void plan_release(fmoe_context_s* ctx, fmoe_plan_s* plan) {
+Status plan_release(fmoe_context_s* ctx, fmoe_plan_s* plan) {
   plan_registry_remove(plan);
-  if (plan->invalid_counter != nullptr) ctx->backend->free(plan->invalid_counter);
+  // A captured graph or queued work may still use the counter: the release waits for neither.
+  Status st = FMOE_OK;
+  if (plan->invalid_counter != nullptr)
+    st = release_buffer(ctx, plan->invalid_counter, BufferCache::size_class(sizeof(int32_t)));
   delete plan;
+  return st;
 }
 
 }  // namespace fmoe
@@ -166,7 +170,8 @@ extern "C" FMOE_API int fmoe_plan_create(fmoe_context_t ctx, const fmoe_plan_des
         "before fmoe_graph_capture_begin)"));
     Backend& b = *ctx->backend;
     void* counter = nullptr;
-    FMOE_TRY(b.alloc(sizeof(int32_t), &counter));
+    // Of a size class of the cache, which takes it back at the plan's end.
+    FMOE_TRY(b.alloc(BufferCache::size_class(sizeof(int32_t)), &counter));
     // Zero it on a stream of its own and wait: the default stream may be capturing (the memset
     // would be recorded, not run), and the counter must be ready for every stream.
     BackendStream* tmp = nullptr;
@@ -200,15 +205,8 @@ extern "C" FMOE_API int fmoe_plan_destroy(fmoe_context_t ctx, fmoe_plan_t plan) 
     std::lock_guard<std::mutex> lock(ctx->mu);
     FMOE_CHECK_ARG(ctx->plans.count(plan) != 0, "fmoe_plan_destroy",
                    "plan %p is not a live plan of this context", static_cast<void*>(plan));
-    FMOE_TRY(refuse_on_capturing_thread(
-        ctx, "fmoe_plan_destroy",
-        "a plan waits for the device when destroyed, which a capture cannot record (destroy it "
-        "after fmoe_graph_capture_end)"));
     ctx->plans.erase(plan);
-    // A captured graph may still reference the counter: wait for queued work before freeing it.
-    Status st = ctx->backend->synchronize();
-    plan_release(ctx, plan);
-    return st;
+    return plan_release(ctx, plan);
   });
 }
 

@@ -159,7 +159,8 @@ FMOE_API int fmoe_context_device_props(fmoe_context_t ctx, fmoe_device_props* ou
 FMOE_API int fmoe_context_live_allocations(fmoe_context_t ctx, int64_t* out_count,
                                            int64_t* out_bytes);
 
-/* Waits for all work of the context (every stream). Refused on a capturing thread (see Graphs). */
+/* Waits for all work of the context (every stream). Refused (FMOE_ERR_INVALID_STATE) while a
+ * stream of the context captures, on any thread: a capturing stream cannot be waited for. */
 FMOE_API int fmoe_context_synchronize(fmoe_context_t ctx);
 
 /* ---------------------------------------------------------------------------------------------
@@ -211,10 +212,10 @@ FMOE_API int fmoe_stream_synchronize(fmoe_context_t ctx, fmoe_stream_t stream);
  * Between begin and end, ops and memcpy/memset on `stream` are recorded, not run (device-to-host
  * and host-to-device copies may not be captured: FMOE_ERR_INVALID_STATE). A replay reads the
  * buffers' contents at replay time, so new routing written to the same buffers takes effect.
- * The thread that began a capture may not, until it ends it, allocate (fmoe_alloc), wait for the
- * device (fmoe_context_synchronize) or create or destroy a plan: FMOE_ERR_INVALID_STATE on every
- * backend (CUDA captures in thread-local mode, which forbids those calls; other threads may make
- * them).
+ * The thread that began a capture may not, until it ends it, allocate (fmoe_alloc) or create a
+ * plan; no thread may wait for the whole context (fmoe_context_synchronize) or for the capturing
+ * stream: FMOE_ERR_INVALID_STATE on every backend (CUDA captures in thread-local mode, which
+ * forbids those calls; other threads may allocate).
  * ------------------------------------------------------------------------------------------- */
 typedef struct fmoe_graph_s* fmoe_graph_t;
 FMOE_API int fmoe_graph_capture_begin(fmoe_context_t ctx, fmoe_stream_t stream);
@@ -458,8 +459,10 @@ typedef struct fmoe_plan_desc {
   int64_t apply_router_weight_on_input; /* 0/1; 1 requires topk == 1 */
 } fmoe_plan_desc;
 
-/* Creates a plan. Allocates the plan's small device state (the invalid-id counter). Neither this
- * nor fmoe_plan_destroy (which waits for the device) may run on a capturing thread. */
+/* Creates a plan. Allocates the plan's small device state (the invalid-id counter), so it may not
+ * run on a capturing thread (see Graphs). fmoe_plan_destroy does not wait for the device (its
+ * counter is released as fmoe_free releases a buffer); a graph captured with the plan must not be
+ * launched after it. */
 FMOE_API int fmoe_plan_create(fmoe_context_t ctx, const fmoe_plan_desc* desc,
                               fmoe_plan_t* out_plan);
 FMOE_API int fmoe_plan_destroy(fmoe_context_t ctx, fmoe_plan_t plan);
