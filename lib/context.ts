@@ -414,9 +414,10 @@ abstract class ContextChild {
 
   dispose(): void {
     if (this.#disposed) return;
+    // First: a refused destroy (a stream while it captures) leaves the handle alive and owned.
+    if (!this.ctx.disposed) this.#destroy(this.ctx._handle, this.#handle);
     this.#disposed = true;
     unregisterFinalizer(this);
-    if (!this.ctx.disposed) this.#destroy(this.ctx._handle, this.#handle);
   }
 
   [Symbol.dispose](): void {
@@ -431,8 +432,8 @@ export class Stream extends ContextChild {
     const streams = ctx._state.streams;
     streams.add(handle);
     super(ctx, handle, (c, h) => {
-      streams.delete(h);
       ffi.streamDestroy(c, h);
+      streams.delete(h);
     });
   }
 

@@ -6,7 +6,8 @@
  *   buffer cache;
  * - two threads create and destroy contexts of their own, doing the same;
  * - first, one thread captures while another allocates and frees (held until the capture ends)
- *   and is refused a wait for the whole context; the capturing thread is refused an allocation.
+ *   and is refused a wait for the whole context; the capturing thread is refused an allocation,
+ *   a wait for the stream and its destruction.
  * Routing ids include out-of-range ones, so every layer adds to its plan's invalid-id counter.
  * Usage: c_abi_threads [backend] (FMOE_BACKEND_*, default host). Exit status 0 when every call did
  * what it should and nothing was left allocated. */
@@ -198,6 +199,8 @@ static void capture_beside_another_thread(void) {
                  "this thread is capturing a graph on stream");
   expect_refusal(fmoe_stream_synchronize(ctx, stream), "fmoe_stream_synchronize",
                  FMOE_ERR_INVALID_STATE, "the stream is capturing");
+  expect_refusal(fmoe_stream_destroy(ctx, stream), "fmoe_stream_destroy", FMOE_ERR_INVALID_STATE,
+                 "the stream is capturing");
   CHECK(fmoe_memset(ctx, buf, 7, 256, stream));
   pass_turn(1);
   take_turn(2);

@@ -460,6 +460,7 @@ export function checkCaptureRefusals(x: Context, rng: Rng): void {
     expectFmoe(() => new FusedMoE(x, config, { fc1, fc2 }), Status.INVALID_STATE, "FusedMoE: a layer cannot be built");
     expectFmoe(() => x.synchronize(), Status.INVALID_STATE, "fmoe_context_synchronize", inCapture);
     expectFmoe(() => stream.synchronize(), Status.INVALID_STATE, "fmoe_stream_synchronize: the stream is capturing");
+    expectFmoe(() => stream.dispose(), Status.INVALID_STATE, "fmoe_stream_destroy: the stream is capturing");
     expectFmoe(() => ffi.alloc(x._handle, 64), Status.INVALID_STATE, "fmoe_alloc", inCapture);
     expectFmoe(() => ffi.planCreate(x._handle, desc), Status.INVALID_STATE, "fmoe_plan_create", inCapture);
     moe.forward({ hidden, routingMap, probs, out, stream });

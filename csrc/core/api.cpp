@@ -377,9 +377,11 @@ extern "C" FMOE_API int fmoe_stream_destroy(fmoe_context_t ctx, fmoe_stream_t st
     std::lock_guard<std::mutex> lock(ctx->mu);
     FMOE_CHECK_ARG(ctx->streams.count(stream) != 0, "fmoe_stream_destroy",
                    "stream %p is not a live stream of this context", static_cast<void*>(stream));
+    if (ctx->backend->is_capturing(stream->impl))
+      return set_error(FMOE_ERR_INVALID_STATE,
+                       "fmoe_stream_destroy: the stream is capturing (end the capture first)");
     Status st = ctx->backend->stream_destroy(stream->impl);
     ctx->streams.erase(stream);
-    ctx->capture_threads.erase(stream);
     delete stream;
     return st;
   });

@@ -203,6 +203,7 @@ FMOE_API int fmoe_memset(fmoe_context_t ctx, void* ptr, int64_t value, int64_t b
  * ------------------------------------------------------------------------------------------- */
 typedef struct fmoe_stream_s* fmoe_stream_t;
 FMOE_API int fmoe_stream_create(fmoe_context_t ctx, fmoe_stream_t* out_stream);
+/* Refused (FMOE_ERR_INVALID_STATE) while the stream captures. */
 FMOE_API int fmoe_stream_destroy(fmoe_context_t ctx, fmoe_stream_t stream);
 /* Refused (FMOE_ERR_INVALID_STATE) while the stream captures: its work is recorded, not run. */
 FMOE_API int fmoe_stream_synchronize(fmoe_context_t ctx, fmoe_stream_t stream);
