@@ -429,6 +429,7 @@ export interface Mxfp8Vector {
  * left out, a layer, a plan) or wait for the device. Each refusal leaves the capture whole: the
  * layer recorded around them replays to the eager result. A tensor disposed (or a plan
  * destroyed) inside the capture stops counting as live at once and is freed once it has ended.
+ * An event recorded inside it cannot be queried or timed until recorded outside one again.
  */
 export function checkCaptureRefusals(x: Context, rng: Rng): void {
   const T = 3, H = 64, I = 32, E = 4, topk = 2;
@@ -448,6 +449,7 @@ export function checkCaptureRefusals(x: Context, rng: Rng): void {
   using eager = moe.forward({ hidden, routingMap, probs });
   using out = x.empty([T, H], "bf16");
   const plan = ffi.planCreate(x._handle, desc);
+  using mark = x.createEvent().record(stream);
   const doomed = x.empty([1000], "f32");
   const live = x.liveAllocations();
   const inCapture = /this thread is capturing a graph on stream/;
@@ -464,11 +466,17 @@ export function checkCaptureRefusals(x: Context, rng: Rng): void {
     expectFmoe(() => ffi.alloc(x._handle, 64), Status.INVALID_STATE, "fmoe_alloc", inCapture);
     expectFmoe(() => ffi.planCreate(x._handle, desc), Status.INVALID_STATE, "fmoe_plan_create", inCapture);
     moe.forward({ hidden, routingMap, probs, out, stream });
+    mark.record(stream); // a point of the graph, not of the device's work
     doomed.dispose();
     ffi.planDestroy(x._handle, plan); // does not wait: its counter is held like a freed buffer
     expect(x.liveAllocations()).toEqual({ count: live.count - 1, bytes: live.bytes - 4000 });
   });
+  expectFmoe(() => mark.query(), Status.INVALID_STATE, "fmoe_event_query: event was last recorded inside a capture");
+  using start = x.createEvent().record(stream);
+  expectFmoe(() => start.elapsedMs(mark), Status.INVALID_STATE, "fmoe_event_elapsed_ms: end was last recorded inside a capture");
   graph.launch(stream);
+  mark.record(stream);
+  expect(start.elapsedMs(mark)).toBeGreaterThanOrEqual(0);
   stream.synchronize();
   expectBitExact(out.download(), eager.download(), "the layer captured around the refusals");
   using after = x.empty([1000], "f32"); // allocating works again, and hands the held buffer to the cache

@@ -506,6 +506,18 @@ extern "C" FMOE_API int fmoe_event_destroy(fmoe_context_t ctx, fmoe_event_t even
   });
 }
 
+namespace {
+// An event whose last record was inside a capture marks a point of the graph, not of the device's
+// work: nothing to query or time (fmoe_event_s::recorded_in_capture).
+Status refuse_recorded_in_capture(const char* fn, const fmoe_event_s* e, const char* name) {
+  if (!e->recorded_in_capture) return FMOE_OK;
+  return set_error(FMOE_ERR_INVALID_STATE,
+                   "%s: %s was last recorded inside a capture, which marks a point of the graph, "
+                   "not of the device's work (record it outside a capture first)",
+                   fn, name);
+}
+}  // namespace
+
 extern "C" FMOE_API int fmoe_event_record(fmoe_context_t ctx, fmoe_event_t event,
                                           fmoe_stream_t stream) {
   return abi_call("fmoe_event_record", [&]() -> Status {
@@ -515,7 +527,9 @@ extern "C" FMOE_API int fmoe_event_record(fmoe_context_t ctx, fmoe_event_t event
     BackendStream* s = nullptr;
     c.not_null(event, "event").event(event, "event").stream(stream, &s);
     FMOE_TRY(c.status());
-    return ctx->backend->event_record(event->impl, s);
+    FMOE_TRY(ctx->backend->event_record(event->impl, s));
+    event->recorded_in_capture = ctx->backend->is_capturing(s);
+    return FMOE_OK;
   });
 }
 
@@ -531,6 +545,8 @@ extern "C" FMOE_API int fmoe_event_elapsed_ms(fmoe_context_t ctx, fmoe_event_t s
         .event(start, "start")
         .event(end, "end");
     FMOE_TRY(c.status());
+    FMOE_TRY(refuse_recorded_in_capture("fmoe_event_elapsed_ms", start, "start"));
+    FMOE_TRY(refuse_recorded_in_capture("fmoe_event_elapsed_ms", end, "end"));
     return ctx->backend->event_elapsed_ms(start->impl, end->impl, out_ms);
   });
 }
@@ -543,6 +559,7 @@ extern "C" FMOE_API int fmoe_event_query(fmoe_context_t ctx, fmoe_event_t event,
     Check c(ctx, "fmoe_event_query");
     c.not_null(event, "event").not_null(out_complete, "out_complete").event(event, "event");
     FMOE_TRY(c.status());
+    FMOE_TRY(refuse_recorded_in_capture("fmoe_event_query", event, "event"));
     bool complete = false;
     FMOE_TRY(ctx->backend->event_query(event->impl, &complete));
     *out_complete = complete ? 1 : 0;

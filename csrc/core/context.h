@@ -27,6 +27,9 @@ struct fmoe_graph_s {
 };
 struct fmoe_event_s {
   fmoe::BackendEvent* impl;
+  // Its last record was inside a capture: CUDA refuses to query or time such an event until a
+  // record outside a capture, and the core refuses it alike on every backend.
+  bool recorded_in_capture = false;
 };
 
 struct fmoe_plan_s {

@@ -239,8 +239,9 @@ FMOE_API int fmoe_event_elapsed_ms(fmoe_context_t ctx, fmoe_event_t start, fmoe_
                                    double* out_ms);
 /* Never blocks: *out_complete = 1 when the work queued on the stream before the event's most
  * recent record has completed (also when the event was never recorded), 0 while it runs. A caller
- * with an event loop polls this instead of blocking its thread in a synchronize. An event recorded
- * inside a capture cannot be queried until the capture ends (CUDA reports an error). */
+ * with an event loop polls this instead of blocking its thread in a synchronize. An event whose
+ * last record was inside a capture is refused here and by fmoe_event_elapsed_ms
+ * (FMOE_ERR_INVALID_STATE on every backend, as CUDA refuses it) until it is recorded outside one. */
 FMOE_API int fmoe_event_query(fmoe_context_t ctx, fmoe_event_t event, int64_t* out_complete);
 
 /* ---------------------------------------------------------------------------------------------
