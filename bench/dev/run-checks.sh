@@ -3,6 +3,7 @@
 # kernel against a naive reference and times it). Run from the repository root after the
 # library is built (build/libfusedmoe.so: the permute check links it).
 #   bash bench/dev/run-checks.sh [name...]     names: sm90 sm90_act sm90_mx small permute
+# and, named only, stream: weight_stream_check.cu, a measurement of the copy engine's rates.
 set -uo pipefail
 out=${FMOE_CHECK_DIR:-/tmp/fmoe-checks}
 mkdir -p "$out"
@@ -13,6 +14,7 @@ declare -A build=(
   [sm90_mx]="bench/dev/grouped_mm_sm90_mx_check.cu csrc/cuda/grouped_mm_sm90.cu csrc/cuda/tensor_map.cu"
   [small]="bench/dev/grouped_mm_small_check.cu csrc/cuda/grouped_mm_small.cu csrc/cuda/tensor_map.cu"
   [permute]="bench/dev/permute_check.cu -Lbuild -lfusedmoe -Xlinker -rpath,$PWD/build"
+  [stream]="bench/dev/weight_stream_check.cu csrc/cuda/tensor_map.cu"
 )
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=(sm90 sm90_act sm90_mx small permute)

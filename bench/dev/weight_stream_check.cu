@@ -1,0 +1,254 @@
+// How fast the copy engine streams weights in the decode GEMMs' pattern, against layouts that
+// would read the same bytes more sequentially. A question for the weight layout, not a kernel of
+// the library: the decode kernels (grouped_mm_small.cu) give each CTA 64 weight rows and walk k in
+// stages of 64 rows x 128 bytes (one 2-D box per stage, rows K bytes apart), and stream at 2.1-2.6
+// TB/s where a device-to-device copy reaches ~3 (bench/NOTES.md items 64, 68). If the same stages
+// stored as contiguous 8 KB tiles streamed measurably faster, weights laid out in stage tiles at
+// load time would pay; if not, the pattern is not what holds the decode GEMMs back.
+//
+// Modes (every one moves 8 KB per stage into a ring of kStages stages per CTA, 1 thread issuing,
+// 4 consumer warps waiting for each stage and releasing it, no math):
+//   row-major  the decode kernels' box: 64 rows x 128 bytes of a [N, K] row-major matrix
+//   rows-256   2 boxes of 32 rows x 128 bytes side by side: 32 rows x 256 contiguous bytes
+//   tiled      the same 64 x 128 B stage stored contiguously (tile (i, kb) at (i * K/128 + kb) * 8 KB)
+//   bulk       the tiled layout by a 1-D bulk copy (cp.async.bulk) instead of a tensor map
+// against a plain vectorised read of the buffer and cudaMemcpyAsync device to device.
+// Run with bench/dev/run-checks.sh stream.
+#include <cuda.h>
+
+#include <cstdio>
+#include <vector>
+
+#include "check_common.cuh"
+#include "cuda/ptx/mbarrier.cuh"
+#include "cuda/ptx/tma.cuh"
+#include "cuda/tensor_map.h"
+
+namespace {
+
+using namespace fmoe;
+
+enum Mode { kRowMajor = 0, kRows256 = 1, kTiled = 2, kBulk = 3 };
+const char* const kModeNames[] = {"row-major", "rows-256", "tiled", "bulk"};
+
+constexpr int kStageBytes = 8192;
+constexpr int kConsumerWarps = 4;
+constexpr int kThreads = 32 * (1 + kConsumerWarps);
+
+struct StreamArgs {
+  const uint8_t* base;  // bulk mode's source
+  int mode;
+  int items;            // units of kStageBytes-sized stages along k
+  int k_blocks;         // stages per item
+  int k_bytes;          // bytes per row
+  uint32_t* sink;       // written only if a consumed word matches an impossible value
+};
+
+__device__ __forceinline__ void bulk_load(void* smem_dst, const void* src, uint32_t bytes,
+                                          uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::
+          "r"(ptx::smem_addr(smem_dst)),
+      "l"(src), "r"(bytes), "r"(ptx::smem_addr(bar))
+      : "memory");
+}
+
+template <int kStages>
+__global__ void __launch_bounds__(kThreads) stream_kernel(const __grid_constant__ CUtensorMap tm,
+                                                          const StreamArgs a) {
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = smem_raw + ((1024 - (ptx::smem_addr(smem_raw) & 1023)) & 1023);
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + kStages * kStageBytes);
+  uint64_t* empty = full + kStages;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      ptx::mbar_init(&full[s], 1);
+      ptx::mbar_init(&empty[s], kConsumerWarps);
+    }
+    ptx::mbar_fence_init();
+  }
+  __syncthreads();
+  if (warp == 0) {
+    if (lane != 0) return;
+    int stage = 0;
+    uint32_t phase = 0;
+    for (int item = blockIdx.x; item < a.items; item += gridDim.x) {
+      for (int kb = 0; kb < a.k_blocks; ++kb) {
+        ptx::mbar_wait(&empty[stage], phase ^ 1);
+        uint8_t* dst = smem + stage * kStageBytes;
+        ptx::mbar_arrive_expect_tx(&full[stage], kStageBytes);
+        const int64_t tile = int64_t(item) * a.k_blocks + kb;
+        switch (a.mode) {
+          case kRowMajor:  // coordinates in bf16 elements: 64 per 128 bytes
+            ptx::tma_load_2d(dst, &tm, &full[stage], kb * 64, item * 64);
+            break;
+          case kRows256:
+            ptx::tma_load_2d(dst, &tm, &full[stage], kb * 128, item * 32);
+            ptx::tma_load_2d(dst + kStageBytes / 2, &tm, &full[stage], kb * 128 + 64, item * 32);
+            break;
+          case kTiled:
+            ptx::tma_load_2d(dst, &tm, &full[stage], 0, int32_t(tile * 64));
+            break;
+          default:
+            bulk_load(dst, a.base + tile * kStageBytes, kStageBytes, &full[stage]);
+            break;
+        }
+        ptx::next_stage<kStages>(stage, phase);
+      }
+    }
+    return;
+  }
+  // Consumers: wait for each stage, touch one word of it, release it.
+  int stage = 0;
+  uint32_t phase = 0;
+  uint32_t acc = 0;
+  for (int item = blockIdx.x; item < a.items; item += gridDim.x) {
+    for (int kb = 0; kb < a.k_blocks; ++kb) {
+      ptx::mbar_wait(&full[stage], phase);
+      acc ^= reinterpret_cast<const uint32_t*>(smem + stage * kStageBytes)[threadIdx.x];
+      __syncwarp();
+      if (lane == 0) ptx::mbar_arrive(&empty[stage]);
+      ptx::next_stage<kStages>(stage, phase);
+    }
+  }
+  if (acc == 0x9e3779b9u) a.sink[0] = acc;
+}
+
+__global__ void read_kernel(const uint4* p, int64_t count, uint32_t* sink) {
+  uint32_t acc = 0;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p + i));
+    acc ^= v.x ^ v.y ^ v.z ^ v.w;
+  }
+  if (acc == 0x9e3779b9u) sink[0] = acc;
+}
+
+__global__ void fill_bytes(uint32_t* p, int64_t words, uint32_t seed) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < words;
+       i += int64_t(gridDim.x) * blockDim.x)
+    p[i] = hash64(i, seed);
+}
+
+template <int kStages>
+void launch_stream(const CUtensorMap& tm, const StreamArgs& a, int grid, int smem_bytes) {
+  stream_kernel<kStages><<<grid, kThreads, smem_bytes>>>(tm, a);
+  CHECK_CUDA(cudaGetLastError());
+}
+
+template <int kStages>
+void set_smem(int smem_bytes) {
+  CHECK_CUDA(cudaFuncSetAttribute(stream_kernel<kStages>,
+                                  cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
+}
+
+}  // namespace
+
+int main() {
+  int dev = 0, sms = 0, smem_optin = 0;
+  CHECK_CUDA(cudaGetDevice(&dev));
+  CHECK_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  CHECK_CUDA(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  cudaDeviceProp prop{};
+  CHECK_CUDA(cudaGetDeviceProperties(&prop, dev));
+  std::printf("device: %s, %d SMs\n", prop.name, sms);
+
+  // Two buffers of the size of qwen3's MXFP8 FC1 weights at T = 8 (~52 experts x 1536 rows x
+  // 2048 bytes), alternated so that no pass finds the other's bytes in L2 (50 MB).
+  const int64_t bytes = int64_t(160) << 20;
+  uint8_t* buf[2];
+  uint32_t* sink;
+  for (auto& b : buf) {
+    CHECK_CUDA(cudaMalloc(&b, bytes));
+    fill_bytes<<<sms * 4, 256>>>(reinterpret_cast<uint32_t*>(b), bytes / 4, 7);
+  }
+  CHECK_CUDA(cudaMalloc(&sink, 4));
+  CHECK_CUDA(cudaDeviceSynchronize());
+  const double gb = double(bytes) / 1e9;
+  int pass = 0;
+
+  const LaunchTimes copy = time_launches("copy", 3, 20, [&] {
+    CHECK_CUDA(cudaMemcpyAsync(buf[pass & 1], buf[(pass + 1) & 1], bytes / 2,
+                               cudaMemcpyDeviceToDevice));
+    ++pass;
+  });
+  std::printf("TIME copy (read + write of %.0f MB): %.1f us, %.2f TB/s moved\n", gb * 500,
+              copy.median_ms * 1e3, gb / (copy.median_ms * 1e-3) / 1e3);
+  const LaunchTimes read = time_launches("read", 3, 20, [&] {
+    read_kernel<<<sms * 8, 256>>>(reinterpret_cast<const uint4*>(buf[pass++ & 1]), bytes / 16,
+                                  sink);
+    CHECK_CUDA(cudaGetLastError());
+  });
+  std::printf("TIME read (ld.global.nc.v4): %.1f us, %.2f TB/s\n", read.median_ms * 1e3,
+              gb / (read.median_ms * 1e-3) / 1e3);
+
+  struct Ring {
+    int ctas_per_sm, stages;
+  };
+  const Ring rings[] = {{4, 4}, {3, 7}, {2, 10}};
+  const int k_rows_bytes[] = {768, 2048, 4096};
+  for (const int K : k_rows_bytes) {
+    const int64_t rows = bytes / K;  // a multiple of 64 for these K
+    for (const Ring ring : rings) {
+      const int smem = std::min(smem_optin, (227 * 1024) / ring.ctas_per_sm - 1024);
+      const int need = ring.stages * kStageBytes + 1024 + 2 * ring.stages * 8;
+      if (need > smem) {
+        std::printf("skip: %d stages do not fit %d CTAs per SM\n", ring.stages, ring.ctas_per_sm);
+        continue;
+      }
+      for (int mode = kRowMajor; mode <= kBulk; ++mode) {
+        CUtensorMap tm[2];
+        StreamArgs a[2];
+        for (int b = 0; b < 2; ++b) {
+          cudaError_t e = cudaSuccess;
+          a[b] = StreamArgs{buf[b], mode, 0, 0, K, sink};
+          if (mode == kRowMajor || mode == kRows256) {
+            const uint32_t box_rows = mode == kRowMajor ? 64 : 32;
+            e = fmoe::cuda::make_tensor_map_bf16_2d_sw128(&tm[b], buf[b], K / 2, rows, K, 64, box_rows);
+            a[b].items = int(rows / box_rows);
+            a[b].k_blocks = K / (kStageBytes / box_rows);
+          } else {
+            // Stage tiles in order (item, kb): as 128-byte rows, 64 rows a tile.
+            e = fmoe::cuda::make_tensor_map_bf16_2d_sw128(&tm[b], buf[b], 64, bytes / 128, 128, 64, 64);
+            a[b].items = int(rows / 64);
+            a[b].k_blocks = K / 128;
+          }
+          CHECK_CUDA(e);
+        }
+        const int grid = std::min(a[0].items, sms * ring.ctas_per_sm);
+        auto run = [&] {
+          const int b = pass++ & 1;
+          switch (ring.stages) {
+            case 4: launch_stream<4>(tm[b], a[b], grid, smem); break;
+            case 7: launch_stream<7>(tm[b], a[b], grid, smem); break;
+            default: launch_stream<10>(tm[b], a[b], grid, smem); break;
+          }
+        };
+        switch (ring.stages) {
+          case 4: set_smem<4>(smem); break;
+          case 7: set_smem<7>(smem); break;
+          default: set_smem<10>(smem); break;
+        }
+        int occupancy = 0;
+        CHECK_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+            &occupancy,
+            ring.stages == 4 ? stream_kernel<4> : ring.stages == 7 ? stream_kernel<7> : stream_kernel<10>,
+            kThreads, smem));
+        const LaunchTimes t = time_launches(kModeNames[mode], 3, 20, run);
+        std::printf("TIME K %4d B, %d CTAs/SM (%d fit) x %2d stages, %-9s: %7.1f us, %.2f TB/s "
+                    "(%.2f of the read kernel)\n",
+                    K, ring.ctas_per_sm, occupancy, ring.stages, kModeNames[mode],
+                    t.median_ms * 1e3, gb / (t.median_ms * 1e-3) / 1e3,
+                    read.median_ms / t.median_ms);
+      }
+    }
+  }
+  for (auto& b : buf) CHECK_CUDA(cudaFree(b));
+  CHECK_CUDA(cudaFree(sink));
+  std::printf("summary: done\n");
+  return 0;
+}
