@@ -177,7 +177,7 @@ FMOE_API int fmoe_alloc(fmoe_context_t ctx, int64_t bytes, void** out_ptr);
  * it out again, for a request of the same size class (a quarter of a power of two), only once
  * that work has finished. A larger buffer is released at once, which waits for the device's work
  * (cudaFree). A buffer freed while a stream of the context captures is held until the first
- * fmoe_alloc or fmoe_free after the last capture ends, then treated as above. The cache is
+ * fmoe_alloc, fmoe_free or fmoe_plan_destroy after the last capture ends, then treated as above. The cache is
  * released with the context, or when an allocation runs out of memory. */
 FMOE_API int fmoe_free(fmoe_context_t ctx, void* ptr);
 
@@ -214,8 +214,8 @@ FMOE_API int fmoe_stream_synchronize(fmoe_context_t ctx, fmoe_stream_t stream);
  * and host-to-device copies may not be captured: FMOE_ERR_INVALID_STATE). A replay reads the
  * buffers' contents at replay time, so new routing written to the same buffers takes effect.
  * The thread that began a capture may not, until it ends it, allocate (fmoe_alloc) or create a
- * plan; no thread may wait for the whole context (fmoe_context_synchronize) or for the capturing
- * stream: FMOE_ERR_INVALID_STATE on every backend (CUDA captures in thread-local mode, which
+ * plan; no thread may wait for the whole context (fmoe_context_synchronize), or wait for or
+ * destroy the capturing stream: FMOE_ERR_INVALID_STATE on every backend (CUDA captures in thread-local mode, which
  * forbids those calls; other threads may allocate).
  * ------------------------------------------------------------------------------------------- */
 typedef struct fmoe_graph_s* fmoe_graph_t;
