@@ -9,8 +9,11 @@
 // Modes (every one moves 8 KB per stage into a ring of kStages stages per CTA, 1 thread issuing,
 // 4 consumer warps waiting for each stage and releasing it, no math):
 //   row-major  the decode kernels' box: 64 rows x 128 bytes of a [N, K] row-major matrix
+//   gate-up    2 boxes of 32 rows x 128 bytes, N/2 rows apart (a gated FC1 tile: gate and up rows)
 //   rows-256   2 boxes of 32 rows x 128 bytes side by side: 32 rows x 256 contiguous bytes
 //   tiled      the same 64 x 128 B stage stored contiguously (tile (i, kb) at (i * K/128 + kb) * 8 KB)
+//   tiled-32   2 tiles of 32 x 128 B stored contiguously (4 KB each), in two halves of the buffer
+//              (the gated tile in 32-row tiles)
 //   bulk       the tiled layout by a 1-D bulk copy (cp.async.bulk) instead of a tensor map
 // against a plain vectorised read of the buffer and cudaMemcpyAsync device to device.
 // Run with bench/dev/run-checks.sh stream.
@@ -28,8 +31,8 @@ namespace {
 
 using namespace fmoe;
 
-enum Mode { kRowMajor = 0, kRows256 = 1, kTiled = 2, kBulk = 3 };
-const char* const kModeNames[] = {"row-major", "rows-256", "tiled", "bulk"};
+enum Mode { kRowMajor = 0, kGateUp, kRows256, kTiled, kTiled32, kBulk, kModes };
+const char* const kModeNames[] = {"row-major", "gate-up", "rows-256", "tiled", "tiled-32", "bulk"};
 
 constexpr int kStageBytes = 8192;
 constexpr int kConsumerWarps = 4;
@@ -41,6 +44,8 @@ struct StreamArgs {
   int items;            // units of kStageBytes-sized stages along k
   int k_blocks;         // stages per item
   int k_bytes;          // bytes per row
+  int half_rows;        // gate-up: rows from a gate row to its up row
+  int64_t half_tiles;   // tiled-32: 4 KB tiles from the first half to the second
   uint32_t* sink;       // written only if a consumed word matches an impossible value
 };
 
@@ -83,12 +88,22 @@ __global__ void __launch_bounds__(kThreads) stream_kernel(const __grid_constant_
           case kRowMajor:  // coordinates in bf16 elements: 64 per 128 bytes
             ptx::tma_load_2d(dst, &tm, &full[stage], kb * 64, item * 64);
             break;
+          case kGateUp:
+            ptx::tma_load_2d(dst, &tm, &full[stage], kb * 64, item * 32);
+            ptx::tma_load_2d(dst + kStageBytes / 2, &tm, &full[stage], kb * 64,
+                             a.half_rows + item * 32);
+            break;
           case kRows256:
             ptx::tma_load_2d(dst, &tm, &full[stage], kb * 128, item * 32);
             ptx::tma_load_2d(dst + kStageBytes / 2, &tm, &full[stage], kb * 128 + 64, item * 32);
             break;
           case kTiled:
             ptx::tma_load_2d(dst, &tm, &full[stage], 0, int32_t(tile * 64));
+            break;
+          case kTiled32:
+            ptx::tma_load_2d(dst, &tm, &full[stage], 0, int32_t(tile * 32));
+            ptx::tma_load_2d(dst + kStageBytes / 2, &tm, &full[stage], 0,
+                             int32_t((a.half_tiles + tile) * 32));
             break;
           default:
             bulk_load(dst, a.base + tile * kStageBytes, kStageBytes, &full[stage]);
@@ -192,7 +207,9 @@ int main() {
   const Ring rings[] = {{4, 4}, {3, 7}, {2, 10}};
   const int k_rows_bytes[] = {768, 2048, 4096};
   for (const int K : k_rows_bytes) {
-    const int64_t rows = bytes / K;  // a multiple of 64 for these K
+    const int64_t rows = bytes / K / 128 * 128;  // whole items in every mode
+    const int64_t used = rows * K;
+    const double used_gb = double(used) / 1e9;
     for (const Ring ring : rings) {
       const int smem = std::min(smem_optin, (227 * 1024) / ring.ctas_per_sm - 1024);
       const int need = ring.stages * kStageBytes + 1024 + 2 * ring.stages * 8;
@@ -200,20 +217,26 @@ int main() {
         std::printf("skip: %d stages do not fit %d CTAs per SM\n", ring.stages, ring.ctas_per_sm);
         continue;
       }
-      for (int mode = kRowMajor; mode <= kBulk; ++mode) {
+      for (int mode = 0; mode < kModes; ++mode) {
         CUtensorMap tm[2];
         StreamArgs a[2];
         for (int b = 0; b < 2; ++b) {
           cudaError_t e = cudaSuccess;
-          a[b] = StreamArgs{buf[b], mode, 0, 0, K, sink};
-          if (mode == kRowMajor || mode == kRows256) {
+          a[b] = StreamArgs{buf[b], mode, 0, 0, K, int(rows / 2), used / 2 / (kStageBytes / 2), sink};
+          if (mode == kRowMajor || mode == kGateUp || mode == kRows256) {
             const uint32_t box_rows = mode == kRowMajor ? 64 : 32;
             e = fmoe::cuda::make_tensor_map_bf16_2d_sw128(&tm[b], buf[b], K / 2, rows, K, 64, box_rows);
-            a[b].items = int(rows / box_rows);
-            a[b].k_blocks = K / (kStageBytes / box_rows);
+            a[b].items = int(mode == kRows256 ? rows / 32 : rows / 64);
+            a[b].k_blocks = mode == kRows256 ? K / 256 : K / 128;
+          } else if (mode == kTiled32) {
+            // 4 KB tiles (32 rows of 128 B) in order (item, kb), the first half of the buffer the
+            // "gate" tiles, the second the "up" tiles.
+            e = fmoe::cuda::make_tensor_map_bf16_2d_sw128(&tm[b], buf[b], 64, used / 128, 128, 64, 32);
+            a[b].items = int(rows / 64);
+            a[b].k_blocks = K / 128;
           } else {
             // Stage tiles in order (item, kb): as 128-byte rows, 64 rows a tile.
-            e = fmoe::cuda::make_tensor_map_bf16_2d_sw128(&tm[b], buf[b], 64, bytes / 128, 128, 64, 64);
+            e = fmoe::cuda::make_tensor_map_bf16_2d_sw128(&tm[b], buf[b], 64, used / 128, 128, 64, 64);
             a[b].items = int(rows / 64);
             a[b].k_blocks = K / 128;
           }
@@ -242,8 +265,8 @@ int main() {
         std::printf("TIME K %4d B, %d CTAs/SM (%d fit) x %2d stages, %-9s: %7.1f us, %.2f TB/s "
                     "(%.2f of the read kernel)\n",
                     K, ring.ctas_per_sm, occupancy, ring.stages, kModeNames[mode],
-                    t.median_ms * 1e3, gb / (t.median_ms * 1e-3) / 1e3,
-                    read.median_ms / t.median_ms);
+                    t.median_ms * 1e3, used_gb / (t.median_ms * 1e-3) / 1e3,
+                    (used_gb / t.median_ms) / (gb / read.median_ms));
       }
     }
   }
