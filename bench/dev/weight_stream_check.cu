@@ -15,9 +15,15 @@
 //   tiled-32   2 tiles of 32 x 128 B stored contiguously (4 KB each), in two halves of the buffer
 //              (the gated tile in 32-row tiles)
 //   bulk       the tiled layout by a 1-D bulk copy (cp.async.bulk) instead of a tensor map
-// against a plain vectorised read of the buffer and cudaMemcpyAsync device to device.
+//   row-major-4d, tiled-4d  the row-major and tiled stages through one 4-D view of either layout,
+//              (128 B, 64 rows, k tiles, n tiles), coordinates (0, 0, kb, item): whether the driver
+//              takes the row-major view (its strides out of increasing order) and what it costs
+// against a plain vectorised read of the buffer and cudaMemcpyAsync device to device. Every mode
+// reads each byte of the matrix once: the XOR of all the words the consumers see must equal the
+// buffer's (MISMATCH otherwise).
 // Run with bench/dev/run-checks.sh stream.
 #include <cuda.h>
+#include <cudaTypedefs.h>
 
 #include <cstdio>
 #include <vector>
@@ -31,8 +37,9 @@ namespace {
 
 using namespace fmoe;
 
-enum Mode { kRowMajor = 0, kGateUp, kRows256, kTiled, kTiled32, kBulk, kModes };
-const char* const kModeNames[] = {"row-major", "gate-up", "rows-256", "tiled", "tiled-32", "bulk"};
+enum Mode { kRowMajor = 0, kGateUp, kRows256, kTiled, kTiled32, kBulk, kRowMajor4d, kTiled4d, kModes };
+const char* const kModeNames[] = {"row-major", "gate-up",      "rows-256", "tiled",
+                                  "tiled-32",  "bulk",         "row-major-4d", "tiled-4d"};
 
 constexpr int kStageBytes = 8192;
 constexpr int kConsumerWarps = 4;
@@ -46,8 +53,43 @@ struct StreamArgs {
   int k_bytes;          // bytes per row
   int half_rows;        // gate-up: rows from a gate row to its up row
   int64_t half_tiles;   // tiled-32: 4 KB tiles from the first half to the second
-  uint32_t* sink;       // written only if a consumed word matches an impossible value
+  uint32_t* checksum;   // XOR of every word the consumers see
 };
+
+// A 4-D view of a [n, K] byte matrix (as bf16 pairs) in 8 KB stages: (64 elements = 128 B, 64
+// rows, K / 128 k tiles, n / 64 n tiles), strides in bytes for dimensions 1-3.
+cudaError_t make_map_4d(CUtensorMap* map, const void* base, uint64_t k_tiles, uint64_t n_tiles,
+                        uint64_t stride_row, uint64_t stride_ktile, uint64_t stride_ntile) {
+  static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult status;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault,
+                                         &status) != cudaSuccess ||
+        status != cudaDriverEntryPointSuccess)
+      fn = nullptr;
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  if (encode == nullptr) return cudaErrorNotSupported;
+  const cuuint64_t dims[4] = {64, 64, k_tiles, n_tiles};
+  const cuuint64_t strides[3] = {stride_row, stride_ktile, stride_ntile};
+  const cuuint32_t box[4] = {64, 64, 1, 1};
+  const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
+  const CUresult r = encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4, const_cast<void*>(base),
+                            dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
+__device__ __forceinline__ void tma_load_4d(void* smem_dst, const void* tensor_map, uint64_t* bar,
+                                            int32_t c0, int32_t c1, int32_t c2, int32_t c3) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%3, %4, %5, %6}], [%2];\n" ::"r"(ptx::smem_addr(smem_dst)),
+      "l"(reinterpret_cast<uint64_t>(tensor_map)), "r"(ptx::smem_addr(bar)), "r"(c0), "r"(c1),
+      "r"(c2), "r"(c3)
+      : "memory");
+}
 
 __device__ __forceinline__ void bulk_load(void* smem_dst, const void* src, uint32_t bytes,
                                           uint64_t* bar) {
@@ -105,8 +147,11 @@ __global__ void __launch_bounds__(kThreads) stream_kernel(const __grid_constant_
             ptx::tma_load_2d(dst + kStageBytes / 2, &tm, &full[stage], 0,
                              int32_t((a.half_tiles + tile) * 32));
             break;
-          default:
+          case kBulk:
             bulk_load(dst, a.base + tile * kStageBytes, kStageBytes, &full[stage]);
+            break;
+          default:  // the 4-D views
+            tma_load_4d(dst, &tm, &full[stage], 0, 0, kb, item);
             break;
         }
         ptx::next_stage<kStages>(stage, phase);
@@ -114,23 +159,30 @@ __global__ void __launch_bounds__(kThreads) stream_kernel(const __grid_constant_
     }
     return;
   }
-  // Consumers: wait for each stage, touch one word of it, release it.
+  // Consumers: wait for each stage, fold its words into the checksum, release it.
   int stage = 0;
   uint32_t phase = 0;
   uint32_t acc = 0;
+  const int t = threadIdx.x - 32;
   for (int item = blockIdx.x; item < a.items; item += gridDim.x) {
     for (int kb = 0; kb < a.k_blocks; ++kb) {
       ptx::mbar_wait(&full[stage], phase);
-      acc ^= reinterpret_cast<const uint32_t*>(smem + stage * kStageBytes)[threadIdx.x];
+      const uint4* words = reinterpret_cast<const uint4*>(smem + stage * kStageBytes);
+#pragma unroll
+      for (int i = 0; i < kStageBytes / 16 / (32 * kConsumerWarps); ++i) {
+        const uint4 v = words[t + i * 32 * kConsumerWarps];
+        acc ^= v.x ^ v.y ^ v.z ^ v.w;
+      }
       __syncwarp();
       if (lane == 0) ptx::mbar_arrive(&empty[stage]);
       ptx::next_stage<kStages>(stage, phase);
     }
   }
-  if (acc == 0x9e3779b9u) a.sink[0] = acc;
+  for (int o = 16; o > 0; o /= 2) acc ^= __shfl_xor_sync(0xffffffffu, acc, o);
+  if (lane == 0) atomicXor(a.checksum, acc);
 }
 
-__global__ void read_kernel(const uint4* p, int64_t count, uint32_t* sink) {
+__global__ void read_kernel(const uint4* p, int64_t count, uint32_t* checksum) {
   uint32_t acc = 0;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count;
        i += int64_t(gridDim.x) * blockDim.x) {
@@ -140,7 +192,8 @@ __global__ void read_kernel(const uint4* p, int64_t count, uint32_t* sink) {
                  : "l"(p + i));
     acc ^= v.x ^ v.y ^ v.z ^ v.w;
   }
-  if (acc == 0x9e3779b9u) sink[0] = acc;
+  for (int o = 16; o > 0; o /= 2) acc ^= __shfl_xor_sync(0xffffffffu, acc, o);
+  if (threadIdx.x % 32 == 0) atomicXor(checksum, acc);
 }
 
 __global__ void fill_bytes(uint32_t* p, int64_t words, uint32_t seed) {
@@ -176,12 +229,21 @@ int main() {
   // 2048 bytes), alternated so that no pass finds the other's bytes in L2 (50 MB).
   const int64_t bytes = int64_t(160) << 20;
   uint8_t* buf[2];
-  uint32_t* sink;
+  uint32_t* checksum;
   for (auto& b : buf) {
     CHECK_CUDA(cudaMalloc(&b, bytes));
     fill_bytes<<<sms * 4, 256>>>(reinterpret_cast<uint32_t*>(b), bytes / 4, 7);
   }
-  CHECK_CUDA(cudaMalloc(&sink, 4));
+  CHECK_CUDA(cudaMalloc(&checksum, 4));
+  // The XOR of the first `n` bytes' words (both buffers hold the same bytes).
+  auto xor_of = [&](int64_t n) {
+    uint32_t x = 0;
+    CHECK_CUDA(cudaMemset(checksum, 0, 4));
+    read_kernel<<<sms * 8, 256>>>(reinterpret_cast<const uint4*>(buf[0]), n / 16, checksum);
+    CHECK_CUDA(cudaMemcpy(&x, checksum, 4, cudaMemcpyDeviceToHost));
+    return x;
+  };
+  int mismatches = 0;
   CHECK_CUDA(cudaDeviceSynchronize());
   const double gb = double(bytes) / 1e9;
   int pass = 0;
@@ -195,7 +257,7 @@ int main() {
               copy.median_ms * 1e3, gb / (copy.median_ms * 1e-3) / 1e3);
   const LaunchTimes read = time_launches("read", 3, 20, [&] {
     read_kernel<<<sms * 8, 256>>>(reinterpret_cast<const uint4*>(buf[pass++ & 1]), bytes / 16,
-                                  sink);
+                                  checksum);
     CHECK_CUDA(cudaGetLastError());
   });
   std::printf("TIME read (ld.global.nc.v4): %.1f us, %.2f TB/s\n", read.median_ms * 1e3,
@@ -210,6 +272,7 @@ int main() {
     const int64_t rows = bytes / K / 128 * 128;  // whole items in every mode
     const int64_t used = rows * K;
     const double used_gb = double(used) / 1e9;
+    const uint32_t expected = xor_of(used);
     for (const Ring ring : rings) {
       const int smem = std::min(smem_optin, (227 * 1024) / ring.ctas_per_sm - 1024);
       const int need = ring.stages * kStageBytes + 1024 + 2 * ring.stages * 8;
@@ -220,9 +283,22 @@ int main() {
       for (int mode = 0; mode < kModes; ++mode) {
         CUtensorMap tm[2];
         StreamArgs a[2];
+        bool refused = false;
         for (int b = 0; b < 2; ++b) {
           cudaError_t e = cudaSuccess;
-          a[b] = StreamArgs{buf[b], mode, 0, 0, K, int(rows / 2), used / 2 / (kStageBytes / 2), sink};
+          a[b] = StreamArgs{buf[b], mode, 0, 0, K, int(rows / 2), used / 2 / (kStageBytes / 2), checksum};
+          if (mode == kRowMajor4d || mode == kTiled4d) {
+            const bool tiled = mode == kTiled4d;
+            e = make_map_4d(&tm[b], buf[b], K / 128, rows / 64, tiled ? 128 : K,
+                            tiled ? kStageBytes : 128, int64_t(kStageBytes) * (K / 128));
+            a[b].items = int(rows / 64);
+            a[b].k_blocks = K / 128;
+            if (e != cudaSuccess) {
+              refused = true;
+              break;
+            }
+            continue;
+          }
           if (mode == kRowMajor || mode == kGateUp || mode == kRows256) {
             const uint32_t box_rows = mode == kRowMajor ? 64 : 32;
             e = fmoe::cuda::make_tensor_map_bf16_2d_sw128(&tm[b], buf[b], K / 2, rows, K, 64, box_rows);
@@ -241,6 +317,10 @@ int main() {
             a[b].k_blocks = K / 128;
           }
           CHECK_CUDA(e);
+        }
+        if (refused) {
+          std::printf("TIME K %4d B, %s: the driver refuses this tensor map\n", K, kModeNames[mode]);
+          continue;
         }
         const int grid = std::min(a[0].items, sms * ring.ctas_per_sm);
         auto run = [&] {
@@ -261,8 +341,19 @@ int main() {
             &occupancy,
             ring.stages == 4 ? stream_kernel<4> : ring.stages == 7 ? stream_kernel<7> : stream_kernel<10>,
             kThreads, smem));
+        // One launch on buffer 0 for the checksum, then the timed ones.
+        CHECK_CUDA(cudaMemset(checksum, 0, 4));
+        pass = 0;
+        run();
+        uint32_t got = 0;
+        CHECK_CUDA(cudaMemcpy(&got, checksum, 4, cudaMemcpyDeviceToHost));
+        if (got != expected) {
+          ++mismatches;
+          std::printf("MISMATCH K %d, %s: the consumers' XOR %08x, the matrix's %08x\n", K,
+                      kModeNames[mode], got, expected);
+        }
         const LaunchTimes t = time_launches(kModeNames[mode], 3, 20, run);
-        std::printf("TIME K %4d B, %d CTAs/SM (%d fit) x %2d stages, %-9s: %7.1f us, %.2f TB/s "
+        std::printf("TIME K %4d B, %d CTAs/SM (%d fit) x %2d stages, %-12s: %7.1f us, %.2f TB/s "
                     "(%.2f of the read kernel)\n",
                     K, ring.ctas_per_sm, occupancy, ring.stages, kModeNames[mode],
                     t.median_ms * 1e3, used_gb / (t.median_ms * 1e-3) / 1e3,
@@ -271,7 +362,7 @@ int main() {
     }
   }
   for (auto& b : buf) CHECK_CUDA(cudaFree(b));
-  CHECK_CUDA(cudaFree(sink));
-  std::printf("summary: done\n");
-  return 0;
+  CHECK_CUDA(cudaFree(checksum));
+  std::printf("summary: %d checksum mismatches\n", mismatches);
+  return mismatches == 0 ? 0 : 1;
 }
