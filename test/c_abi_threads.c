@@ -6,8 +6,8 @@
  *   buffer cache;
  * - two threads create and destroy contexts of their own, doing the same;
  * - first, one thread captures while another allocates and frees (held until the capture ends)
- *   and is refused a wait for the whole context; the capturing thread is refused an allocation,
- *   a wait for the stream and its destruction.
+ *   and is refused a wait for the whole context and the end of the capture; the capturing thread
+ *   is refused an allocation, a wait for the stream and its destruction.
  * Routing ids include out-of-range ones, so every layer adds to its plan's invalid-id counter.
  * Usage: c_abi_threads [backend] (FMOE_BACKEND_*, default host). Exit status 0 when every call did
  * what it should and nothing was left allocated. */
@@ -171,8 +171,14 @@ static void pass_turn(int t) {
   pthread_mutex_unlock(&turn_mu);
 }
 
+struct capture_scene {
+  fmoe_context_t ctx;
+  fmoe_stream_t stream; /* the one the main thread captures */
+};
+
 static void* beside_capture(void* arg) {
-  fmoe_context_t ctx = arg;
+  const struct capture_scene* scene = arg;
+  fmoe_context_t ctx = scene->ctx;
   take_turn(1);
   void* p = NULL;
   CHECK(fmoe_alloc(ctx, 4096, &p)); /* another thread may allocate */
@@ -180,6 +186,9 @@ static void* beside_capture(void* arg) {
   expect_refusal(fmoe_context_synchronize(ctx), "fmoe_context_synchronize", FMOE_ERR_INVALID_STATE,
                  "another thread is capturing");
   CHECK(fmoe_free(ctx, p)); /* held until the capture ends */
+  fmoe_graph_t stolen = NULL;
+  expect_refusal(fmoe_graph_capture_end(ctx, scene->stream, &stolen),
+                 "fmoe_graph_capture_end", FMOE_ERR_INVALID_STATE, "another thread began");
   pass_turn(2);
   return NULL;
 }
@@ -192,7 +201,8 @@ static void capture_beside_another_thread(void) {
   void* buf = NULL;
   CHECK(fmoe_alloc(ctx, 256, &buf));
   pthread_t other;
-  if (pthread_create(&other, NULL, beside_capture, ctx) != 0) exit(2);
+  struct capture_scene scene = {ctx, stream};
+  if (pthread_create(&other, NULL, beside_capture, &scene) != 0) exit(2);
   CHECK(fmoe_graph_capture_begin(ctx, stream));
   void* refused = NULL;
   expect_refusal(fmoe_alloc(ctx, 64, &refused), "fmoe_alloc", FMOE_ERR_INVALID_STATE,

@@ -432,6 +432,11 @@ extern "C" FMOE_API int fmoe_graph_capture_end(fmoe_context_t ctx, fmoe_stream_t
     if (!ctx->backend->is_capturing(s))
       return set_error(FMOE_ERR_INVALID_STATE,
                        "fmoe_graph_capture_end: the stream is not capturing");
+    const auto began = ctx->capture_threads.find(stream);
+    if (began != ctx->capture_threads.end() && began->second != std::this_thread::get_id())
+      return set_error(FMOE_ERR_INVALID_STATE,
+                       "fmoe_graph_capture_end: another thread began this capture, and only it "
+                       "may end it (as CUDA's thread-local capture requires)");
     BackendGraph* impl = nullptr;
     const Status ended = ctx->backend->capture_end(s, &impl);
     // A failed end still ends the capture (an invalidated one, say) unless the backend says not.

@@ -213,10 +213,11 @@ FMOE_API int fmoe_stream_synchronize(fmoe_context_t ctx, fmoe_stream_t stream);
  * Between begin and end, ops and memcpy/memset on `stream` are recorded, not run (device-to-host
  * and host-to-device copies may not be captured: FMOE_ERR_INVALID_STATE). A replay reads the
  * buffers' contents at replay time, so new routing written to the same buffers takes effect.
- * The thread that began a capture may not, until it ends it, allocate (fmoe_alloc) or create a
- * plan; no thread may wait for the whole context (fmoe_context_synchronize), or wait for or
- * destroy the capturing stream: FMOE_ERR_INVALID_STATE on every backend (CUDA captures in thread-local mode, which
- * forbids those calls; other threads may allocate).
+ * Only the thread that began a capture may end it, and until it does it may not allocate
+ * (fmoe_alloc) or create a plan; no thread may wait for the whole context
+ * (fmoe_context_synchronize), or wait for or destroy the capturing stream. Each is
+ * FMOE_ERR_INVALID_STATE on every backend (CUDA captures in thread-local mode, which forbids those
+ * calls; other threads may allocate).
  * ------------------------------------------------------------------------------------------- */
 typedef struct fmoe_graph_s* fmoe_graph_t;
 FMOE_API int fmoe_graph_capture_begin(fmoe_context_t ctx, fmoe_stream_t stream);
