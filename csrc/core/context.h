@@ -60,8 +60,8 @@ struct fmoe_context_s {
   std::set<fmoe_event_s*> events;
   std::set<fmoe_plan_s*> plans;
   // The thread that began each capture still open, by stream (nullptr: the default stream). CUDA
-  // captures in thread-local mode: until the capture ends, that thread may not allocate, free or
-  // wait for the device, while other threads may. The core refuses those calls on that thread
+  // captures in thread-local mode: until the capture ends, that thread may not allocate or wait
+  // for the device, while other threads may allocate. The core refuses those calls on that thread
   // alike on every backend, so code that runs on the host backend runs on CUDA.
   std::map<fmoe_stream_s*, std::thread::id> capture_threads;
   // Buffers fmoe_free took while a stream captured (no free may run then, from any thread): the
