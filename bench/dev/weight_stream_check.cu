@@ -136,20 +136,52 @@ __global__ void __launch_bounds__(kThreads) stream_kernel(const __grid_constant_
     ptx::mbar_fence_init();
   }
   __syncthreads();
+  // rm+x modes: the whole warp, as the MXFP8 decode producer (lane 0's box, every lane's side
+  // copies); the other modes: lane 0 alone.
   const bool side_copies = a.mode == kWithX || a.mode == kWithXScales;
   if (warp == 0) {
-    if (side_copies) {
-      // The whole warp, as the MXFP8 decode producer: lane 0's box, every lane's side copies.
-      int stage = 0;
-      uint32_t phase = 0;
-      for (int item = blockIdx.x; item < a.items; item += gridDim.x) {
-        for (int kb = 0; kb < a.k_blocks; ++kb) {
-          ptx::mbar_wait(&empty[stage], phase ^ 1);
-          uint8_t* dst = smem + stage * kStageBytes;
-          if (lane == 0) {
-            ptx::mbar_arrive_expect_tx(&full[stage], kStageBytes);
-            ptx::tma_load_2d(dst, &tm, &full[stage], kb * 64, item * 64);
+    if (!side_copies && lane != 0) return;
+    int stage = 0;
+    uint32_t phase = 0;
+    for (int item = blockIdx.x; item < a.items; item += gridDim.x) {
+      for (int kb = 0; kb < a.k_blocks; ++kb) {
+        ptx::mbar_wait(&empty[stage], phase ^ 1);
+        uint8_t* dst = smem + stage * kStageBytes;
+        if (lane == 0) {
+          ptx::mbar_arrive_expect_tx(&full[stage], kStageBytes);
+          const int64_t tile = int64_t(item) * a.k_blocks + kb;
+          switch (a.mode) {
+            case kRowMajor:  // coordinates in bf16 elements: 64 per 128 bytes
+            case kWithX:
+            case kWithXScales:
+              ptx::tma_load_2d(dst, &tm, &full[stage], kb * 64, item * 64);
+              break;
+            case kGateUp:
+              ptx::tma_load_2d(dst, &tm, &full[stage], kb * 64, item * 32);
+              ptx::tma_load_2d(dst + kStageBytes / 2, &tm, &full[stage], kb * 64,
+                               a.half_rows + item * 32);
+              break;
+            case kRows256:
+              ptx::tma_load_2d(dst, &tm, &full[stage], kb * 128, item * 32);
+              ptx::tma_load_2d(dst + kStageBytes / 2, &tm, &full[stage], kb * 128 + 64, item * 32);
+              break;
+            case kTiled:
+              ptx::tma_load_2d(dst, &tm, &full[stage], 0, int32_t(tile * 64));
+              break;
+            case kTiled32:
+              ptx::tma_load_2d(dst, &tm, &full[stage], 0, int32_t(tile * 32));
+              ptx::tma_load_2d(dst + kStageBytes / 2, &tm, &full[stage], 0,
+                               int32_t((a.half_tiles + tile) * 32));
+              break;
+            case kBulk:
+              bulk_load(dst, a.base + tile * kStageBytes, kStageBytes, &full[stage]);
+              break;
+            default:  // the 4-D views
+              tma_load_4d(dst, &tm, &full[stage], 0, 0, kb, item);
+              break;
           }
+        }
+        if (side_copies) {
           uint8_t* side = smem + kStages * kStageBytes + 2 * kStages * 8 + stage * 2048;
 #pragma unroll
           for (int i = 0; i < kTokens / 4; ++i) {
@@ -167,47 +199,6 @@ __global__ void __launch_bounds__(kThreads) stream_kernel(const __grid_constant_
             }
           }
           ptx::cp_async_mbar_arrive_noinc(&full[stage]);
-          ptx::next_stage<kStages>(stage, phase);
-        }
-      }
-      return;
-    }
-    if (lane != 0) return;
-    int stage = 0;
-    uint32_t phase = 0;
-    for (int item = blockIdx.x; item < a.items; item += gridDim.x) {
-      for (int kb = 0; kb < a.k_blocks; ++kb) {
-        ptx::mbar_wait(&empty[stage], phase ^ 1);
-        uint8_t* dst = smem + stage * kStageBytes;
-        ptx::mbar_arrive_expect_tx(&full[stage], kStageBytes);
-        const int64_t tile = int64_t(item) * a.k_blocks + kb;
-        switch (a.mode) {
-          case kRowMajor:  // coordinates in bf16 elements: 64 per 128 bytes
-            ptx::tma_load_2d(dst, &tm, &full[stage], kb * 64, item * 64);
-            break;
-          case kGateUp:
-            ptx::tma_load_2d(dst, &tm, &full[stage], kb * 64, item * 32);
-            ptx::tma_load_2d(dst + kStageBytes / 2, &tm, &full[stage], kb * 64,
-                             a.half_rows + item * 32);
-            break;
-          case kRows256:
-            ptx::tma_load_2d(dst, &tm, &full[stage], kb * 128, item * 32);
-            ptx::tma_load_2d(dst + kStageBytes / 2, &tm, &full[stage], kb * 128 + 64, item * 32);
-            break;
-          case kTiled:
-            ptx::tma_load_2d(dst, &tm, &full[stage], 0, int32_t(tile * 64));
-            break;
-          case kTiled32:
-            ptx::tma_load_2d(dst, &tm, &full[stage], 0, int32_t(tile * 32));
-            ptx::tma_load_2d(dst + kStageBytes / 2, &tm, &full[stage], 0,
-                             int32_t((a.half_tiles + tile) * 32));
-            break;
-          case kBulk:
-            bulk_load(dst, a.base + tile * kStageBytes, kStageBytes, &full[stage]);
-            break;
-          default:  // the 4-D views
-            tma_load_4d(dst, &tm, &full[stage], 0, 0, kb, item);
-            break;
         }
         ptx::next_stage<kStages>(stage, phase);
       }
