@@ -916,6 +916,45 @@ describe.skipIf(SKIP)("CUDA backend vs host backend", () => {
     }
   }
 
+  // The decode chain under full load at rows of 4096 bytes and more (H = I = 4096: FC1's 1024
+  // items fill every CTA slot twice; MXFP8 weight rows of 4096 bytes, bf16 of 8192): a race
+  // between a stage's copies and its readers would show as a forward that differs from the first.
+  // Weights are filled on the device from a pool of random values (1.1 GB of bf16 per layer).
+  for (const format of ["bf16", "mxfp8"] as const) {
+    seededTest(`FusedMoE ${format} decode at H = I = 4096 under full load: 50 forwards of one input, bit for bit the first`, (rng) => {
+      const x = gpu();
+      const H = 4096, I = 4096, E = 8, topk = 2;
+      using pool = x.upload(randBf16(rng, 1 << 22, 1 / 64), [1 << 22], "bf16");
+      const fill = (t: Tensor): Tensor => {
+        let done = 0, shift = 0;
+        while (done < t.numel) {
+          shift = (shift + 104729) % (pool.numel >> 1);
+          const n = Math.min(t.numel - done, pool.numel - shift);
+          t.view(done, [n]).copyFrom(pool.view(shift, [n]));
+          done += n;
+        }
+        return t;
+      };
+      using f1 = fill(x.empty([E, 2 * I, H], "bf16"));
+      using f2 = fill(x.empty([E, H, I], "bf16"));
+      using moe = new FusedMoE(x, { hidden: H, ffn: I, numExperts: E, topk, activation: "silu", weightFormat: format, maxTokens: 8 }, { fc1: f1, fc2: f2 });
+      for (const T of [8, 1]) {
+        const r = makeRouting(rng, T, E, topk);
+        using hidden = x.upload(randBf16(rng, T * H), [T, H], "bf16");
+        using routingMap = x.upload(r.routingMap, [T, topk], "i32");
+        using probs = x.upload(r.probs, [T, topk], "f32");
+        using out = x.empty([T, H], "bf16");
+        moe.forward({ hidden, routingMap, probs, out });
+        const first = out.download();
+        expectNonZero(bf16ToF32(first), `${format} T = ${T}`);
+        for (let i = 0; i < 50; ++i) {
+          moe.forward({ hidden, routingMap, probs, out });
+          expectBitExact(out.download(), first, `${format} T = ${T}, forward ${i + 2}`);
+        }
+      }
+    }, 120_000);
+  }
+
   seededTest("two FusedMoE plans on two streams at once give the results of each run alone", (rng) => {
     const x = gpu();
     const layers = [
