@@ -232,12 +232,9 @@ Status fmoe::refuse_on_capturing_thread(fmoe_context_s* ctx, const char* fn, con
 }
 
 namespace {
-bool any_stream_capturing(fmoe_context_s* ctx) {
-  if (ctx->backend->is_capturing(nullptr)) return true;
-  for (fmoe_stream_s* s : ctx->streams)
-    if (ctx->backend->is_capturing(s->impl)) return true;
-  return false;
-}
+// capture_threads holds exactly the streams whose capture began and has not ended: no backend
+// query per stream on every allocation and free.
+bool any_stream_capturing(const fmoe_context_s* ctx) { return !ctx->capture_threads.empty(); }
 
 std::vector<BackendStream*> all_streams(fmoe_context_s* ctx) {
   std::vector<BackendStream*> streams{nullptr};
