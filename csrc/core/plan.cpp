@@ -123,12 +123,18 @@ void plan_registry_remove(fmoe_plan_s* plan) {
   plan_registry().erase(plan);
 }
 
+namespace {
+// The invalid-id counter's allocation: a size class of the buffer cache, which takes it back at
+// the plan's end.
+size_t counter_capacity() { return BufferCache::size_class(sizeof(int32_t)); }
+}  // namespace
+
 Status plan_release(fmoe_context_s* ctx, fmoe_plan_s* plan) {
   plan_registry_remove(plan);
   // A captured graph or queued work may still use the counter: the release waits for neither.
   Status st = FMOE_OK;
   if (plan->invalid_counter != nullptr)
-    st = release_buffer(ctx, plan->invalid_counter, BufferCache::size_class(sizeof(int32_t)));
+    st = release_buffer(ctx, plan->invalid_counter, counter_capacity());
   delete plan;
   return st;
 }
@@ -170,8 +176,7 @@ extern "C" FMOE_API int fmoe_plan_create(fmoe_context_t ctx, const fmoe_plan_des
         "before fmoe_graph_capture_begin)"));
     Backend& b = *ctx->backend;
     void* counter = nullptr;
-    // Of a size class of the cache, which takes it back at the plan's end.
-    FMOE_TRY(b.alloc(BufferCache::size_class(sizeof(int32_t)), &counter));
+    FMOE_TRY(b.alloc(counter_capacity(), &counter));
     // Zero it on a stream of its own and wait: the default stream may be capturing (the memset
     // would be recorded, not run), and the counter must be ready for every stream.
     BackendStream* tmp = nullptr;
