@@ -248,16 +248,10 @@ __global__ void fill_bytes(uint32_t* p, int64_t words, uint32_t seed) {
     p[i] = hash64(i, seed);
 }
 
-template <int kStages>
-void launch_stream(const CUtensorMap& tm, const StreamArgs& a, int grid, int smem_bytes) {
-  stream_kernel<kStages><<<grid, kThreads, smem_bytes>>>(tm, a);
-  CHECK_CUDA(cudaGetLastError());
-}
-
-template <int kStages>
-void set_smem(int smem_bytes) {
-  CHECK_CUDA(cudaFuncSetAttribute(stream_kernel<kStages>,
-                                  cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
+// The kernel of a ring of `stages` stages (the rings main() runs: 4, 7, 10).
+using StreamKernel = void (*)(CUtensorMap, StreamArgs);
+StreamKernel stream_kernel_for(int stages) {
+  return stages == 4 ? stream_kernel<4> : stages == 7 ? stream_kernel<7> : stream_kernel<10>;
 }
 
 }  // namespace
@@ -382,24 +376,15 @@ int main(int argc, char** argv) {
           continue;
         }
         const int grid = std::min(a[0].items, sms * ring.ctas_per_sm);
+        const StreamKernel kernel = stream_kernel_for(ring.stages);
         auto run = [&] {
           const int b = pass++ & 1;
-          switch (ring.stages) {
-            case 4: launch_stream<4>(tm[b], a[b], grid, smem); break;
-            case 7: launch_stream<7>(tm[b], a[b], grid, smem); break;
-            default: launch_stream<10>(tm[b], a[b], grid, smem); break;
-          }
+          kernel<<<grid, kThreads, smem>>>(tm[b], a[b]);
+          CHECK_CUDA(cudaGetLastError());
         };
-        switch (ring.stages) {
-          case 4: set_smem<4>(smem); break;
-          case 7: set_smem<7>(smem); break;
-          default: set_smem<10>(smem); break;
-        }
+        CHECK_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
         int occupancy = 0;
-        CHECK_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-            &occupancy,
-            ring.stages == 4 ? stream_kernel<4> : ring.stages == 7 ? stream_kernel<7> : stream_kernel<10>,
-            kThreads, smem));
+        CHECK_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occupancy, kernel, kThreads, smem));
         // One launch on buffer 0 for the checksum, then the timed ones.
         CHECK_CUDA(cudaMemset(checksum, 0, 4));
         pass = 0;
