@@ -924,19 +924,11 @@ describe.skipIf(SKIP)("CUDA backend vs host backend", () => {
     seededTest(`FusedMoE ${format} decode at H = I = 4096 under full load: 50 forwards of one input, bit for bit the first`, (rng) => {
       const x = gpu();
       const H = 4096, I = 4096, E = 8, topk = 2;
-      using pool = x.upload(randBf16(rng, 1 << 22, 1 / 64), [1 << 22], "bf16");
-      const fill = (t: Tensor): Tensor => {
-        let done = 0, shift = 0;
-        while (done < t.numel) {
-          shift = (shift + 104729) % (pool.numel >> 1);
-          const n = Math.min(t.numel - done, pool.numel - shift);
-          t.view(done, [n]).copyFrom(pool.view(shift, [n]));
-          done += n;
-        }
-        return t;
-      };
-      using f1 = fill(x.empty([E, 2 * I, H], "bf16"));
-      using f2 = fill(x.empty([E, H, I], "bf16"));
+      using pool = makePool(rng, x, 1 / 64);
+      using f1 = x.empty([E, 2 * I, H], "bf16");
+      using f2 = x.empty([E, H, I], "bf16");
+      fillFromPool(f1, pool);
+      fillFromPool(f2, pool);
       using moe = new FusedMoE(x, { hidden: H, ffn: I, numExperts: E, topk, activation: "silu", weightFormat: format, maxTokens: 8 }, { fc1: f1, fc2: f2 });
       for (const T of [8, 1]) {
         const r = makeRouting(rng, T, E, topk);
