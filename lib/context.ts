@@ -4,7 +4,7 @@
 import { type DType, DTYPES, type ElementArray, isDType } from "./dtype.ts";
 import { checkOptions, describeValue, FmoeError, optionNames, Status } from "./errors.ts";
 import * as ffi from "./ffi.ts";
-import { Graph } from "./graph.ts";
+import { Graph, type LaunchGuard } from "./graph.ts";
 import { ContextState, registerFinalizer, unregisterFinalizer } from "./lifetime.ts";
 import { hostArrayFor, shapeNumel, Tensor } from "./tensor.ts";
 
@@ -88,9 +88,10 @@ export class Context {
 
   /** @internal Shared with every child (see lifetime.ts). */
   readonly _state: ContextState;
-  // Tensors touched by ops on a capturing stream (keyed by stream handle): the graph keeps them
-  // alive, since replaying over a freed buffer would corrupt memory.
-  readonly #captures = new Map<number, Set<Tensor>>();
+  // Per capturing stream (keyed by its handle): the tensors its ops touch, which the graph keeps
+  // alive, since replaying over a freed buffer would corrupt memory; and the launch guards of
+  // what was captured (a FusedMoE: one workspace, whose calls and replays must not overlap).
+  readonly #captures = new Map<number, { tensors: Set<Tensor>; guards: Set<LaunchGuard> }>();
   // Created on the first upload or downloadAsync (see _transferStream).
   #transferStream: Stream | undefined;
 
@@ -285,7 +286,7 @@ export class Context {
     checkCallback("capture", body);
     if (this.#captures.has(s)) throw new FmoeError(Status.INVALID_STATE, "capture: the stream is already capturing");
     ffi.graphCaptureBegin(this._handle, s);
-    const used = new Set<Tensor>();
+    const used = { tensors: new Set<Tensor>(), guards: new Set<LaunchGuard>() };
     this.#captures.set(s, used);
     let failure: unknown;
     let failed = false;
@@ -306,7 +307,7 @@ export class Context {
       if (handle !== 0) ffi.graphDestroy(this._handle, handle);
       throw failure;
     }
-    return new Graph(this, handle, [...used]);
+    return new Graph(this, handle, [...used.tensors], [...used.guards]);
   }
 
   /**
@@ -349,9 +350,14 @@ export class Context {
       if (t === undefined) continue;
       t.assertAlive(fn);
       if (t.ctx !== this) throw new FmoeError(Status.INVALID_ARGUMENT, `${fn}: ${t.toString()} belongs to another context`);
-      used?.add(t);
+      used?.tensors.add(t);
     }
     return handle;
+  }
+
+  /** @internal When `stream` is capturing, the graph will run `guard` around each launch. */
+  _guardLaunches(stream: Stream | undefined, guard: LaunchGuard): void {
+    this.#captures.get(stream?.handle ?? 0)?.guards.add(guard);
   }
 
   /**

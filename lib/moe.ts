@@ -21,7 +21,7 @@ import { Context, type Event, type Stream, type WaitOptions } from "./context.ts
 import { type DType, MX_BLOCK } from "./dtype.ts";
 import { booleanOption, checkOptions, describeValue, FmoeError, finiteOption, optionNames, shownValue, Status } from "./errors.ts";
 import * as ffi from "./ffi.ts";
-import type { Graph } from "./graph.ts";
+import type { Graph, LaunchGuard } from "./graph.ts";
 import { registerFinalizer, unregisterFinalizer } from "./lifetime.ts";
 import { quantizeMxfp8, route, type RouteScoring, unswizzleScales } from "./ops.ts";
 import { expectTensor, type Tensor } from "./tensor.ts";
@@ -201,9 +201,15 @@ export class FusedMoE {
   readonly #workspace: Tensor;
   readonly #owned: Tensor[] = [];
   #routed: { routingMap: Tensor<"i32">; probs: Tensor<"f32"> } | undefined;
-  // The stream of the last call run eagerly, and an event recorded after it: the layer has one
-  // workspace, so a call on another stream must not start while that one may still run.
+  // The stream of the last call, run eagerly or replayed by a graph, and an event recorded after
+  // it: the layer has one workspace, so a call on another stream must not start while that one
+  // may still run.
   #lastCall: { stream: number; done: Event } | undefined;
+  // Run around each launch of a graph that a call of this layer was captured into.
+  readonly #launchGuard: LaunchGuard = {
+    claim: (stream, fn) => this.#claim(stream, fn),
+    ran: (stream) => this.#ran(stream),
+  };
 
   /** Creates the plan, prepares the weights (quantize / unswizzle as needed) and the workspace. */
   constructor(ctx: Context, config: FusedMoEConfig, weights: FusedMoEWeights) {
@@ -339,21 +345,25 @@ export class FusedMoE {
     return [w.fc1, w.fc2, w.fc1Scale, w.fc2Scale, w.fc1Bias, w.fc2Bias, this.#workspace];
   }
 
-  // Refuses a call on another stream than the last one while that one may still be running:
-  // both would use the one workspace (and the routed buffers) at once, and return garbage.
+  // Refuses a call (`fn`: the caller's name; Graph.launch for a replay) on another stream than
+  // the last one while that one may still be running: both would use the one workspace (and the
+  // routed buffers) at once, and return garbage.
   #claim(stream: Stream | undefined, fn: string): void {
-    const handle = this.ctx._streamHandle(`FusedMoE.${fn}`, stream);
+    const handle = this.ctx._streamHandle(fn, stream);
     const last = this.#lastCall;
     if (this.ctx._capturing(stream) || last === undefined || last.stream === handle || last.done.query()) return;
+    const whose = fn === "Graph.launch" ? "a FusedMoE captured in this graph: the layer's" : "the layer's";
     throw new FmoeError(
       Status.INVALID_STATE,
-      `FusedMoE.${fn}: the layer's previous call, on another stream, may still be running; a layer has one workspace, ` +
-        "so its calls must not overlap on the device. Run its calls on one stream (they queue in order), wait for the " +
-        "previous one (e.g. await out.downloadAsync(stream)), or give each stream a FusedMoE of its own (weights can be shared)",
+      `${fn}: ${whose} previous call, on another stream, may still be running (an eager call or a graph's replay); a layer ` +
+        "has one workspace, so its calls must not overlap on the device. Run its calls and launch its graphs on one stream " +
+        "(they queue in order), wait for the previous one (e.g. await out.downloadAsync(stream)), or give each stream a " +
+        "FusedMoE of its own (weights can be shared)",
     );
   }
 
-  // After an eager call on `stream`: remembers it for #claim (captured calls run only as graphs).
+  // After a call on `stream`, eager or a graph's replay: remembers it for #claim. A call on a
+  // capturing stream runs nothing now, only in the graph's replays.
   #ran(stream: Stream | undefined): void {
     if (this.ctx._capturing(stream)) return;
     this.#lastCall ??= { stream: 0, done: this.ctx.createEvent() };
@@ -368,6 +378,7 @@ export class FusedMoE {
       if (t?.disposed) t.assertAlive(`FusedMoE: weights.${name} (the layer borrows it: dispose weights after the layer)`);
     }
     const handle = this.ctx._use("FusedMoE", stream, [...tensors, ...this.#weightTensors()]);
+    this.ctx._guardLaunches(stream, this.#launchGuard);
     const w = this.weights;
     ffi.fusedMoe(plan, handle, {
       ...fields,
@@ -406,7 +417,7 @@ export class FusedMoE {
     const hidden = this.#checkTensor("hidden", args.hidden, "bf16", [null, c.hidden], "[T, H]");
     const T = hidden.shape[0]!;
     if (T > c.maxTokens) fail(`hidden has ${T} tokens, more than maxTokens (${c.maxTokens})`);
-    this.#claim(args.stream, "forward");
+    this.#claim(args.stream, "FusedMoE.forward");
     let routing: Tensor;
     let probs: Tensor;
     let routeFrom: { logits: Tensor; router: NonNullable<typeof c.router> } | undefined;
@@ -450,7 +461,7 @@ export class FusedMoE {
     if (rows > c.maxTokens * c.topk) fail(`hidden has ${rows} rows, more than maxTokens * topk (${c.maxTokens * c.topk})`);
     const tpe = this.#checkTensor("tokensPerExpert", args.tokensPerExpert, "i32", [c.numLocalExperts], "[E_local]");
     const probs = this.#checkTensor("probs", args.probs, "f32", [rows], "[rows]");
-    this.#claim(args.stream, "forwardGrouped");
+    this.#claim(args.stream, "FusedMoE.forwardGrouped");
     const { out, allocated } = this.#output(args.out, rows);
     try {
       this.#run({ hidden: hidden.ptr, tokens_per_expert: tpe.ptr, probs: probs.ptr, output: out.ptr, num_tokens: rows }, [hidden, tpe, probs, out], args.stream);
@@ -464,7 +475,9 @@ export class FusedMoE {
   /**
    * Records forward (or forwardGrouped, when `tokensPerExpert` is given) on `stream` into a
    * Graph. `out` is required (no allocation under capture). Replays read the tensors' current
-   * contents: write new tokens / routing / probs into the same tensors and launch again.
+   * contents: write new tokens / routing / probs into the same tensors and launch again. A
+   * replay counts as a call of the layer: Graph.launch is refused on another stream than the
+   * layer's last call while that one may still run, as forward is.
    */
   capture(args: (ForwardArgs | ForwardGroupedArgs) & { out: Tensor; stream?: Stream }): Graph {
     checkOptions("FusedMoE.capture", "args", args, CAPTURE_OPTIONS);

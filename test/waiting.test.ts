@@ -90,6 +90,53 @@ describe("waiting without blocking (host)", () => {
     expectBitExact(out.download(other), expected, "the graph captured meanwhile");
   });
 
+  seededTest("a graph's replay counts as a call of each layer captured in it: refused on another stream while the layer's last call may still run, and it refuses the next call there", async (rng) => {
+    const x = ctx();
+    const [T, H, I, E, topk] = [1 + rng.int(20), 64, 32, 4, 2];
+    using fc1 = x.upload(randWeights(rng, E, 2 * I, H), [E, 2 * I, H], "bf16");
+    using fc2 = x.upload(randWeights(rng, E, H, I), [E, H, I], "bf16");
+    using moe = new FusedMoE(x, { hidden: H, ffn: I, numExperts: E, topk, activation: "silu", maxTokens: 32 }, { fc1, fc2 });
+    using idle = new FusedMoE(x, { hidden: H, ffn: I, numExperts: E, topk, activation: "silu", maxTokens: 32 }, { fc1, fc2 });
+    const routing = randomRouting(rng, T, E, topk);
+    using hidden = x.upload(randBf16(rng, T * H), [T, H], "bf16");
+    using routingMap = x.upload(routing.routingMap, [T, topk], "i32");
+    using probs = x.upload(routing.probs, [T, topk], "f32");
+    using alone = moe.forward({ hidden, routingMap, probs });
+    const expected = alone.download();
+    using other = x.createStream();
+    using out = x.empty([T, H], "bf16");
+    using out2 = x.empty([T, H], "bf16");
+    // One graph, two layers: each is guarded on its own (`idle` has never run).
+    using graph = x.capture(other, () => {
+      moe.forward({ hidden, routingMap, probs, out, stream: other });
+      idle.forward({ hidden, routingMap, probs, out: out2, stream: other });
+    });
+    // The layer's call queued behind ~0.1 s of products on its stream: a replay elsewhere would
+    // share its workspace with it.
+    using work = queueLongWork(x, rng, 512, 512, 512, 4);
+    using first = moe.forward({ hidden, routingMap, probs, stream: work.stream });
+    out.fill(0xff, other);
+    const refused = "a FusedMoE captured in this graph: the layer's previous call, on another stream, may still be running";
+    expectFmoe(() => graph.launch(other), STATE, "Graph.launch", refused);
+    expectFmoe(() => graph.launch(), STATE, "Graph.launch", "another stream");
+    expect(new Uint16Array(out.download(other)).every((v) => v === 0xffff)).toBe(true); // nothing launched
+    // On the layer's stream the replay queues behind the call, and becomes the layer's last call:
+    // both layers' next calls elsewhere are refused until it has run.
+    graph.launch(work.stream);
+    expect(work.done.query()).toBe(false);
+    expectFmoe(() => moe.forward({ hidden, routingMap, probs, stream: other }), STATE, "FusedMoE.forward", "previous call, on another stream, may still be running");
+    expectFmoe(() => idle.forward({ hidden, routingMap, probs, stream: other }), STATE, "FusedMoE.forward", "another stream");
+    expectBitExact(await out.downloadAsync(work.stream), expected, "the replay queued behind the call");
+    expectBitExact(out2.download(work.stream), expected, "the second layer's replay");
+    expectBitExact(first.download(), expected, "the call");
+    // Once it has run: the replay on the other stream, and the layers' calls after it there.
+    out.fill(0xff, other);
+    graph.launch(other);
+    using later = moe.forward({ hidden, routingMap, probs, stream: other });
+    expectBitExact(out.download(other), expected, "the replay on the other stream");
+    expectBitExact(later.download(other), expected, "the call after it, on its stream");
+  });
+
   seededTest("an event's newest record decides whether it is complete, as on CUDA", async (rng) => {
     const x = ctx();
     using work = queueLongWork(x, rng, 512, 512, 512, 4);
