@@ -176,6 +176,10 @@ export function resolveConfig(config: FusedMoEConfig): ResolvedFusedMoEConfig {
   return resolved;
 }
 
+// A layer's last call (FusedMoE.#lastCall): its stream and handle, an event, and whether the event
+// was recorded after that call.
+type LastCall = { stream: Stream | undefined; handle: number; done: Event; recorded: boolean };
+
 /**
  * A fused MoE layer on a context.
  *
@@ -201,14 +205,16 @@ export class FusedMoE {
   readonly #workspace: Tensor;
   readonly #owned: Tensor[] = [];
   #routed: { routingMap: Tensor<"i32">; probs: Tensor<"f32"> } | undefined;
-  // The stream of the last call, run eagerly or replayed by a graph, and an event recorded after
-  // it: the layer has one workspace, so a call on another stream must not start while that one
-  // may still run.
-  #lastCall: { stream: number; done: Event } | undefined;
+  // The layer's last call, run eagerly or replayed by a graph: its stream, and an event recorded
+  // after it (the layer has one workspace, so a call on another stream must not start while that
+  // one may still run). An eager call records the event at once; a replay leaves it to the next
+  // call on another stream (#probeReplay): a record after every replay costs about a microsecond
+  // of device time per replay at decode (bench/NOTES.md item 112).
+  #lastCall: LastCall | undefined;
   // Run around each launch of a graph that a call of this layer was captured into.
   readonly #launchGuard: LaunchGuard = {
     claim: (stream, fn) => this.#claim(stream, fn),
-    ran: (stream) => this.#ran(stream),
+    ran: (stream) => this.#ran(stream, true),
   };
 
   /** Creates the plan, prepares the weights (quantize / unswizzle as needed) and the workspace. */
@@ -351,24 +357,45 @@ export class FusedMoE {
   #claim(stream: Stream | undefined, fn: string): void {
     const handle = this.ctx._streamHandle(fn, stream);
     const last = this.#lastCall;
-    if (this.ctx._capturing(stream) || last === undefined || last.stream === handle || last.done.query()) return;
+    if (this.ctx._capturing(stream) || last === undefined || last.handle === handle) return;
+    if ((last.recorded || this.#probeReplay(last)) && last.done.query()) return;
     const whose = fn === "Graph.launch" ? "a FusedMoE captured in this graph: the layer's" : "the layer's";
     throw new FmoeError(
       Status.INVALID_STATE,
-      `${fn}: ${whose} previous call, on another stream, may still be running (an eager call or a graph's replay); a layer ` +
-        "has one workspace, so its calls must not overlap on the device. Run its calls and launch its graphs on one stream " +
-        "(they queue in order), wait for the previous one (e.g. await out.downloadAsync(stream)), or give each stream a " +
-        "FusedMoE of its own (weights can be shared)",
+      `${fn}: ${whose} previous call, on another stream, may still be running (an eager call, or a graph's replay and ` +
+        "what was queued after it); a layer has one workspace, so its calls must not overlap on the device. Run its calls " +
+        "and launch its graphs on one stream (they queue in order), wait for the previous one (e.g. await " +
+        "out.downloadAsync(stream)), or give each stream a FusedMoE of its own (weights can be shared)",
     );
+  }
+
+  // The last call was a replay: records the event on its stream now (it then also covers what was
+  // queued there after the replay) and gives a stream that has finished up to 2 ms to reach the
+  // record. False when it cannot be recorded: the stream captures (the replay may still run).
+  // A disposed stream cannot take a record: the context's whole work is waited for instead.
+  #probeReplay(last: LastCall): boolean {
+    if (last.stream?.disposed) {
+      this.ctx.synchronize();
+    } else {
+      if (this.ctx._capturing(last.stream)) return false;
+      last.done.record(last.stream);
+      const until = performance.now() + 2;
+      while (!last.done.query() && performance.now() < until);
+    }
+    last.recorded = true;
+    return true;
   }
 
   // After a call on `stream`, eager or a graph's replay: remembers it for #claim. A call on a
   // capturing stream runs nothing now, only in the graph's replays.
-  #ran(stream: Stream | undefined): void {
+  #ran(stream: Stream | undefined, replay: boolean): void {
     if (this.ctx._capturing(stream)) return;
-    this.#lastCall ??= { stream: 0, done: this.ctx.createEvent() };
-    this.#lastCall.done.record(stream);
-    this.#lastCall.stream = stream?.handle ?? 0;
+    this.#lastCall ??= { stream: undefined, handle: 0, done: this.ctx.createEvent(), recorded: false };
+    const last = this.#lastCall;
+    if (!replay) last.done.record(stream);
+    last.stream = stream;
+    last.handle = stream?.handle ?? 0;
+    last.recorded = !replay;
   }
 
   #run(fields: ffi.MoeFields, tensors: (Tensor | undefined)[], stream: Stream | undefined): void {
@@ -391,7 +418,7 @@ export class FusedMoE {
       workspace: this.#workspace.ptr,
       workspace_bytes: this.workspaceBytes,
     });
-    this.#ran(stream);
+    this.#ran(stream, false);
   }
 
   #output(given: Tensor | undefined, rows: number): { out: Tensor<"bf16">; allocated: boolean } {

@@ -135,6 +135,29 @@ describe("waiting without blocking (host)", () => {
     using later = moe.forward({ hidden, routingMap, probs, stream: other });
     expectBitExact(out.download(other), expected, "the replay on the other stream");
     expectBitExact(later.download(other), expected, "the call after it, on its stream");
+    // A replay's stream that has finished lets the next call elsewhere run at once (the replay
+    // records nothing itself; that call records and checks it).
+    graph.launch(other);
+    await other.synchronizeAsync();
+    using elsewhere = moe.forward({ hidden, routingMap, probs, stream: work.stream });
+    expectBitExact(elsewhere.download(work.stream), expected, "a call on another stream after the replay ran");
+    // A replay on a stream disposed since: the call elsewhere waits for the context's work, then runs.
+    const brief = x.createStream();
+    graph.launch(brief);
+    brief.dispose();
+    using afterDisposed = moe.forward({ hidden, routingMap, probs, stream: other });
+    expectBitExact(afterDisposed.download(other), expected, "a call after a replay on a disposed stream");
+    expectBitExact(out.download(), expected, "that replay");
+    // A replay on a stream that captures now: whether it has run cannot be asked there, so a call
+    // elsewhere is refused until the capture ends.
+    graph.launch(work.stream);
+    await work.stream.synchronizeAsync();
+    using capturedFill = x.capture(work.stream, () => {
+      out2.fill(0, work.stream);
+      expectFmoe(() => moe.forward({ hidden, routingMap, probs, out: later, stream: other }), STATE, "FusedMoE.forward", "another stream");
+    });
+    using last = moe.forward({ hidden, routingMap, probs, stream: other });
+    expectBitExact(last.download(other), expected, "a call once the capture has ended");
   });
 
   seededTest("an event's newest record decides whether it is complete, as on CUDA", async (rng) => {
