@@ -370,7 +370,7 @@ export class FusedMoE {
   }
 
   // The last call was a replay: records the event on its stream now (it then also covers what was
-  // queued there after the replay) and gives a stream that has finished up to 2 ms to reach the
+  // queued there after the replay) and gives a stream that has finished up to 20 ms to reach the
   // record. False when it cannot be recorded: the stream captures (the replay may still run).
   // A disposed stream cannot take a record: the context's whole work is waited for instead.
   #probeReplay(last: LastCall): boolean {
@@ -379,7 +379,7 @@ export class FusedMoE {
     } else {
       if (this.ctx._capturing(last.stream)) return false;
       last.done.record(last.stream);
-      const until = performance.now() + 2;
+      const until = performance.now() + 20;
       while (!last.done.query() && performance.now() < until);
     }
     last.recorded = true;
