@@ -176,9 +176,9 @@ export function resolveConfig(config: FusedMoEConfig): ResolvedFusedMoEConfig {
   return resolved;
 }
 
-// A layer's last call (FusedMoE.#lastCall): its stream and handle, an event, and whether the event
-// was recorded after that call.
-type LastCall = { stream: Stream | undefined; handle: number; done: Event; recorded: boolean };
+// A layer's last call (FusedMoE.#lastCall): its stream (undefined: the default stream), an event,
+// and whether the event was recorded after that call.
+type LastCall = { stream: Stream | undefined; done: Event; recorded: boolean };
 
 /**
  * A fused MoE layer on a context.
@@ -355,9 +355,10 @@ export class FusedMoE {
   // the last one while that one may still be running: both would use the one workspace (and the
   // routed buffers) at once, and return garbage.
   #claim(stream: Stream | undefined, fn: string): void {
-    const handle = this.ctx._streamHandle(fn, stream);
+    this.ctx._streamHandle(fn, stream);
     const last = this.#lastCall;
-    if (this.ctx._capturing(stream) || last === undefined || last.handle === handle) return;
+    // The Stream itself, not its handle: a disposed stream's handle may be reused by a new one.
+    if (this.ctx._capturing(stream) || last === undefined || last.stream === stream) return;
     if ((last.recorded || this.#probeReplay(last)) && last.done.query()) return;
     const whose = fn === "Graph.launch" ? "a FusedMoE captured in this graph: the layer's" : "the layer's";
     throw new FmoeError(
@@ -390,11 +391,10 @@ export class FusedMoE {
   // capturing stream runs nothing now, only in the graph's replays.
   #ran(stream: Stream | undefined, replay: boolean): void {
     if (this.ctx._capturing(stream)) return;
-    this.#lastCall ??= { stream: undefined, handle: 0, done: this.ctx.createEvent(), recorded: false };
+    this.#lastCall ??= { stream: undefined, done: this.ctx.createEvent(), recorded: false };
     const last = this.#lastCall;
     if (!replay) last.done.record(stream);
     last.stream = stream;
-    last.handle = stream?.handle ?? 0;
     last.recorded = !replay;
   }
 
