@@ -5,25 +5,40 @@
 // bad calls reject with an FmoeError naming the argument.
 // test/cuda.test.ts checks the same waits on a device.
 import { describe, expect } from "bun:test";
-import { Context, FusedMoE, randomRouting, Status } from "../lib/index.ts";
+import { Context, FusedMoE, type FusedMoEConfig, randomRouting, type Rng, Status } from "../lib/index.ts";
 import { countEventLoopTurns, expectBitExact, expectFmoe, expectFmoeRejects, queueLongWork, randBf16, randWeights, seededTest, suiteContext } from "./helpers.ts";
 
 const ARG = Status.INVALID_ARGUMENT;
 const STATE = Status.INVALID_STATE;
+
+// A silu layer (H = 64, topk = 2) with random weights and one random input of T tokens, disposed
+// together; `config` is the layer's, for more layers over the same weights.
+function layerWithInput(x: Context, rng: Rng, T: number, I: number, E: number, more: Partial<FusedMoEConfig> = {}) {
+  const [H, topk] = [64, 2];
+  const config: FusedMoEConfig = { hidden: H, ffn: I, numExperts: E, topk, activation: "silu", maxTokens: 32, ...more };
+  const fc1 = x.upload(randWeights(rng, E, 2 * I, H), [E, 2 * I, H], "bf16");
+  const fc2 = x.upload(randWeights(rng, E, H, I), [E, H, I], "bf16");
+  const moe = new FusedMoE(x, config, { fc1, fc2 });
+  const routing = randomRouting(rng, T, E, topk);
+  const hidden = x.upload(randBf16(rng, T * H), [T, H], "bf16");
+  const routingMap = x.upload(routing.routingMap, [T, topk], "i32");
+  const probs = x.upload(routing.probs, [T, topk], "f32");
+  return {
+    H, config, fc1, fc2, moe, hidden, routingMap, probs,
+    [Symbol.dispose]() {
+      for (const o of [moe, fc1, fc2, hidden, routingMap, probs]) o.dispose();
+    },
+  };
+}
 
 describe("waiting without blocking (host)", () => {
   const ctx = suiteContext("host");
 
   seededTest("downloadAsync and toFloat32Async give download()'s bits, on a stream and on all of them", async (rng) => {
     const x = ctx();
-    const [T, H, I, E, topk] = [1 + rng.int(40), 64, 96, 6, 2];
-    using fc1 = x.upload(randWeights(rng, E, 2 * I, H), [E, 2 * I, H], "bf16");
-    using fc2 = x.upload(randWeights(rng, E, H, I), [E, H, I], "bf16");
-    using moe = new FusedMoE(x, { hidden: H, ffn: I, numExperts: E, topk, activation: "silu", maxTokens: 64 }, { fc1, fc2 });
-    const routing = randomRouting(rng, T, E, topk);
-    using hidden = x.upload(randBf16(rng, T * H), [T, H], "bf16");
-    using routingMap = x.upload(routing.routingMap, [T, topk], "i32");
-    using probs = x.upload(routing.probs, [T, topk], "f32");
+    const T = 1 + rng.int(40);
+    using layer = layerWithInput(x, rng, T, 96, 6, { maxTokens: 64 });
+    const { H, moe, hidden, routingMap, probs } = layer;
     using stream = x.createStream();
     using out = moe.forward({ hidden, routingMap, probs, stream });
     const blocking = out.download(stream);
@@ -56,14 +71,9 @@ describe("waiting without blocking (host)", () => {
 
   seededTest("a layer's call on another stream while its last one may still run is refused; after it, or on the same stream, it runs", async (rng) => {
     const x = ctx();
-    const [T, H, I, E, topk] = [1 + rng.int(20), 64, 32, 4, 2];
-    using fc1 = x.upload(randWeights(rng, E, 2 * I, H), [E, 2 * I, H], "bf16");
-    using fc2 = x.upload(randWeights(rng, E, H, I), [E, H, I], "bf16");
-    using moe = new FusedMoE(x, { hidden: H, ffn: I, numExperts: E, topk, activation: "silu", maxTokens: 32, router: {} }, { fc1, fc2 });
-    const routing = randomRouting(rng, T, E, topk);
-    using hidden = x.upload(randBf16(rng, T * H), [T, H], "bf16");
-    using routingMap = x.upload(routing.routingMap, [T, topk], "i32");
-    using probs = x.upload(routing.probs, [T, topk], "f32");
+    const [T, E] = [1 + rng.int(20), 4];
+    using layer = layerWithInput(x, rng, T, 32, E, { router: {} });
+    const { H, moe, hidden, routingMap, probs } = layer;
     using logits = x.upload(rng.f32Normal(T * E), [T, E], "f32");
     using alone = moe.forward({ hidden, routingMap, probs });
     const expected = alone.download();
@@ -92,15 +102,10 @@ describe("waiting without blocking (host)", () => {
 
   seededTest("a graph's replay counts as a call of each layer captured in it: refused on another stream while the layer's last call may still run, and it refuses the next call there", async (rng) => {
     const x = ctx();
-    const [T, H, I, E, topk] = [1 + rng.int(20), 64, 32, 4, 2];
-    using fc1 = x.upload(randWeights(rng, E, 2 * I, H), [E, 2 * I, H], "bf16");
-    using fc2 = x.upload(randWeights(rng, E, H, I), [E, H, I], "bf16");
-    using moe = new FusedMoE(x, { hidden: H, ffn: I, numExperts: E, topk, activation: "silu", maxTokens: 32 }, { fc1, fc2 });
-    using idle = new FusedMoE(x, { hidden: H, ffn: I, numExperts: E, topk, activation: "silu", maxTokens: 32 }, { fc1, fc2 });
-    const routing = randomRouting(rng, T, E, topk);
-    using hidden = x.upload(randBf16(rng, T * H), [T, H], "bf16");
-    using routingMap = x.upload(routing.routingMap, [T, topk], "i32");
-    using probs = x.upload(routing.probs, [T, topk], "f32");
+    const T = 1 + rng.int(20);
+    using layer = layerWithInput(x, rng, T, 32, 4);
+    const { H, moe, hidden, routingMap, probs } = layer;
+    using idle = new FusedMoE(x, layer.config, { fc1: layer.fc1, fc2: layer.fc2 });
     using alone = moe.forward({ hidden, routingMap, probs });
     const expected = alone.download();
     using other = x.createStream();
