@@ -1014,6 +1014,38 @@ describe.skipIf(SKIP)("CUDA backend vs host backend", () => {
     expectBitExact(await sideOut.toFloat32Async(), sideOut.toFloat32(), "toFloat32Async of the side stream's product");
   });
 
+  // test/waiting.test.ts has the cases on the host backend; here the check's event records and
+  // queries on CUDA streams.
+  seededTest("a graph's replay counts as a call of the layer captured in it: refused on another stream while the layer's last call may run, and refusing the next call there until it has run", async (rng) => {
+    const x = gpu();
+    const T = 1 + rng.int(32), H = 256, I = 128, E = 8, topk = 2;
+    using fc1 = x.upload(randWeights(rng, E, 2 * I, H), [E, 2 * I, H], "bf16");
+    using fc2 = x.upload(randWeights(rng, E, H, I), [E, H, I], "bf16");
+    using moe = new FusedMoE(x, { hidden: H, ffn: I, numExperts: E, topk, activation: "silu", maxTokens: 32 }, { fc1, fc2 });
+    const r = makeRouting(rng, T, E, topk);
+    using hidden = x.upload(randBf16(rng, T * H), [T, H], "bf16");
+    using routingMap = x.upload(r.routingMap, [T, topk], "i32");
+    using probs = x.upload(r.probs, [T, topk], "f32");
+    using alone = moe.forward({ hidden, routingMap, probs });
+    const expected = alone.download();
+    using other = x.createStream();
+    using out = x.empty([T, H], "bf16");
+    using graph = moe.capture({ hidden, routingMap, probs, out, stream: other });
+    // 120 products of 2.7e11 FLOP (~50 ms on a Hopper part) ahead of the layer's call: longer than
+    // the 20 ms a call after a replay waits for the replay's stream before it is refused.
+    using work = queueLongWork(x, rng, 8192, 4096, 4096, 120);
+    using first = moe.forward({ hidden, routingMap, probs, stream: work.stream });
+    expectFmoe(() => graph.launch(other), Status.INVALID_STATE, "Graph.launch", "may still be running");
+    graph.launch(work.stream);
+    expectFmoe(() => moe.forward({ hidden, routingMap, probs, stream: other }), Status.INVALID_STATE, "FusedMoE.forward", "may still be running");
+    expect(work.done.query()).toBe(false);
+    expectBitExact(await out.downloadAsync(work.stream), expected, "the replay queued behind the call");
+    expectBitExact(first.download(), expected, "the call");
+    // The replay's stream has finished: a call elsewhere runs at once.
+    using later = moe.forward({ hidden, routingMap, probs, stream: other });
+    expectBitExact(later.download(other), expected, "a call on another stream after the replay");
+  });
+
   // FMOE_BUFFER_CACHE=0 turns the cache off (a comparison run), and this test with it.
   describe.skipIf(process.env.FMOE_BUFFER_CACHE === "0")("the buffer cache", () => {
     seededTest("a freed buffer comes back only after the work queued before its free, and the free does not wait", (rng) => {
