@@ -1031,9 +1031,9 @@ describe.skipIf(SKIP)("CUDA backend vs host backend", () => {
     using other = x.createStream();
     using out = x.empty([T, H], "bf16");
     using graph = moe.capture({ hidden, routingMap, probs, out, stream: other });
-    // 120 products of 2.7e11 FLOP (~50 ms on a Hopper part) ahead of the layer's call: longer than
-    // the 20 ms a call after a replay waits for the replay's stream before it is refused.
-    using work = queueLongWork(x, rng, 8192, 4096, 4096, 120);
+    // ~100 ms of products (2.7e11 FLOP each) ahead of the layer's call: longer than the 20 ms a
+    // call after a replay waits for the replay's stream before it is refused, on any part.
+    using work = queueLongWork(x, rng, 8192, 4096, 4096, { lastingMs: 100 });
     using first = moe.forward({ hidden, routingMap, probs, stream: work.stream });
     expectFmoe(() => graph.launch(other), Status.INVALID_STATE, "Graph.launch", "may still be running");
     graph.launch(work.stream);

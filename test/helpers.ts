@@ -308,14 +308,29 @@ function checkFmoe(err: FmoeError, code: Status, names: readonly (string | RegEx
  * Work that keeps a new stream of `x` busy for a while: `reps` grouped products of rows x n x k
  * (four groups) into `out`, and `done` recorded after them. The shapes are chosen per backend so
  * that the work lasts far longer than the host takes to queue it and look (milliseconds).
+ * `{ lastingMs }` instead of a count times two products first and queues as many as last about
+ * that long on this machine: for tests whose checks wait for the work themselves (a call after a
+ * graph replay waits up to 20 ms), which a faster machine must not finish early.
  */
-export function queueLongWork(x: Context, rng: Rng, rows: number, n: number, k: number, reps: number): { a: Tensor<"bf16">; b: Tensor<"bf16">; stream: Stream; out: Tensor<"bf16">; done: Event; [Symbol.dispose](): void } {
+export function queueLongWork(x: Context, rng: Rng, rows: number, n: number, k: number, reps: number | { lastingMs: number }): { a: Tensor<"bf16">; b: Tensor<"bf16">; stream: Stream; out: Tensor<"bf16">; done: Event; [Symbol.dispose](): void } {
   const a = x.upload(randBf16(rng, rows * k), [rows, k], "bf16");
   const b = x.upload(randWeights(rng, 4, n, k), [4, n, k], "bf16");
   const offsets = x.upload(Int32Array.of(0, rows >> 3, rows >> 1, rows - (rows >> 2), rows));
   const stream = x.createStream();
   const out = x.empty([rows, n], "bf16");
-  for (let i = 0; i < reps; ++i) groupedMmBf16(x, { a, b, groupOffsets: offsets, out, stream });
+  const product = () => groupedMmBf16(x, { a, b, groupOffsets: offsets, out, stream });
+  let count: number;
+  if (typeof reps === "number") {
+    count = reps;
+  } else {
+    product(); // the first one pays for warming up
+    stream.synchronize();
+    const t0 = performance.now();
+    product();
+    stream.synchronize();
+    count = Math.max(4, Math.ceil(reps.lastingMs / Math.max(performance.now() - t0, 1e-3)));
+  }
+  for (let i = 0; i < count; ++i) product();
   const done = x.createEvent().record(stream);
   return {
     a,

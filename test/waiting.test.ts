@@ -118,7 +118,7 @@ describe("waiting without blocking (host)", () => {
     });
     // The layer's call queued behind ~0.3 s of products on its stream: a replay elsewhere would
     // share its workspace with it. (Each refusal below after a replay first waits up to 20 ms.)
-    using work = queueLongWork(x, rng, 512, 512, 512, 12);
+    using work = queueLongWork(x, rng, 512, 512, 512, { lastingMs: 300 });
     using first = moe.forward({ hidden, routingMap, probs, stream: work.stream });
     out.fill(0xff, other);
     const refused = "a FusedMoE captured in this graph: the layer's previous call, on another stream, may still be running";
