@@ -3,7 +3,8 @@
 # kernel against a naive reference and times it). Run from the repository root after the
 # library is built (build/libfusedmoe.so: the permute check links it).
 #   bash bench/dev/run-checks.sh [name...]     names: sm90 sm90_act sm90_mx small permute
-# and, named only, stream: weight_stream_check.cu, a measurement of the copy engine's rates.
+# and, named only, stream: weight_stream_check.cu, a measurement of the copy engine's rates, and
+# gather: row_gather_check.cu, one-row copies of FC1's A rows against the permuted copy's box.
 set -uo pipefail
 out=${FMOE_CHECK_DIR:-/tmp/fmoe-checks}
 mkdir -p "$out"
@@ -15,6 +16,7 @@ declare -A build=(
   [small]="bench/dev/grouped_mm_small_check.cu csrc/cuda/grouped_mm_small.cu csrc/cuda/tensor_map.cu"
   [permute]="bench/dev/permute_check.cu -Lbuild -lfusedmoe -Xlinker -rpath,$PWD/build"
   [stream]="bench/dev/weight_stream_check.cu csrc/cuda/tensor_map.cu"
+  [gather]="bench/dev/row_gather_check.cu csrc/cuda/tensor_map.cu"
 )
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=(sm90 sm90_act sm90_mx small permute)

@@ -1,0 +1,260 @@
+// Whether the prefill GEMM's producer could gather FC1's A rows from `hidden` by one bulk tensor
+// copy per row, instead of the permute copy writing them out first (bench/NOTES.md items 10 and
+// 36 gathered with cp.async from the producer warpgroup and lost 5-15% of the GEMM). A question
+// for the producer, not a kernel of the library.
+//
+// The pattern is FC1's at qwen3 T = 8192 (65536 routed rows, k 2048, n 1536 in 256-wide tiles,
+// 128 experts' weights): persistent CTAs walk 128 x 256 tiles of k-blocks of 64 into a ring of
+// four 48 KB stages (A 128 x 64, B 256 x 64, 128-byte swizzle), two consumer warpgroups wait for
+// each stage and release it. No math: the time is what the copies alone cost.
+//   box          A as one 128-row box from the permuted copy (what the library does now)
+//   gather-1     A as 128 one-row boxes from `hidden`, all issued by lane 0
+//   gather-32    the same 128 boxes issued by the producer warp's 32 lanes, 4 each
+//   box-a, gather-32-a  A alone (no B): the copy engine's rate for each way of filling A
+// A one-row box lands at its row's 128-byte offset in the stage; the swizzle is a function of the
+// shared-memory address, so the stage must equal the one-box fill: each consumer thread sums the
+// A words it sees, weighted by their position in the stage, and every gather mode's sum must
+// equal the box mode's (MISMATCH otherwise). Rows routed nowhere (-1) are asked for at row T,
+// past the tensor, and read as zeros, as the permuted copy holds them.
+// Run with bench/dev/run-checks.sh gather.
+#include <cuda.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "check_common.cuh"
+#include "cuda/ptx/mbarrier.cuh"
+#include "cuda/ptx/tma.cuh"
+#include "cuda/tensor_map.h"
+
+namespace {
+
+using namespace fmoe;
+
+enum Mode { kBox = 0, kGather1, kGather32, kBoxA, kGather32A, kModes };
+const char* const kModeNames[] = {"box", "gather-1", "gather-32", "box-a", "gather-32-a"};
+
+constexpr int kT = 8192, kTopk = 8, kH = 2048, kN = 1536, kExperts = 128;
+constexpr int kRows = kT * kTopk;
+constexpr int kBM = 128, kBN = 256, kBK = 64, kStages = 4;
+constexpr int kABytes = kBM * kBK * 2, kBBytes = kBN * kBK * 2, kStageBytes = kABytes + kBBytes;
+constexpr int kMTiles = kRows / kBM, kNTiles = kN / kBN, kKBlocks = kH / kBK;
+constexpr int kBand = 8;  // m-tiles per raster band, m fastest inside it (the GEMM's raster)
+constexpr int kThreads = 384;
+
+struct GatherArgs {
+  int mode;
+  int verify;                // consumers sum the A words they see
+  const int32_t* row_token;  // [kRows]: the token of each routed row, or -1
+  const int32_t* tile_expert;  // [kMTiles]: the expert whose weights a row tile multiplies
+  uint32_t* checksum;
+};
+
+__device__ __forceinline__ void tile_of(int t, int& m, int& n) {
+  const int band = t / (kBand * kNTiles), in = t % (kBand * kNTiles);
+  m = band * kBand + in % kBand;
+  n = in / kBand;
+}
+
+__global__ void __launch_bounds__(kThreads, 1)
+    gather_kernel(const __grid_constant__ CUtensorMap tm_box, const __grid_constant__ CUtensorMap tm_row,
+                  const __grid_constant__ CUtensorMap tm_b, const GatherArgs a) {
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = smem_raw + ((1024 - (ptx::smem_addr(smem_raw) & 1023)) & 1023);
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + kStages * kStageBytes);
+  uint64_t* empty = full + kStages;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const bool with_b = a.mode != kBoxA && a.mode != kGather32A;
+  const bool gather = a.mode == kGather1 || a.mode == kGather32 || a.mode == kGather32A;
+  const bool warp_issues = a.mode == kGather32 || a.mode == kGather32A;
+  const uint32_t stage_tx = kABytes + (with_b ? kBBytes : 0);
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      ptx::mbar_init(&full[s], 1);
+      ptx::mbar_init(&empty[s], 8);
+    }
+    ptx::mbar_fence_init();
+  }
+  __syncthreads();
+  const int tiles = kMTiles * kNTiles;
+  if (warp == 0) {
+    if (!warp_issues && lane != 0) return;
+    int stage = 0;
+    uint32_t phase = 0;
+    for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
+      int m, n;
+      tile_of(t, m, n);
+      // Row r of the tile -> its token (the coordinate past the tensor for -1: zeros).
+      int32_t tok[kBM / 32];
+      if (gather) {
+#pragma unroll
+        for (int i = 0; i < kBM / 32; ++i) {
+          const int32_t v = a.row_token[m * kBM + lane + 32 * i];
+          tok[i] = v < 0 ? kT : v;
+        }
+      }
+      const int b_row = a.tile_expert[m] * kN + n * kBN;
+      for (int kb = 0; kb < kKBlocks; ++kb) {
+        ptx::mbar_wait(&empty[stage], phase ^ 1);
+        uint8_t* sa = smem + stage * kStageBytes;
+        if (lane == 0) {
+          ptx::mbar_arrive_expect_tx(&full[stage], stage_tx);
+          if (with_b) ptx::tma_load_2d(sa + kABytes, &tm_b, &full[stage], kb * kBK, b_row);
+        }
+        if (!gather) {
+          ptx::tma_load_2d(sa, &tm_box, &full[stage], kb * kBK, m * kBM);
+        } else if (warp_issues) {
+#pragma unroll
+          for (int i = 0; i < kBM / 32; ++i)
+            ptx::tma_load_2d(sa + (lane + 32 * i) * 128, &tm_row, &full[stage], kb * kBK, tok[i]);
+        } else {
+          for (int r = 0; r < kBM; ++r) {
+            const int32_t v = a.row_token[m * kBM + r];
+            ptx::tma_load_2d(sa + r * 128, &tm_row, &full[stage], kb * kBK, v < 0 ? kT : v);
+          }
+        }
+        ptx::next_stage<kStages>(stage, phase);
+      }
+    }
+    return;
+  }
+  if (warp < 4) return;  // the producer warpgroup's other warps
+  int stage = 0;
+  uint32_t phase = 0;
+  uint32_t acc = 0;
+  const int ct = threadIdx.x - 128;  // 0..255
+  for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
+    for (int kb = 0; kb < kKBlocks; ++kb) {
+      ptx::mbar_wait(&full[stage], phase);
+      if (a.verify) {
+        const uint4* words = reinterpret_cast<const uint4*>(smem + stage * kStageBytes);
+#pragma unroll
+        for (int i = 0; i < kABytes / 16 / 256; ++i) {
+          const uint32_t at = uint32_t(ct + 256 * i);
+          const uint4 v = words[at];
+          acc += v.x * (8 * at + 1) + v.y * (8 * at + 3) + v.z * (8 * at + 5) + v.w * (8 * at + 7);
+        }
+      }
+      __syncwarp();
+      if (lane == 0) ptx::mbar_arrive(&empty[stage]);
+      ptx::next_stage<kStages>(stage, phase);
+    }
+  }
+  if (a.verify) {
+    for (int o = 16; o > 0; o /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    if (lane == 0) atomicAdd(a.checksum, acc);
+  }
+}
+
+__global__ void fill_bf16(uint16_t* p, int64_t count, uint32_t seed) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count;
+       i += int64_t(gridDim.x) * blockDim.x)
+    p[i] = uint16_t(0x3c00u | (hash64(i, seed) & 0x03ffu)) ^ uint16_t((i & 1) << 15);
+}
+
+__global__ void permute_rows(const uint16_t* hidden, const int32_t* row_token, uint16_t* out) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < int64_t(kRows) * kH / 8;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = i / (kH / 8), c = i % (kH / 8);
+    const int32_t t = row_token[r];
+    reinterpret_cast<uint4*>(out)[i] =
+        t < 0 ? make_uint4(0, 0, 0, 0) : reinterpret_cast<const uint4*>(hidden + int64_t(t) * kH)[c];
+  }
+}
+
+}  // namespace
+
+int main() {
+  int dev = 0, sms = 0;
+  CHECK_CUDA(cudaGetDevice(&dev));
+  CHECK_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  cudaDeviceProp prop{};
+  CHECK_CUDA(cudaGetDeviceProperties(&prop, dev));
+  std::printf("device: %s, %d SMs\n", prop.name, sms);
+
+  // Routing: each token to kTopk distinct experts, rows grouped by expert (the permute's order);
+  // every group padded to whole 128-row tiles would change nothing here, so the last rows of the
+  // buffer past the routed ones are -1 (none: kRows is whole tiles) and one row in 97 is -1, as a
+  // slot routed to another rank leaves it.
+  std::mt19937 rng(1);
+  std::vector<std::vector<int32_t>> by_expert(kExperts);
+  for (int t = 0; t < kT; ++t) {
+    std::vector<int> e(kExperts);
+    std::iota(e.begin(), e.end(), 0);
+    for (int k = 0; k < kTopk; ++k) {
+      std::swap(e[k], e[k + rng() % (kExperts - k)]);
+      by_expert[e[k]].push_back(t);
+    }
+  }
+  std::vector<int32_t> row_token, tile_expert(kMTiles);
+  for (int e = 0; e < kExperts; ++e)
+    for (int32_t t : by_expert[e]) row_token.push_back(row_token.size() % 97 == 5 ? -1 : t);
+  for (int m = 0; m < kMTiles; ++m) {
+    // The expert of the tile's first row: which weights it reads (L2 behaviour, not values).
+    int64_t seen = 0;
+    int e = 0;
+    while (seen + int64_t(by_expert[e].size()) <= int64_t(m) * kBM) seen += by_expert[e++].size();
+    tile_expert[m] = e;
+  }
+
+  uint16_t *hidden, *permuted, *weights;
+  int32_t *d_row_token, *d_tile_expert;
+  uint32_t* checksum;
+  CHECK_CUDA(cudaMalloc(&hidden, int64_t(kT) * kH * 2));
+  CHECK_CUDA(cudaMalloc(&permuted, int64_t(kRows) * kH * 2));
+  CHECK_CUDA(cudaMalloc(&weights, int64_t(kExperts) * kN * kH * 2));
+  CHECK_CUDA(cudaMalloc(&d_row_token, kRows * 4));
+  CHECK_CUDA(cudaMalloc(&d_tile_expert, kMTiles * 4));
+  CHECK_CUDA(cudaMalloc(&checksum, 4));
+  CHECK_CUDA(cudaMemcpy(d_row_token, row_token.data(), kRows * 4, cudaMemcpyHostToDevice));
+  CHECK_CUDA(cudaMemcpy(d_tile_expert, tile_expert.data(), kMTiles * 4, cudaMemcpyHostToDevice));
+  fill_bf16<<<sms * 8, 256>>>(hidden, int64_t(kT) * kH, 3);
+  fill_bf16<<<sms * 8, 256>>>(weights, int64_t(kExperts) * kN * kH, 5);
+  permute_rows<<<sms * 8, 256>>>(hidden, d_row_token, permuted);
+  CHECK_CUDA(cudaDeviceSynchronize());
+
+  CUtensorMap tm_box, tm_row, tm_b;
+  CHECK_CUDA(cuda::make_tensor_map_bf16_2d_sw128(&tm_box, permuted, kH, kRows, kH * 2, kBK, kBM));
+  CHECK_CUDA(cuda::make_tensor_map_bf16_2d_sw128(&tm_row, hidden, kH, kT, kH * 2, kBK, 1));
+  CHECK_CUDA(cuda::make_tensor_map_bf16_2d_sw128(&tm_b, weights, kH, int64_t(kExperts) * kN,
+                                                 kH * 2, kBK, kBN));
+  const int smem = kStages * kStageBytes + 2 * kStages * 8 + 1024;
+  CHECK_CUDA(cudaFuncSetAttribute(gather_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+
+  int mismatches = 0;
+  uint32_t reference = 0;
+  for (int mode = 0; mode < kModes; ++mode) {
+    GatherArgs a{mode, 1, d_row_token, d_tile_expert, checksum};
+    CHECK_CUDA(cudaMemset(checksum, 0, 4));
+    gather_kernel<<<sms, kThreads, smem>>>(tm_box, tm_row, tm_b, a);
+    CHECK_CUDA(cudaGetLastError());
+    sync_or_die(0, kModeNames[mode]);
+    uint32_t got = 0;
+    CHECK_CUDA(cudaMemcpy(&got, checksum, 4, cudaMemcpyDeviceToHost));
+    if (mode == kBox) reference = got;
+    if (got != reference) {
+      ++mismatches;
+      std::printf("MISMATCH %s: A words sum %08x, the box mode's %08x\n", kModeNames[mode], got,
+                  reference);
+    }
+    a.verify = 0;
+    const LaunchTimes t = time_launches(kModeNames[mode], 2, 9, [&] {
+      gather_kernel<<<sms, kThreads, smem>>>(tm_box, tm_row, tm_b, a);
+      CHECK_CUDA(cudaGetLastError());
+    });
+    const double stages_per_cta = double(kMTiles) * kNTiles * kKBlocks / sms;
+    const double a_bytes = double(kMTiles) * kNTiles * kKBlocks * kABytes;
+    const double copies = mode == kBox || mode == kBoxA ? 1 : kBM;  // A copies a stage
+    std::printf("TIME %-12s %8.1f us (min %8.1f), %.3f us a stage per CTA, A %.2f TB/s from L2, "
+                "%.0f M A copies/s per SM\n",
+                kModeNames[mode], t.median_ms * 1e3, t.min_ms * 1e3,
+                t.median_ms * 1e3 / stages_per_cta, a_bytes / (t.median_ms * 1e-3) / 1e12,
+                stages_per_cta * copies / (t.median_ms * 1e-3) / 1e6);
+  }
+  std::printf("summary: %d mismatches\n", mismatches);
+  return mismatches == 0 ? 0 : 1;
+}
