@@ -328,7 +328,8 @@ export function queueLongWork(x: Context, rng: Rng, rows: number, n: number, k: 
     const t0 = performance.now();
     product();
     stream.synchronize();
-    count = Math.max(4, Math.ceil(reps.lastingMs / Math.max(performance.now() - t0, 1e-3)));
+    // At least 4, and a bound that only a product timed at a few microseconds would reach.
+    count = Math.min(20000, Math.max(4, Math.ceil(reps.lastingMs / Math.max(performance.now() - t0, 1e-3))));
   }
   for (let i = 0; i < count; ++i) product();
   const done = x.createEvent().record(stream);

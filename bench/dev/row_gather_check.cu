@@ -184,10 +184,9 @@ int main() {
   CHECK_CUDA(cudaGetDeviceProperties(&prop, dev));
   std::printf("device: %s, %d SMs\n", prop.name, sms);
 
-  // Routing: each token to kTopk distinct experts, rows grouped by expert (the permute's order);
-  // every group padded to whole 128-row tiles would change nothing here, so the last rows of the
-  // buffer past the routed ones are -1 (none: kRows is whole tiles) and one row in 97 is -1, as a
-  // slot routed to another rank leaves it.
+  // Routing: each token to kTopk distinct experts, rows grouped by expert (the permute's order,
+  // without the padding of groups to whole tiles: the copies do not depend on it); one row in 97
+  // is -1, as a padding row or a slot routed to another rank leaves it.
   std::mt19937 rng(1);
   std::vector<std::vector<int32_t>> by_expert(kExperts);
   for (int t = 0; t < kT; ++t) {
