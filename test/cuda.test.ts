@@ -60,6 +60,7 @@ import {
   expectNonZero,
   HAS_LIBRARY,
   injectInvalidIds,
+  layerWithInput,
   makeRouting,
   MXFP8_VECTORS,
   mxfp8VectorData,
@@ -1018,14 +1019,9 @@ describe.skipIf(SKIP)("CUDA backend vs host backend", () => {
   // queries on CUDA streams.
   seededTest("a graph's replay counts as a call of the layer captured in it: refused on another stream while the layer's last call may run, and refusing the next call there until it has run", async (rng) => {
     const x = gpu();
-    const T = 1 + rng.int(32), H = 256, I = 128, E = 8, topk = 2;
-    using fc1 = x.upload(randWeights(rng, E, 2 * I, H), [E, 2 * I, H], "bf16");
-    using fc2 = x.upload(randWeights(rng, E, H, I), [E, H, I], "bf16");
-    using moe = new FusedMoE(x, { hidden: H, ffn: I, numExperts: E, topk, activation: "silu", maxTokens: 32 }, { fc1, fc2 });
-    const r = makeRouting(rng, T, E, topk);
-    using hidden = x.upload(randBf16(rng, T * H), [T, H], "bf16");
-    using routingMap = x.upload(r.routingMap, [T, topk], "i32");
-    using probs = x.upload(r.probs, [T, topk], "f32");
+    using layer = layerWithInput(x, rng, 1 + rng.int(32), 128, 8, { hidden: 256 });
+    const { H, moe, hidden, routingMap, probs } = layer;
+    const T = hidden.shape[0]!;
     using alone = moe.forward({ hidden, routingMap, probs });
     const expected = alone.download();
     using other = x.createStream();

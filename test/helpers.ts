@@ -17,6 +17,7 @@ import {
   type Event,
   FmoeError,
   FusedMoE,
+  type FusedMoEConfig,
   groupedMmBf16,
   permute,
   randomRouting,
@@ -342,6 +343,30 @@ export function queueLongWork(x: Context, rng: Rng, rows: number, n: number, k: 
     [Symbol.dispose]() {
       stream.synchronize();
       for (const t of [a, b, offsets, out, stream, done]) t.dispose();
+    },
+  };
+}
+
+/**
+ * A silu layer (topk = 2; H = 64 unless `more.hidden` says otherwise) with random weights and one
+ * random input of T tokens, disposed together; `config` is the layer's, for more layers over the
+ * same weights.
+ */
+export function layerWithInput(x: Context, rng: Rng, T: number, I: number, E: number, more: Partial<FusedMoEConfig> = {}) {
+  const topk = 2;
+  const config: FusedMoEConfig = { hidden: 64, ffn: I, numExperts: E, topk, activation: "silu", maxTokens: 32, ...more };
+  const H = config.hidden;
+  const fc1 = x.upload(randWeights(rng, E, 2 * I, H), [E, 2 * I, H], "bf16");
+  const fc2 = x.upload(randWeights(rng, E, H, I), [E, H, I], "bf16");
+  const moe = new FusedMoE(x, config, { fc1, fc2 });
+  const routing = randomRouting(rng, T, E, topk);
+  const hidden = x.upload(randBf16(rng, T * H), [T, H], "bf16");
+  const routingMap = x.upload(routing.routingMap, [T, topk], "i32");
+  const probs = x.upload(routing.probs, [T, topk], "f32");
+  return {
+    H, config, fc1, fc2, moe, hidden, routingMap, probs,
+    [Symbol.dispose]() {
+      for (const o of [moe, fc1, fc2, hidden, routingMap, probs]) o.dispose();
     },
   };
 }

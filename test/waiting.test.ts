@@ -5,31 +5,11 @@
 // bad calls reject with an FmoeError naming the argument.
 // test/cuda.test.ts checks the same waits on a device.
 import { describe, expect } from "bun:test";
-import { Context, FusedMoE, type FusedMoEConfig, randomRouting, type Rng, Status } from "../lib/index.ts";
-import { countEventLoopTurns, expectBitExact, expectFmoe, expectFmoeRejects, queueLongWork, randBf16, randWeights, seededTest, suiteContext } from "./helpers.ts";
+import { Context, FusedMoE, Status } from "../lib/index.ts";
+import { countEventLoopTurns, expectBitExact, expectFmoe, expectFmoeRejects, layerWithInput, queueLongWork, randBf16, randWeights, seededTest, suiteContext } from "./helpers.ts";
 
 const ARG = Status.INVALID_ARGUMENT;
 const STATE = Status.INVALID_STATE;
-
-// A silu layer (H = 64, topk = 2) with random weights and one random input of T tokens, disposed
-// together; `config` is the layer's, for more layers over the same weights.
-function layerWithInput(x: Context, rng: Rng, T: number, I: number, E: number, more: Partial<FusedMoEConfig> = {}) {
-  const [H, topk] = [64, 2];
-  const config: FusedMoEConfig = { hidden: H, ffn: I, numExperts: E, topk, activation: "silu", maxTokens: 32, ...more };
-  const fc1 = x.upload(randWeights(rng, E, 2 * I, H), [E, 2 * I, H], "bf16");
-  const fc2 = x.upload(randWeights(rng, E, H, I), [E, H, I], "bf16");
-  const moe = new FusedMoE(x, config, { fc1, fc2 });
-  const routing = randomRouting(rng, T, E, topk);
-  const hidden = x.upload(randBf16(rng, T * H), [T, H], "bf16");
-  const routingMap = x.upload(routing.routingMap, [T, topk], "i32");
-  const probs = x.upload(routing.probs, [T, topk], "f32");
-  return {
-    H, config, fc1, fc2, moe, hidden, routingMap, probs,
-    [Symbol.dispose]() {
-      for (const o of [moe, fc1, fc2, hidden, routingMap, probs]) o.dispose();
-    },
-  };
-}
 
 describe("waiting without blocking (host)", () => {
   const ctx = suiteContext("host");
