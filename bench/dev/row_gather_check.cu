@@ -6,7 +6,10 @@
 // The pattern is FC1's at qwen3 T = 8192 (65536 routed rows, k 2048, n 1536 in 256-wide tiles,
 // 128 experts' weights): persistent CTAs walk 128 x 256 tiles of k-blocks of 64 into a ring of
 // four 48 KB stages (A 128 x 64, B 256 x 64, 128-byte swizzle), two consumer warpgroups wait for
-// each stage and release it. No math: the time is what the copies alone cost.
+// each stage and release it. No math: the time is what the copies alone cost. Tiles are dealt
+// statically (CTA i takes tiles i, i + grid, ...), so CTAs sharing a B tile drift apart and the
+// cold modes read ~1.8 GB from DRAM where the library's dynamically drawn tiles read the operands'
+// 1.07 GB once: they are bound by DRAM, FC1 is not (bench/NOTES.md items 116 and 118).
 //   box          A as one 128-row box from the permuted copy (what the library does now)
 //   gather-1     A as 128 one-row boxes from `hidden`, all issued by lane 0
 //   gather-32    the same 128 boxes issued by the producer warp's 32 lanes, 4 each
@@ -15,6 +18,12 @@
 //                from one expert): the ring's rate when nothing comes from DRAM
 //   box-3, box-hot-3  the two box modes through a ring of 3 stages: how the rate depends on the
 //                bytes in flight
+//   box-b4       the box mode with bands of 4 m-tiles (the tiles of about one expert) instead of 8
+//   box-c2, box-c4, box-c8  the box mode launched in clusters of 2, 4 or 8 CTAs, which the hardware
+//                places in one GPC (one side of the L2): the raster's consecutive tiles, which
+//                mostly share a B tile, go to one cluster, so that tile's readers sit on one side
+//                of the L2: whether the L2's forwarding between its sides (in box ~40% on top of
+//                the SMs' requests, in box-hot ~0) follows where the readers sit
 // A one-row box lands at its row's 128-byte offset in the stage; the swizzle is a function of the
 // shared-memory address, so the stage must equal the one-box fill: each consumer thread sums the
 // A words it sees, weighted by their position in the stage, and every gather mode's sum must
@@ -39,9 +48,15 @@ namespace {
 
 using namespace fmoe;
 
-enum Mode { kBox = 0, kGather1, kGather32, kBoxA, kGather32A, kBoxHot, kBox3, kBoxHot3, kModes };
-const char* const kModeNames[] = {"box",      "gather-1", "gather-32", "box-a",
-                                  "gather-32-a", "box-hot", "box-3",   "box-hot-3"};
+enum Mode {
+  kBox = 0, kGather1, kGather32, kBoxA, kGather32A, kBoxHot, kBox3, kBoxHot3,
+  kBoxB4, kBoxC2, kBoxC4, kBoxC8, kModes
+};
+const char* const kModeNames[] = {"box",     "gather-1", "gather-32", "box-a",
+                                  "gather-32-a", "box-hot", "box-3", "box-hot-3",
+                                  "box-b4",  "box-c2",  "box-c4",   "box-c8"};
+// CTAs per cluster of each mode's launch (1: no clusters).
+constexpr int kClusterCtas[kModes] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 2, 4, 8};
 
 constexpr int kT = 8192, kTopk = 8, kH = 2048, kN = 1536, kExperts = 128;
 constexpr int kRows = kT * kTopk;
@@ -59,10 +74,10 @@ struct GatherArgs {
   uint32_t* checksum;
 };
 
-__device__ __forceinline__ void tile_of(int t, int& m, int& n) {
-  const int band = t / (kBand * kNTiles), in = t % (kBand * kNTiles);
-  m = band * kBand + in % kBand;
-  n = in / kBand;
+__device__ __forceinline__ void tile_of(int t, int band_tiles, int& m, int& n) {
+  const int band = t / (band_tiles * kNTiles), in = t % (band_tiles * kNTiles);
+  m = band * band_tiles + in % band_tiles;
+  n = in / band_tiles;
 }
 
 template <int kStages>
@@ -94,7 +109,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     uint32_t phase = 0;
     for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
       int m, n;
-      tile_of(t, m, n);
+      tile_of(t, a.mode == kBoxB4 ? 4 : kBand, m, n);
       // Row r of the tile -> its token (the coordinate past the tensor for -1: zeros).
       int32_t tok[kBM / 32];
       if (gather) {
@@ -239,10 +254,30 @@ int main() {
     const bool three = mode == kBox3 || mode == kBoxHot3;
     const bool hot = mode == kBoxHot || mode == kBoxHot3;
     auto kernel = three ? gather_kernel<3> : gather_kernel<4>;
+    const int cluster = kClusterCtas[mode];
+    cudaLaunchConfig_t cfg{};
+    cudaLaunchAttribute attr{};
+    cfg.blockDim = dim3(kThreads);
+    cfg.dynamicSmemBytes = smem;
+    int ctas = sms / cluster * cluster;
+    if (cluster > 1) {
+      attr.id = cudaLaunchAttributeClusterDimension;
+      attr.val.clusterDim.x = cluster;
+      attr.val.clusterDim.y = attr.val.clusterDim.z = 1;
+      cfg.attrs = &attr;
+      cfg.numAttrs = 1;
+      cfg.gridDim = dim3(ctas);
+      int clusters = 0;
+      CHECK_CUDA(cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg));
+      ctas = std::min(ctas, clusters * cluster);
+    }
+    cfg.gridDim = dim3(ctas);
     GatherArgs a{mode, 1, d_row_token, d_tile_expert, checksum};
+    auto launch = [&] {
+      CHECK_CUDA(cudaLaunchKernelEx(&cfg, kernel, tm_box, tm_row, tm_b, a));
+    };
     CHECK_CUDA(cudaMemset(checksum, 0, 4));
-    kernel<<<sms, kThreads, smem>>>(tm_box, tm_row, tm_b, a);
-    CHECK_CUDA(cudaGetLastError());
+    launch();
     sync_or_die(0, kModeNames[mode]);
     uint32_t got = 0;
     CHECK_CUDA(cudaMemcpy(&got, checksum, 4, cudaMemcpyDeviceToHost));
@@ -253,21 +288,18 @@ int main() {
                   reference);
     }
     a.verify = 0;
-    const LaunchTimes t = time_launches(kModeNames[mode], 2, 9, [&] {
-      kernel<<<sms, kThreads, smem>>>(tm_box, tm_row, tm_b, a);
-      CHECK_CUDA(cudaGetLastError());
-    });
+    const LaunchTimes t = time_launches(kModeNames[mode], 2, 9, launch);
     const bool with_b = mode != kBoxA && mode != kGather32A;
     const bool one_box = mode != kGather1 && mode != kGather32 && mode != kGather32A;
-    const double stages_per_cta = double(kMTiles) * kNTiles * kKBlocks / sms;
+    const double stages = double(kMTiles) * kNTiles * kKBlocks;
     const double stage_bytes = kABytes + (with_b ? kBBytes : 0);
     const double copies = one_box ? 1 : kBM;  // A copies a stage
-    std::printf("TIME %-12s %8.1f us (min %8.1f), %.3f us a stage per CTA, %.1f GB/s into each "
-                "SM, %.0f M A copies/s per SM\n",
-                kModeNames[mode], t.median_ms * 1e3, t.min_ms * 1e3,
-                t.median_ms * 1e3 / stages_per_cta,
-                stages_per_cta * stage_bytes / (t.median_ms * 1e-3) / 1e9,
-                stages_per_cta * copies / (t.median_ms * 1e-3) / 1e6);
+    const double s = t.median_ms * 1e-3;
+    std::printf("TIME %-12s %8.1f us (min %8.1f), %3d CTAs, %.3f us a stage per CTA, %.1f GB/s "
+                "into each SM, %.2f TB/s in all, %.0f M A copies/s per SM\n",
+                kModeNames[mode], t.median_ms * 1e3, t.min_ms * 1e3, ctas, s * 1e6 * ctas / stages,
+                stages * stage_bytes / ctas / s / 1e9, stages * stage_bytes / s / 1e12,
+                stages * copies / ctas / s / 1e6);
   }
   std::printf("summary: %d mismatches\n", mismatches);
   return mismatches == 0 ? 0 : 1;
