@@ -1,15 +1,18 @@
-// Whether the prefill GEMM's producer could gather FC1's A rows from `hidden` by one bulk tensor
-// copy per row, instead of the permute copy writing them out first (bench/NOTES.md items 10 and
-// 36 gathered with cp.async from the producer warpgroup and lost 5-15% of the GEMM). A question
-// for the producer, not a kernel of the library.
+// How fast the prefill GEMM's wide tile can be fed FC1's operands, and by which copies. First
+// asked: whether the producer could gather FC1's A rows from `hidden` by one bulk tensor copy per
+// row, instead of the permute copy writing them out first (bench/NOTES.md items 10 and 36
+// gathered with cp.async from the producer warpgroup and lost 5-15% of the GEMM); then what the
+// copies wait for (the ring, DRAM, the L2) and whether sharing operands between CTAs relieves the
+// L2. Questions for the producer, not a kernel of the library.
 //
 // The pattern is FC1's at qwen3 T = 8192 (65536 routed rows, k 2048, n 1536 in 256-wide tiles,
 // 128 experts' weights): persistent CTAs walk 128 x 256 tiles of k-blocks of 64 into a ring of
 // four 48 KB stages (A 128 x 64, B 256 x 64, 128-byte swizzle), two consumer warpgroups wait for
 // each stage and release it. No math: the time is what the copies alone cost. Tiles are dealt
-// statically (CTA i takes tiles i, i + grid, ...), so CTAs sharing a B tile drift apart and the
-// cold modes read ~1.8 GB from DRAM where the library's dynamically drawn tiles read the operands'
-// 1.07 GB once: they are bound by DRAM, FC1 is not (bench/NOTES.md items 116 and 118).
+// statically (CTA i takes tiles i, i + grid, ...) except in the dyn modes; static CTAs sharing a
+// B tile drift apart and the cold modes read ~1.8 GB from DRAM where the library's tiles, drawn in
+// order from a counter, read the operands' 1.07 GB once: those modes are bound by DRAM, FC1 is
+// not, and dyn is the mode that models FC1 (bench/NOTES.md items 116, 118 and 119).
 //   box          A as one 128-row box from the permuted copy (what the library does now)
 //   gather-1     A as 128 one-row boxes from `hidden`, all issued by lane 0
 //   gather-32    the same 128 boxes issued by the producer warp's 32 lanes, 4 each
@@ -24,6 +27,13 @@
 //                mostly share a B tile, go to one cluster, so that tile's readers sit on one side
 //                of the L2: whether the L2's forwarding between its sides (in box ~40% on top of
 //                the SMs' requests, in box-hot ~0) follows where the readers sit
+//   dyn          the box mode with tiles drawn in order from a counter, as the library draws them
+//   dyn-mc2      dyn in clusters of 2 CTAs: the leader draws two consecutive tiles (mostly two row
+//                tiles of one B tile), one for each CTA, and where their B tiles are the same each
+//                CTA copies half of it into both CTAs' stages (`.multicast::cluster`); a stage
+//                is refilled once both CTAs' consumers have released it. Whether a B tile asked
+//                of the L2 once for two CTAs speeds the delivery (bench/NOTES.md item 26 tried
+//                it in the GEMM on an H200, where the L2 was less loaded)
 // A one-row box lands at its row's 128-byte offset in the stage; the swizzle is a function of the
 // shared-memory address, so the stage must equal the one-box fill: each consumer thread sums the
 // A words it sees, weighted by their position in the stage, and every gather mode's sum must
@@ -33,6 +43,7 @@
 #include <cuda.h>
 
 #include <algorithm>
+#include <climits>
 #include <cstdio>
 #include <cstring>
 #include <numeric>
@@ -50,13 +61,14 @@ using namespace fmoe;
 
 enum Mode {
   kBox = 0, kGather1, kGather32, kBoxA, kGather32A, kBoxHot, kBox3, kBoxHot3,
-  kBoxB4, kBoxC2, kBoxC4, kBoxC8, kModes
+  kBoxB4, kBoxC2, kBoxC4, kBoxC8, kDyn, kDynMc2, kModes
 };
 const char* const kModeNames[] = {"box",     "gather-1", "gather-32", "box-a",
                                   "gather-32-a", "box-hot", "box-3", "box-hot-3",
-                                  "box-b4",  "box-c2",  "box-c4",   "box-c8"};
+                                  "box-b4",  "box-c2",  "box-c4",   "box-c8",
+                                  "dyn",     "dyn-mc2"};
 // CTAs per cluster of each mode's launch (1: no clusters).
-constexpr int kClusterCtas[kModes] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 2, 4, 8};
+constexpr int kClusterCtas[kModes] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 2, 4, 8, 1, 2};
 
 constexpr int kT = 8192, kTopk = 8, kH = 2048, kN = 1536, kExperts = 128;
 constexpr int kRows = kT * kTopk;
@@ -78,6 +90,19 @@ __device__ __forceinline__ void tile_of(int t, int band_tiles, int& m, int& n) {
   const int band = t / (band_tiles * kNTiles), in = t % (band_tiles * kNTiles);
   m = band * band_tiles + in % band_tiles;
   n = in / band_tiles;
+}
+
+// A consumer thread's share (ct of 256) of a stage's A words, each weighted by its position.
+__device__ __forceinline__ uint32_t a_words_sum(const uint8_t* stage, int ct) {
+  const uint4* words = reinterpret_cast<const uint4*>(stage);
+  uint32_t acc = 0;
+#pragma unroll
+  for (int i = 0; i < kABytes / 16 / 256; ++i) {
+    const uint32_t at = uint32_t(ct + 256 * i);
+    const uint4 v = words[at];
+    acc += v.x * (8 * at + 1) + v.y * (8 * at + 3) + v.z * (8 * at + 5) + v.w * (8 * at + 7);
+  }
+  return acc;
 }
 
 template <int kStages>
@@ -153,15 +178,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
     for (int kb = 0; kb < kKBlocks; ++kb) {
       ptx::mbar_wait(&full[stage], phase);
-      if (a.verify) {
-        const uint4* words = reinterpret_cast<const uint4*>(smem + stage * kStageBytes);
-#pragma unroll
-        for (int i = 0; i < kABytes / 16 / 256; ++i) {
-          const uint32_t at = uint32_t(ct + 256 * i);
-          const uint4 v = words[at];
-          acc += v.x * (8 * at + 1) + v.y * (8 * at + 3) + v.z * (8 * at + 5) + v.w * (8 * at + 7);
-        }
-      }
+      if (a.verify) acc += a_words_sum(smem + stage * kStageBytes, ct);
       __syncwarp();
       if (lane == 0) ptx::mbar_arrive(&empty[stage]);
       ptx::next_stage<kStages>(stage, phase);
@@ -171,6 +188,145 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int o = 16; o > 0; o /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, o);
     if (lane == 0) atomicAdd(a.checksum, acc);
   }
+}
+
+// ---- The dyn modes: tiles drawn from a counter, B optionally multicast to a pair -------------
+constexpr int kMailSlots = 128;  // draws a pair's leader can pass on (a pair makes ~24)
+
+__device__ __forceinline__ uint32_t peer_addr(const void* p, uint32_t rank) {
+  uint32_t out;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n"
+               : "=r"(out)
+               : "r"(ptx::smem_addr(p)), "r"(rank));
+  return out;
+}
+__device__ __forceinline__ void arrive_remote(uint32_t bar) {
+  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(bar)
+               : "memory");
+}
+__device__ __forceinline__ void wait_cluster(uint64_t* bar, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred p;\nWAIT_%=:\n"
+      "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%0], %1;\n"
+      "@!p bra WAIT_%=;\n}\n" ::"r"(ptx::smem_addr(bar)), "r"(parity)
+      : "memory");
+}
+__device__ __forceinline__ void tma_load_2d_multicast(void* dst, const void* map, uint64_t* bar,
+                                                      int32_t c0, int32_t c1, uint16_t ctas) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      ".multicast::cluster [%0], [%1, {%3, %4}], [%2], %5;\n" ::"r"(ptx::smem_addr(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(ptx::smem_addr(bar)), "r"(c0), "r"(c1), "h"(ctas)
+      : "memory");
+}
+__device__ __forceinline__ void cluster_sync() {  // per thread: the threads need not be converged
+  asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
+}
+
+template <bool kPair>
+__global__ void __launch_bounds__(kThreads, 1)
+    dyn_kernel(const __grid_constant__ CUtensorMap tm_box,
+               const __grid_constant__ CUtensorMap tm_b,
+               const __grid_constant__ CUtensorMap tm_b_half, const GatherArgs a, int* counter) {
+  constexpr int kStages = 4;
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = smem_raw + ((1024 - (ptx::smem_addr(smem_raw) & 1023)) & 1023);
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + kStages * kStageBytes);
+  uint64_t* empty = full + kStages;
+  uint64_t* mail_full = empty + kStages;
+  int* mailbox = reinterpret_cast<int*>(mail_full + kMailSlots);
+  volatile int* stop_seq = mailbox + kMailSlots;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  uint32_t rank = 0;
+  if (kPair) asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(rank));
+  const uint32_t peer = rank ^ 1;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      ptx::mbar_init(&full[s], 1);
+      ptx::mbar_init(&empty[s], kPair ? 16 : 8);  // both CTAs' consumer warps release a stage
+    }
+    for (int i = 0; i < kMailSlots; ++i) ptx::mbar_init(&mail_full[i], 1);
+    *stop_seq = INT_MAX;
+    ptx::mbar_fence_init();
+  }
+  if (kPair) cluster_sync(); else __syncthreads();  // the peer's barriers exist before any arrival
+  const int tiles = kMTiles * kNTiles;
+  // A pair's stage is free once both CTAs' consumers (some arriving from the peer) released it.
+  auto wait_empty = [](uint64_t* bar, uint32_t parity) {
+    if (kPair) wait_cluster(bar, parity); else ptx::mbar_wait(bar, parity);
+  };
+  if (threadIdx.x == 0) {
+    int stage = 0, seq = 0;
+    uint32_t phase = 0;
+    for (int i = 0;; ++i) {
+      int t0;  // the draw: this CTA's tile, or the pair's first
+      if (!kPair) {
+        t0 = atomicAdd(counter, 1);
+      } else if (rank == 0) {
+        t0 = i < kMailSlots ? atomicAdd(counter, 2) : tiles;
+        if (i < kMailSlots) {
+          asm volatile("st.shared::cluster.u32 [%0], %1;\n" ::"r"(peer_addr(&mailbox[i], peer)),
+                       "r"(t0)
+                       : "memory");
+          arrive_remote(peer_addr(&mail_full[i], peer));
+        }
+      } else {
+        if (i < kMailSlots) {
+          wait_cluster(&mail_full[i], 0);
+          t0 = *reinterpret_cast<volatile int*>(&mailbox[i]);
+        } else {
+          t0 = tiles;
+        }
+      }
+      if (t0 >= tiles) break;  // tiles is even: a pair's two tiles run out together
+      int m, n, m0, n0, m1, n1;
+      tile_of(t0 + int(rank), kBand, m, n);
+      const int b_row = a.tile_expert[m] * kN + n * kBN;
+      bool shared = false;
+      if (kPair) {
+        tile_of(t0, kBand, m0, n0);
+        tile_of(t0 + 1, kBand, m1, n1);
+        shared = a.tile_expert[m0] == a.tile_expert[m1] && n0 == n1;
+      }
+      for (int kb = 0; kb < kKBlocks; ++kb, ++seq) {
+        wait_empty(&empty[stage], phase ^ 1);
+        uint8_t* sa = smem + stage * kStageBytes;
+        ptx::mbar_arrive_expect_tx(&full[stage], kStageBytes);
+        ptx::tma_load_2d(sa, &tm_box, &full[stage], kb * kBK, m * kBM);
+        if (shared)
+          tma_load_2d_multicast(sa + kABytes + rank * (kBBytes / 2), &tm_b_half, &full[stage],
+                                kb * kBK, b_row + int(rank) * (kBN / 2), uint16_t(3));
+        else
+          ptx::tma_load_2d(sa + kABytes, &tm_b, &full[stage], kb * kBK, b_row);
+        ptx::next_stage<kStages>(stage, phase);
+      }
+    }
+    // The end: the next stage's fill carries no bytes, only the count of stages before it.
+    wait_empty(&empty[stage], phase ^ 1);
+    *stop_seq = seq;
+    ptx::mbar_arrive(&full[stage]);
+  } else if (warp >= 4) {
+    int stage = 0;
+    uint32_t phase = 0;
+    uint32_t acc = 0;
+    const int ct = threadIdx.x - 128;
+    for (int seq = 0;; ++seq) {
+      ptx::mbar_wait(&full[stage], phase);
+      if (seq == *stop_seq) break;
+      if (a.verify) acc += a_words_sum(smem + stage * kStageBytes, ct);
+      __syncwarp();
+      if (lane == 0) {
+        ptx::mbar_arrive(&empty[stage]);
+        if (kPair) arrive_remote(peer_addr(&empty[stage], peer));
+      }
+      ptx::next_stage<kStages>(stage, phase);
+    }
+    if (a.verify) {
+      for (int o = 16; o > 0; o /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+      if (lane == 0) atomicAdd(a.checksum, acc);
+    }
+  }
+  if (kPair) cluster_sync();  // no CTA leaves while its peer may still arrive on its barriers
 }
 
 __global__ void fill_bf16(uint16_t* p, int64_t count, uint32_t seed) {
@@ -244,21 +400,31 @@ int main() {
   CHECK_CUDA(cuda::make_tensor_map_bf16_2d_sw128(&tm_row, hidden, kH, kT, kH * 2, kBK, 1));
   CHECK_CUDA(cuda::make_tensor_map_bf16_2d_sw128(&tm_b, weights, kH, int64_t(kExperts) * kN,
                                                  kH * 2, kBK, kBN));
+  CUtensorMap tm_b_half;  // half a B tile: what each CTA of a dyn-mc2 pair copies for both
+  CHECK_CUDA(cuda::make_tensor_map_bf16_2d_sw128(&tm_b_half, weights, kH,
+                                                 int64_t(kExperts) * kN, kH * 2, kBK, kBN / 2));
+  int* counter;
+  CHECK_CUDA(cudaMalloc(&counter, 4));
   const int smem = kMaxStages * kStageBytes + 2 * kMaxStages * 8 + 1024;
   CHECK_CUDA(cudaFuncSetAttribute(gather_kernel<4>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   CHECK_CUDA(cudaFuncSetAttribute(gather_kernel<3>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  const int smem_dyn = smem + kMailSlots * 12 + 16;
+  for (auto k : {dyn_kernel<false>, dyn_kernel<true>})
+    CHECK_CUDA(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_dyn));
 
   int mismatches = 0;
   uint32_t reference = 0;
   for (int mode = 0; mode < kModes; ++mode) {
     const bool three = mode == kBox3 || mode == kBoxHot3;
     const bool hot = mode == kBoxHot || mode == kBoxHot3;
+    const bool dyn = mode == kDyn || mode == kDynMc2;
     auto kernel = three ? gather_kernel<3> : gather_kernel<4>;
+    auto kernel_dyn = mode == kDynMc2 ? dyn_kernel<true> : dyn_kernel<false>;
     const int cluster = kClusterCtas[mode];
     cudaLaunchConfig_t cfg{};
     cudaLaunchAttribute attr{};
     cfg.blockDim = dim3(kThreads);
-    cfg.dynamicSmemBytes = smem;
+    cfg.dynamicSmemBytes = dyn ? smem_dyn : smem;
     int ctas = sms / cluster * cluster;
     if (cluster > 1) {
       attr.id = cudaLaunchAttributeClusterDimension;
@@ -268,13 +434,21 @@ int main() {
       cfg.numAttrs = 1;
       cfg.gridDim = dim3(ctas);
       int clusters = 0;
-      CHECK_CUDA(cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg));
+      if (dyn)
+        CHECK_CUDA(cudaOccupancyMaxActiveClusters(&clusters, kernel_dyn, &cfg));
+      else
+        CHECK_CUDA(cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg));
       ctas = std::min(ctas, clusters * cluster);
     }
     cfg.gridDim = dim3(ctas);
     GatherArgs a{mode, 1, d_row_token, d_tile_expert, checksum};
     auto launch = [&] {
-      CHECK_CUDA(cudaLaunchKernelEx(&cfg, kernel, tm_box, tm_row, tm_b, a));
+      if (!dyn) {
+        CHECK_CUDA(cudaLaunchKernelEx(&cfg, kernel, tm_box, tm_row, tm_b, a));
+        return;
+      }
+      CHECK_CUDA(cudaMemsetAsync(counter, 0, 4));
+      CHECK_CUDA(cudaLaunchKernelEx(&cfg, kernel_dyn, tm_box, tm_b, tm_b_half, a, counter));
     };
     CHECK_CUDA(cudaMemset(checksum, 0, 4));
     launch();

@@ -4,7 +4,8 @@
 # library is built (build/libfusedmoe.so: the permute check links it).
 #   bash bench/dev/run-checks.sh [name...]     names: sm90 sm90_act sm90_mx small permute
 # and, named only, stream: weight_stream_check.cu, a measurement of the copy engine's rates, and
-# gather: row_gather_check.cu, one-row copies of FC1's A rows against the permuted copy's box.
+# gather: row_gather_check.cu, the wide tile's copies of FC1's operands (one-row copies of A, a
+# ring of 3 stages, operands in L2, clusters, tiles drawn in order, B multicast to CTA pairs).
 set -uo pipefail
 out=${FMOE_CHECK_DIR:-/tmp/fmoe-checks}
 mkdir -p "$out"
