@@ -34,6 +34,8 @@
 //                is refilled once both CTAs' consumers have released it. Whether a B tile asked
 //                of the L2 once for two CTAs speeds the delivery (bench/NOTES.md item 26 tried
 //                it in the GEMM on an H200, where the L2 was less loaded)
+//   dyn-mc2-cta  dyn-mc2 with the releases and the producer's waits at CTA scope (a consumer only
+//                vouches that it is done reading; item 26 found cluster scope 13-43% dearer)
 // A one-row box lands at its row's 128-byte offset in the stage; the swizzle is a function of the
 // shared-memory address, so the stage must equal the one-box fill: each consumer thread sums the
 // A words it sees, weighted by their position in the stage, and every gather mode's sum must
@@ -61,14 +63,14 @@ using namespace fmoe;
 
 enum Mode {
   kBox = 0, kGather1, kGather32, kBoxA, kGather32A, kBoxHot, kBox3, kBoxHot3,
-  kBoxB4, kBoxC2, kBoxC4, kBoxC8, kDyn, kDynMc2, kModes
+  kBoxB4, kBoxC2, kBoxC4, kBoxC8, kDyn, kDynMc2, kDynMc2Cta, kModes
 };
 const char* const kModeNames[] = {"box",     "gather-1", "gather-32", "box-a",
                                   "gather-32-a", "box-hot", "box-3", "box-hot-3",
                                   "box-b4",  "box-c2",  "box-c4",   "box-c8",
-                                  "dyn",     "dyn-mc2"};
+                                  "dyn",     "dyn-mc2",  "dyn-mc2-cta"};
 // CTAs per cluster of each mode's launch (1: no clusters).
-constexpr int kClusterCtas[kModes] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 2, 4, 8, 1, 2};
+constexpr int kClusterCtas[kModes] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 2, 4, 8, 1, 2, 2};
 
 constexpr int kT = 8192, kTopk = 8, kH = 2048, kN = 1536, kExperts = 128;
 constexpr int kRows = kT * kTopk;
@@ -200,9 +202,14 @@ __device__ __forceinline__ uint32_t peer_addr(const void* p, uint32_t rank) {
                : "r"(ptx::smem_addr(p)), "r"(rank));
   return out;
 }
+template <bool kClusterScope>
 __device__ __forceinline__ void arrive_remote(uint32_t bar) {
-  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(bar)
-               : "memory");
+  if (kClusterScope)
+    asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(bar)
+                 : "memory");
+  else
+    asm volatile("mbarrier.arrive.release.cta.shared::cluster.b64 _, [%0];\n" ::"r"(bar)
+                 : "memory");
 }
 __device__ __forceinline__ void wait_cluster(uint64_t* bar, uint32_t parity) {
   asm volatile(
@@ -223,7 +230,10 @@ __device__ __forceinline__ void cluster_sync() {  // per thread: the threads nee
   asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
 }
 
-template <bool kPair>
+// How the dyn kernel's CTAs work: alone, or in pairs releasing stages at cluster or CTA scope.
+enum DynKind { kSingle = 0, kPairCluster = 1, kPairCta = 2 };
+
+template <int kKind>
 __global__ void __launch_bounds__(kThreads, 1)
     dyn_kernel(const __grid_constant__ CUtensorMap tm_box,
                const __grid_constant__ CUtensorMap tm_b,
@@ -238,29 +248,31 @@ __global__ void __launch_bounds__(kThreads, 1)
   volatile int* stop_seq = mailbox + kMailSlots;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   uint32_t rank = 0;
-  if (kPair) asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(rank));
+  if (kKind != kSingle) asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(rank));
   const uint32_t peer = rank ^ 1;
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
       ptx::mbar_init(&full[s], 1);
-      ptx::mbar_init(&empty[s], kPair ? 16 : 8);  // both CTAs' consumer warps release a stage
+      // A pair's stage is released by both CTAs' consumer warps.
+      ptx::mbar_init(&empty[s], kKind != kSingle ? 16 : 8);
     }
     for (int i = 0; i < kMailSlots; ++i) ptx::mbar_init(&mail_full[i], 1);
     *stop_seq = INT_MAX;
     ptx::mbar_fence_init();
   }
-  if (kPair) cluster_sync(); else __syncthreads();  // the peer's barriers exist before any arrival
+  // A pair's barriers exist in both CTAs before either arrives on the other's.
+  if (kKind != kSingle) cluster_sync(); else __syncthreads();
   const int tiles = kMTiles * kNTiles;
   // A pair's stage is free once both CTAs' consumers (some arriving from the peer) released it.
   auto wait_empty = [](uint64_t* bar, uint32_t parity) {
-    if (kPair) wait_cluster(bar, parity); else ptx::mbar_wait(bar, parity);
+    if (kKind == kPairCluster) wait_cluster(bar, parity); else ptx::mbar_wait(bar, parity);
   };
   if (threadIdx.x == 0) {
     int stage = 0, seq = 0;
     uint32_t phase = 0;
     for (int i = 0;; ++i) {
       int t0;  // the draw: this CTA's tile, or the pair's first
-      if (!kPair) {
+      if (kKind == kSingle) {
         t0 = atomicAdd(counter, 1);
       } else if (rank == 0) {
         t0 = i < kMailSlots ? atomicAdd(counter, 2) : tiles;
@@ -268,7 +280,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           asm volatile("st.shared::cluster.u32 [%0], %1;\n" ::"r"(peer_addr(&mailbox[i], peer)),
                        "r"(t0)
                        : "memory");
-          arrive_remote(peer_addr(&mail_full[i], peer));
+          arrive_remote<true>(peer_addr(&mail_full[i], peer));
         }
       } else {
         if (i < kMailSlots) {
@@ -283,7 +295,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       tile_of(t0 + int(rank), kBand, m, n);
       const int b_row = a.tile_expert[m] * kN + n * kBN;
       bool shared = false;
-      if (kPair) {
+      if (kKind != kSingle) {
         tile_of(t0, kBand, m0, n0);
         tile_of(t0 + 1, kBand, m1, n1);
         shared = a.tile_expert[m0] == a.tile_expert[m1] && n0 == n1;
@@ -317,7 +329,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       __syncwarp();
       if (lane == 0) {
         ptx::mbar_arrive(&empty[stage]);
-        if (kPair) arrive_remote(peer_addr(&empty[stage], peer));
+        if (kKind != kSingle) arrive_remote<kKind == kPairCluster>(peer_addr(&empty[stage], peer));
       }
       ptx::next_stage<kStages>(stage, phase);
     }
@@ -326,7 +338,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (lane == 0) atomicAdd(a.checksum, acc);
     }
   }
-  if (kPair) cluster_sync();  // no CTA leaves while its peer may still arrive on its barriers
+  // No CTA of a pair leaves while the other may still arrive on its barriers.
+  if (kKind != kSingle) cluster_sync();
 }
 
 __global__ void fill_bf16(uint16_t* p, int64_t count, uint32_t seed) {
@@ -409,7 +422,7 @@ int main() {
   CHECK_CUDA(cudaFuncSetAttribute(gather_kernel<4>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   CHECK_CUDA(cudaFuncSetAttribute(gather_kernel<3>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const int smem_dyn = smem + kMailSlots * 12 + 16;
-  for (auto k : {dyn_kernel<false>, dyn_kernel<true>})
+  for (auto k : {dyn_kernel<kSingle>, dyn_kernel<kPairCluster>, dyn_kernel<kPairCta>})
     CHECK_CUDA(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_dyn));
 
   int mismatches = 0;
@@ -417,9 +430,11 @@ int main() {
   for (int mode = 0; mode < kModes; ++mode) {
     const bool three = mode == kBox3 || mode == kBoxHot3;
     const bool hot = mode == kBoxHot || mode == kBoxHot3;
-    const bool dyn = mode == kDyn || mode == kDynMc2;
+    const bool dyn = mode == kDyn || mode == kDynMc2 || mode == kDynMc2Cta;
     auto kernel = three ? gather_kernel<3> : gather_kernel<4>;
-    auto kernel_dyn = mode == kDynMc2 ? dyn_kernel<true> : dyn_kernel<false>;
+    auto kernel_dyn = mode == kDynMc2      ? dyn_kernel<kPairCluster>
+                      : mode == kDynMc2Cta ? dyn_kernel<kPairCta>
+                                           : dyn_kernel<kSingle>;
     const int cluster = kClusterCtas[mode];
     cudaLaunchConfig_t cfg{};
     cudaLaunchAttribute attr{};
