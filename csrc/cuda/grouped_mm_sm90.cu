@@ -57,7 +57,8 @@
 //   qwen3 fc2, 128 groups x 512 rows, n2048 k768    419 / 374             578 / 542
 //   dense 16384 x 4096 x 7168, 1 group              718 / 547             790 / 655
 // 2-CTA clusters sharing B by TMA multicast, both rings in lockstep, measured 4-21% slower than
-// single CTAs on an H200 (bench/NOTES.md v10) and were dropped. Where the layer's time goes now
+// single CTAs on an H200 (bench/NOTES.md v10) and were dropped; "CTA pairs" below bring them back
+// for comparisons on the H100 (FMOE_SM90_PAIRS=1), with CTA-scope barriers (v31, item 119). Where the layer's time goes now
 // (ncu, H200, bench/NOTES.md v11): FC1 reads its operands' bytes from DRAM once (qwen3 at 8192
 // tokens: 1.09 GB against 1.07; v7 measured 2.05). Where groups are one or two m-tiles (512-2048
 // tokens) the L2 is the busiest unit (85-90% of its throughput, DRAM 68-80%): every m-tile reads
@@ -123,6 +124,7 @@
 #include "cuda/group_tiles.cuh"
 #include "cuda/mx_block.cuh"
 #include "cuda/mx_scale_words.cuh"
+#include "cuda/ptx/cluster.cuh"
 #include "cuda/ptx/cp_async_mbarrier.cuh"
 #include "cuda/ptx/mma.cuh"
 #include "cuda/ptx/mbarrier.cuh"
@@ -184,6 +186,52 @@ struct TileQueue {
 // Shared memory of the queue, kept a multiple of 16 bytes (what follows it stays aligned).
 constexpr int kTileQueueBytes = (int(sizeof(TileQueue)) + 15) / 16 * 16;
 
+// ---- CTA pairs ----------------------------------------------------------------------------------
+// Sm90WidePairs (FMOE_SM90_PAIRS=1, comparisons): the wide cooperative kernel in clusters of two
+// CTAs. Why: at 8192 tokens FC1 is bound by the L2's throughput (bench/NOTES.md items 77, 118),
+// and its operand copies alone are ~82% of its time; in a copies-only check, B tiles multicast to
+// CTA pairs arrived 10% faster than single CTAs' (item 119), with the pairs' barriers at CTA
+// scope (at cluster scope they lost 45%).
+// - A pair draws two consecutive tiles of the raster (mostly two row tiles of one B tile): the
+//   leader (rank 0) takes them from the counter and passes the draw to the other CTA through its
+//   shared memory (PairMail); statically, pair q takes tiles 2q + i * grid and 2q + 1 + i * grid.
+// - Where both tiles read the same B tile, the leader copies it into both CTAs' stages by one
+//   multicast copy; otherwise each CTA copies its own. A stage is refilled only after both CTAs'
+//   consumer warps released it (each releases on both `empty` barriers, at CTA scope: a consumer
+//   only vouches that it has finished reading), so the two walk the same stages in step.
+// - A pair whose second tile is past the end gives the second CTA a stand-in (the first tile
+//   again, computed and not stored): both CTAs must walk the same number of stages.
+struct PairMail {
+  uint64_t full[kTileSlots];   // in the second CTA: the leader's arrival after writing `tile`
+  uint64_t empty[kTileSlots];  // in the leader: the second CTA's arrival after reading it
+  int tile[kTileSlots];        // in the second CTA: the pair's draw (its first tile)
+
+  __device__ void init() {
+    for (int i = 0; i < kTileSlots; ++i) {
+      ptx::mbar_init(&full[i], 1);
+      ptx::mbar_init(&empty[i], 1);
+    }
+  }
+  // The pair's i-th draw in both CTAs: the first of its two tiles (>= total: none left).
+  __device__ __forceinline__ int draw(int* counter, int i, uint32_t rank) {
+    if (counter == nullptr) return int(blockIdx.x & ~1u) + i * int(gridDim.x);
+    const int slot = i % kTileSlots;
+    const uint32_t pass = (i / kTileSlots) & 1;
+    if (rank == 0) {
+      ptx::mbar_wait_cluster(&empty[slot], pass ^ 1);  // the other CTA read the slot's last draw
+      const int t0 = atomicAdd(counter, 2);
+      ptx::st_shared_peer_u32(ptx::cluster_peer_addr(&tile[slot], 1), uint32_t(t0));
+      ptx::mbar_arrive_peer<true>(ptx::cluster_peer_addr(&full[slot], 1));
+      return t0;
+    }
+    ptx::mbar_wait_cluster(&full[slot], pass);
+    const int t0 = *reinterpret_cast<volatile int*>(&tile[slot]);
+    ptx::mbar_arrive_peer<true>(ptx::cluster_peer_addr(&empty[slot], 0));
+    return t0;
+  }
+};
+constexpr int kPairMailBytes = (int(sizeof(PairMail)) + 15) / 16 * 16;
+
 // Ping-pong tiles: a warpgroup waits for its tile's first stage (sequence number seq) by the
 // parity of that fill, which only means "landed" once the stage's previous fill (seq - S) has
 // landed. That one may be the other warpgroup's and still in flight when the tile is published
@@ -228,10 +276,11 @@ enum Sm90Operands : int {
   kOpMxFp8 = 2,     // e4m3 by TMA, fp8 wgmma per k32 block, promoted with the scales in f32
 };
 template <int BN, int STAGES, int kProducerRegs_ = 40, int kConsumerRegs_ = 232,
-          int kOperands_ = kOpBf16, bool kPingPong_ = false>
+          int kOperands_ = kOpBf16, bool kPingPong_ = false, bool kPairs_ = false>
 struct Sm90TileConfig {
   static constexpr int kOperands = kOperands_;
   static constexpr bool kPingPong = kPingPong_;  // "Ping-pong tiles": a tile per warpgroup
+  static constexpr bool kPairs = kPairs_;        // "CTA pairs": clusters of two sharing B tiles
   static constexpr bool kMx = kOperands == kOpMxDequant;
   static constexpr bool kFp8 = kOperands == kOpMxFp8;
   static constexpr int kElemBytes = kFp8 ? 1 : 2;  // of A and B as staged for the tensor cores
@@ -255,7 +304,8 @@ struct Sm90TileConfig {
   static constexpr int kScaleFloats = kFp8 ? 4 * (kBlockM + kBlockN) : 0;
   static constexpr int kRawWords = kFp8 ? 2 * (kBlockM + kBlockN) : 0;
   static constexpr int kStageBytes = kABytes + kBBytes + kScaleFloats * 4 + kRawWords * 4;
-  static constexpr int kBarrierBytes = 2 * kStages * 8 + kTileQueueBytes;  // + TileQueue
+  static constexpr int kBarrierBytes =
+      2 * kStages * 8 + kTileQueueBytes + (kPairs ? kPairMailBytes : 0);  // + queue (+ mail)
   static constexpr int kTableBytes = (3 * kMaxGroups + 1) * 4;
   static constexpr int kSmemBytes = 1024 + kStages * kStageBytes + kBarrierBytes + kTableBytes;
   static_assert(kSmemBytes <= 227 * 1024, "exceeds the 227 KB of shared memory per block");
@@ -277,11 +327,16 @@ struct Sm90TileConfig {
   static_assert(!kFp8 || (kBlockN == 128 && kBlockM == 128), "fp8 producer: one A and one B row per thread");
   static_assert(!kPingPong || (kOperands == kOpBf16 && kBlockN == 128),
                 "ping-pong tiles: bf16 operands, 128 accumulators per thread (2 x m64n128)");
+  static_assert(!kPairs || (kOperands == kOpBf16 && !kPingPong),
+                "CTA pairs: the cooperative bf16 kernel (TMA producer)");
   // Consumer warps that read each stage and each tile-queue entry: both warpgroups, or the one
   // warpgroup that owns the tile.
   static constexpr int kStageReaders = kPingPong ? 4 : 8;
+  // Arrivals that free a stage: its readers, in both CTAs of a pair.
+  static constexpr int kStageReleases = kStageReaders * (kPairs ? 2 : 1);
 };
 using Sm90Wide = Sm90TileConfig<256, 4>;
+using Sm90WidePairs = Sm90TileConfig<256, 4, 40, 232, kOpBf16, false, true>;
 using Sm90Narrow = Sm90TileConfig<128, 6>;
 using Sm90PingPong = Sm90TileConfig<128, 6, 40, 232, kOpBf16, true>;
 using Sm90MxWide = Sm90TileConfig<256, 4, 168, 168, kOpMxDequant>;
@@ -596,6 +651,14 @@ __device__ __forceinline__ void mma_half_tile(float (&acc)[BN / 2], uint32_t a_a
 // (issue(a_addr, b_addr, kb): the stage's A and B tiles) between fences of the first kLive
 // accumulators, keeps one group in flight and releases the previous k-block's stage once
 // wait_group(1) proves it consumed; `empty` counts one arrival per consuming warp.
+// A consumer warp's release of a stage (lane 0): in a CTA pair, on both CTAs' barriers.
+template <class Cfg>
+__device__ __forceinline__ void release_stage(uint64_t* empty_stage) {
+  ptx::mbar_arrive(empty_stage);
+  if constexpr (Cfg::kPairs)
+    ptx::mbar_arrive_peer<false>(ptx::cluster_peer_addr(empty_stage, ptx::cluster_ctarank() ^ 1));
+}
+
 template <class Cfg, int kLive, int N, class Issue>
 __device__ __forceinline__ void bf16_kblock_loop(float (&acc)[N], const uint8_t* smem_a,
                                                  const uint8_t* smem_b, uint64_t* full,
@@ -616,14 +679,14 @@ __device__ __forceinline__ void bf16_kblock_loop(float (&acc)[N], const uint8_t*
     for (int i = 0; i < kLive; ++i) ptx::wgmma_fence_operand(acc[i]);
     // The group of the previous k-block is now complete: its stage can be refilled.
     ptx::wgmma_wait<1>();
-    if (kb > 0 && lane == 0) ptx::mbar_arrive(&empty[prev_stage]);
+    if (kb > 0 && lane == 0) release_stage<Cfg>(&empty[prev_stage]);
     prev_stage = stage;
     ptx::next_stage<Cfg::kStages>(stage, phase);
   }
   ptx::wgmma_wait<0>();
 #pragma unroll
   for (int i = 0; i < kLive; ++i) ptx::wgmma_fence_operand(acc[i]);
-  if (lane == 0) ptx::mbar_arrive(&empty[prev_stage]);
+  if (lane == 0) release_stage<Cfg>(&empty[prev_stage]);
 }
 
 // The bf16 consumer mainloop of one tile (kHalf: a half tile): warpgroup `half` multiplies its 64
@@ -792,17 +855,22 @@ __device__ __forceinline__ int halves_b_row(const Sm90Params& p, int b_row, int 
 
 // The TMA copies of a stage's B tile at k coordinate `k_coord` (in the map's element units): one
 // box, or for halves one box per run.
+// ctas: 0 copies into this CTA only, else multicast into the CTAs of that mask (CTA pairs).
 template <class Cfg, int kEpi>
 __device__ __forceinline__ void tma_load_b(const Sm90Params& p, const CUtensorMap* tm_b,
-                                           uint8_t* b_dst, uint64_t* bar, int k_coord, int b_row) {
+                                           uint8_t* b_dst, uint64_t* bar, int k_coord, int b_row,
+                                           uint16_t ctas = 0) {
+  auto copy = [&](uint8_t* dst, int row) {
+    if (ctas == 0) ptx::tma_load_2d(dst, tm_b, bar, k_coord, row);
+    else ptx::tma_load_2d_multicast(dst, tm_b, bar, k_coord, row, ctas);
+  };
   if constexpr (kEpi == kEpiActHalves) {
     constexpr int kRuns = 2 * Cfg::kHalvesPairs, kRun = Cfg::kHalvesRun;
 #pragma unroll
     for (int j = 0; j < kRuns; ++j)
-      ptx::tma_load_2d(b_dst + j * (Cfg::kBBytes / kRuns), tm_b, bar, k_coord,
-                       halves_b_row<Cfg>(p, b_row, j * kRun));
+      copy(b_dst + j * (Cfg::kBBytes / kRuns), halves_b_row<Cfg>(p, b_row, j * kRun));
   } else {
-    ptx::tma_load_2d(b_dst, tm_b, bar, k_coord, b_row);
+    copy(b_dst, b_row);
   }
 }
 
@@ -811,28 +879,53 @@ template <class Cfg, int kEpi>
 __device__ __forceinline__ void produce_tma(const Sm90Params& p, const TileTables& tt,
                                             const CUtensorMap* tm_a, const CUtensorMap* tm_b,
                                             uint8_t* smem_a, uint8_t* smem_b, uint64_t* full,
-                                            uint64_t* empty) {
+                                            uint64_t* empty, PairMail* mail) {
   constexpr int BK = Cfg::kBlockK, S = Cfg::kStages;
   constexpr int kTileCols = epilogue_gated(kEpi) ? Cfg::kBlockN / 2 : Cfg::kBlockN;
   int stage = 0;
   uint32_t phase = 0;
+  const uint32_t rank = Cfg::kPairs ? ptx::cluster_ctarank() : 0;
+  auto decode = [&](int t) {
+    return decode_tile<Cfg, kTileCols>(t, tt.prefix, tt.start, tt.end, tt.groups, p.n_tiles);
+  };
   for (int i = 0;; ++i) {
-    const int t = TileQueue::draw(p.tile_counter, i);
-    if constexpr (Cfg::kPingPong) wait_previous_fill<S>(full, int64_t(i) * p.k_blocks);
-    tt.queue->put(i, min(t, tt.total_tiles));
-    if (t >= tt.total_tiles) {
-      // Ping-pong: the entries alternate between the warpgroups, so each needs its own end.
-      if constexpr (Cfg::kPingPong) tt.queue->put(i + 1, tt.total_tiles);
-      break;
+    int t;
+    uint16_t b_ctas = 0;  // CTA pairs: the B tile multicast to both (by the leader), or not
+    bool b_copy = true;   // whether this CTA issues the B copy
+    if constexpr (Cfg::kPairs) {
+      const int t0 = mail->draw(p.tile_counter, i, rank);
+      t = t0 + int(rank);
+      // The second CTA of a pair with one tile left: the stand-in entry (total + 1 + t0).
+      const bool stand_in = t0 < tt.total_tiles && t >= tt.total_tiles;
+      tt.queue->put(i, stand_in ? tt.total_tiles + 1 + t0 : min(t, tt.total_tiles));
+      if (t0 >= tt.total_tiles) break;
+      if (stand_in) t = t0;
+      if (t0 + 1 < tt.total_tiles &&
+          tile_b_row<kEpi>(p, decode(t0)) == tile_b_row<kEpi>(p, decode(t0 + 1))) {
+        b_ctas = 3;
+        b_copy = rank == 0;
+      }
+    } else {
+      t = TileQueue::draw(p.tile_counter, i);
+      if constexpr (Cfg::kPingPong) wait_previous_fill<S>(full, int64_t(i) * p.k_blocks);
+      tt.queue->put(i, min(t, tt.total_tiles));
+      if (t >= tt.total_tiles) {
+        // Ping-pong: the entries alternate between the warpgroups, so each needs its own end.
+        if constexpr (Cfg::kPingPong) tt.queue->put(i + 1, tt.total_tiles);
+        break;
+      }
     }
-    const TileCoord tc =
-        decode_tile<Cfg, kTileCols>(t, tt.prefix, tt.start, tt.end, tt.groups, p.n_tiles);
+    const TileCoord tc = decode(t);
     const int b_row = tile_b_row<kEpi>(p, tc);
     for (int kb = 0; kb < p.k_blocks; ++kb) {
+      // In a pair, `empty` counts both CTAs' consumers: the leader's multicast writes into the
+      // other CTA's stage only once that CTA has released it too.
       ptx::mbar_wait(&empty[stage], phase ^ 1);
       ptx::mbar_arrive_expect_tx(&full[stage], Cfg::kTmaBytes);
       ptx::tma_load_2d(smem_a + stage * Cfg::kABytes, tm_a, &full[stage], kb * BK, tc.m0);
-      tma_load_b<Cfg, kEpi>(p, tm_b, smem_b + stage * Cfg::kBBytes, &full[stage], kb * BK, b_row);
+      if (b_copy)
+        tma_load_b<Cfg, kEpi>(p, tm_b, smem_b + stage * Cfg::kBBytes, &full[stage], kb * BK,
+                              b_row, b_ctas);
       ptx::next_stage<S>(stage, phase);
     }
   }
@@ -1249,7 +1342,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + S * Cfg::kStageBytes);
   uint64_t* empty = full + S;
   TileQueue* queue = reinterpret_cast<TileQueue*>(empty + S);
-  int* s_prefix = reinterpret_cast<int*>(reinterpret_cast<uint8_t*>(queue) + kTileQueueBytes);
+  PairMail* mail = reinterpret_cast<PairMail*>(reinterpret_cast<uint8_t*>(queue) + kTileQueueBytes);
+  int* s_prefix = reinterpret_cast<int*>(reinterpret_cast<uint8_t*>(mail) +
+                                         (Cfg::kPairs ? kPairMailBytes : 0));
   int* s_start = s_prefix + Cfg::kMaxGroups + 1;      // [groups]
   int* s_end = s_start + Cfg::kMaxGroups;             // [groups]
 
@@ -1259,11 +1354,14 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     for (int s = 0; s < S; ++s) {
       // bf16: the producer's arrive_expect_tx; MXFP8: every producer thread after its stores.
       ptx::mbar_init(&full[s], Cfg::kMx || Cfg::kFp8 ? 128 : 1);
-      ptx::mbar_init(&empty[s], Cfg::kStageReaders);  // one arrival per consumer warp
+      ptx::mbar_init(&empty[s], Cfg::kStageReleases);  // one arrival per consumer warp (of both)
     }
     queue->init(Cfg::kStageReaders);  // read by the consumer warps
+    if constexpr (Cfg::kPairs) mail->init();
     ptx::mbar_fence_init();
   }
+  // A pair's barriers exist in both CTAs before either CTA arrives on the other's.
+  if constexpr (Cfg::kPairs) ptx::cluster_sync();
   if (!Cfg::kMx && tid == 32) {  // bf16 and fp8 operands come by TMA
     ptx::tma_prefetch_map(&tm_a);
     ptx::tma_prefetch_map(&tm_b);
@@ -1281,7 +1379,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       produce_fp8<Cfg, kEpi>(p, tables, &tm_a, &tm_b, smem_a, smem_b, smem_scale, smem_raw_scale,
                              full, empty, tid);
     } else if (tid == 0) {
-      produce_tma<Cfg, kEpi>(p, tables, &tm_a, &tm_b, smem_a, smem_b, full, empty);
+      produce_tma<Cfg, kEpi>(p, tables, &tm_a, &tm_b, smem_a, smem_b, full, empty, mail);
     }
   } else {
     // ---- consumer warpgroups ----
@@ -1304,7 +1402,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     const int wg_tid = tid & 127;
     int tile_parity = 0;
     for (int i = 0;; ++i) {
-      const int t = queue->take(i);
+      int t = queue->take(i);
+      // CTA pairs: a stand-in (total + 1 + tile) is computed like its tile and not stored.
+      const bool stand_in = Cfg::kPairs && t > total_tiles;
+      if (stand_in) t -= total_tiles + 1;
       if (t >= total_tiles) break;
       const TileCoord tc =
           decode_tile<Cfg, kTileCols>(t, s_prefix, s_start, s_end, groups, p.n_tiles);
@@ -1335,7 +1436,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       er.q = lane & 3;
       const int r0 = tc.m0 + (half_tile ? 0 : half * (BM / 2)) + warp * 16 + (lane >> 2);
       const int row = r0 + 8 * (er.q >> 1);  // the row of the segment this lane stores
-      er.row_ok = tile_row_stored(p, tc, row);
+      er.row_ok = !stand_in && tile_row_stored(p, tc, row);
       if constexpr (Cfg::kFp8) {
         consume_fp8<Cfg>(acc, p, smem_a, smem_b, smem_scale, full, empty, half, warp, lane, stage,
                          phase);
@@ -1366,6 +1467,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       }
     }
   }
+  // No CTA of a pair exits while the other may still arrive on its barriers or copy into it.
+  if constexpr (Cfg::kPairs) ptx::cluster_sync();
 }
 
 // ---- MXFP8 weights in registers: dequantized into the wgmma A fragment -------------------------
@@ -1959,8 +2062,31 @@ cudaError_t launch(const fmoe_grouped_mm_args& a, const ActEpilogue& act, int nu
   if (err != cudaSuccess) return err;
   const int64_t tiles = max_m_tiles(a) * p.n_tiles;
   const int grid = int(std::max<int64_t>(1, std::min<int64_t>(std::max(num_sms, 1), tiles)));
+  if constexpr (Cfg::kPairs) {  // clusters of two: an even grid, a pair per two tiles
+    cudaLaunchAttribute cluster{};
+    cluster.id = cudaLaunchAttributeClusterDimension;
+    cluster.val.clusterDim.x = 2;
+    cluster.val.clusterDim.y = cluster.val.clusterDim.z = 1;
+    cudaLaunchConfig_t cfg{};
+    cfg.gridDim = dim3(unsigned(std::max(2, (std::min<int>(grid, int(tiles) + 1) / 2) * 2)));
+    cfg.blockDim = dim3(Cfg::kThreads);
+    cfg.dynamicSmemBytes = kSmem;
+    cfg.stream = stream;
+    cfg.attrs = &cluster;
+    cfg.numAttrs = 1;
+    return cudaLaunchKernelEx(&cfg, kernel, tm_a, tm_b, p);
+  }
   kernel<<<grid, Cfg::kThreads, kSmem, stream>>>(tm_a, tm_b, p);
   return cudaGetLastError();
+}
+
+// FMOE_SM90_PAIRS=1 runs the wide cooperative kernel in CTA pairs ("CTA pairs"), for comparisons.
+bool sm90_pairs() {
+  static const bool on = [] {
+    const char* e = std::getenv("FMOE_SM90_PAIRS");
+    return e != nullptr && std::strcmp(e, "1") == 0;
+  }();
+  return on;
 }
 
 // Calls run(epilogue, activation) with both as std::integral_constant: the fused epilogue
@@ -2108,7 +2234,10 @@ int grouped_mm_sm90_pick_block_n(const fmoe_grouped_mm_args& a, int num_sms) {
 cudaError_t grouped_mm_sm90_bf16_block_n(const fmoe_grouped_mm_args& a, int num_sms, int block_n,
                                          cudaStream_t stream, int32_t* tile_counter) {
   const ActEpilogue none{};
-  if (block_n == 256) return launch<Sm90Wide, kEpiStore>(a, none, num_sms, stream, tile_counter);
+  if (block_n == 256)
+    return sm90_pairs()
+               ? launch<Sm90WidePairs, kEpiStore>(a, none, num_sms, stream, tile_counter)
+               : launch<Sm90Wide, kEpiStore>(a, none, num_sms, stream, tile_counter);
   if (block_n == 128) return launch<Sm90Narrow, kEpiStore>(a, none, num_sms, stream, tile_counter);
   if (block_n == kSm90PingPong)
     return launch<Sm90PingPong, kEpiStore>(a, none, num_sms, stream, tile_counter);
@@ -2135,7 +2264,9 @@ bool grouped_mm_sm90_act_supported(const fmoe_grouped_mm_args& a, const ActEpilo
 cudaError_t grouped_mm_sm90_bf16_act_block_n(const fmoe_grouped_mm_args& a, const ActEpilogue& act,
                                              int num_sms, int block_n, cudaStream_t stream,
                                              int32_t* tile_counter) {
-  if (block_n == 256) return launch_act<Sm90Wide>(a, act, num_sms, stream, tile_counter);
+  if (block_n == 256)
+    return sm90_pairs() ? launch_act<Sm90WidePairs>(a, act, num_sms, stream, tile_counter)
+                        : launch_act<Sm90Wide>(a, act, num_sms, stream, tile_counter);
   if (block_n == 128) return launch_act<Sm90Narrow>(a, act, num_sms, stream, tile_counter);
   if (block_n == kSm90PingPong)
     return launch_act<Sm90PingPong>(a, act, num_sms, stream, tile_counter);
