@@ -58,14 +58,15 @@
 //   dense 16384 x 4096 x 7168, 1 group              718 / 547             790 / 655
 // 2-CTA clusters sharing B by TMA multicast, both rings in lockstep, measured 4-21% slower than
 // single CTAs on an H200 (bench/NOTES.md v10) and were dropped; "CTA pairs" below bring them back
-// for comparisons on the H100 (FMOE_SM90_PAIRS=1), with CTA-scope barriers (v31, item 119).
-// Where the layer's time goes now (ncu, H200, bench/NOTES.md v11): FC1 reads its operands' bytes
-// from DRAM once (qwen3 at 8192 tokens: 1.09 GB against 1.07; v7 measured 2.05). Where groups are one or two m-tiles (512-2048
-// tokens) the L2 is the busiest unit (85-90% of its throughput, DRAM 68-80%): every m-tile reads
-// its B tile from L2, every n-tile its A rows. The epilogue costs 10% (FC1) to 20% (FC2) of a
-// compute-bound launch, ~60% of it in the stores, which also slow the next tile's loads (one stage
-// less makes them 1.6-1.9x dearer). Deferring the stores into the next mainloop, staging them for
-// bulk copies (one stage less) and copying only a half tile's A rows measured no gain (v11).
+// for comparisons on the H100 (FMOE_SM90_PAIRS=1), with CTA-scope barriers (v31, item 119). Where
+// the layer's time goes now (ncu, H200, bench/NOTES.md v11): FC1 reads its operands' bytes from
+// DRAM once (qwen3 at 8192 tokens: 1.09 GB against 1.07; v7 measured 2.05). Where groups are one or
+// two m-tiles (512-2048 tokens) the L2 is the busiest unit (85-90% of its throughput, DRAM 68-80%):
+// every m-tile reads its B tile from L2, every n-tile its A rows. The epilogue costs 10% (FC1) to
+// 20% (FC2) of a compute-bound launch, ~60% of it in the stores, which also slow the next tile's
+// loads (one stage less makes them 1.6-1.9x dearer). Deferring the stores into the next mainloop,
+// staging them for bulk copies (one stage less) and copying only a half tile's A rows measured no
+// gain (v11).
 //
 // Fused activation epilogue (FC1 of the fused layer: grouped_mm_sm90_bf16_act)
 // - The unfused pipeline writes h [rows, N1] bf16 and the activation op reads it back and writes
