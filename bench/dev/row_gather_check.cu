@@ -53,6 +53,7 @@
 #include <vector>
 
 #include "check_common.cuh"
+#include "cuda/ptx/cluster.cuh"
 #include "cuda/ptx/mbarrier.cuh"
 #include "cuda/ptx/tma.cuh"
 #include "cuda/tensor_map.h"
@@ -195,41 +196,6 @@ __global__ void __launch_bounds__(kThreads, 1)
 // ---- The dyn modes: tiles drawn from a counter, B optionally multicast to a pair -------------
 constexpr int kMailSlots = 128;  // draws a pair's leader can pass on (a pair makes ~24)
 
-__device__ __forceinline__ uint32_t peer_addr(const void* p, uint32_t rank) {
-  uint32_t out;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n"
-               : "=r"(out)
-               : "r"(ptx::smem_addr(p)), "r"(rank));
-  return out;
-}
-template <bool kClusterScope>
-__device__ __forceinline__ void arrive_remote(uint32_t bar) {
-  if (kClusterScope)
-    asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(bar)
-                 : "memory");
-  else
-    asm volatile("mbarrier.arrive.release.cta.shared::cluster.b64 _, [%0];\n" ::"r"(bar)
-                 : "memory");
-}
-__device__ __forceinline__ void wait_cluster(uint64_t* bar, uint32_t parity) {
-  asm volatile(
-      "{\n.reg .pred p;\nWAIT_%=:\n"
-      "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%0], %1;\n"
-      "@!p bra WAIT_%=;\n}\n" ::"r"(ptx::smem_addr(bar)), "r"(parity)
-      : "memory");
-}
-__device__ __forceinline__ void tma_load_2d_multicast(void* dst, const void* map, uint64_t* bar,
-                                                      int32_t c0, int32_t c1, uint16_t ctas) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
-      ".multicast::cluster [%0], [%1, {%3, %4}], [%2], %5;\n" ::"r"(ptx::smem_addr(dst)),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(ptx::smem_addr(bar)), "r"(c0), "r"(c1), "h"(ctas)
-      : "memory");
-}
-__device__ __forceinline__ void cluster_sync() {  // per thread: the threads need not be converged
-  asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
-}
-
 // How the dyn kernel's CTAs work: alone, or in pairs releasing stages at cluster or CTA scope.
 enum DynKind { kSingle = 0, kPairCluster = 1, kPairCta = 2 };
 
@@ -248,7 +214,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   volatile int* stop_seq = mailbox + kMailSlots;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   uint32_t rank = 0;
-  if (kKind != kSingle) asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(rank));
+  if (kKind != kSingle) rank = ptx::cluster_ctarank();
   const uint32_t peer = rank ^ 1;
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
@@ -261,11 +227,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     ptx::mbar_fence_init();
   }
   // A pair's barriers exist in both CTAs before either arrives on the other's.
-  if (kKind != kSingle) cluster_sync(); else __syncthreads();
+  if (kKind != kSingle) ptx::cluster_sync(); else __syncthreads();
   const int tiles = kMTiles * kNTiles;
   // A pair's stage is free once both CTAs' consumers (some arriving from the peer) released it.
   auto wait_empty = [](uint64_t* bar, uint32_t parity) {
-    if (kKind == kPairCluster) wait_cluster(bar, parity); else ptx::mbar_wait(bar, parity);
+    if (kKind == kPairCluster) ptx::mbar_wait_cluster(bar, parity);
+    else ptx::mbar_wait(bar, parity);
   };
   if (threadIdx.x == 0) {
     int stage = 0, seq = 0;
@@ -277,14 +244,12 @@ __global__ void __launch_bounds__(kThreads, 1)
       } else if (rank == 0) {
         t0 = i < kMailSlots ? atomicAdd(counter, 2) : tiles;
         if (i < kMailSlots) {
-          asm volatile("st.shared::cluster.u32 [%0], %1;\n" ::"r"(peer_addr(&mailbox[i], peer)),
-                       "r"(t0)
-                       : "memory");
-          arrive_remote<true>(peer_addr(&mail_full[i], peer));
+          ptx::st_shared_peer_u32(ptx::cluster_peer_addr(&mailbox[i], peer), uint32_t(t0));
+          ptx::mbar_arrive_peer<true>(ptx::cluster_peer_addr(&mail_full[i], peer));
         }
       } else {
         if (i < kMailSlots) {
-          wait_cluster(&mail_full[i], 0);
+          ptx::mbar_wait_cluster(&mail_full[i], 0);
           t0 = *reinterpret_cast<volatile int*>(&mailbox[i]);
         } else {
           t0 = tiles;
@@ -306,7 +271,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         ptx::mbar_arrive_expect_tx(&full[stage], kStageBytes);
         ptx::tma_load_2d(sa, &tm_box, &full[stage], kb * kBK, m * kBM);
         if (shared)
-          tma_load_2d_multicast(sa + kABytes + rank * (kBBytes / 2), &tm_b_half, &full[stage],
+          ptx::tma_load_2d_multicast(sa + kABytes + rank * (kBBytes / 2), &tm_b_half, &full[stage],
                                 kb * kBK, b_row + int(rank) * (kBN / 2), uint16_t(3));
         else
           ptx::tma_load_2d(sa + kABytes, &tm_b, &full[stage], kb * kBK, b_row);
@@ -329,7 +294,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       __syncwarp();
       if (lane == 0) {
         ptx::mbar_arrive(&empty[stage]);
-        if (kKind != kSingle) arrive_remote<kKind == kPairCluster>(peer_addr(&empty[stage], peer));
+        if (kKind != kSingle) ptx::mbar_arrive_peer<kKind == kPairCluster>(ptx::cluster_peer_addr(&empty[stage], peer));
       }
       ptx::next_stage<kStages>(stage, phase);
     }
@@ -339,7 +304,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   }
   // No CTA of a pair leaves while the other may still arrive on its barriers.
-  if (kKind != kSingle) cluster_sync();
+  if (kKind != kSingle) ptx::cluster_sync();
 }
 
 __global__ void fill_bf16(uint16_t* p, int64_t count, uint32_t seed) {
