@@ -294,7 +294,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       __syncwarp();
       if (lane == 0) {
         ptx::mbar_arrive(&empty[stage]);
-        if (kKind != kSingle) ptx::mbar_arrive_peer<kKind == kPairCluster>(ptx::cluster_peer_addr(&empty[stage], peer));
+        if (kKind != kSingle)
+          ptx::mbar_arrive_peer<kKind == kPairCluster>(ptx::cluster_peer_addr(&empty[stage], peer));
       }
       ptx::next_stage<kStages>(stage, phase);
     }
