@@ -58,7 +58,7 @@
 //   dense 16384 x 4096 x 7168, 1 group              718 / 547             790 / 655
 // 2-CTA clusters sharing B by TMA multicast, both rings in lockstep, measured 4-21% slower than
 // single CTAs on an H200 (bench/NOTES.md v10) and were dropped; "CTA pairs" below bring them back
-// for comparisons on the H100 (FMOE_SM90_PAIRS=1), with CTA-scope barriers (v31, item 119). Where
+// with CTA-scope barriers (v31-v33, items 119-121: on an H100, up to 7% faster layers). Where
 // the layer's time goes now (ncu, H200, bench/NOTES.md v11): FC1 reads its operands' bytes from
 // DRAM once (qwen3 at 8192 tokens: 1.09 GB against 1.07; v7 measured 2.05). Where groups are one or
 // two m-tiles (512-2048 tokens) the L2 is the busiest unit (85-90% of its throughput, DRAM 68-80%):
@@ -114,6 +114,7 @@
 #include <cuda_bf16.h>
 
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <cstdint>
 #include <cstdlib>
@@ -188,11 +189,14 @@ struct TileQueue {
 constexpr int kTileQueueBytes = (int(sizeof(TileQueue)) + 15) / 16 * 16;
 
 // ---- CTA pairs ----------------------------------------------------------------------------------
-// Sm90WidePairs (FMOE_SM90_PAIRS=1, comparisons): the wide cooperative kernel in clusters of two
-// CTAs. Why: at 8192 tokens FC1 is bound by the L2's throughput (bench/NOTES.md items 77, 118),
-// and its operand copies alone are ~82% of its time; in a copies-only check, B tiles multicast to
-// CTA pairs arrived 10% faster than single CTAs' (item 119), with the pairs' barriers at CTA
-// scope (at cluster scope they lost 45%).
+// Sm90WidePairs: the wide cooperative kernel in clusters of two CTAs (FMOE_SM90_PAIRS=0: single
+// CTAs, for comparisons). Why: at 8192 tokens FC1 is bound by the L2's throughput (bench/NOTES.md
+// items 77, 118), and its operand copies alone are ~82% of its time; in a copies-only check, B
+// tiles multicast to CTA pairs arrived 10% faster than single CTAs' (item 119), with the pairs'
+// barriers at CTA scope (at cluster scope they lost 45%). In the layer on an H100 (item 121):
+// deepseek-v3 T = 8192 4-7% and mixtral T = 2048 5-6% faster (long mainloops); the short-k
+// layers (qwen3) within noise on one boot, 3-6% slower on another. Sharing A tiles too (a pair's
+// tiles of one row tile) gained nothing and was dropped.
 // - A pair draws two consecutive tiles of the raster (mostly two row tiles of one B tile): the
 //   leader (rank 0) takes them from the counter and passes the draw to the other CTA through its
 //   shared memory (PairMail); statically, pair q takes tiles 2q + i * grid and 2q + 1 + i * grid.
@@ -2030,6 +2034,54 @@ Sm90Params sm90_params(const fmoe_grouped_mm_args& a, const ActEpilogue& act, in
   return p;
 }
 
+// The wide cooperative kernel runs in CTA pairs ("CTA pairs"); FMOE_SM90_PAIRS=0 runs it in single
+// CTAs (comparisons).
+bool sm90_pairs() {
+  static const bool on = [] {
+    const char* e = std::getenv("FMOE_SM90_PAIRS");
+    return e == nullptr || std::strcmp(e, "0") != 0;
+  }();
+  return on;
+}
+
+// The launch attribute of clusters of two CTAs (CTA pairs).
+cudaLaunchAttribute cluster_of_two() {
+  cudaLaunchAttribute cluster{};
+  cluster.id = cudaLaunchAttributeClusterDimension;
+  cluster.val.clusterDim.x = 2;
+  cluster.val.clusterDim.y = cluster.val.clusterDim.z = 1;
+  return cluster;
+}
+
+// How many clusters of two CTAs of kKernel the current device holds at once (0: unknown), asked
+// once per kernel and device.
+template <auto kKernel>
+int resident_pairs(int threads, int smem_bytes) {
+  constexpr int kDevices = 64;
+  static std::atomic<int> cached[kDevices];  // pairs + 1; 0: not asked yet
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kDevices) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  int known = cached[device].load(std::memory_order_relaxed);
+  if (known > 0) return known - 1;
+  cudaLaunchAttribute cluster = cluster_of_two();
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(2);
+  cfg.blockDim = dim3(unsigned(threads));
+  cfg.dynamicSmemBytes = size_t(smem_bytes);
+  cfg.attrs = &cluster;
+  cfg.numAttrs = 1;
+  int pairs = 0;
+  if (cudaOccupancyMaxActiveClusters(&pairs, kKernel, &cfg) != cudaSuccess) {
+    (void)cudaGetLastError();
+    pairs = 0;
+  }
+  cached[device].store(pairs + 1, std::memory_order_relaxed);
+  return pairs;
+}
+
 // tile_counter: dynamic tiles (bf16 operands only; nullptr: static).
 template <class Cfg, int kEpi, int kAct = 0>
 cudaError_t launch(const fmoe_grouped_mm_args& a, const ActEpilogue& act, int num_sms,
@@ -2064,12 +2116,18 @@ cudaError_t launch(const fmoe_grouped_mm_args& a, const ActEpilogue& act, int nu
   const int64_t tiles = max_m_tiles(a) * p.n_tiles;
   const int grid = int(std::max<int64_t>(1, std::min<int64_t>(std::max(num_sms, 1), tiles)));
   if constexpr (Cfg::kPairs) {  // clusters of two: an even grid, a pair per two tiles
-    cudaLaunchAttribute cluster{};
-    cluster.id = cudaLaunchAttributeClusterDimension;
-    cluster.val.clusterDim.x = 2;
-    cluster.val.clusterDim.y = cluster.val.clusterDim.z = 1;
+    cudaLaunchAttribute cluster = cluster_of_two();
     cudaLaunchConfig_t cfg{};
-    cfg.gridDim = dim3(unsigned(std::max(2, (std::min<int>(grid, int(tiles) + 1) / 2) * 2)));
+    // Static tiles: no more pairs than fit at once, as a pair started after others finish would
+    // compute its share last. Tiles drawn from the counter need no cap: a late pair draws what is
+    // left.
+    int pairs_grid = std::min<int>(grid, int(tiles) + 1);
+    if (p.tile_counter == nullptr) {
+      const int resident =
+          2 * resident_pairs<grouped_mm_sm90_kernel<Cfg, kEpi, kAct>>(Cfg::kThreads, kSmem);
+      if (resident > 0) pairs_grid = std::min(pairs_grid, resident);
+    }
+    cfg.gridDim = dim3(unsigned(std::max(2, pairs_grid / 2 * 2)));
     cfg.blockDim = dim3(Cfg::kThreads);
     cfg.dynamicSmemBytes = kSmem;
     cfg.stream = stream;
@@ -2079,15 +2137,6 @@ cudaError_t launch(const fmoe_grouped_mm_args& a, const ActEpilogue& act, int nu
   }
   kernel<<<grid, Cfg::kThreads, kSmem, stream>>>(tm_a, tm_b, p);
   return cudaGetLastError();
-}
-
-// FMOE_SM90_PAIRS=1 runs the wide cooperative kernel in CTA pairs ("CTA pairs"), for comparisons.
-bool sm90_pairs() {
-  static const bool on = [] {
-    const char* e = std::getenv("FMOE_SM90_PAIRS");
-    return e != nullptr && std::strcmp(e, "1") == 0;
-  }();
-  return on;
 }
 
 // Calls run(epilogue, activation) with both as std::integral_constant: the fused epilogue
