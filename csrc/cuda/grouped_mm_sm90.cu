@@ -195,7 +195,7 @@ constexpr int kTileQueueBytes = (int(sizeof(TileQueue)) + 15) / 16 * 16;
 // tiles multicast to CTA pairs arrived 10% faster than single CTAs' (item 119), with the pairs'
 // barriers at CTA scope (at cluster scope they lost 45%). In the layer on an H100 (item 121):
 // deepseek-v3 T = 8192 4-7% and mixtral T = 2048 5-6% faster (long mainloops); the short-k
-// layers (qwen3) within noise on one boot, 3-6% slower on another. Sharing A tiles too (a pair's
+// layers (qwen3, nemotron) 1.5-2% slower, alternated on one boot. Sharing A tiles too (a pair's
 // tiles of one row tile) gained nothing and was dropped.
 // - A pair draws two consecutive tiles of the raster (mostly two row tiles of one B tile): the
 //   leader (rank 0) takes them from the counter and passes the draw to the other CTA through its
