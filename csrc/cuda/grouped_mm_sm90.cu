@@ -2034,14 +2034,24 @@ Sm90Params sm90_params(const fmoe_grouped_mm_args& a, const ActEpilogue& act, in
   return p;
 }
 
-// The wide cooperative kernel runs in CTA pairs ("CTA pairs"); FMOE_SM90_PAIRS=0 runs it in single
-// CTAs (comparisons).
-bool sm90_pairs() {
-  static const bool on = [] {
-    const char* e = std::getenv("FMOE_SM90_PAIRS");
-    return e == nullptr || std::strcmp(e, "0") != 0;
+// Whether the wide cooperative kernel runs in CTA pairs ("CTA pairs") for this GEMM: where one
+// group's weight matrix (n x k bf16) holds at least kPairsMinWeightMiB. The pairs walk their
+// stages in step, which costs more than the shared B copies save where the matrices are small.
+// On an H100, in single CTAs: qwen3's layer (3 and 6 MiB) and nemotron's (9.5 MiB) 1-2% faster;
+// deepseek-v3 T = 8192 with its FC2 alone single (28 MiB, k = 2048, as qwen3's FC1) 1.2% slower;
+// in pairs, mixtral (224 and 112 MiB) up to 5% and gpt-oss (31.6 and 15.8 MiB) ~1% faster
+// (bench/NOTES.md items 121, 123, 125). FMOE_SM90_PAIRS=0 never pairs, FMOE_SM90_PAIRS_MIN_MIB=N
+// pairs from N MiB (comparisons).
+constexpr int64_t kPairsMinWeightMiB = 12;
+bool sm90_pairs(const fmoe_grouped_mm_args& a) {
+  static const int64_t min_bytes = [] {
+    const char* off = std::getenv("FMOE_SM90_PAIRS");
+    if (off != nullptr && std::strcmp(off, "0") == 0) return INT64_MAX;
+    const char* e = std::getenv("FMOE_SM90_PAIRS_MIN_MIB");
+    const int64_t mib = e != nullptr && std::atoi(e) >= 0 ? std::atoi(e) : kPairsMinWeightMiB;
+    return mib << 20;
   }();
-  return on;
+  return a.n * a.k * int64_t(sizeof(uint16_t)) >= min_bytes;
 }
 
 // The launch attribute of clusters of two CTAs (CTA pairs).
@@ -2285,7 +2295,7 @@ cudaError_t grouped_mm_sm90_bf16_block_n(const fmoe_grouped_mm_args& a, int num_
                                          cudaStream_t stream, int32_t* tile_counter) {
   const ActEpilogue none{};
   if (block_n == 256)
-    return sm90_pairs()
+    return sm90_pairs(a)
                ? launch<Sm90WidePairs, kEpiStore>(a, none, num_sms, stream, tile_counter)
                : launch<Sm90Wide, kEpiStore>(a, none, num_sms, stream, tile_counter);
   if (block_n == 128) return launch<Sm90Narrow, kEpiStore>(a, none, num_sms, stream, tile_counter);
@@ -2315,8 +2325,8 @@ cudaError_t grouped_mm_sm90_bf16_act_block_n(const fmoe_grouped_mm_args& a, cons
                                              int num_sms, int block_n, cudaStream_t stream,
                                              int32_t* tile_counter) {
   if (block_n == 256)
-    return sm90_pairs() ? launch_act<Sm90WidePairs>(a, act, num_sms, stream, tile_counter)
-                        : launch_act<Sm90Wide>(a, act, num_sms, stream, tile_counter);
+    return sm90_pairs(a) ? launch_act<Sm90WidePairs>(a, act, num_sms, stream, tile_counter)
+                         : launch_act<Sm90Wide>(a, act, num_sms, stream, tile_counter);
   if (block_n == 128) return launch_act<Sm90Narrow>(a, act, num_sms, stream, tile_counter);
   if (block_n == kSm90PingPong)
     return launch_act<Sm90PingPong>(a, act, num_sms, stream, tile_counter);
