@@ -301,6 +301,7 @@ struct Sm90TileConfig {
   static constexpr int kABytes = kBlockM * kBlockK * kElemBytes;
   static constexpr int kBBytes = kBlockN * kBlockK * kElemBytes;
   static constexpr int kTmaBytes = kABytes + kBBytes;  // what the stage's TMA copies deliver
+  static_assert(kTmaBytes < (1 << 20), "an mbarrier's transaction count is below 2^20 bytes");
   static constexpr int kBRows = kBlockN;     // rows of the B tile
   static constexpr int kHalvesPairs = 2;     // halves layout: (gate, up) run pairs per B tile
   static constexpr int kHalvesRun = kBRows / (2 * kHalvesPairs);  // rows per run (halves_b_row)
