@@ -305,7 +305,7 @@ describe.skipIf(SKIP)("CUDA backend vs host backend", () => {
   // ----------------------------------------------------------------------------------------------
   // grouped GEMM
 
-  interface MmCase { name: string; rows: number; n: number; k: number; sizes: number[]; bias?: boolean; skip?: boolean; offsets?: number[] }
+  interface MmCase { name: string; rows: number; n: number; k: number; sizes: number[]; bias?: boolean; skip?: boolean; offsets?: number[]; formats?: readonly ("bf16" | "mxfp8")[] }
   const MM: MmCase[] = [
     { name: "rows = 0", rows: 0, n: 32, k: 64, sizes: [0, 0] },
     { name: "one row", rows: 1, n: 32, k: 64, sizes: [1] },
@@ -316,9 +316,13 @@ describe.skipIf(SKIP)("CUDA backend vs host backend", () => {
     { name: "k = 96 (K tail), n = 2880", rows: 40, n: 2880, k: 96, sizes: [0, 40] },
     { name: "medium: 1024 rows, n 768, k 1024, 8 groups with empty ones", rows: 1024, n: 768, k: 1024, sizes: [200, 0, 312, 128, 0, 256, 100, 28], skip: true, bias: true },
     { name: "bad offsets (decreasing, past rows) skip their group", rows: 64, n: 32, k: 64, sizes: [], offsets: [0, 20, 10, 10, 100] },
+    // The wide bf16 kernel runs in CTA pairs only where a group's weight matrix holds >= 12 MiB
+    // (here 12.5) and there are wide tiles for every SM: 11 row tiles x 25 column tiles, an odd
+    // count, so the last pair's second CTA computes a stand-in tile that it must not store.
+    { name: "CTA pairs: 12.5 MiB of weights per group, 275 tiles, 1200 rows, n 6400, k 1024", rows: 1200, n: 6400, k: 1024, sizes: [200, 0, 129, 500, 371], skip: true, bias: true, formats: ["bf16"] },
   ];
   for (const c of MM) {
-    for (const format of ["bf16", "mxfp8"] as const) {
+    for (const format of c.formats ?? (["bf16", "mxfp8"] as const)) {
       if (format === "mxfp8" && c.k % 32 !== 0) continue;
       seededTest(`grouped GEMM ${format}: ${c.name}`, (rng) => {
         const offsets = c.offsets !== undefined ? Int32Array.from(c.offsets) : Int32Array.from([0, ...c.sizes.map((_, i) => c.sizes.slice(0, i + 1).reduce((a, b) => a + b, 0))]);
@@ -524,6 +528,10 @@ describe.skipIf(SKIP)("CUDA backend vs host backend", () => {
     // warpgroups; skewed routing leaves some experts a few rows on those tiles.
     { name: "prefill: 256-token MXFP8 tiles, halves silu, T = 2100, 4 experts", T: 2100, H: 128, I: 192, E: 4, topk: 2, activation: "silu", bias: true },
     { name: "prefill: 256-token MXFP8 tiles, interleaved swiglu_oai, skewed, T = 2100, 4 experts", T: 2100, H: 192, I: 128, E: 4, topk: 2, activation: "swiglu_oai", layout: "interleaved", alpha: 1.702, limit: 7, pattern: "skewed", bias: true },
+    // Weight matrices of >= 12 MiB per expert (FC1 24 MiB, FC2 12 MiB) with wide tiles for every
+    // SM: both bf16 GEMMs run in CTA pairs, FC1 with the fused activation, tiles drawn in pairs
+    // from the layer's counter; skewed routing leaves groups of odd tile counts.
+    { name: "prefill: CTA pairs in FC1 and FC2, skewed, T = 1100, H = 2048, I = 3072", T: 1100, H: 2048, I: 3072, E: 3, topk: 2, activation: "silu", pattern: "skewed", bias: true, formats: ["bf16"] },
   );
   for (const c of MOE) {
     for (const format of c.formats ?? (["bf16", "mxfp8"] as const)) {
